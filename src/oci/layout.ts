@@ -226,6 +226,6 @@ export async function writeAtomic (path: string, data: string | Uint8Array, tmp 
 }
 
 /** Streams a readable into a file (used for oci-archive extraction). */
-export async function streamToFile (source: Readable, path: string): Promise<void> {
+export async function streamToFile (source: AsyncIterable<Uint8Array>, path: string): Promise<void> {
   await pipeline(source, createWriteStream(path))
 }

@@ -1,0 +1,134 @@
+import { mkdtemp, rm } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import type { Command } from 'commander'
+import { UsageError } from '../../errors.ts'
+import { convertImage, DEFAULT_CHUNK_SIZE, DEFAULT_PACK_SIZE, type ConvertReport } from '../../convert/convert.ts'
+import { parseCompression } from '../../format/codec.ts'
+import { generateKeys, loadPrivateKey, loadPublicKey } from '../../format/signing.ts'
+import { inspectImage, type ImageSummary } from '../../image/inspect-image.ts'
+import { verifyImage } from '../../image/verify-image.ts'
+import { parseReference } from '../../oci/reference.ts'
+import { DirOrigin } from '../../origin/dir-origin.ts'
+import { mib, progressBar, table } from '../output.ts'
+
+/** keygen, convert, verify, inspect: the commands that make and check images. */
+export function registerImageCommands (program: Command): void {
+  program.command('keygen')
+    .description('create an ed25519 signing key pair: DIR/shoal.key (secret) and DIR/shoal.pub (give to agents)')
+    .requiredOption('--out <dir>', 'directory for shoal.key and shoal.pub')
+    .action(async (opts: { out: string }) => {
+      const { privatePath, publicPath, keyid } = await generateKeys(opts.out)
+      console.log(`wrote ${privatePath} and ${publicPath} (key id ${keyid})`)
+    })
+
+  program.command('convert')
+    .description('convert an OCI image into a signed shoal image (lazy-loadable, chunked, deduplicated)')
+    .argument('<source>', 'oci:DIR:TAG or oci-archive:FILE[:TAG]')
+    .argument('<dest>', 'oci:DIR:TAG (created if missing; chunks already there are reused)')
+    .requiredOption('--key <file>', 'ed25519 private key from shoal keygen')
+    .option('--chunk-size <bytes>', 'fixed chunk size', String(DEFAULT_CHUNK_SIZE))
+    .option('--compression <codec>', 'chunk compression: zstd or none', 'zstd')
+    .option('--pack-size <bytes>', 'target size of pack blobs', String(DEFAULT_PACK_SIZE))
+    .option('--json', 'print the report as JSON')
+    .action(async (source: string, dest: string, opts: { key: string, chunkSize: string, compression: string, packSize: string, json?: boolean }) => {
+      const signingKey = await loadPrivateKey(opts.key)
+      const bar = progressBar('converting', 'bytes')
+      let report: ConvertReport
+      try {
+        report = await convertImage({
+          source,
+          dest,
+          signingKey,
+          chunkSize: parseSize(opts.chunkSize, '--chunk-size'),
+          packSize: parseSize(opts.packSize, '--pack-size'),
+          compression: parseCompression(opts.compression),
+          onProgress: p => bar.update(p.bytesRead, p.bytesTotal)
+        })
+      } finally {
+        bar.stop()
+      }
+      if (opts.json === true) { console.log(JSON.stringify(report, null, 2)); return }
+      printConvertReport(report)
+    })
+
+  program.command('verify')
+    .description('check the signature and every digest of a shoal image, down to every chunk')
+    .argument('<image>', 'oci:DIR:TAG')
+    .requiredOption('--trust <pubkey...>', 'trusted public key(s) (shoal.pub)')
+    .action(async (image: string, opts: { trust: string[] }) => {
+      const { origin, tag } = await openLayoutImage(image)
+      const trusted = await Promise.all(opts.trust.map(loadPublicKey))
+      await withTempDir(async workDir => {
+        const bar = progressBar('verifying packs', 'items')
+        try {
+          const r = await verifyImage(origin, tag, { trusted, workDir, onProgress: (d, t) => bar.update(d, t) })
+          bar.stop()
+          console.log(`OK ${image} ${r.manifestDigest}: signed by key ${r.signedBy}; ${r.catalogs} catalogs, ${r.files} files, ${r.packs} packs, ${r.chunks} chunks (${mib(r.bytes)}) verified`)
+        } finally {
+          bar.stop()
+        }
+      })
+    })
+
+  program.command('inspect')
+    .description('show layers, files, chunks, sizes and deduplication of a shoal image')
+    .argument('<image>', 'oci:DIR:TAG')
+    .option('--trust <pubkey...>', 'check the signature against these keys')
+    .option('--json', 'print as JSON')
+    .action(async (image: string, opts: { trust?: string[], json?: boolean }) => {
+      const { origin, tag } = await openLayoutImage(image)
+      const trusted = opts.trust !== undefined ? await Promise.all(opts.trust.map(loadPublicKey)) : 'skip' as const
+      const summary = await withTempDir(workDir => inspectImage(origin, tag, { trusted, workDir }))
+      if (opts.json === true) console.log(JSON.stringify(summary, null, 2))
+      else printSummary(image, summary)
+    })
+}
+
+async function openLayoutImage (image: string): Promise<{ origin: DirOrigin, tag: string }> {
+  const ref = parseReference(image)
+  if (ref.transport !== 'oci') throw new UsageError(`${image}: name a shoal image as oci:DIR:TAG`)
+  return { origin: await DirOrigin.open(ref.dir), tag: ref.tag }
+}
+
+async function withTempDir<T> (fn: (dir: string) => Promise<T>): Promise<T> {
+  const dir = await mkdtemp(join(tmpdir(), 'shoal-'))
+  try { return await fn(dir) } finally { await rm(dir, { recursive: true, force: true }) }
+}
+
+export function parseSize (text: string, flag: string): number {
+  const m = /^(\d+)([KMG]i?B?)?$/i.exec(text.trim())
+  if (m === null) throw new UsageError(`${flag} ${text}: write a size such as 1048576, 1MiB or 16M`)
+  const unit = (m[2] ?? '').toUpperCase()[0]
+  return Number(m[1]) * (unit === 'K' ? 1024 : unit === 'M' ? 1048576 : unit === 'G' ? 1073741824 : 1)
+}
+
+function printConvertReport (r: ConvertReport): void {
+  const rows = [['layer', 'files', 'content', 'written', 'dedup in layer', 'from lower layers', 'shared with existing images', 'stored']]
+  for (const [i, l] of r.layers.entries()) {
+    rows.push([`${i} ${l.diffId.slice(7, 19)}`, String(l.files), mib(l.contentBytes), `${l.written.chunks} ch ${mib(l.written.bytes)}`,
+      `${l.dedupInLayer.chunks} ch ${mib(l.dedupInLayer.bytes)}`, `${l.dedupEarlierLayer.chunks} ch ${mib(l.dedupEarlierLayer.bytes)}`,
+      `${l.sharedWithExisting.chunks} ch ${mib(l.sharedWithExisting.bytes)}`, mib(l.storedBytes)])
+  }
+  console.log(table(rows))
+  for (const [i, l] of r.layers.entries()) for (const n of l.notes) console.log(`note: layer ${i}: ${n}`)
+  const shared = r.layers.reduce((n, l) => n + l.sharedWithExisting.chunks, 0)
+  const sharedBytes = r.layers.reduce((n, l) => n + l.sharedWithExisting.bytes, 0)
+  console.log(`${r.dest} ${r.manifestDigest}: ${mib(r.inputBytes)} of layer tars in ${r.seconds.toFixed(1)} s (${(r.inputBytes / 1048576 / r.seconds).toFixed(0)} MiB/s); ${shared} chunks (${mib(sharedBytes)}) shared with images already in the destination`)
+}
+
+function printSummary (image: string, s: ImageSummary): void {
+  console.log(`${image} ${s.manifestDigest}`)
+  console.log(`  signature: ${s.signature}`)
+  console.log(`  source:    ${s.source.reference} ${s.source.manifestDigest}`)
+  console.log(`  platform:  ${s.platform}; chunking ${JSON.stringify(s.chunking)}; compression ${s.compression}`)
+  console.log(`  command:   ${JSON.stringify([...(s.runtime.Entrypoint ?? []), ...(s.runtime.Cmd ?? [])])}`)
+  const rows = [['layer', 'files', 'content', 'chunks', 'chunk bytes', 'dedup in layer', 'shared with lower', 'packs', 'stored']]
+  for (const [i, l] of s.layers.entries()) {
+    rows.push([`${i} ${l.diffId.slice(7, 19)}`, String(l.files), mib(l.contentBytes), String(l.chunks), mib(l.chunkBytes), mib(l.dedupInLayerBytes),
+      `${l.sharedWithLowerChunks} ch ${mib(l.sharedWithLowerBytes)}`, String(l.packs), mib(l.packBytes)])
+  }
+  const t = s.totals
+  rows.push(['total', String(t.files), mib(t.contentBytes), String(t.uniqueChunks), mib(t.uniqueChunkBytes), '', '', '', mib(t.storedBytes)])
+  console.log(table(rows))
+}

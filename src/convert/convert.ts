@@ -1,0 +1,390 @@
+import { createHash, type KeyObject } from 'node:crypto'
+import { rm } from 'node:fs/promises'
+import { Transform, type TransformCallback } from 'node:stream'
+import { pipeline } from 'node:stream/promises'
+import { createGunzip, createZstdDecompress } from 'node:zlib'
+import { FormatError, IntegrityError, UsageError } from '../errors.ts'
+import { Catalog, S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFREG } from '../format/catalog.ts'
+import { type Compression } from '../format/codec.ts'
+import { sha256, type Digest } from '../format/digest.ts'
+import { parseShoalConfig, type ChunkingParams, type ShoalImageConfig, type ShoalLayer } from '../format/image-config.ts'
+import { signManifest, signatureTag } from '../format/signing.ts'
+import { OciLayout } from '../oci/layout.ts'
+import { formatReference, parseReference } from '../oci/reference.ts'
+import { openSourceImage, type Platform, type SourceImage } from '../oci/source-image.ts'
+import { MediaType, type Descriptor, type ImageManifest } from '../oci/types.ts'
+import { CatalogWriter, normalizeMemberPath } from './catalog-writer.ts'
+import { ChunkIndex, PackWriter, type SealedPack } from './pack-writer.ts'
+import { tarStream, xattrsOf, type TarHeader } from './tar.ts'
+
+export const DEFAULT_CHUNK_SIZE = 1 << 20
+export const DEFAULT_PACK_SIZE = 16 << 20
+
+export interface ConvertOptions {
+  source: string
+  dest: string
+  signingKey: KeyObject
+  chunkSize?: number
+  compression?: Compression
+  packSize?: number
+  platform?: Platform
+  signal?: AbortSignal
+  /** Called as layer bytes are read (compressed bytes of the source blobs). */
+  onProgress?: (progress: { layer: number, layers: number, bytesRead: number, bytesTotal: number }) => void
+}
+
+/** Where the chunk occurrences of a layer came from. `bytes` are uncompressed. */
+export interface DedupCounts { chunks: number, bytes: number }
+
+export interface LayerReport {
+  diffId: Digest
+  sourceDigest: Digest
+  catalog: Digest
+  files: number
+  contentBytes: number
+  /** Chunks written to new packs. */
+  written: DedupCounts
+  /** Chunk occurrences that repeat one already in this layer. */
+  dedupInLayer: DedupCounts
+  /** ... already stored by an earlier layer of this image. */
+  dedupEarlierLayer: DedupCounts
+  /** ... already stored in the destination by another image. */
+  sharedWithExisting: DedupCounts
+  storedBytes: number
+  notes: string[]
+}
+
+export interface ConvertReport {
+  source: string
+  dest: string
+  manifestDigest: Digest
+  layers: LayerReport[]
+  /** Uncompressed tar bytes read. */
+  inputBytes: number
+  seconds: number
+}
+
+/** Converts an OCI image into a signed shoal image in an OCI layout. */
+export async function convertImage (options: ConvertOptions): Promise<ConvertReport> {
+  const started = process.hrtime.bigint()
+  const destRef = parseReference(options.dest)
+  if (destRef.transport !== 'oci') throw new UsageError(`destination ${options.dest}: shoal writes to oci:DIR:TAG (registries come later)`)
+  const chunkSize = options.chunkSize ?? DEFAULT_CHUNK_SIZE
+  if (!Number.isInteger(chunkSize) || chunkSize < 4096 || chunkSize > 16 << 20) throw new UsageError(`chunk size ${chunkSize} is out of range (4 KiB to 16 MiB)`)
+  const chunking: ChunkingParams = { algorithm: 'fixed', chunkSize }
+  const compression = options.compression ?? 'zstd'
+
+  const source = await openSourceImage(parseReference(options.source), options.platform !== undefined ? { platform: options.platform } : {})
+  try {
+    const dest = await OciLayout.create(destRef.dir)
+    const index = await loadChunkIndex(dest)
+    const packs = new PackWriter(dest, { compression, targetSize: options.packSize ?? DEFAULT_PACK_SIZE })
+    const packDigests = new Map<string, { digest: Digest, size: number }>()
+    const layers: ShoalLayer[] = []
+    const reports: LayerReport[] = []
+    let inputBytes = 0
+    try {
+      const bytesTotal = source.manifest.layers.reduce((n, l) => n + l.size, 0)
+      let bytesBefore = 0
+      for (const [i, layerDesc] of source.manifest.layers.entries()) {
+        const onBytes = (n: number): void => options.onProgress?.({ layer: i, layers: source.manifest.layers.length, bytesRead: bytesBefore + n, bytesTotal })
+        const result = await convertLayer({ source, layerIndex: i, layerDesc, dest, index, packs, packDigests, chunkSize, onBytes, signal: options.signal })
+        bytesBefore += layerDesc.size
+        inputBytes += result.inputBytes
+        layers.push(result.layer)
+        reports.push(result.report)
+      }
+    } catch (err) {
+      await packs.abort()
+      throw err
+    }
+
+    const config: ShoalImageConfig = {
+      schemaVersion: 1,
+      source: { reference: source.reference, manifestDigest: source.manifestDigest, configDigest: source.configDigest },
+      architecture: source.config.architecture,
+      os: source.config.os,
+      runtime: source.config.config ?? {},
+      chunking,
+      compression,
+      prefetch: [],
+      layers
+    }
+    const manifestDesc = await writeSignedImage(dest, destRef.tag, config, options.signingKey)
+    return {
+      source: source.reference,
+      dest: formatReference(destRef),
+      manifestDigest: manifestDesc.digest,
+      layers: reports,
+      inputBytes,
+      seconds: Number(process.hrtime.bigint() - started) / 1e9
+    }
+  } finally {
+    await source.close()
+  }
+}
+
+/** Indexes the chunks of every shoal image already in the destination, so they are reused. */
+async function loadChunkIndex (dest: OciLayout): Promise<ChunkIndex> {
+  const index = new ChunkIndex()
+  const seen = new Set<Digest>()
+  for (const desc of (await dest.tags()).values()) {
+    if (desc.artifactType !== MediaType.shoalImage) continue
+    const manifest = await dest.readJson<ImageManifest>(desc.digest, 'manifest')
+    const config = parseShoalConfig(await dest.readBlob(manifest.config.digest, 'config'))
+    for (const layer of config.layers) {
+      if (seen.has(layer.catalog.digest)) continue
+      seen.add(layer.catalog.digest)
+      await dest.readBlob(layer.catalog.digest, 'catalog') // digest check before trusting it
+      const catalog = new Catalog(dest.blobPath(layer.catalog.digest))
+      try {
+        const sizes = new Map(catalog.packs().map(p => [p.digest, p.size]))
+        for (const chunk of catalog.allChunks()) index.add({ ...chunk, packSize: sizes.get(chunk.pack)!, from: 'existing' })
+      } finally {
+        catalog.close()
+      }
+    }
+  }
+  return index
+}
+
+interface LayerJob {
+  source: SourceImage
+  layerIndex: number
+  layerDesc: Descriptor
+  dest: OciLayout
+  index: ChunkIndex
+  packs: PackWriter
+  packDigests: Map<string, { digest: Digest, size: number }>
+  chunkSize: number
+  onBytes: (n: number) => void
+  signal: AbortSignal | undefined
+}
+
+async function convertLayer (job: LayerJob): Promise<{ layer: ShoalLayer, report: LayerReport, inputBytes: number }> {
+  const { source, layerIndex, layerDesc, dest, index, packs, packDigests } = job
+  const diffId = source.config.rootfs.diff_ids[layerIndex]!
+  const what = `layer ${layerIndex} (${layerDesc.digest})`
+  const tmpCatalog = dest.tempPath()
+  const finalCatalog = dest.tempPath()
+  const catalog = new CatalogWriter(tmpCatalog, { diffId, sourceDigest: layerDesc.digest })
+  const counts = { written: zero(), dedupInLayer: zero(), dedupEarlierLayer: zero(), sharedWithExisting: zero() }
+
+  const addChunk = async (ino: number, offset: number, data: Buffer): Promise<void> => {
+    const digest = sha256(data)
+    if (catalog.hasChunk(digest)) {
+      bump(counts.dedupInLayer, data.length)
+      catalog.addExtent(ino, offset, { digest, length: data.length, packKey: '', packOffset: 0, storedLength: 0, codec: 0 })
+      return
+    }
+    const known = index.get(digest)
+    if (known !== undefined) {
+      bump(known.from === 'existing' ? counts.sharedWithExisting : counts.dedupEarlierLayer, data.length)
+      packDigests.set(known.pack, { digest: known.pack, size: known.packSize })
+      catalog.addExtent(ino, offset, { ...known, packKey: known.pack })
+      return
+    }
+    const { placed, sealed } = await packs.append(digest, data)
+    bump(counts.written, data.length)
+    catalog.addExtent(ino, offset, placed)
+    if (sealed !== undefined) recordSealed(sealed)
+  }
+  const recordSealed = (sealed: SealedPack): void => {
+    packDigests.set(sealed.key, { digest: sealed.digest, size: sealed.size })
+    for (const c of sealed.chunks) index.add({ ...c, packSize: sealed.size, from: 'converted' })
+  }
+
+  const compressedHash = createHash('sha256')
+  const diffHash = createHash('sha256')
+  let compressedBytes = 0
+  let inputBytes = 0
+  const extract = tarStream.extract()
+  const streamDone = pipeline(
+    source.layout.openBlobStream(layerDesc.digest),
+    tap(chunk => { compressedHash.update(chunk); compressedBytes += chunk.length; job.onBytes(compressedBytes) }),
+    decompressorFor(layerDesc.mediaType, what),
+    tap(chunk => { diffHash.update(chunk); inputBytes += chunk.length }),
+    extract,
+    ...(job.signal !== undefined ? [{ signal: job.signal }] as const : [])
+  )
+  // Reading the tar and watching the pipeline race: an error on either side ends both.
+  const streamFailed = streamDone.then(() => undefined, (err: unknown) => err)
+
+  try {
+    for await (const entry of extract) {
+      const header = entry.header
+      const path = normalizeMemberPath(header.name)
+      const type = header.type
+      if (type === 'link') {
+        catalog.link(path, normalizeMemberPath(header.linkname ?? ''))
+        entry.resume()
+        continue
+      }
+      const mode = typeBits(type)
+      if (mode === undefined) {
+        catalog.note(`skipped ${path}: unsupported tar member type ${type}`)
+        entry.resume()
+        continue
+      }
+      const ino = catalog.add(path, {
+        mode: mode | ((header.mode ?? 0) & 0o7777),
+        uid: header.uid ?? 0,
+        gid: header.gid ?? 0,
+        mtime: header.mtime?.getTime() ?? 0,
+        size: mode === S_IFREG ? header.size ?? 0 : mode === S_IFLNK ? Buffer.byteLength(header.linkname ?? '') : 0,
+        rdev: mode === S_IFCHR || mode === S_IFBLK ? makedev(header.devmajor ?? 0, header.devminor ?? 0) : 0,
+        ...(mode === S_IFLNK ? { target: header.linkname ?? '' } : {}),
+        xattrs: xattrsOf(header)
+      })
+      if (mode === S_IFREG && ino !== undefined) {
+        await chunkStream(entry as AsyncIterable<Buffer>, job.chunkSize, header.size ?? 0, (offset, data) => addChunk(ino, offset, data))
+      } else {
+        entry.resume()
+      }
+    }
+    const failure = await streamFailed
+    if (failure !== undefined) throw failure
+    const sealed = await packs.seal()
+    if (sealed !== undefined) recordSealed(sealed)
+  } catch (err) {
+    catalog.close()
+    await rm(tmpCatalog, { force: true })
+    extract.destroy()
+    await streamFailed
+    throw layerError(err, what, job.signal)
+  }
+
+  const compressedDigest: Digest = `sha256:${compressedHash.digest('hex')}`
+  if (compressedDigest !== layerDesc.digest) {
+    catalog.close()
+    await rm(tmpCatalog, { force: true })
+    throw new IntegrityError(`source ${what}`, `blob content hashes to ${compressedDigest}; the source image is corrupt`)
+  }
+  const actualDiffId: Digest = `sha256:${diffHash.digest('hex')}`
+  if (actualDiffId !== diffId) {
+    catalog.close()
+    await rm(tmpCatalog, { force: true })
+    throw new IntegrityError(`source ${what}`, `uncompressed content hashes to ${actualDiffId}, but the image config says diff_id ${diffId}; the source image is corrupt`)
+  }
+
+  const { files, contentBytes } = catalog.fileStats()
+  const notes = [...catalog.notes]
+  const packKeys = catalog.packKeys()
+  try {
+    catalog.finish(packDigests, finalCatalog)
+  } finally {
+    await rm(tmpCatalog, { force: true })
+  }
+  const { digest: catalogDigest, size: catalogSize } = await dest.importFile(finalCatalog)
+  const layerPacks = packKeys.map(k => packDigests.get(k)!)
+  return {
+    inputBytes,
+    layer: { diffId, sourceDigest: layerDesc.digest, catalog: { digest: catalogDigest, size: catalogSize }, packs: layerPacks, files, contentBytes },
+    report: {
+      diffId,
+      sourceDigest: layerDesc.digest,
+      catalog: catalogDigest,
+      files,
+      contentBytes,
+      ...counts,
+      storedBytes: layerPacks.reduce((n, p) => n + p.size, 0),
+      notes
+    }
+  }
+}
+
+/** Writes config, manifest and signature; tags the image only once it is signed. */
+async function writeSignedImage (dest: OciLayout, tag: string, config: ShoalImageConfig, key: KeyObject): Promise<Descriptor> {
+  const configDesc = await dest.writeJsonBlob(config, MediaType.shoalConfig)
+  const blobs: Descriptor[] = []
+  const seen = new Set<Digest>()
+  for (const layer of config.layers) {
+    if (!seen.has(layer.catalog.digest)) { seen.add(layer.catalog.digest); blobs.push({ mediaType: MediaType.shoalCatalog, digest: layer.catalog.digest, size: layer.catalog.size }) }
+    for (const p of layer.packs) {
+      if (!seen.has(p.digest)) { seen.add(p.digest); blobs.push({ mediaType: MediaType.shoalPack, digest: p.digest, size: p.size }) }
+    }
+  }
+  const manifest: ImageManifest = { schemaVersion: 2, mediaType: MediaType.ociManifest, artifactType: MediaType.shoalImage, config: configDesc, layers: blobs }
+  const manifestDesc = await dest.writeJsonBlob(manifest, MediaType.ociManifest, { artifactType: MediaType.shoalImage })
+  const envelope = await dest.writeJsonBlob(signManifest({ manifest: manifestDesc.digest, mediaType: manifestDesc.mediaType, size: manifestDesc.size }, key), MediaType.dsseEnvelope)
+  const emptyConfig = await dest.writeJsonBlob({}, MediaType.ociEmpty)
+  const sigManifest: ImageManifest = {
+    schemaVersion: 2,
+    mediaType: MediaType.ociManifest,
+    artifactType: MediaType.shoalSignature,
+    config: emptyConfig,
+    layers: [envelope],
+    subject: { mediaType: manifestDesc.mediaType, digest: manifestDesc.digest, size: manifestDesc.size }
+  }
+  const sigDesc = await dest.writeJsonBlob(sigManifest, MediaType.ociManifest, { artifactType: MediaType.shoalSignature })
+  await dest.setTag(signatureTag(manifestDesc.digest), sigDesc)
+  await dest.setTag(tag, manifestDesc)
+  return manifestDesc
+}
+
+/** Cuts a file's content into fixed-size chunks without holding more than one chunk. */
+async function chunkStream (source: AsyncIterable<Buffer>, chunkSize: number, fileSize: number, onChunk: (offset: number, data: Buffer) => Promise<void>): Promise<void> {
+  let offset = 0
+  let buf = Buffer.allocUnsafe(Math.min(chunkSize, fileSize))
+  let fill = 0
+  for await (const piece of source) {
+    let pos = 0
+    while (pos < piece.length) {
+      const n = Math.min(piece.length - pos, buf.length - fill)
+      piece.copy(buf, fill, pos, pos + n)
+      fill += n
+      pos += n
+      if (fill === buf.length) {
+        await onChunk(offset, buf)
+        offset += fill
+        buf = Buffer.allocUnsafe(Math.min(chunkSize, fileSize - offset))
+        fill = 0
+      }
+    }
+  }
+  if (fill > 0 || offset !== fileSize) throw new FormatError(`file content ended after ${offset + fill} of ${fileSize} bytes`)
+}
+
+function tap (fn: (chunk: Buffer) => void): Transform {
+  return new Transform({ transform (chunk: Buffer, _enc: BufferEncoding, cb: TransformCallback) { fn(chunk); cb(null, chunk) } })
+}
+
+function decompressorFor (mediaType: string, what: string): Transform {
+  if (mediaType.endsWith('+gzip') || mediaType === MediaType.dockerLayerGzip) return createGunzip()
+  if (mediaType.endsWith('+zstd')) return createZstdDecompress()
+  if (mediaType === MediaType.ociLayerTar || mediaType.endsWith('.tar')) return tap(() => {})
+  throw new FormatError(`${what} has media type ${mediaType}, which is not a tar layer shoal can read (tar, tar+gzip, tar+zstd)`)
+}
+
+function typeBits (type: TarHeader['type']): number | undefined {
+  switch (type) {
+    case 'file': case 'contiguous-file': return S_IFREG
+    case 'directory': return S_IFDIR
+    case 'symlink': return S_IFLNK
+    case 'character-device': return S_IFCHR
+    case 'block-device': return S_IFBLK
+    case 'fifo': return S_IFIFO
+    default: return undefined
+  }
+}
+
+/** Linux's encoding of a device number (glibc gnu_dev_makedev). */
+function makedev (major: number, minor: number): number {
+  return (minor & 0xff) + (major & 0xfff) * 2 ** 8 + Math.floor(minor / 2 ** 8) * 2 ** 20 + Math.floor(major / 2 ** 12) * 2 ** 32
+}
+
+function layerError (err: unknown, what: string, signal: AbortSignal | undefined): unknown {
+  if (signal?.aborted === true) return signal.reason
+  if (err instanceof FormatError || err instanceof IntegrityError || err instanceof UsageError) {
+    if (err.message.includes(what)) return err
+    return new FormatError(`${what}: ${err.message}`, { cause: err })
+  }
+  const message = (err as Error)?.message ?? String(err)
+  if (/unexpected end|Unexpected end|premature|truncated/i.test(message)) {
+    return new FormatError(`${what} is truncated or corrupt (${message}); the source image is damaged`, { cause: err })
+  }
+  return new FormatError(`${what} could not be read: ${message}`, { cause: err })
+}
+
+const zero = (): DedupCounts => ({ chunks: 0, bytes: 0 })
+const bump = (c: DedupCounts, bytes: number): void => { c.chunks++; c.bytes += bytes }

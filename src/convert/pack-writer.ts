@@ -1,0 +1,79 @@
+import type { OciLayout, BlobWriter } from '../oci/layout.ts'
+import { encodeChunk, type Compression } from '../format/codec.ts'
+import type { ChunkRef } from '../format/catalog.ts'
+import type { Digest } from '../format/digest.ts'
+
+/** Where a chunk's bytes already live, and who put them there. */
+export interface KnownChunk extends ChunkRef {
+  packSize: number
+  /** 'existing': in an image that was in the destination before this conversion. */
+  from: 'existing' | 'converted'
+}
+
+/**
+ * Every chunk the destination holds, by digest: chunks already stored (in an earlier
+ * layer or an image converted before) are referenced, not written again. This is
+ * how images that share content share packs.
+ */
+export class ChunkIndex {
+  private readonly chunks = new Map<Digest, KnownChunk>()
+  get size (): number { return this.chunks.size }
+  get (digest: Digest): KnownChunk | undefined { return this.chunks.get(digest) }
+  add (chunk: KnownChunk): void { if (!this.chunks.has(chunk.digest)) this.chunks.set(chunk.digest, chunk) }
+}
+
+/** A chunk placed in a pack that may still be open: `packKey` names the pack until it is sealed. */
+export interface PlacedChunk extends Omit<ChunkRef, 'pack'> { packKey: string }
+
+export interface SealedPack { key: string, digest: Digest, size: number, chunks: ChunkRef[] }
+
+/**
+ * Appends chunks to pack blobs of about `targetSize` bytes. A pack's digest is known
+ * only when it is sealed, so until then its chunks carry a placeholder key.
+ */
+export class PackWriter {
+  private readonly layout: OciLayout
+  private readonly compression: Compression
+  private readonly targetSize: number
+  private writer: BlobWriter | undefined
+  private key = ''
+  private packs = 0
+  private pending: PlacedChunk[] = []
+  bytesWritten = 0
+
+  constructor (layout: OciLayout, options: { compression: Compression, targetSize: number }) {
+    this.layout = layout
+    this.compression = options.compression
+    this.targetSize = options.targetSize
+  }
+
+  /** Stores the chunk in the open pack; seals it (and returns it) once it is full. */
+  async append (digest: Digest, data: Uint8Array): Promise<{ placed: PlacedChunk, sealed?: SealedPack }> {
+    if (this.writer === undefined) {
+      this.writer = await this.layout.createBlobWriter()
+      this.key = `open-pack-${++this.packs}`
+    }
+    const { codec, bytes } = encodeChunk(data, this.compression)
+    const placed: PlacedChunk = { digest, length: data.length, packKey: this.key, packOffset: this.writer.size, storedLength: bytes.length, codec }
+    this.pending.push(placed)
+    await this.writer.write(bytes)
+    this.bytesWritten += bytes.length
+    if (this.writer.size < this.targetSize) return { placed }
+    return { placed, sealed: await this.seal() }
+  }
+
+  /** Closes the open pack, if any. */
+  async seal (): Promise<SealedPack | undefined> {
+    if (this.writer === undefined) return undefined
+    const { digest, size } = await this.writer.commit()
+    this.writer = undefined
+    const chunks = this.pending.map(({ packKey: _, ...c }) => ({ ...c, pack: digest }))
+    this.pending = []
+    return { key: this.key, digest, size, chunks }
+  }
+
+  async abort (): Promise<void> {
+    await this.writer?.abort()
+    this.writer = undefined
+  }
+}

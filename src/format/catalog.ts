@@ -1,0 +1,124 @@
+import Database from 'better-sqlite3'
+import { FormatError } from '../errors.ts'
+import { CATALOG_APPLICATION_ID, CATALOG_FORMAT_VERSION, ROOT_INO } from './catalog-schema.ts'
+import { digestFromHex, type Digest } from './digest.ts'
+
+export const S_IFMT = 0o170000
+export const S_IFDIR = 0o040000
+export const S_IFREG = 0o100000
+export const S_IFLNK = 0o120000
+export const S_IFCHR = 0o020000
+export const S_IFBLK = 0o060000
+export const S_IFIFO = 0o010000
+export const S_IFSOCK = 0o140000
+
+export const isDir = (mode: number): boolean => (mode & S_IFMT) === S_IFDIR
+export const isReg = (mode: number): boolean => (mode & S_IFMT) === S_IFREG
+export const isLnk = (mode: number): boolean => (mode & S_IFMT) === S_IFLNK
+
+export interface Inode {
+  ino: number
+  mode: number
+  uid: number
+  gid: number
+  size: number
+  mtime: number
+  nlink: number
+  rdev: number
+  target: string | null
+  opaque: number
+}
+
+export interface Entry { name: string, ino: number | null, whiteout: number }
+
+/** What the catalog says a chunk is: enough to locate it in its pack and to verify it. */
+export interface ChunkRef {
+  digest: Digest
+  length: number
+  pack: Digest
+  packOffset: number
+  storedLength: number
+  codec: number
+}
+
+export interface Extent extends ChunkRef { fileOffset: number }
+
+interface ExtentRow { offset: number, digest: Buffer, length: number, pack: string, pack_offset: number, stored_length: number, codec: number }
+
+/**
+ * Read-only access to one layer's catalog. Statements are prepared once; every
+ * lookup is a primary-key probe, so this is cheap enough for FUSE's hot path.
+ */
+export class Catalog {
+  readonly path: string
+  readonly db: Database.Database
+  private readonly stmts: {
+    inode: Database.Statement<[number], Inode>
+    entry: Database.Statement<[number, string], Entry>
+    children: Database.Statement<[number], Entry>
+    xattrs: Database.Statement<[number], { name: string, value: Buffer }>
+    extents: Database.Statement<[number], ExtentRow>
+  }
+
+  constructor (path: string) {
+    this.path = path
+    try {
+      this.db = new Database(path, { readonly: true, fileMustExist: true })
+      const appId = this.db.pragma('application_id', { simple: true }) as number
+      const version = this.db.pragma('user_version', { simple: true }) as number
+      if (appId !== CATALOG_APPLICATION_ID) throw new FormatError(`${path} is not a shoal catalog`)
+      if (version !== CATALOG_FORMAT_VERSION) throw new FormatError(`${path} is catalog format ${version}; this shoal reads ${CATALOG_FORMAT_VERSION}`)
+      this.stmts = {
+        inode: this.db.prepare('SELECT * FROM inodes WHERE ino = ?'),
+        entry: this.db.prepare('SELECT name, ino, whiteout FROM entries WHERE parent = ? AND name = ?'),
+        children: this.db.prepare('SELECT name, ino, whiteout FROM entries WHERE parent = ? ORDER BY name'),
+        xattrs: this.db.prepare('SELECT name, value FROM xattrs WHERE ino = ? ORDER BY name'),
+        extents: this.db.prepare(`SELECT e.offset, c.digest, c.length, p.digest AS pack, c.pack_offset, c.stored_length, c.codec
+          FROM extents e JOIN chunks c ON c.id = e.chunk JOIN packs p ON p.id = c.pack WHERE e.ino = ? ORDER BY e.offset`)
+      }
+    } catch (err) {
+      if (err instanceof FormatError) throw err
+      throw new FormatError(`cannot open catalog ${path}: ${(err as Error).message}`, { cause: err })
+    }
+  }
+
+  root (): Inode { return this.inode(ROOT_INO)! }
+  inode (ino: number): Inode | undefined { return this.stmts.inode.get(ino) }
+  entry (parent: number, name: string): Entry | undefined { return this.stmts.entry.get(parent, name) }
+  children (parent: number): Entry[] { return this.stmts.children.all(parent) }
+
+  xattrs (ino: number): Map<string, Buffer> {
+    return new Map(this.stmts.xattrs.all(ino).map(r => [r.name, r.value]))
+  }
+
+  extents (ino: number): Extent[] {
+    return this.stmts.extents.all(ino).map(r => ({
+      fileOffset: r.offset,
+      digest: digestFromHex(r.digest),
+      length: r.length,
+      pack: r.pack as Digest,
+      packOffset: r.pack_offset,
+      storedLength: r.stored_length,
+      codec: r.codec
+    }))
+  }
+
+  /** Every chunk with its pack, ordered as stored (for verification and prefetch). */
+  *allChunks (): Generator<ChunkRef> {
+    const rows = this.db.prepare(`SELECT c.digest, c.length, p.digest AS pack, c.pack_offset, c.stored_length, c.codec
+      FROM chunks c JOIN packs p ON p.id = c.pack ORDER BY p.digest, c.pack_offset`).iterate() as IterableIterator<Omit<ExtentRow, 'offset'>>
+    for (const r of rows) {
+      yield { digest: digestFromHex(r.digest), length: r.length, pack: r.pack as Digest, packOffset: r.pack_offset, storedLength: r.stored_length, codec: r.codec }
+    }
+  }
+
+  packs (): Array<{ digest: Digest, size: number }> {
+    return this.db.prepare('SELECT digest, size FROM packs ORDER BY id').all() as Array<{ digest: Digest, size: number }>
+  }
+
+  meta (key: string): string | undefined {
+    return (this.db.prepare('SELECT value FROM meta WHERE key = ?').get(key) as { value: string } | undefined)?.value
+  }
+
+  close (): void { this.db.close() }
+}

@@ -1,0 +1,34 @@
+import { zstdCompressSync, zstdDecompressSync, constants } from 'node:zlib'
+import { FormatError } from '../errors.ts'
+
+/** How a chunk is stored in its pack. Numbers are part of the catalog format. */
+export const Codec = { none: 0, zstd: 1 } as const
+export type CodecId = typeof Codec[keyof typeof Codec]
+export type Compression = 'zstd' | 'none'
+
+export function parseCompression (value: string): Compression {
+  if (value === 'zstd' || value === 'none') return value
+  throw new FormatError(`unknown chunk compression "${value}": use zstd or none`)
+}
+
+/**
+ * Encodes a chunk for a pack. Compression is kept only when it saves at least 1/16
+ * of the bytes: decompressing costs CPU on every cold read, so it must pay for itself.
+ */
+export function encodeChunk (data: Uint8Array, compression: Compression, level = 3): { codec: CodecId, bytes: Uint8Array } {
+  if (compression === 'none' || data.length < 512) return { codec: Codec.none, bytes: data }
+  const packed = zstdCompressSync(data, { params: { [constants.ZSTD_c_compressionLevel]: level } })
+  if (packed.length <= data.length - (data.length >> 4)) return { codec: Codec.zstd, bytes: packed }
+  return { codec: Codec.none, bytes: data }
+}
+
+/** Decodes stored bytes; the caller still verifies length and digest. */
+export function decodeChunk (stored: Uint8Array, codec: number, expectedLength: number): Uint8Array {
+  switch (codec) {
+    case Codec.none: return stored
+    case Codec.zstd:
+      // Cap the output so a hostile frame cannot balloon memory.
+      return zstdDecompressSync(stored, { maxOutputLength: Math.max(expectedLength, 1) })
+    default: throw new FormatError(`unknown chunk codec ${codec}`)
+  }
+}

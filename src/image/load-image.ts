@@ -1,0 +1,82 @@
+import type { KeyObject } from 'node:crypto'
+import { FormatError, IntegrityError, NotFoundError, SignatureError } from '../errors.ts'
+import { sha256, type Digest } from '../format/digest.ts'
+import { parseShoalConfig, type ShoalImageConfig } from '../format/image-config.ts'
+import { signatureTag, verifyEnvelope, type DsseEnvelope } from '../format/signing.ts'
+import type { Origin } from '../origin/origin.ts'
+import { MediaType, type Descriptor, type ImageManifest } from '../oci/types.ts'
+
+export interface LoadedImage {
+  manifestDigest: Digest
+  manifest: ImageManifest
+  config: ShoalImageConfig
+  /** Key id that signed the image; undefined when loaded without checking. */
+  signedBy: string | undefined
+}
+
+export interface LoadOptions {
+  /** Trusted public keys; `'skip'` loads without checking the signature (inspect only). */
+  trusted: KeyObject[] | 'skip'
+  signal?: AbortSignal
+}
+
+/** Small blobs (manifests, configs, envelopes) never need more than this. */
+const MAX_METADATA_BYTES = 4 << 20
+
+/** Fetches a blob and refuses it unless it has exactly the expected digest (and size). */
+export async function fetchVerified (origin: Origin, digest: Digest, what: string, options: { size?: number, maxBytes?: number, signal?: AbortSignal } = {}): Promise<Uint8Array> {
+  const data = await origin.getBlob(digest, { maxBytes: options.maxBytes ?? MAX_METADATA_BYTES, ...(options.signal !== undefined ? { signal: options.signal } : {}) })
+  if (options.size !== undefined && data.length !== options.size) throw new IntegrityError(`${what} ${digest}`, `is ${data.length} bytes, expected ${options.size}`)
+  const actual = sha256(data)
+  if (actual !== digest) throw new IntegrityError(`${what} ${digest}`, `content hashes to ${actual}; it was corrupted or tampered with at ${origin.name}`)
+  return data
+}
+
+function parseJson<T> (data: Uint8Array, what: string): T {
+  try { return JSON.parse(Buffer.from(data).toString('utf8')) as T } catch (err) {
+    throw new FormatError(`${what} is not valid JSON`, { cause: err })
+  }
+}
+
+/**
+ * Resolves REF at the origin and walks the chain of trust: signature → manifest
+ * digest → config. Catalogs and packs are checked by whoever reads them, against
+ * the digests this returns.
+ */
+export async function loadImage (origin: Origin, ref: string, options: LoadOptions): Promise<LoadedImage> {
+  const signal = options.signal
+  const so = signal !== undefined ? { signal } : {}
+  const desc = await origin.resolve(ref, so)
+  const manifest = parseJson<ImageManifest>(await fetchVerified(origin, desc.digest, 'manifest', { size: desc.size, ...so }), `manifest ${desc.digest}`)
+  if (manifest.artifactType !== MediaType.shoalImage) {
+    throw new FormatError(`${ref} at ${origin.name} is not a shoal image (artifactType ${manifest.artifactType ?? 'none'}); convert it first: shoal convert SRC DEST --key KEY`)
+  }
+
+  let signedBy: string | undefined
+  if (options.trusted !== 'skip') {
+    let sigDesc: Descriptor
+    try {
+      sigDesc = await origin.resolve(signatureTag(desc.digest), so)
+    } catch (err) {
+      if (err instanceof NotFoundError) throw new SignatureError(`image ${desc.digest} (${ref}) has no signature at ${origin.name}; unsigned images are refused`)
+      throw err
+    }
+    const sigManifest = parseJson<ImageManifest>(await fetchVerified(origin, sigDesc.digest, 'signature manifest', { size: sigDesc.size, ...so }), 'signature manifest')
+    if (sigManifest.subject?.digest !== desc.digest || sigManifest.layers?.length !== 1) {
+      throw new SignatureError(`the signature manifest tagged for ${desc.digest} does not sign it`)
+    }
+    const envelopeDesc = sigManifest.layers[0]!
+    const envelope = parseJson<DsseEnvelope>(await fetchVerified(origin, envelopeDesc.digest, 'signature envelope', { size: envelopeDesc.size, ...so }), 'signature envelope')
+    signedBy = verifyEnvelope(envelope, desc.digest, options.trusted)
+  }
+
+  const config = parseShoalConfig(await fetchVerified(origin, manifest.config.digest, 'config', { size: manifest.config.size, ...so }), `config ${manifest.config.digest}`)
+  // Every blob the config relies on must be listed, with its size, by the signed manifest.
+  const listed = new Map(manifest.layers.map(l => [l.digest, l.size]))
+  for (const [i, layer] of config.layers.entries()) {
+    for (const blob of [layer.catalog, ...layer.packs]) {
+      if (listed.get(blob.digest) !== blob.size) throw new IntegrityError(`config ${manifest.config.digest}`, `layer ${i} refers to ${blob.digest} (${blob.size} bytes), which the manifest does not list with that size`)
+    }
+  }
+  return { manifestDigest: desc.digest, manifest, config, signedBy }
+}

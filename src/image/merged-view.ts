@@ -1,0 +1,114 @@
+import { posix } from 'node:path'
+import { isDir, type Catalog, type Extent, type Inode } from '../format/catalog.ts'
+
+/** A file or directory as the merged image shows it. */
+export interface MergedNode {
+  /** The layer (index into the view's catalogs, bottom = 0) whose inode is shown. */
+  layer: number
+  ino: number
+  inode: Inode
+  /**
+   * For directories: every layer's copy of this directory that shows through, top
+   * first, down to and including the first opaque one. Readdir merges them.
+   */
+  dirs: Array<{ layer: number, ino: number }>
+}
+
+/**
+ * The read-only union of an image's layers, as overlayfs would present them:
+ * an upper entry hides lower ones with the same path, `.wh.` whiteouts delete, and
+ * opaque directories hide everything below them. Only catalogs are consulted.
+ */
+export class MergedView {
+  readonly catalogs: readonly Catalog[]
+
+  constructor (catalogs: readonly Catalog[]) {
+    if (catalogs.length === 0) throw new Error('a merged view needs at least one layer')
+    this.catalogs = catalogs
+  }
+
+  root (): MergedNode {
+    const top = this.catalogs.length - 1
+    const dirs: MergedNode['dirs'] = []
+    for (let layer = top; layer >= 0; layer--) {
+      const root = this.catalogs[layer]!.root()
+      dirs.push({ layer, ino: root.ino })
+      if (root.opaque === 1) break
+    }
+    return { layer: top, ino: dirs[0]!.ino, inode: this.catalogs[top]!.root(), dirs }
+  }
+
+  /** The child NAME of directory DIR, or undefined if there is none (or it is whited out). */
+  lookup (dir: MergedNode, name: string): MergedNode | undefined {
+    let found: MergedNode | undefined
+    for (const { layer, ino } of dir.dirs) {
+      const catalog = this.catalogs[layer]!
+      const entry = catalog.entry(ino, name)
+      if (entry === undefined) continue
+      if (entry.whiteout === 1 || entry.ino === null) break
+      const inode = catalog.inode(entry.ino)!
+      if (found === undefined) {
+        found = { layer, ino: entry.ino, inode, dirs: isDir(inode.mode) ? [{ layer, ino: entry.ino }] : [] }
+        if (!isDir(inode.mode) || inode.opaque === 1) break
+      } else {
+        // Below a directory, only a directory merges in; anything else is hidden, and so is what is under it.
+        if (!isDir(inode.mode)) break
+        found.dirs.push({ layer, ino: entry.ino })
+        if (inode.opaque === 1) break
+      }
+    }
+    return found
+  }
+
+  /** The directory's entries, merged across layers, sorted by name. */
+  readdir (dir: MergedNode): Array<{ name: string, node: MergedNode }> {
+    const seen = new Set<string>()
+    const names: string[] = []
+    for (const { layer, ino } of dir.dirs) {
+      for (const entry of this.catalogs[layer]!.children(ino)) {
+        if (seen.has(entry.name)) continue
+        seen.add(entry.name)
+        if (entry.whiteout === 0) names.push(entry.name)
+      }
+    }
+    names.sort()
+    const out: Array<{ name: string, node: MergedNode }> = []
+    for (const name of names) {
+      const node = this.lookup(dir, name)
+      if (node !== undefined) out.push({ name, node })
+    }
+    return out
+  }
+
+  /** Resolves an absolute or relative image path without following symlinks. */
+  resolve (path: string): MergedNode | undefined {
+    let node = this.root()
+    for (const part of posix.normalize('/' + path).split('/')) {
+      if (part === '') continue
+      if (node.dirs.length === 0) return undefined
+      const next = this.lookup(node, part)
+      if (next === undefined) return undefined
+      node = next
+    }
+    return node
+  }
+
+  /** Every path of the merged tree, parents before children, root as "/". */
+  *walk (): Generator<[string, MergedNode]> {
+    const stack: Array<[string, MergedNode]> = [['/', this.root()]]
+    while (stack.length > 0) {
+      const [path, node] = stack.pop()!
+      yield [path, node]
+      if (node.dirs.length > 0) {
+        const children = this.readdir(node)
+        for (let i = children.length - 1; i >= 0; i--) {
+          const { name, node: child } = children[i]!
+          stack.push([path === '/' ? `/${name}` : `${path}/${name}`, child])
+        }
+      }
+    }
+  }
+
+  xattrs (node: MergedNode): Map<string, Buffer> { return this.catalogs[node.layer]!.xattrs(node.ino) }
+  extents (node: MergedNode): Extent[] { return this.catalogs[node.layer]!.extents(node.ino) }
+}

@@ -1,0 +1,109 @@
+import { mkdtemp, rm, mkdir } from 'node:fs/promises'
+import { createReadStream } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { pipeline } from 'node:stream/promises'
+import tarStream from 'tar-stream'
+import { FormatError, NotFoundError, UsageError } from '../errors.ts'
+import { parseDigest, type Digest } from '../format/digest.ts'
+import { OciLayout, streamToFile } from './layout.ts'
+import { formatReference, type ImageReference } from './reference.ts'
+import { MediaType, type Descriptor, type ImageConfig, type ImageIndex, type ImageManifest } from './types.ts'
+
+/** A resolved source image in a local layout: its manifest, config and layer blobs. */
+export interface SourceImage {
+  reference: string
+  layout: OciLayout
+  manifestDigest: Digest
+  manifest: ImageManifest
+  configDigest: Digest
+  config: ImageConfig
+  /** Removes temporary files (an extracted oci-archive). */
+  close: () => Promise<void>
+}
+
+export interface Platform { os: string, architecture: string, variant?: string }
+
+export function hostPlatform (): Platform {
+  const arch = ({ x64: 'amd64', arm64: 'arm64', arm: 'arm', ppc64: 'ppc64le', s390x: 's390x', riscv64: 'riscv64' } as Record<string, string>)[process.arch] ?? process.arch
+  return { os: 'linux', architecture: arch }
+}
+
+/** Opens `oci:DIR:TAG` or `oci-archive:FILE[:TAG]` as a source image. */
+export async function openSourceImage (ref: ImageReference, options: { platform?: Platform } = {}): Promise<SourceImage> {
+  const platform = options.platform ?? hostPlatform()
+  if (ref.transport === 'oci') {
+    const layout = await OciLayout.open(ref.dir)
+    return await resolveImage(layout, await layout.resolveTag(ref.tag), formatReference(ref), platform, async () => {})
+  }
+  if (ref.transport === 'oci-archive') {
+    const dir = await mkdtemp(join(tmpdir(), 'shoal-archive-'))
+    try {
+      await extractLayoutArchive(ref.file, dir)
+      const layout = await OciLayout.open(dir)
+      let descriptor: Descriptor
+      if (ref.tag !== undefined) descriptor = await layout.resolveTag(ref.tag)
+      else {
+        const { manifests } = await layout.readIndex()
+        if (manifests.length !== 1) throw new UsageError(`${ref.file} holds ${manifests.length} images; name one with oci-archive:${ref.file}:TAG`)
+        descriptor = manifests[0]!
+      }
+      return await resolveImage(layout, descriptor, formatReference(ref), platform, async () => { await rm(dir, { recursive: true, force: true }) })
+    } catch (err) {
+      await rm(dir, { recursive: true, force: true })
+      throw err
+    }
+  }
+  throw new UsageError(`${formatReference(ref)}: registry sources are not supported yet; copy the image into a layout first (skopeo copy docker://... oci:DIR:TAG)`)
+}
+
+async function resolveImage (layout: OciLayout, descriptor: Descriptor, reference: string, platform: Platform, close: () => Promise<void>): Promise<SourceImage> {
+  let desc = descriptor
+  if (desc.mediaType === MediaType.ociIndex || desc.mediaType === MediaType.dockerManifestList) {
+    const index = await layout.readJson<ImageIndex>(desc.digest, 'image index')
+    const match = index.manifests.find(m => m.platform?.os === platform.os && m.platform?.architecture === platform.architecture &&
+      (platform.variant === undefined || m.platform?.variant === platform.variant))
+    if (match === undefined) {
+      const have = index.manifests.map(m => `${m.platform?.os}/${m.platform?.architecture}`).join(', ')
+      throw new NotFoundError(`${reference} has no image for ${platform.os}/${platform.architecture} (it has: ${have})`)
+    }
+    desc = match
+  }
+  if (desc.mediaType !== MediaType.ociManifest && desc.mediaType !== MediaType.dockerManifest) {
+    throw new FormatError(`${reference} is a ${desc.mediaType}, not an image manifest`)
+  }
+  const manifest = await layout.readJson<ImageManifest>(desc.digest, 'manifest')
+  if (manifest.artifactType === MediaType.shoalImage) throw new UsageError(`${reference} is already a shoal image`)
+  const configDigest = parseDigest(manifest.config?.digest, 'manifest config digest')
+  const config = await layout.readJson<ImageConfig>(configDigest, 'image config')
+  const diffIds = config.rootfs?.diff_ids
+  if (!Array.isArray(diffIds) || diffIds.length !== manifest.layers.length) {
+    throw new FormatError(`${reference}: the config lists ${diffIds?.length ?? 0} diff_ids for ${manifest.layers.length} layers`)
+  }
+  for (const [i, layer] of manifest.layers.entries()) {
+    layer.digest = parseDigest(layer.digest, `layer ${i} digest`)
+    config.rootfs.diff_ids[i] = parseDigest(diffIds[i], `layer ${i} diff_id`)
+  }
+  return { reference, layout, manifestDigest: desc.digest, manifest, configDigest, config, close }
+}
+
+const LAYOUT_MEMBER = /^(?:\.\/)?(oci-layout|index\.json|blobs\/sha256\/[0-9a-f]{64})$/
+
+/**
+ * Unpacks an oci-archive (a tar of an OCI layout). Only layout members are taken;
+ * any other name, including ones that try to climb out, is skipped.
+ */
+async function extractLayoutArchive (file: string, dir: string): Promise<void> {
+  await mkdir(join(dir, 'blobs', 'sha256'), { recursive: true })
+  const extract = tarStream.extract()
+  const done = pipeline(createReadStream(file), extract).catch((err: Error) => {
+    throw new FormatError(`cannot read oci-archive ${file}: ${err.message}`, { cause: err })
+  })
+  for await (const entry of extract) {
+    const m = LAYOUT_MEMBER.exec(entry.header.name)
+    if (entry.header.type === 'file' && m !== null) await streamToFile(entry as AsyncIterable<Uint8Array>, join(dir, m[1]!))
+    else entry.resume()
+  }
+  await done
+}
+
