@@ -5,7 +5,7 @@ import { pipeline } from 'node:stream/promises'
 import { createGunzip, createZstdDecompress } from 'node:zlib'
 import { FormatError, IntegrityError, UsageError } from '../errors.ts'
 import { Catalog, S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFREG } from '../format/catalog.ts'
-import { type Compression } from '../format/codec.ts'
+import { encodeChunkAsync, type CodecId, type Compression } from '../format/codec.ts'
 import { sha256, type Digest } from '../format/digest.ts'
 import { parseShoalConfig, type ChunkingParams, type ShoalImageConfig, type ShoalLayer } from '../format/image-config.ts'
 import { signManifest, signatureTag } from '../format/signing.ts'
@@ -19,6 +19,8 @@ import { tarStream, xattrsOf, type TarHeader } from './tar.ts'
 
 export const DEFAULT_CHUNK_SIZE = 1 << 20
 export const DEFAULT_PACK_SIZE = 16 << 20
+/** Enough to keep the thread pool busy; bounds memory to a few chunks. */
+const MAX_CHUNKS_IN_FLIGHT = 8
 
 export interface ConvertOptions {
   source: string
@@ -78,7 +80,7 @@ export async function convertImage (options: ConvertOptions): Promise<ConvertRep
   try {
     const dest = await OciLayout.create(destRef.dir)
     const index = await loadChunkIndex(dest)
-    const packs = new PackWriter(dest, { compression, targetSize: options.packSize ?? DEFAULT_PACK_SIZE })
+    const packs = new PackWriter(dest, { targetSize: options.packSize ?? DEFAULT_PACK_SIZE })
     const packDigests = new Map<string, { digest: Digest, size: number }>()
     const layers: ShoalLayer[] = []
     const reports: LayerReport[] = []
@@ -88,7 +90,7 @@ export async function convertImage (options: ConvertOptions): Promise<ConvertRep
       let bytesBefore = 0
       for (const [i, layerDesc] of source.manifest.layers.entries()) {
         const onBytes = (n: number): void => options.onProgress?.({ layer: i, layers: source.manifest.layers.length, bytesRead: bytesBefore + n, bytesTotal })
-        const result = await convertLayer({ source, layerIndex: i, layerDesc, dest, index, packs, packDigests, chunkSize, onBytes, signal: options.signal })
+        const result = await convertLayer({ source, layerIndex: i, layerDesc, dest, index, packs, packDigests, chunkSize, compression, onBytes, signal: options.signal })
         bytesBefore += layerDesc.size
         inputBytes += result.inputBytes
         layers.push(result.layer)
@@ -157,12 +159,13 @@ interface LayerJob {
   packs: PackWriter
   packDigests: Map<string, { digest: Digest, size: number }>
   chunkSize: number
+  compression: Compression
   onBytes: (n: number) => void
   signal: AbortSignal | undefined
 }
 
 async function convertLayer (job: LayerJob): Promise<{ layer: ShoalLayer, report: LayerReport, inputBytes: number }> {
-  const { source, layerIndex, layerDesc, dest, index, packs, packDigests } = job
+  const { source, layerIndex, layerDesc, dest, index, packs, packDigests, compression } = job
   const diffId = source.config.rootfs.diff_ids[layerIndex]!
   const what = `layer ${layerIndex} (${layerDesc.digest})`
   const tmpCatalog = dest.tempPath()
@@ -170,24 +173,43 @@ async function convertLayer (job: LayerJob): Promise<{ layer: ShoalLayer, report
   const catalog = new CatalogWriter(tmpCatalog, { diffId, sourceDigest: layerDesc.digest })
   const counts = { written: zero(), dedupInLayer: zero(), dedupEarlierLayer: zero(), sharedWithExisting: zero() }
 
+  // Chunks go through a short FIFO: compression runs on the thread pool while the
+  // tar is parsed and hashed here; results are written in order.
+  const queue: Array<{ ino: number, offset: number, digest: Digest, length: number, encoded?: Promise<{ codec: CodecId, bytes: Uint8Array }> }> = []
+  const inFlight = new Set<Digest>()
+  const settle = async (): Promise<void> => {
+    const item = queue.shift()!
+    if (item.encoded === undefined) {
+      catalog.addExtent(item.ino, item.offset, { digest: item.digest, length: item.length, packKey: '', packOffset: 0, storedLength: 0, codec: 0 })
+      return
+    }
+    const { codec, bytes } = await item.encoded
+    const { placed, sealed } = await packs.append(item.digest, item.length, codec, bytes)
+    inFlight.delete(item.digest)
+    catalog.addExtent(item.ino, item.offset, placed)
+    if (sealed !== undefined) recordSealed(sealed)
+  }
   const addChunk = async (ino: number, offset: number, data: Buffer): Promise<void> => {
     const digest = sha256(data)
-    if (catalog.hasChunk(digest)) {
+    if (catalog.hasChunk(digest) || inFlight.has(digest)) {
       bump(counts.dedupInLayer, data.length)
-      catalog.addExtent(ino, offset, { digest, length: data.length, packKey: '', packOffset: 0, storedLength: 0, codec: 0 })
-      return
+      queue.push({ ino, offset, digest, length: data.length })
+    } else {
+      const known = index.get(digest)
+      if (known !== undefined) {
+        bump(known.from === 'existing' ? counts.sharedWithExisting : counts.dedupEarlierLayer, data.length)
+        packDigests.set(known.pack, { digest: known.pack, size: known.packSize })
+        // Registered at once so later duplicates in this layer find the row.
+        catalog.addExtent(ino, offset, { ...known, packKey: known.pack })
+        return
+      }
+      bump(counts.written, data.length)
+      inFlight.add(digest)
+      const encoded = encodeChunkAsync(data, compression)
+      encoded.catch(() => {}) // awaited in settle(); this only stops an unhandled rejection meanwhile
+      queue.push({ ino, offset, digest, length: data.length, encoded })
     }
-    const known = index.get(digest)
-    if (known !== undefined) {
-      bump(known.from === 'existing' ? counts.sharedWithExisting : counts.dedupEarlierLayer, data.length)
-      packDigests.set(known.pack, { digest: known.pack, size: known.packSize })
-      catalog.addExtent(ino, offset, { ...known, packKey: known.pack })
-      return
-    }
-    const { placed, sealed } = await packs.append(digest, data)
-    bump(counts.written, data.length)
-    catalog.addExtent(ino, offset, placed)
-    if (sealed !== undefined) recordSealed(sealed)
+    while (queue.length > MAX_CHUNKS_IN_FLIGHT) await settle()
   }
   const recordSealed = (sealed: SealedPack): void => {
     packDigests.set(sealed.key, { digest: sealed.digest, size: sealed.size })
@@ -244,6 +266,7 @@ async function convertLayer (job: LayerJob): Promise<{ layer: ShoalLayer, report
     }
     const failure = await streamFailed
     if (failure !== undefined) throw failure
+    while (queue.length > 0) await settle()
     const sealed = await packs.seal()
     if (sealed !== undefined) recordSealed(sealed)
   } catch (err) {
@@ -382,6 +405,9 @@ function layerError (err: unknown, what: string, signal: AbortSignal | undefined
   const message = (err as Error)?.message ?? String(err)
   if (/unexpected end|Unexpected end|premature|truncated/i.test(message)) {
     return new FormatError(`${what} is truncated or corrupt (${message}); the source image is damaged`, { cause: err })
+  }
+  if (/^Z_/.test(String((err as { code?: unknown })?.code))) {
+    return new FormatError(`${what} cannot be decompressed (${message}); the source image is corrupt`, { cause: err })
   }
   return new FormatError(`${what} could not be read: ${message}`, { cause: err })
 }

@@ -1,5 +1,5 @@
 import type { OciLayout, BlobWriter } from '../oci/layout.ts'
-import { encodeChunk, type Compression } from '../format/codec.ts'
+import type { CodecId } from '../format/codec.ts'
 import type { ChunkRef } from '../format/catalog.ts'
 import type { Digest } from '../format/digest.ts'
 
@@ -33,7 +33,6 @@ export interface SealedPack { key: string, digest: Digest, size: number, chunks:
  */
 export class PackWriter {
   private readonly layout: OciLayout
-  private readonly compression: Compression
   private readonly targetSize: number
   private writer: BlobWriter | undefined
   private key = ''
@@ -41,20 +40,18 @@ export class PackWriter {
   private pending: PlacedChunk[] = []
   bytesWritten = 0
 
-  constructor (layout: OciLayout, options: { compression: Compression, targetSize: number }) {
+  constructor (layout: OciLayout, options: { targetSize: number }) {
     this.layout = layout
-    this.compression = options.compression
     this.targetSize = options.targetSize
   }
 
-  /** Stores the chunk in the open pack; seals it (and returns it) once it is full. */
-  async append (digest: Digest, data: Uint8Array): Promise<{ placed: PlacedChunk, sealed?: SealedPack }> {
+  /** Stores an encoded chunk in the open pack; seals the pack (and returns it) once it is full. */
+  async append (digest: Digest, length: number, codec: CodecId, bytes: Uint8Array): Promise<{ placed: PlacedChunk, sealed?: SealedPack }> {
     if (this.writer === undefined) {
       this.writer = await this.layout.createBlobWriter()
       this.key = `open-pack-${++this.packs}`
     }
-    const { codec, bytes } = encodeChunk(data, this.compression)
-    const placed: PlacedChunk = { digest, length: data.length, packKey: this.key, packOffset: this.writer.size, storedLength: bytes.length, codec }
+    const placed: PlacedChunk = { digest, length, packKey: this.key, packOffset: this.writer.size, storedLength: bytes.length, codec }
     this.pending.push(placed)
     await this.writer.write(bytes)
     this.bytesWritten += bytes.length

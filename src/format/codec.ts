@@ -1,4 +1,5 @@
-import { zstdCompressSync, zstdDecompressSync, constants } from 'node:zlib'
+import { promisify } from 'node:util'
+import { zstdCompress, zstdCompressSync, zstdDecompressSync, constants } from 'node:zlib'
 import { FormatError } from '../errors.ts'
 
 /** How a chunk is stored in its pack. Numbers are part of the catalog format. */
@@ -18,6 +19,17 @@ export function parseCompression (value: string): Compression {
 export function encodeChunk (data: Uint8Array, compression: Compression, level = 3): { codec: CodecId, bytes: Uint8Array } {
   if (compression === 'none' || data.length < 512) return { codec: Codec.none, bytes: data }
   const packed = zstdCompressSync(data, { params: { [constants.ZSTD_c_compressionLevel]: level } })
+  if (packed.length <= data.length - (data.length >> 4)) return { codec: Codec.zstd, bytes: packed }
+  return { codec: Codec.none, bytes: data }
+}
+
+const zstdCompressAsync = promisify(zstdCompress)
+
+/** As `encodeChunk`, on libuv's thread pool, so compression overlaps with parsing and hashing. */
+export async function encodeChunkAsync (data: Uint8Array, compression: Compression, level = 3): Promise<{ codec: CodecId, bytes: Uint8Array }> {
+  if (compression === 'none' || data.length < 512) return { codec: Codec.none, bytes: data }
+  // One output buffer for the whole chunk: the default 16 KiB would cost a thread-pool round trip per piece.
+  const packed = await zstdCompressAsync(data, { chunkSize: Math.max(data.length, 65536), params: { [constants.ZSTD_c_compressionLevel]: level } })
   if (packed.length <= data.length - (data.length >> 4)) return { codec: Codec.zstd, bytes: packed }
   return { codec: Codec.none, bytes: data }
 }
