@@ -24,7 +24,7 @@ export interface HttpOriginOptions {
   baseDelayMs?: number
   /** Default 2000. */
   maxDelayMs?: number
-  /** Deadline of one attempt, headers and body together. Default 10000. */
+  /** Deadline of one attempt, headers and body together (time queued for a slot not counted). Default 10000. */
   requestTimeoutMs?: number
   /** Most requests in flight at once from this origin. Default 8. */
   concurrency?: number

@@ -19,7 +19,8 @@ import { sleep } from './limit.ts'
  * blob whose realpath leaves the directory (a symlink pointing out) is refused.
  *
  * Ranges: a single `bytes=a-b`, `bytes=a-` or `bytes=-n` gets 206 with
- * Content-Range; an unsatisfiable one gets 416 with `Content-Range: bytes * /SIZE`.
+ * Content-Range; an unsatisfiable one gets 416 with the unsatisfied-range form
+ * of Content-Range (`bytes *` then a slash and the size).
  * Multi-range requests are answered with a plain 200 and the full body, which
  * RFC 9110 allows (a server MAY ignore Range); shoal clients never send them.
  * HEAD ignores Range, as RFC 9110 requires (range handling is defined only for GET).
@@ -81,10 +82,11 @@ export interface OriginHandler {
 }
 
 const BLOB_PATH_RE = /^\/blobs\/sha256\/([0-9a-f]{64})$/
-const METADATA_FILES: Record<string, string> = {
-  '/oci-layout': 'application/json',
-  '/index.json': MediaType.ociIndex
-}
+/** The only non-blob paths, with their content types (a Map: no prototype keys to trip over). */
+const METADATA_FILES = new Map<string, string>([
+  ['/oci-layout', 'application/json'],
+  ['/index.json', MediaType.ociIndex]
+])
 const IMMUTABLE = 'public, max-age=31536000, immutable'
 /** Agents hold connections across bursts of range requests; Node's default of 5 s is short. */
 const KEEP_ALIVE_TIMEOUT_MS = 30_000
@@ -154,7 +156,7 @@ export async function createOriginHandler (options: OriginHandlerOptions): Promi
       sendStatus(res, 405, { Allow: 'GET, HEAD' })
       return
     }
-    const contentType = METADATA_FILES[entry.path]
+    const contentType = METADATA_FILES.get(entry.path)
     if (contentType !== undefined) {
       const file = await openInside(join(root, entry.path.slice(1)), entry)
       if (file === undefined) { sendStatus(res, 404); return }
@@ -183,7 +185,7 @@ export async function createOriginHandler (options: OriginHandlerOptions): Promi
       etag,
       // autoClose: the stream closes the handle when it ends, fails or is destroyed.
       body: (start, end) => file.handle.createReadStream({ start, end, autoClose: true }),
-      close: () => { void file.handle.close() }
+      close: () => { file.handle.close().catch(() => {}) }
     }, entry)
   }
 

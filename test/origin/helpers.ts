@@ -1,4 +1,3 @@
-import { createHash } from 'node:crypto'
 import { mkdtemp, rm } from 'node:fs/promises'
 import { request, type IncomingHttpHeaders, type IncomingMessage, type ServerResponse, createServer } from 'node:http'
 import type { AddressInfo } from 'node:net'
@@ -8,16 +7,17 @@ import type { Digest } from '../../src/format/digest.ts'
 import { OciLayout } from '../../src/oci/layout.ts'
 import { MediaType, type Descriptor } from '../../src/oci/types.ts'
 
-/** Deterministic pseudo-random bytes, so a failing test shows the same data every run. */
+/** Deterministic pseudo-random bytes (xorshift32), so a failing test shows the same data every run. */
 export function bytes (length: number, seed = 1): Uint8Array {
-  const out = new Uint8Array(length)
-  let block = Buffer.alloc(0)
-  let counter = 0
-  for (let at = 0; at < length; at += block.length) {
-    block = createHash('sha256').update(`${seed}:${counter++}`).digest()
-    out.set(block.subarray(0, Math.min(block.length, length - at)), at)
+  const words = new Uint32Array(Math.ceil(length / 4))
+  let x = (seed * 2654435761) >>> 0 || 1
+  for (let i = 0; i < words.length; i++) {
+    x ^= x << 13; x >>>= 0
+    x ^= x >>> 17
+    x ^= x << 5; x >>>= 0
+    words[i] = x
   }
-  return out
+  return new Uint8Array(words.buffer, 0, length)
 }
 
 export interface TestLayout {
