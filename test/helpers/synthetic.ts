@@ -4,6 +4,12 @@
  * an image holds. Output is deterministic (fixed mtimes, generated content from seeds),
  * so digests are stable across runs.
  *
+ *   const image = await buildSyntheticImage(dir, 'app', [
+ *     [{ type: 'dir', path: 'etc' }, { type: 'file', path: 'etc/motd', content: 'hi\n', mode: 0o600 }],
+ *     { entries: [{ type: 'whiteout', path: 'etc/motd' }], compression: 'zstd' }
+ *   ])
+ *   // image.ref === `oci:${dir}:app`
+ *
  * The ready-made layer set that exercises whiteouts, hard links, xattrs and friends,
  * with its expected merged view, is in ./standard-layers.ts.
  */

@@ -9,7 +9,7 @@
  */
 import type { Header } from 'tar-stream'
 
-export const BLOCK = 512
+const BLOCK = 512
 
 type EntryType = Header['type'] | 'pax-header' | 'pax-global-header' | 'gnu-long-path' | 'gnu-long-link-path'
 
@@ -43,11 +43,10 @@ const octalMax = (width: number): number => 8 ** (width - 1) - 1
 export function encodeEntry (header: TarHeader, body: Buffer = Buffer.alloc(0)): Buffer {
   const size = header.size ?? body.length
   const pax: Record<string, string | Buffer> = { ...header.pax }
-  let name = header.name
+  // ustarHeader writes a placeholder into a field whose value pax carries.
+  if (splitUstarName(header.name) === undefined) pax.path = header.name
   let linkname = header.linkname ?? ''
-  const ustarName = splitUstarName(name)
-  if (ustarName === undefined) { pax.path = name; name = placeholder(name) }
-  if (!fitsField(linkname, 100)) { pax.linkpath = linkname; linkname = placeholder(linkname) }
+  if (!isAscii(linkname) || linkname.length > 100) { pax.linkpath = linkname; linkname = placeholder(linkname) }
   const uid = header.uid ?? 0
   const gid = header.gid ?? 0
   if (uid > octalMax(8)) pax.uid = String(uid)
@@ -58,7 +57,7 @@ export function encodeEntry (header: TarHeader, body: Buffer = Buffer.alloc(0)):
     const records = encodePaxRecords(pax)
     parts.push(ustarHeader({ name: placeholder(`PaxHeaders/${header.name}`), type: 'pax-header', size: records.length, mtime: header.mtime }), pad(records))
   }
-  parts.push(ustarHeader({ ...header, name, linkname, size, uid: Math.min(uid, octalMax(8)), gid: Math.min(gid, octalMax(8)) }))
+  parts.push(ustarHeader({ ...header, linkname, size, uid: Math.min(uid, octalMax(8)), gid: Math.min(gid, octalMax(8)) }))
   parts.push(pad(body))
   return Buffer.concat(parts)
 }
@@ -109,10 +108,6 @@ function splitUstarName (name: string): [string, string] | undefined {
   return undefined
 }
 
-function fitsField (value: string, width: number): boolean {
-  return isAscii(value) && value.length <= width
-}
-
 function isAscii (value: string): boolean {
   return /^[\x00-\x7f]*$/.test(value)
 }
@@ -123,7 +118,7 @@ function placeholder (value: string): string {
 }
 
 /** pax records `"<len> <key>=<value>\n"`, where len counts the whole record in bytes. */
-export function encodePaxRecords (records: Record<string, string | Buffer>): Buffer {
+function encodePaxRecords (records: Record<string, string | Buffer>): Buffer {
   return Buffer.concat(Object.entries(records).map(([key, value]) => {
     const body = Buffer.concat([Buffer.from(` ${key}=`), Buffer.from(value), Buffer.from('\n')])
     let length = body.length + String(body.length).length

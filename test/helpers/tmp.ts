@@ -4,9 +4,9 @@ import { join } from 'node:path'
 import { after } from 'node:test'
 
 /**
- * A fresh directory under os.tmpdir(), removed when the current test file's tests
- * are done (node:test `after`). Set SHOAL_KEEP_TMP=1 to keep it for a post-mortem;
- * its path is then printed.
+ * A fresh directory under os.tmpdir(), removed by a node:test `after` hook: when the
+ * test that asked for it ends, or, if asked at a file's top level, when the file's
+ * tests are done. Set SHOAL_KEEP_TMP=1 to keep it for a post-mortem (its path is printed).
  */
 export async function tempDir (prefix = 'shoal-test-'): Promise<string> {
   const dir = await mkdtemp(join(tmpdir(), prefix))

@@ -1,0 +1,68 @@
+import { readFile } from 'node:fs/promises'
+import { join, resolve } from 'node:path'
+import { UsageError } from '../errors.ts'
+
+/** Everything an agent needs; from a JSON file, overridden by flags. */
+export interface AgentConfig {
+  /** Holds the control socket, catalogs, the chunk cache, the peer key. One per agent. */
+  stateDir: string
+  /** Where images come from: http(s):// URLs of a served OCI layout, or layout directories. */
+  origins: string[]
+  /** Public keys (shoal.pub files) whose signatures are accepted. */
+  trust: string[]
+  /** Disk cache limit in bytes. */
+  cacheBytes: number
+  /** Memory cache limit in bytes. */
+  memoryBytes: number
+  /** Prometheus metrics address, `127.0.0.1:PORT` (0 = any free port), or '' for none. */
+  metrics: string
+  /** Upper bound on resolving one chunk (all sources and retries): a read fails with EIO after it. */
+  chunkTimeoutMs: number
+  /** Peer-to-peer settings; `enabled: false` makes the agent use only its cache and the origin. */
+  p2p: { enabled: boolean, listen: string[], peers: string[], pskFile?: string }
+}
+
+export const DEFAULT_STATE_DIR = '/var/lib/shoal'
+
+export function defaultConfig (stateDir = DEFAULT_STATE_DIR): AgentConfig {
+  return {
+    stateDir,
+    origins: [],
+    trust: [],
+    cacheBytes: 10 * 2 ** 30,
+    memoryBytes: 64 * 2 ** 20,
+    metrics: '127.0.0.1:0',
+    chunkTimeoutMs: 20_000,
+    p2p: { enabled: true, listen: ['/ip4/127.0.0.1/tcp/0'], peers: [] }
+  }
+}
+
+/** Reads a JSON config file (same keys as AgentConfig) over the defaults. */
+export async function loadConfigFile (path: string): Promise<Partial<AgentConfig>> {
+  let text: string
+  try { text = await readFile(path, 'utf8') } catch { throw new UsageError(`cannot read config file ${path}`) }
+  let value: unknown
+  try { value = JSON.parse(text) } catch (err) { throw new UsageError(`config file ${path} is not valid JSON: ${(err as Error).message}`) }
+  if (typeof value !== 'object' || value === null || Array.isArray(value)) throw new UsageError(`config file ${path} must hold a JSON object`)
+  const known = new Set(Object.keys(defaultConfig()))
+  for (const key of Object.keys(value)) {
+    if (!known.has(key)) throw new UsageError(`config file ${path}: unknown key "${key}" (known: ${[...known].join(', ')})`)
+  }
+  return value as Partial<AgentConfig>
+}
+
+/** Checks a finished config and makes paths absolute. */
+export function validateConfig (config: AgentConfig): AgentConfig {
+  if (config.origins.length === 0) throw new UsageError('no origin configured: pass --origin URL (a `shoal origin serve` address) or --origin DIR (an OCI layout)')
+  if (config.trust.length === 0) throw new UsageError('no trusted key configured: pass --trust shoal.pub (unsigned images are always refused)')
+  if (!Number.isSafeInteger(config.cacheBytes) || config.cacheBytes < 16 * 2 ** 20) throw new UsageError(`cache size ${config.cacheBytes} is too small (at least 16 MiB)`)
+  if (!(config.chunkTimeoutMs > 0)) throw new UsageError(`chunk timeout ${config.chunkTimeoutMs} must be positive`)
+  return {
+    ...config,
+    stateDir: resolve(config.stateDir),
+    trust: config.trust.map(p => resolve(p)),
+    origins: config.origins.map(o => /^https?:\/\//.test(o) ? o.replace(/\/+$/, '') : resolve(o))
+  }
+}
+
+export const controlSocketPath = (stateDir: string): string => join(stateDir, 'agent.sock')
