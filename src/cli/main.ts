@@ -1,6 +1,7 @@
 #!/usr/bin/env node
 import { Command, CommanderError } from 'commander'
 import { ShoalError } from '../errors.ts'
+import { registerAgentCommands } from './commands/agent.ts'
 import { registerImageCommands } from './commands/image.ts'
 import { registerOriginCommands } from './commands/origin.ts'
 
@@ -12,6 +13,7 @@ const program = new Command('shoal')
 
 registerImageCommands(program)
 registerOriginCommands(program)
+registerAgentCommands(program)
 
 try {
   await program.parseAsync(process.argv)

@@ -11,7 +11,6 @@ export interface RuntimeSpec {
     env: string[]
     cwd: string
     capabilities: Record<'bounding' | 'effective' | 'permitted', string[]>
-    rlimits: Array<{ type: string, hard: number, soft: number }>
     noNewPrivileges: boolean
   }
   root: { path: string, readonly: boolean }
@@ -56,7 +55,6 @@ export function buildRuntimeSpec (options: { runtime: RuntimeConfig, args: strin
       env: merged,
       cwd: options.runtime.WorkingDir !== undefined && options.runtime.WorkingDir !== '' ? options.runtime.WorkingDir : '/',
       capabilities: { bounding: CAPABILITIES, effective: CAPABILITIES, permitted: CAPABILITIES },
-      rlimits: [{ type: 'RLIMIT_NOFILE', hard: 1048576, soft: 1048576 }],
       noNewPrivileges: false
     },
     root: { path: 'rootfs', readonly: false },

@@ -1,0 +1,205 @@
+import type { KeyObject } from 'node:crypto'
+import { mkdir, readFile } from 'node:fs/promises'
+import { join, resolve } from 'node:path'
+import { NotFoundError, UsageError } from '../errors.ts'
+import { DiskCache, type DiskCacheStats } from '../cache/disk-cache.ts'
+import { OriginChunkSource, type ChunkSource } from '../fetch/chunk-source.ts'
+import { silentLogger, type Logger } from '../fetch/log.ts'
+import { ChunkResolver, type ResolverStats } from '../fetch/resolver.ts'
+import { loadPublicKey } from '../format/signing.ts'
+import { mountImage, type MountedImage } from '../fs/mount.ts'
+import { cleanStaleMount } from '../fs/stale-mount.ts'
+import { openImageView, type ImageView } from '../image/image-view.ts'
+import { writeAtomic } from '../oci/layout.ts'
+import { FailoverOrigin, openOrigin } from '../origin/open-origin.ts'
+import type { Origin } from '../origin/origin.ts'
+import type { RuntimeConfig } from '../oci/types.ts'
+import { RangeReader } from '../origin/range-reader.ts'
+import { controlSocketPath, type AgentConfig } from './config.ts'
+import { startControlServer } from './control.ts'
+import { AgentMetrics } from './metrics.ts'
+
+export interface MountInfo {
+  image: string
+  /** The image's runtime config (env, entrypoint, cmd, workdir, user), for `shoal run`. */
+  runtime: RuntimeConfig
+  manifestDigest: string
+  mountpoint: string
+  mountedAt: string
+  /** Reads through this mount. */
+  fs: { opens: number, reads: number, bytesRead: number, readErrors: number }
+}
+
+export interface AgentStats {
+  stateDir: string
+  metricsUrl: string | undefined
+  /** Chunks and bytes by the source that produced them: memory, disk, peers, origin. */
+  sources: ResolverStats['sources']
+  verificationFailures: ResolverStats['verificationFailures']
+  unavailable: number
+  cache: DiskCacheStats & { maxBytes: number }
+  mounts: MountInfo[]
+}
+
+interface ActiveMount { info: Omit<MountInfo, 'fs'>, view: ImageView, mounted: MountedImage }
+
+/**
+ * The per-node daemon: one chunk resolver (memory → disk → peers → origin) and one
+ * disk cache shared by every image it mounts, a control socket, metrics.
+ */
+export class Agent {
+  readonly config: AgentConfig
+  readonly resolver: ChunkResolver
+  readonly origin: Origin
+  private readonly disk: DiskCache
+  private readonly trusted: KeyObject[]
+  private readonly log: Logger
+  private readonly mounts = new Map<string, ActiveMount>()
+  private closers: Array<() => Promise<void>> = []
+  metricsUrl: string | undefined
+
+  private constructor (config: AgentConfig, parts: { origin: Origin, disk: DiskCache, resolver: ChunkResolver, trusted: KeyObject[], log: Logger }) {
+    this.config = config
+    this.origin = parts.origin
+    this.disk = parts.disk
+    this.resolver = parts.resolver
+    this.trusted = parts.trusted
+    this.log = parts.log
+  }
+
+  /**
+   * Starts an agent. With `control: false` no socket is opened (an agent embedded in
+   * `shoal run` for one command).
+   */
+  static async start (config: AgentConfig, options: { log?: Logger, control?: boolean, peers?: ChunkSource[] } = {}): Promise<Agent> {
+    const log = options.log ?? silentLogger
+    await mkdir(config.stateDir, { recursive: true, mode: 0o700 })
+    const trusted = await Promise.all(config.trust.map(loadPublicKey))
+    const origins = await Promise.all(config.origins.map(o => openOrigin(o)))
+    const origin = origins.length === 1 ? origins[0]! : new FailoverOrigin(origins)
+    const disk = await DiskCache.open({ dir: join(config.stateDir, 'cache'), maxBytes: config.cacheBytes, log })
+    let agent: Agent | undefined
+    const metrics = new AgentMetrics({
+      cacheBytes: () => disk.stats.bytes,
+      cacheChunks: () => disk.stats.chunks,
+      evictions: () => disk.stats.evictions,
+      mounts: () => agent?.mounts.size ?? 0,
+      peers: () => 0
+    })
+    const resolver = new ChunkResolver({
+      disk,
+      remote: [...(options.peers ?? []), new OriginChunkSource(new RangeReader({ origin }))],
+      timeoutMs: config.chunkTimeoutMs,
+      onEvent: metrics.onResolverEvent,
+      log
+    })
+    agent = new Agent(config, { origin, disk, resolver, trusted, log })
+    agent.closers.push(async () => { await disk.close() })
+    try {
+      await agent.cleanUpAfterCrash()
+      if (config.metrics !== '') {
+        const server = await metrics.listen(config.metrics)
+        agent.metricsUrl = server.url
+        agent.closers.push(server.close)
+      }
+      if (options.control !== false) {
+        const control = await startControlServer(controlSocketPath(config.stateDir), (method, path, body) => agent!.handleControl(method, path, body))
+        agent.closers.push(control.close)
+      }
+    } catch (err) {
+      await agent.stop()
+      throw err
+    }
+    log.info({ stateDir: config.stateDir, origins: config.origins, metrics: agent.metricsUrl }, 'agent started')
+    return agent
+  }
+
+  /** Mounts IMAGE (a tag or digest at the origin) read-only at MOUNTPOINT, after checking its signature. */
+  async mount (image: string, mountpoint: string, options: { signal?: AbortSignal } = {}): Promise<MountInfo> {
+    const path = resolve(mountpoint)
+    if (this.mounts.has(path)) throw new UsageError(`${path} is already a shoal mount (of ${this.mounts.get(path)!.info.image}); unmount it first`)
+    const view = await openImageView(this.origin, image, { trusted: this.trusted, catalogDir: join(this.config.stateDir, 'catalogs'), ...(options.signal !== undefined ? { signal: options.signal } : {}) })
+    let mounted: MountedImage
+    try {
+      mounted = await mountImage({ mountpoint: path, view: view.view, resolver: this.resolver, log: this.log, ...(options.signal !== undefined ? { signal: options.signal } : {}) })
+    } catch (err) {
+      view.close()
+      throw err
+    }
+    const info = { image, runtime: view.image.config.runtime, manifestDigest: view.image.manifestDigest, mountpoint: path, mountedAt: new Date().toISOString() }
+    this.mounts.set(path, { info, view, mounted })
+    await this.saveMounts()
+    this.log.info(info, 'mounted')
+    return { ...info, fs: { ...mounted.stats } }
+  }
+
+  async umount (mountpoint: string): Promise<void> {
+    const path = resolve(mountpoint)
+    const m = this.mounts.get(path)
+    if (m === undefined) throw new NotFoundError(`${path} is not mounted by this agent (see shoal ls)`)
+    this.mounts.delete(path)
+    try {
+      await m.mounted.unmount()
+    } finally {
+      m.view.close()
+      await this.saveMounts()
+    }
+    this.log.info({ mountpoint: path }, 'unmounted')
+  }
+
+  list (): MountInfo[] {
+    return [...this.mounts.values()].map(m => ({ ...m.info, fs: { ...m.mounted.stats } }))
+  }
+
+  stats (): AgentStats {
+    const r = this.resolver.stats
+    return {
+      stateDir: this.config.stateDir,
+      metricsUrl: this.metricsUrl,
+      sources: structuredClone(r.sources),
+      verificationFailures: { ...r.verificationFailures },
+      unavailable: r.unavailable,
+      cache: { ...this.disk.stats, maxBytes: this.disk.maxBytes },
+      mounts: this.list()
+    }
+  }
+
+  /** Unmounts everything and closes the socket, metrics and cache. */
+  async stop (): Promise<void> {
+    for (const path of [...this.mounts.keys()]) {
+      await this.umount(path).catch((err: Error) => this.log.error({ mountpoint: path, err: err.message }, 'unmount failed'))
+    }
+    for (const close of this.closers.reverse()) await close().catch(() => {})
+    this.closers = []
+  }
+
+  private async handleControl (method: string, path: string, body: unknown): Promise<unknown> {
+    const b = (body ?? {}) as { image?: unknown, mountpoint?: unknown }
+    if (method === 'GET' && path === '/v1/stats') return this.stats()
+    if (method === 'GET' && path === '/v1/mounts') return this.list()
+    if (method === 'POST' && path === '/v1/mounts') {
+      if (typeof b.image !== 'string' || typeof b.mountpoint !== 'string') throw new UsageError('mount needs an image and a mountpoint')
+      return await this.mount(b.image, b.mountpoint, { signal: AbortSignal.timeout(120_000) })
+    }
+    if (method === 'DELETE' && path === '/v1/mounts') {
+      if (typeof b.mountpoint !== 'string') throw new UsageError('umount needs a mountpoint')
+      await this.umount(b.mountpoint)
+      return { unmounted: resolve(b.mountpoint) }
+    }
+    throw new NotFoundError(`unknown control call ${method} ${path}`)
+  }
+
+  /** Mount points are recorded so that an agent killed with -9 can clean them up on restart. */
+  private async saveMounts (): Promise<void> {
+    await writeAtomic(join(this.config.stateDir, 'mounts.json'), JSON.stringify([...this.mounts.keys()]))
+  }
+
+  private async cleanUpAfterCrash (): Promise<void> {
+    const file = join(this.config.stateDir, 'mounts.json')
+    const previous = await readFile(file, 'utf8').then(t => JSON.parse(t) as string[], () => [])
+    for (const path of previous) {
+      if (await cleanStaleMount(path)) this.log.warn({ mountpoint: path }, 'cleaned a mount left by a previous agent')
+    }
+    await writeAtomic(file, '[]')
+  }
+}

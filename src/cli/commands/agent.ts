@@ -1,0 +1,180 @@
+import { randomBytes } from 'node:crypto'
+import { rm } from 'node:fs/promises'
+import { join, resolve } from 'node:path'
+import type { Command } from 'commander'
+import pino from 'pino'
+import { Agent, type AgentStats, type MountInfo } from '../../agent/agent.ts'
+import { controlSocketPath, defaultConfig, DEFAULT_STATE_DIR, loadConfigFile, validateConfig, type AgentConfig } from '../../agent/config.ts'
+import { AgentNotRunningError, callAgent } from '../../agent/control.ts'
+import { UsageError } from '../../errors.ts'
+import { runContainer, type RuntimeName } from '../../run/run-container.ts'
+import { mib, table } from '../output.ts'
+import { parseSize } from './image.ts'
+
+interface AgentFlags {
+  config?: string
+  state?: string
+  origin: string[]
+  trust: string[]
+  cacheSize?: string
+  metrics?: string
+  chunkTimeout?: string
+  listen: string[]
+  peer: string[]
+  psk?: string
+  p2p?: boolean
+  logLevel: string
+}
+
+const collect = (value: string, previous: string[]): string[] => [...previous, value]
+
+/** The flags `shoal agent` and `shoal run` share. */
+function agentOptions (cmd: Command): Command {
+  return cmd
+    .option('--config <file>', 'JSON config file (keys as in docs/USER-GUIDE.md); flags override it')
+    .option('--state <dir>', `state directory: cache, catalogs, control socket (default ${DEFAULT_STATE_DIR})`)
+    .option('--origin <url|dir>', 'origin: URL of `shoal origin serve`, or an OCI layout directory (repeatable: mirrors)', collect, [])
+    .option('--trust <pubkey>', 'trusted signing key, shoal.pub (repeatable)', collect, [])
+    .option('--cache-size <size>', 'disk cache limit, e.g. 10G')
+    .option('--metrics <host:port>', 'Prometheus metrics address, or "off" (default 127.0.0.1:0)')
+    .option('--chunk-timeout <ms>', 'a read fails with EIO when a chunk cannot be had within this time')
+    .option('--listen <multiaddr>', 'peer-to-peer listen address (repeatable)', collect, [])
+    .option('--peer <multiaddr>', 'bootstrap peer (repeatable)', collect, [])
+    .option('--psk <file>', 'pre-shared key file: only peers with the same key can connect')
+    .option('--no-p2p', 'use only the local cache and the origin')
+    .option('--log-level <level>', 'debug, info, warn or error', 'info')
+}
+
+async function buildConfig (flags: AgentFlags): Promise<AgentConfig> {
+  const fromFile = flags.config !== undefined ? await loadConfigFile(flags.config) : {}
+  const base = { ...defaultConfig(), ...fromFile }
+  const config: AgentConfig = {
+    ...base,
+    stateDir: flags.state ?? base.stateDir,
+    origins: flags.origin.length > 0 ? flags.origin : base.origins,
+    trust: flags.trust.length > 0 ? flags.trust : base.trust,
+    cacheBytes: flags.cacheSize !== undefined ? parseSize(flags.cacheSize, '--cache-size') : base.cacheBytes,
+    metrics: flags.metrics === 'off' ? '' : flags.metrics ?? base.metrics,
+    chunkTimeoutMs: flags.chunkTimeout !== undefined ? Number(flags.chunkTimeout) : base.chunkTimeoutMs,
+    p2p: {
+      ...base.p2p,
+      enabled: flags.p2p !== false && base.p2p.enabled,
+      listen: flags.listen.length > 0 ? flags.listen : base.p2p.listen,
+      peers: flags.peer.length > 0 ? flags.peer : base.p2p.peers,
+      ...(flags.psk !== undefined ? { pskFile: flags.psk } : {})
+    }
+  }
+  return validateConfig(config)
+}
+
+const stateDirOf = (flags: { state?: string }): string => resolve(flags.state ?? DEFAULT_STATE_DIR)
+
+export function registerAgentCommands (program: Command): void {
+  agentOptions(program.command('agent'))
+    .description('run the node agent: mounts images lazily, shares chunks with peers (until SIGINT/SIGTERM)')
+    .action(async (flags: AgentFlags) => {
+      const config = await buildConfig(flags)
+      const log = pino({ name: 'shoal-agent', level: flags.logLevel }, pino.destination(2))
+      const agent = await Agent.start(config, { log })
+      const stats = agent.stats()
+      console.log(JSON.stringify({ socket: controlSocketPath(config.stateDir), metrics: stats.metricsUrl }))
+      await new Promise<void>(resolve => {
+        for (const sig of ['SIGINT', 'SIGTERM'] as const) process.once(sig, () => resolve())
+      })
+      log.info('stopping')
+      await agent.stop()
+    })
+
+  program.command('mount')
+    .description('mount an image (tag or sha256 digest at the origin) read-only, through the running agent')
+    .argument('<image>').argument('<mountpoint>')
+    .option('--state <dir>', 'the agent\'s state directory')
+    .action(async (image: string, mountpoint: string, flags: { state?: string }) => {
+      const info = await callAgent<MountInfo>(controlSocketPath(stateDirOf(flags)), 'POST', '/v1/mounts', { image, mountpoint: resolve(mountpoint) })
+      console.log(`mounted ${info.image} (${info.manifestDigest}) at ${info.mountpoint}`)
+    })
+
+  program.command('umount')
+    .description('unmount an image mounted by the agent')
+    .argument('<mountpoint>')
+    .option('--state <dir>', 'the agent\'s state directory')
+    .action(async (mountpoint: string, flags: { state?: string }) => {
+      await callAgent(controlSocketPath(stateDirOf(flags)), 'DELETE', '/v1/mounts', { mountpoint: resolve(mountpoint) })
+    })
+
+  program.command('ls')
+    .description('list the images the agent has mounted')
+    .option('--state <dir>', 'the agent\'s state directory')
+    .option('--json', 'print as JSON')
+    .action(async (flags: { state?: string, json?: boolean }) => {
+      const mounts = await callAgent<MountInfo[]>(controlSocketPath(stateDirOf(flags)), 'GET', '/v1/mounts')
+      if (flags.json === true) { console.log(JSON.stringify(mounts, null, 2)); return }
+      console.log(table([['mountpoint', 'image', 'digest', 'read'], ...mounts.map(m => [m.mountpoint, m.image, m.manifestDigest.slice(0, 19), mib(m.fs.bytesRead)])]))
+    })
+
+  program.command('stats')
+    .description('bytes by source (memory, disk, peers, origin), cache and mounts of the running agent')
+    .option('--state <dir>', 'the agent\'s state directory')
+    .option('--json', 'print as JSON')
+    .action(async (flags: { state?: string, json?: boolean }) => {
+      const stats = await callAgent<AgentStats>(controlSocketPath(stateDirOf(flags)), 'GET', '/v1/stats')
+      if (flags.json === true) console.log(JSON.stringify(stats, null, 2))
+      else printStats(stats)
+    })
+
+  agentOptions(program.command('run'))
+    .description('run a command in an image as a container (uses the running agent, or one in-process with the same flags)')
+    .argument('<image>')
+    .argument('[command...]', 'command and arguments (default: the image\'s entrypoint and cmd)')
+    .option('--runtime <name>', 'runc, crun or chroot (default: the first one installed)')
+    .option('-e, --env <NAME=VALUE>', 'extra environment variable (repeatable)', collect, [])
+    .option('--summary', 'print bytes by source when the command ends (stderr)')
+    .action(async (image: string, command: string[], flags: AgentFlags & { runtime?: RuntimeName, env: string[], summary?: boolean }) => {
+      const controller = new AbortController()
+      for (const sig of ['SIGINT', 'SIGTERM'] as const) process.once(sig, () => controller.abort())
+      const socket = controlSocketPath(stateDirOf(flags))
+      const useDaemon = await callAgent(socket, 'GET', '/v1/stats').then(() => true, (err: unknown) => {
+        if (err instanceof AgentNotRunningError) return false
+        throw err
+      })
+      let agent: Agent | undefined
+      if (!useDaemon) {
+        if (flags.origin.length === 0 && flags.config === undefined) throw new UsageError(`no agent runs at ${socket}; start one (shoal agent), or give --origin and --trust to run one for this command`)
+        const config = await buildConfig({ ...flags, metrics: flags.metrics ?? 'off' })
+        agent = await Agent.start(config, { control: false, log: pino({ name: 'shoal-run', level: flags.logLevel === 'info' ? 'warn' : flags.logLevel }, pino.destination(2)) })
+      }
+      const mountpoint = join(stateDirOf(flags), 'run', randomBytes(6).toString('hex'))
+      let code = 1
+      try {
+        const info = agent !== undefined ? await agent.mount(image, mountpoint, { signal: controller.signal }) : await callAgent<MountInfo>(socket, 'POST', '/v1/mounts', { image, mountpoint })
+        try {
+          code = await runContainer({ lowerDir: info.mountpoint, runtime: info.runtime, args: command, env: flags.env, signal: controller.signal, ...(flags.runtime !== undefined ? { use: flags.runtime } : {}) })
+        } finally {
+          if (agent !== undefined) await agent.umount(mountpoint)
+          else await callAgent(socket, 'DELETE', '/v1/mounts', { mountpoint })
+          await rm(mountpoint, { recursive: true, force: true }).catch(() => {})
+        }
+        if (flags.summary === true) {
+          const stats = agent !== undefined ? agent.stats() : await callAgent<AgentStats>(socket, 'GET', '/v1/stats')
+          process.stderr.write(summaryLine(stats) + '\n')
+        }
+      } finally {
+        await agent?.stop()
+      }
+      process.exitCode = code
+    })
+}
+
+export function summaryLine (stats: AgentStats): string {
+  const s = stats.sources
+  const part = (name: string): string => `${name} ${mib(s[name]?.bytes ?? 0)}`
+  return `bytes by source: ${['memory', 'disk', 'peers', 'origin'].filter(n => s[n] !== undefined).map(part).join(', ')}`
+}
+
+function printStats (s: AgentStats): void {
+  console.log(table([['source', 'chunks', 'bytes', 'verification failures'],
+    ...Object.entries(s.sources).map(([name, v]) => [name, String(v.chunks), mib(v.bytes), String(s.verificationFailures[name] ?? '')])]))
+  console.log(`cache: ${mib(s.cache.bytes)} of ${mib(s.cache.maxBytes)} in ${s.cache.chunks} chunks, ${s.cache.evictions} evictions; unavailable chunks: ${s.unavailable}`)
+  for (const m of s.mounts) console.log(`mount ${m.mountpoint}: ${m.image} ${m.manifestDigest.slice(0, 19)}, ${mib(m.fs.bytesRead)} read, ${m.fs.readErrors} read errors`)
+  if (s.metricsUrl !== undefined) console.log(`metrics: ${s.metricsUrl}`)
+}
