@@ -52,8 +52,11 @@ export class AgentNotRunningError extends ShoalError {
 /** Calls the agent's control API; errors the agent reports come back as ShoalErrors. */
 export async function callAgent<T> (socketPath: string, method: string, path: string, body?: unknown, options: { signal?: AbortSignal } = {}): Promise<T> {
   const signal = options.signal ?? AbortSignal.timeout(120_000)
+  // An explicit length: Node sends a DELETE body neither chunked nor sized otherwise.
+  const payload = body === undefined ? undefined : Buffer.from(JSON.stringify(body))
   return await new Promise<T>((resolve, reject) => {
-    const req = request({ socketPath, method, path, headers: { 'content-type': 'application/json' }, signal }, res => {
+    const headers = { 'content-type': 'application/json', 'content-length': String(payload?.length ?? 0) }
+    const req = request({ socketPath, method, path, headers, signal }, res => {
       const chunks: Buffer[] = []
       res.on('data', (c: Buffer) => chunks.push(c))
       res.on('end', () => {
@@ -73,6 +76,6 @@ export async function callAgent<T> (socketPath: string, method: string, path: st
       if (err.code === 'ENOENT' || err.code === 'ECONNREFUSED') reject(new AgentNotRunningError(socketPath))
       else reject(err)
     })
-    req.end(body === undefined ? undefined : JSON.stringify(body))
+    req.end(payload)
   })
 }

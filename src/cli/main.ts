@@ -2,6 +2,7 @@
 import { Command, CommanderError } from 'commander'
 import { ShoalError } from '../errors.ts'
 import { registerAgentCommands } from './commands/agent.ts'
+import { registerDemoCommand } from './commands/demo.ts'
 import { registerImageCommands } from './commands/image.ts'
 import { registerOriginCommands } from './commands/origin.ts'
 
@@ -14,6 +15,7 @@ const program = new Command('shoal')
 registerImageCommands(program)
 registerOriginCommands(program)
 registerAgentCommands(program)
+registerDemoCommand(program)
 
 try {
   await program.parseAsync(process.argv)

@@ -13,6 +13,7 @@ import { cleanStaleMount, isFuseMount } from '../../src/fs/stale-mount.ts'
 import { digestHex, sha256 } from '../../src/format/digest.ts'
 import { HttpOrigin } from '../../src/origin/http-origin.ts'
 import { startOriginServer } from '../../src/origin/server.ts'
+import { testServer } from '../origin/helpers.ts'
 import { runTool } from '../helpers/exec.ts'
 import { standardSyntheticLayers } from '../helpers/standard-layers.ts'
 import { contentBytes, type GeneratedContent, type SyntheticEntry } from '../helpers/synthetic.ts'
@@ -195,6 +196,26 @@ describe('FUSE mount', () => {
     } finally {
       stack.close()
       await server.close()
+    }
+  })
+
+  it('fails a read waiting on an origin that never answers with EIO at the resolver\'s timeout', async () => {
+    const dir = await tempDir()
+    const image = await convertSynthetic(dir, standardSyntheticLayers())
+    const silent = await testServer(() => {}) // accepts requests, never responds
+    const stack = await openReadStack(dir, image, { origin: new HttpOrigin(silent.url, { retries: 0, requestTimeoutMs: 60_000 }), timeoutMs: 1000, attempts: 1 })
+    const mnt = join(dir, 'mnt')
+    try {
+      await withMount(stack, mnt, async () => {
+        const path = join(mnt, 'etc/hostname')
+        // fuse-native's own deadline would answer ETIMEDOUT only after 6 s; the child gives up at 15 s.
+        assert.equal(codeOf(await readInChild([path], { timeoutMs: 15_000 }), path), 'EIO')
+      })
+      // The kernel retries a failed readahead page once, synchronously: two resolutions, two timeouts.
+      assert.ok(stack.resolver.stats.unavailable >= 1)
+    } finally {
+      stack.close()
+      await silent.close()
     }
   })
 

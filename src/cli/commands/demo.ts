@@ -1,0 +1,98 @@
+import { spawn, type ChildProcess } from 'node:child_process'
+import { access, mkdir } from 'node:fs/promises'
+import { join, resolve } from 'node:path'
+import { createInterface } from 'node:readline'
+import type { Command } from 'commander'
+import type { AgentStats } from '../../agent/agent.ts'
+import { controlSocketPath } from '../../agent/config.ts'
+import { callAgent } from '../../agent/control.ts'
+import { convertImage } from '../../convert/convert.ts'
+import { ShoalError } from '../../errors.ts'
+import { ensureRealFixtures } from '../../fixtures/debian-images.ts'
+import { generateKeys, loadPrivateKey, loadPublicKey } from '../../format/signing.ts'
+import { verifyImage } from '../../image/verify-image.ts'
+import { DirOrigin } from '../../origin/dir-origin.ts'
+import { startOriginServer } from '../../origin/server.ts'
+import { mib, table } from '../output.ts'
+import { parseSize } from './image.ts'
+
+const SHOAL = resolve(import.meta.dirname, '..', '..', '..', 'bin', 'shoal')
+const DEFAULT_COMMAND = ['python3', '-c', 'import json, sqlite3; print(json.dumps({"answer": 42, "sqlite": sqlite3.sqlite_version}))']
+
+/**
+ * The main job on a built-in default: a real Debian image with python3 (built with
+ * debootstrap on first use), converted and signed, served by an origin with a
+ * bandwidth cap, mounted lazily by several agents that share chunks, a command run
+ * in it on each, and bytes by source per agent.
+ */
+export function registerDemoCommand (program: Command): void {
+  program.command('demo')
+    .description('end to end on a built-in real image: convert, serve, lazily mount on several agents, run python in it, report bytes by source')
+    .option('--work <dir>', 'working directory (images, keys, agent state)', '/var/tmp/shoal-demo')
+    .option('--agents <n>', 'number of agents', '3')
+    .option('--origin-rate <bytes/s>', 'origin bandwidth cap', '50M')
+    .action(async (flags: { work: string, agents: string, originRate: string }) => {
+      const work = resolve(flags.work)
+      const agentCount = Number(flags.agents)
+      if (!Number.isInteger(agentCount) || agentCount < 1 || agentCount > 50) throw new ShoalError('EUSAGE', '--agents must be 1 to 50')
+      const say = (text: string): void => { process.stderr.write(`demo: ${text}\n`) }
+
+      say('building or reusing the real Debian fixture images (debootstrap; about a minute the first time)')
+      const fixtures = await ensureRealFixtures({ log: line => say(`  ${line}`) })
+      await mkdir(work, { recursive: true })
+      const keysDir = join(work, 'keys')
+      if (!await access(join(keysDir, 'shoal.key')).then(() => true, () => false)) await generateKeys(keysDir)
+      const images = join(work, 'images')
+      say(`converting ${fixtures.ref('python')} into oci:${images}:python`)
+      const report = await convertImage({ source: fixtures.ref('python'), dest: `oci:${images}:python`, signingKey: await loadPrivateKey(join(keysDir, 'shoal.key')) })
+      const verified = await verifyImage(await DirOrigin.open(images), 'python', { trusted: [await loadPublicKey(join(keysDir, 'shoal.pub'))], workDir: join(work, 'verify') })
+      say(`converted and verified ${report.manifestDigest}: ${verified.files} files, ${verified.chunks} chunks, ${mib(verified.bytes)}`)
+
+      const origin = await startOriginServer({ dir: images, rate: parseSize(flags.originRate, '--origin-rate') })
+      say(`origin serving ${images} at ${origin.url}, capped at ${flags.originRate}/s`)
+      const agents: Array<{ name: string, state: string, child: ChildProcess }> = []
+      try {
+        for (let i = 0; i < agentCount; i++) {
+          const state = join(work, `agent-${i}`)
+          const child = spawn(SHOAL, ['agent', '--state', state, '--origin', origin.url, '--trust', join(keysDir, 'shoal.pub'), '--metrics', 'off', '--no-p2p', '--log-level', 'warn'], { stdio: ['ignore', 'pipe', 'inherit'] })
+          agents.push({ name: `agent-${i}`, state, child })
+          await firstLine(child, `agent-${i}`)
+        }
+        say(`${agentCount} agents started; running ${JSON.stringify(DEFAULT_COMMAND)} on agent-0, then on the others at once`)
+        const rows: string[][] = [['agent', 'exit', 'seconds', 'memory', 'disk', 'peers', 'origin']]
+        const runOn = async (a: typeof agents[number]): Promise<void> => {
+          const started = performance.now()
+          const code = await runChild(SHOAL, ['run', 'python', '--state', a.state, '--', ...DEFAULT_COMMAND], a.name)
+          const seconds = (performance.now() - started) / 1000
+          const s = (await callAgent<AgentStats>(controlSocketPath(a.state), 'GET', '/v1/stats')).sources
+          rows.push([a.name, String(code), seconds.toFixed(2), ...['memory', 'disk', 'peers', 'origin'].map(n => s[n] !== undefined ? mib(s[n].bytes) : '-')])
+        }
+        await runOn(agents[0]!)
+        await Promise.all(agents.slice(1).map(runOn))
+        console.log(table(rows))
+        console.log(`origin sent ${mib(origin.stats.bytesSent)} in ${origin.stats.requests} requests for an image of ${mib(verified.bytes)}`)
+      } finally {
+        for (const a of agents) a.child.kill('SIGTERM')
+        await Promise.all(agents.map(a => new Promise(resolve => a.child.exitCode !== null ? resolve(undefined) : a.child.once('exit', resolve))))
+        await origin.close()
+      }
+    })
+}
+
+/** Waits for an agent's start-up line (it prints one JSON line once its socket is up). */
+async function firstLine (child: ChildProcess, name: string): Promise<string> {
+  const lines = createInterface({ input: child.stdout! })
+  const exited = new Promise<never>((_, reject) => child.once('exit', code => reject(new ShoalError('EAGENT', `${name} exited (code ${code}) before it was ready`))))
+  const timeout = new Promise<never>((_, reject) => setTimeout(() => reject(new ShoalError('EAGENT', `${name} was not ready within 60 s`)), 60_000).unref())
+  const line = new Promise<string>(resolve => lines.once('line', resolve))
+  return await Promise.race([line, exited, timeout])
+}
+
+async function runChild (cmd: string, args: string[], name: string): Promise<number> {
+  return await new Promise((resolve, reject) => {
+    const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'inherit'] })
+    createInterface({ input: child.stdout! }).on('line', line => process.stdout.write(`[${name}] ${line}\n`))
+    child.once('error', reject)
+    child.once('exit', code => resolve(code ?? 1))
+  })
+}
