@@ -112,6 +112,11 @@ export class Catalog {
     }
   }
 
+  /** The largest inode number (the FUSE layer packs layer and inode into a 32-bit st_ino). */
+  maxIno (): number {
+    return (this.db.prepare('SELECT max(ino) AS m FROM inodes').get() as { m: number | null }).m ?? 0
+  }
+
   packs (): Array<{ digest: Digest, size: number }> {
     return this.db.prepare('SELECT digest, size FROM packs ORDER BY id').all() as Array<{ digest: Digest, size: number }>
   }

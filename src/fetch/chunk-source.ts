@@ -1,0 +1,43 @@
+import { IntegrityError } from '../errors.ts'
+import type { ChunkRef } from '../format/catalog.ts'
+import { decodeChunk } from '../format/codec.ts'
+import type { RangeReader } from '../origin/range-reader.ts'
+
+/**
+ * Somewhere chunk bytes can come from: memory, the disk cache, peers, the origin.
+ * `get` resolves to the chunk's uncompressed bytes, or undefined when the source
+ * does not have it; it rejects when the source failed. Sources need not verify:
+ * the resolver checks length and SHA-256 of everything a source returns.
+ */
+export interface ChunkSource {
+  readonly name: 'memory' | 'disk' | 'peers' | 'origin' | (string & {})
+  get (chunk: ChunkRef, options: { signal: AbortSignal }): Promise<Uint8Array | undefined>
+}
+
+/**
+ * Chunks straight from their pack blobs at the origin. Reads go through a
+ * RangeReader, so the chunks a read and its readahead want, which the converter
+ * laid next to each other, leave as one HTTP range request.
+ */
+export class OriginChunkSource implements ChunkSource {
+  readonly name = 'origin'
+  private readonly reader: RangeReader
+
+  constructor (reader: RangeReader) {
+    this.reader = reader
+  }
+
+  async get (chunk: ChunkRef, options: { signal: AbortSignal }): Promise<Uint8Array> {
+    const stored = await this.reader.read(chunk.pack, chunk.packOffset, chunk.storedLength, { signal: options.signal })
+    let data: Uint8Array
+    try {
+      data = decodeChunk(stored, chunk.codec, chunk.length)
+    } catch (err) {
+      // Bytes that do not even decode are as untrustworthy as bytes that hash wrong.
+      throw new IntegrityError(`chunk ${chunk.digest} in pack ${chunk.pack}`, `stored bytes do not decode (${(err as Error).message})`)
+    }
+    // An uncompressed chunk is a view into the merged range: copy it, so caching
+    // this chunk does not pin its neighbours' bytes in memory too.
+    return data.byteLength === data.buffer.byteLength ? data : data.slice()
+  }
+}

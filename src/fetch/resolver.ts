@@ -1,0 +1,305 @@
+import type { DiskCache } from '../cache/disk-cache.ts'
+import { MemoryCache } from '../cache/memory-cache.ts'
+import { IntegrityError } from '../errors.ts'
+import type { ChunkRef } from '../format/catalog.ts'
+import { sha256, type Digest } from '../format/digest.ts'
+import { Semaphore, sleep } from '../origin/limit.ts'
+import type { ChunkSource } from './chunk-source.ts'
+import { ChunkUnavailableError, type SourceFailure } from './errors.ts'
+import { errorText, silentLogger, type Logger } from './log.ts'
+
+/**
+ * The chunk resolver: the one place the read path gets chunk bytes from.
+ *
+ * Order: memory → disk cache → each remote source in order (peers, then the
+ * origin), repeated up to `attempts` times with backoff. Everything that comes
+ * from the disk or a remote source is checked for length and SHA-256 against the
+ * ChunkRef (which comes from a verified catalog) before it is cached or returned;
+ * bad bytes are counted per source, logged, and the next source is asked.
+ *
+ * Concurrent requests for a digest share one resolution (singleflight). A caller
+ * that gives up leaves alone; the shared resolution is aborted only when nobody
+ * waits for it any more. Each resolution is bounded by `timeoutMs`, retries
+ * included, after which its callers get a ChunkUnavailableError: a read never
+ * hangs on a dead origin.
+ *
+ * Prefetch (readahead, the image's prefetch list) runs the same resolutions under
+ * its own small concurrency budget, so it fills caches without queueing ahead
+ * of the reads an application is blocked on.
+ */
+
+export interface ChunkResolverOptions {
+  disk: DiskCache
+  /** Asked in order after the disk cache: peers first, then the origin. */
+  remote: readonly ChunkSource[]
+  /** Default: a 64 MiB MemoryCache. */
+  memory?: MemoryCache
+  /** Bound on one chunk resolution, retries included. Default 20 s. */
+  timeoutMs?: number
+  /** Passes over the remote sources before giving up. Default 3. */
+  attempts?: number
+  /** Pause before the second pass; it doubles for each further pass. Default 200 ms. */
+  retryDelayMs?: number
+  /** Chunks being prefetched at once, over all prefetch calls. Default 4. */
+  prefetchConcurrency?: number
+  /** Called for every resolution, failure and bad chunk: the agent's metrics hook. */
+  onEvent?: (event: ResolverEvent) => void
+  log?: Logger
+}
+
+export type ResolverEvent =
+  /**
+   * A chunk was resolved: on every memory hit, and once per shared resolution
+   * from the disk or a remote source (callers that joined it add no event).
+   */
+  | { type: 'resolved', digest: Digest, source: string, bytes: number, ms: number }
+  | { type: 'verification-failure', digest: Digest, source: string, reason: string }
+  | { type: 'unavailable', digest: Digest, ms: number, message: string }
+
+export interface ResolverStats {
+  /**
+   * Chunks and bytes by the source that produced them. A resolution shared by
+   * several callers counts once, so `origin` is what the origin really sent.
+   */
+  sources: Record<string, { chunks: number, bytes: number }>
+  /** Callers that joined a resolution already in flight. */
+  joined: number
+  /** Chunks that failed length or SHA-256 checks (or did not decode), by source. */
+  verificationFailures: Record<string, number>
+  /** Resolutions that failed for good (each one an EIO for some reader). */
+  unavailable: number
+}
+
+export interface PrefetchResult {
+  /** Distinct chunks asked for. */
+  requested: number
+  /** Already cached (memory, or disk when the chunks need not be in memory). */
+  cached: number
+  resolved: number
+  failed: number
+}
+
+interface Flight {
+  promise: Promise<Uint8Array>
+  controller: AbortController
+  waiters: number
+  settled: boolean
+  /** Whether the bytes go to the memory cache: a read (or readahead) wants them soon. */
+  keepInMemory: boolean
+}
+
+export class ChunkResolver {
+  readonly stats: ResolverStats
+  readonly timeoutMs: number
+  readonly memory: MemoryCache
+  private readonly disk: DiskCache
+  private readonly remote: readonly ChunkSource[]
+  private readonly attempts: number
+  private readonly retryDelayMs: number
+  private readonly prefetchLimit: Semaphore
+  private readonly onEvent: ((event: ResolverEvent) => void) | undefined
+  private readonly log: Logger
+  private readonly flights = new Map<Digest, Flight>()
+
+  constructor (options: ChunkResolverOptions) {
+    this.disk = options.disk
+    this.remote = options.remote
+    this.memory = options.memory ?? new MemoryCache()
+    this.timeoutMs = options.timeoutMs ?? 20_000
+    this.attempts = options.attempts ?? 3
+    this.retryDelayMs = options.retryDelayMs ?? 200
+    this.prefetchLimit = new Semaphore(options.prefetchConcurrency ?? 4)
+    this.onEvent = options.onEvent
+    this.log = options.log ?? silentLogger
+    if (!(this.timeoutMs > 0)) throw new RangeError(`resolver timeout must be positive, got ${this.timeoutMs}`)
+    if (!Number.isInteger(this.attempts) || this.attempts < 1) throw new RangeError(`resolver attempts must be a positive integer, got ${this.attempts}`)
+    const names = ['memory', 'disk', ...this.remote.map(s => s.name)]
+    this.stats = {
+      sources: Object.fromEntries(names.map(n => [n, { chunks: 0, bytes: 0 }])),
+      joined: 0,
+      verificationFailures: Object.fromEntries(names.slice(1).map(n => [n, 0])),
+      unavailable: 0
+    }
+  }
+
+  /**
+   * The verified bytes of CHUNK. Rejects with ChunkUnavailableError when no source
+   * has good bytes within the timeout, or with the signal's reason on abort.
+   * The returned array is shared (with the cache and other callers): do not modify it.
+   */
+  async get (chunk: ChunkRef, options: { signal: AbortSignal }): Promise<Uint8Array> {
+    return await this.resolve(chunk, options.signal, true)
+  }
+
+  /**
+   * Resolves CHUNKS in the background budget, skipping what is cached. With
+   * `keepInMemory` (readahead) the bytes also go to the memory cache, for a read
+   * that is about to come; otherwise (the image prefetch list) only to disk.
+   * Never rejects: failures are counted, and a later read will report its own.
+   */
+  async prefetch (chunks: Iterable<ChunkRef>, options: { signal: AbortSignal, keepInMemory?: boolean }): Promise<PrefetchResult> {
+    const keepInMemory = options.keepInMemory ?? false
+    const unique = new Map<Digest, ChunkRef>()
+    for (const chunk of chunks) unique.set(chunk.digest, chunk)
+    const result: PrefetchResult = { requested: unique.size, cached: 0, resolved: 0, failed: 0 }
+    const todo = [...unique.values()].filter(chunk => {
+      const cached = this.memory.has(chunk.digest) || (!keepInMemory && this.disk.has(chunk.digest))
+      if (cached) result.cached++
+      return !cached
+    })
+    // One worker per budget slot, each taking the next chunk: a long list does
+    // not queue thousands of waiters on the shared semaphore.
+    let next = 0
+    const worker = async (): Promise<void> => {
+      while (next < todo.length && !options.signal.aborted) {
+        const chunk = todo[next++]!
+        try {
+          await this.prefetchLimit.run(() => this.resolve(chunk, options.signal, keepInMemory), options.signal)
+          result.resolved++
+        } catch (err) {
+          if (options.signal.aborted) break
+          result.failed++
+          this.log.debug({ chunk: chunk.digest, err: errorText(err) }, 'prefetch failed')
+        }
+      }
+    }
+    await Promise.all(Array.from({ length: Math.min(this.prefetchLimit.max, todo.length) }, worker))
+    return result
+  }
+
+  private async resolve (chunk: ChunkRef, signal: AbortSignal, keepInMemory: boolean): Promise<Uint8Array> {
+    signal.throwIfAborted()
+    const started = performance.now()
+    const hit = this.memory.get(chunk.digest)
+    if (hit !== undefined) {
+      this.served('memory', chunk.digest, hit.length, started)
+      return hit
+    }
+    let flight = this.flights.get(chunk.digest)
+    if (flight === undefined) flight = this.startFlight(chunk)
+    else this.stats.joined++
+    flight.keepInMemory ||= keepInMemory
+
+    flight.waiters++
+    try {
+      return await abortable(flight.promise, signal)
+    } finally {
+      if (--flight.waiters === 0 && !flight.settled) {
+        // Every caller gave up: stop fetching what nobody wants.
+        this.flights.delete(chunk.digest)
+        flight.controller.abort(signal.reason)
+      }
+    }
+  }
+
+  private startFlight (chunk: ChunkRef): Flight {
+    const state = { controller: new AbortController(), waiters: 0, settled: false, keepInMemory: false }
+    const flight: Flight = Object.assign(state, {
+      promise: this.fetch(chunk, state).finally(() => {
+        state.settled = true
+        if (this.flights.get(chunk.digest) === flight) this.flights.delete(chunk.digest)
+      })
+    })
+    // Rejections reach the callers through `abortable`; this only keeps a flight
+    // whose callers all left from being reported as unhandled.
+    flight.promise.catch(() => {})
+    this.flights.set(chunk.digest, flight)
+    return flight
+  }
+
+  private async fetch (chunk: ChunkRef, flight: Omit<Flight, 'promise'>): Promise<Uint8Array> {
+    const started = performance.now()
+    const timeout = AbortSignal.timeout(this.timeoutMs)
+    const signal = AbortSignal.any([flight.controller.signal, timeout])
+    const failures = new Map<string, string>()
+    try {
+      const { data, source } = await this.fetchFromSources(chunk, signal, failures)
+      if (flight.keepInMemory) this.memory.set(chunk.digest, data)
+      // In the background: the reader should not wait for the disk.
+      if (source !== 'disk') void this.disk.put(chunk.digest, data)
+      this.served(source, chunk.digest, data.length, started)
+      return data
+    } catch (err) {
+      if (flight.controller.signal.aborted) throw err // every caller left; nobody sees this
+      const list: SourceFailure[] = [...failures].map(([source, reason]) => ({ source, reason }))
+      const error = timeout.aborted
+        ? new ChunkUnavailableError(chunk.digest, `was not resolved within ${this.timeoutMs} ms`, list)
+        : err instanceof ChunkUnavailableError ? err : new ChunkUnavailableError(chunk.digest, `could not be resolved (${errorText(err)})`, list)
+      this.stats.unavailable++
+      this.log.warn({ chunk: chunk.digest, err: error.message }, 'chunk unavailable')
+      this.onEvent?.({ type: 'unavailable', digest: chunk.digest, ms: performance.now() - started, message: error.message })
+      throw error
+    }
+  }
+
+  private async fetchFromSources (chunk: ChunkRef, signal: AbortSignal, failures: Map<string, string>): Promise<{ data: Uint8Array, source: string }> {
+    const fromDisk = await this.tryDisk(chunk, signal, failures)
+    if (fromDisk !== undefined) return { data: fromDisk, source: 'disk' }
+    for (let attempt = 0; attempt < this.attempts; attempt++) {
+      if (attempt > 0) await sleep(this.retryDelayMs * 2 ** (attempt - 1), signal)
+      for (const source of this.remote) {
+        const data = await this.trySource(source, chunk, signal, failures)
+        if (data !== undefined) return { data, source: source.name }
+      }
+    }
+    const summary = failures.size === 0 ? 'is not held by any source' : `could not be fetched from any source (${this.attempts} attempts)`
+    throw new ChunkUnavailableError(chunk.digest, summary, [...failures].map(([source, reason]) => ({ source, reason })))
+  }
+
+  private async tryDisk (chunk: ChunkRef, signal: AbortSignal, failures: Map<string, string>): Promise<Uint8Array | undefined> {
+    const data = await this.trySource(this.disk, chunk, signal, failures)
+    if (data === undefined && failures.has('disk')) await this.disk.remove(chunk.digest)
+    return data
+  }
+
+  /** Verified bytes from SOURCE, or undefined (it lacks them, failed, or sent bad bytes: recorded in FAILURES). */
+  private async trySource (source: ChunkSource, chunk: ChunkRef, signal: AbortSignal, failures: Map<string, string>): Promise<Uint8Array | undefined> {
+    let data: Uint8Array | undefined
+    try {
+      data = await abortable(source.get(chunk, { signal }), signal)
+    } catch (err) {
+      if (signal.aborted) throw err
+      if (err instanceof IntegrityError) this.badChunk(source.name, chunk, err.message)
+      else this.log.debug({ chunk: chunk.digest, source: source.name, err: errorText(err) }, 'chunk source failed')
+      failures.set(source.name, errorText(err))
+      return undefined
+    }
+    if (data === undefined) return undefined
+    const problem = verificationProblem(chunk, data)
+    if (problem === undefined) return data
+    this.badChunk(source.name, chunk, problem)
+    failures.set(source.name, problem)
+    return undefined
+  }
+
+  private badChunk (source: string, chunk: ChunkRef, reason: string): void {
+    this.stats.verificationFailures[source] = (this.stats.verificationFailures[source] ?? 0) + 1
+    this.log.warn({ chunk: chunk.digest, pack: chunk.pack, source, reason }, 'chunk failed verification')
+    this.onEvent?.({ type: 'verification-failure', digest: chunk.digest, source, reason })
+  }
+
+  private served (source: string, digest: Digest, bytes: number, started: number): void {
+    const counter = this.stats.sources[source] ??= { chunks: 0, bytes: 0 }
+    counter.chunks++
+    counter.bytes += bytes
+    this.onEvent?.({ type: 'resolved', digest, source, bytes, ms: performance.now() - started })
+  }
+}
+
+/** Why DATA is not CHUNK, or undefined when it is. */
+function verificationProblem (chunk: ChunkRef, data: Uint8Array): string | undefined {
+  if (data.length !== chunk.length) return `${data.length} bytes instead of ${chunk.length}`
+  const actual = sha256(data)
+  if (actual !== chunk.digest) return `content hashes to ${actual}`
+  return undefined
+}
+
+/** PROMISE, or a rejection with the signal's reason as soon as SIGNAL aborts, whichever comes first. */
+function abortable<T> (promise: Promise<T>, signal: AbortSignal): Promise<T> {
+  if (signal.aborted) return Promise.reject(signal.reason)
+  return new Promise<T>((resolve, reject) => {
+    const onAbort = (): void => reject(signal.reason)
+    signal.addEventListener('abort', onAbort, { once: true })
+    promise.then(resolve, reject).finally(() => signal.removeEventListener('abort', onAbort))
+  })
+}

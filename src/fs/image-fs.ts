@@ -1,0 +1,240 @@
+import Fuse from 'fuse-native'
+import { FormatError } from '../errors.ts'
+import { FileReader } from '../fetch/file-reader.ts'
+import { errorText, type Logger } from '../fetch/log.ts'
+import type { ChunkResolver } from '../fetch/resolver.ts'
+import { isDir, isLnk, isReg } from '../format/catalog.ts'
+import type { MergedNode, MergedView } from '../image/merged-view.ts'
+
+/**
+ * The filesystem operations of a mounted image, over a MergedView (metadata,
+ * from the catalogs) and a ChunkResolver (file content). Read-only: the mount is
+ * made `ro`, so the kernel refuses every write before it reaches us.
+ *
+ * Metadata ops are synchronous SQLite probes, answered in microseconds; only
+ * `read` waits, for chunks, and never longer than the resolver's timeout. Any
+ * failure becomes an errno for the caller (EIO for content that cannot be had),
+ * never a thrown exception on the FUSE thread's path.
+ */
+
+export interface ImageFsOptions {
+  view: MergedView
+  resolver: ChunkResolver
+  log: Logger
+  /** Aborted when the mount goes away: pending reads then fail with EIO. */
+  signal: AbortSignal
+  /** See FileReader. Default 8. */
+  readaheadChunks?: number
+  /** Paths whose resolution (or absence) is remembered. Default 20 000. */
+  pathCacheSize?: number
+}
+
+export interface ImageFsStats {
+  opens: number
+  reads: number
+  bytesRead: number
+  /** Reads answered with EIO (chunk unavailable, or an internal error). */
+  readErrors: number
+}
+
+interface OpenFile {
+  reader: FileReader
+  /** Stops this file's readahead when it is closed. */
+  controller: AbortController
+}
+
+export class ImageFs {
+  readonly stats: ImageFsStats = { opens: 0, reads: 0, bytesRead: 0, readErrors: 0 }
+  private readonly view: MergedView
+  private readonly resolver: ChunkResolver
+  private readonly log: Logger
+  private readonly signal: AbortSignal
+  private readonly readaheadChunks: number
+  private readonly pathCacheSize: number
+  private readonly root: MergedNode
+  /**
+   * Resolved paths, null for "does not exist" (the image never changes, so
+   * negative answers are as good as positive ones). Evicted oldest-first: the
+   * kernel caches entries for an hour, so a path is rarely asked twice soon.
+   */
+  private readonly paths = new Map<string, MergedNode | null>()
+  private readonly files = new Map<number, OpenFile>()
+  private lastFd = 0
+  /** st_ino = ino × layers + layer: stable, unique per (layer, inode), shared by hard links. */
+  private readonly layerCount: number
+
+  constructor (options: ImageFsOptions) {
+    this.view = options.view
+    this.resolver = options.resolver
+    this.log = options.log
+    this.signal = options.signal
+    this.readaheadChunks = options.readaheadChunks ?? 8
+    this.pathCacheSize = options.pathCacheSize ?? 20_000
+    this.root = this.view.root()
+    this.layerCount = this.view.catalogs.length
+    // fuse-native passes st_ino as 32 bits; refuse an image whose numbers would wrap
+    // (colliding st_ino would make tar and cp merge distinct files as hard links).
+    for (const [layer, catalog] of this.view.catalogs.entries()) {
+      if (catalog.maxIno() * this.layerCount + layer > 0xffffffff) {
+        throw new FormatError(`layer ${layer} has ${catalog.maxIno()} inodes: too many for 32-bit inode numbers across ${this.layerCount} layers`)
+      }
+    }
+  }
+
+  /** The operations table for fuse-native (ImageFuse in mount.ts fits xattr answers to the caller's buffer). */
+  operations (): Fuse.Operations {
+    return {
+      statfs: (_path, cb) => {
+        // ST_RDONLY; no free space. namemax matters: some tools size name buffers by it.
+        cb(0, { bsize: 4096, frsize: 4096, blocks: 0, bfree: 0, bavail: 0, files: 0, ffree: 0, favail: 0, fsid: 0, flag: 1, namemax: 255 })
+      },
+      getattr: (path, cb) => {
+        this.guard(cb, 'getattr', path, () => {
+          const node = this.node(path)
+          if (node === undefined) return cb(Fuse.ENOENT)
+          cb(0, this.stat(node))
+        })
+      },
+      readdir: (path, cb) => {
+        this.guard(cb, 'readdir', path, () => {
+          const node = this.node(path)
+          if (node === undefined) return cb(Fuse.ENOENT)
+          if (!isDir(node.inode.mode)) return cb(Fuse.ENOTDIR)
+          const parent = path === '/' ? this.root : this.node(path.slice(0, Math.max(1, path.lastIndexOf('/'))))!
+          const names = ['.', '..']
+          const stats = [this.stat(node), this.stat(parent)]
+          for (const { name, node: child } of this.view.readdir(node)) {
+            names.push(name)
+            stats.push(this.stat(child))
+            // `ls -l` and `find` look each entry up next: have the answer ready.
+            this.remember(path === '/' ? `/${name}` : `${path}/${name}`, child)
+          }
+          cb(0, names, stats)
+        })
+      },
+      readlink: (path, cb) => {
+        this.guard(cb, 'readlink', path, () => {
+          const node = this.node(path)
+          if (node === undefined) return cb(Fuse.ENOENT)
+          if (!isLnk(node.inode.mode)) return cb(Fuse.EINVAL)
+          cb(0, node.inode.target ?? '')
+        })
+      },
+      open: (path, _flags, cb) => {
+        this.guard(cb, 'open', path, () => {
+          const node = this.node(path)
+          if (node === undefined) return cb(Fuse.ENOENT)
+          // Devices, fifos and sockets are opened by the kernel itself; only files get here.
+          if (!isReg(node.inode.mode)) return cb(Fuse.EINVAL)
+          const controller = new AbortController()
+          const reader = new FileReader(this.resolver, this.view.extents(node), node.inode.size, {
+            readaheadChunks: this.readaheadChunks,
+            signal: AbortSignal.any([controller.signal, this.signal])
+          })
+          const fd = this.allocateFd()
+          this.files.set(fd, { reader, controller })
+          this.stats.opens++
+          cb(0, fd)
+        })
+      },
+      read: (path, fd, buffer, length, position, cb) => {
+        const file = this.files.get(fd)
+        if (file === undefined) return cb(Fuse.EBADF)
+        this.stats.reads++
+        file.reader.read(buffer, position, length, this.signal).then(n => {
+          this.stats.bytesRead += n
+          cb(n)
+        }, (err: unknown) => {
+          this.stats.readErrors++
+          this.log.warn({ path, offset: position, length, err: errorText(err) }, 'read failed: EIO')
+          cb(Fuse.EIO)
+        })
+      },
+      release: (_path, fd, cb) => {
+        this.files.get(fd)?.controller.abort()
+        this.files.delete(fd)
+        cb(0)
+      },
+      getxattr: (path, name, _position, cb) => {
+        this.guard(cb, 'getxattr', path, () => {
+          const node = this.node(path)
+          if (node === undefined) return cb(Fuse.ENOENT)
+          const value = this.view.xattrs(node).get(name)
+          if (value === undefined) return cb(Fuse.ENODATA)
+          cb(0, value)
+        })
+      },
+      listxattr: (path, cb) => {
+        this.guard(cb, 'listxattr', path, () => {
+          const node = this.node(path)
+          if (node === undefined) return cb(Fuse.ENOENT)
+          cb(0, [...this.view.xattrs(node).keys()])
+        })
+      }
+    }
+  }
+
+  /** Stops readahead of every open file (the mount is going away). */
+  closeAll (): void {
+    for (const file of this.files.values()) file.controller.abort()
+    this.files.clear()
+  }
+
+  /** Resolves an absolute path from the kernel, one component at a time through the cache. */
+  private node (path: string): MergedNode | undefined {
+    if (path === '/') return this.root
+    const cached = this.paths.get(path)
+    if (cached !== undefined) return cached ?? undefined
+    const slash = path.lastIndexOf('/')
+    const parent = this.node(slash === 0 ? '/' : path.slice(0, slash))
+    const node = parent !== undefined && parent.dirs.length > 0 ? this.view.lookup(parent, path.slice(slash + 1)) : undefined
+    this.remember(path, node ?? null)
+    return node
+  }
+
+  private remember (path: string, node: MergedNode | null): void {
+    if (this.paths.size >= this.pathCacheSize) this.paths.delete(this.paths.keys().next().value!)
+    this.paths.set(path, node)
+  }
+
+  private stat (node: MergedNode): Fuse.Stat {
+    const i = node.inode
+    // A symlink's size is its target's length in bytes, whatever the catalog rounded.
+    const size = isLnk(i.mode) ? Buffer.byteLength(i.target ?? '') : i.size
+    return {
+      mode: i.mode,
+      uid: i.uid,
+      gid: i.gid,
+      size,
+      // Directories: the catalog's count, 1 ("unknown", as overlayfs reports merged
+      // directories): counting subdirectories across layers would cost a readdir per stat.
+      nlink: i.nlink,
+      ino: i.ino * this.layerCount + node.layer,
+      rdev: i.rdev,
+      blksize: 4096,
+      blocks: Math.ceil(size / 512),
+      // Images keep one time per file; atime and ctime cannot be more truthful than mtime.
+      atime: i.mtime,
+      mtime: i.mtime,
+      ctime: i.mtime
+    }
+  }
+
+  private allocateFd (): number {
+    // fuse-native ignores fd 0 (it means "no handle"), so numbering starts at 1 and wraps before 2^31.
+    do {
+      this.lastFd = this.lastFd >= 0x7fffffff ? 1 : this.lastFd + 1
+    } while (this.files.has(this.lastFd))
+    return this.lastFd
+  }
+
+  /** Runs a synchronous handler; a throw (e.g. a catalog error) answers EIO instead of escaping. */
+  private guard (cb: (code: number) => void, op: string, path: string, handler: () => void): void {
+    try {
+      handler()
+    } catch (err) {
+      this.log.error({ op, path, err: errorText(err) }, 'filesystem operation failed: EIO')
+      cb(Fuse.EIO)
+    }
+  }
+}

@@ -1,0 +1,163 @@
+import Fuse from 'fuse-native'
+import { mkdir } from 'node:fs/promises'
+import { resolve } from 'node:path'
+import { errorText, silentLogger, type Logger } from '../fetch/log.ts'
+import type { ChunkResolver } from '../fetch/resolver.ts'
+import type { MergedView } from '../image/merged-view.ts'
+import { MountError } from './errors.ts'
+import { ImageFs, type ImageFsStats } from './image-fs.ts'
+import { cleanStaleMount } from './stale-mount.ts'
+
+/**
+ * Mounts an image read-only with FUSE (fuse-native over libfuse2's high-level
+ * API, in this process). Options and why:
+ *
+ * - `ro`: the kernel refuses every write (EROFS) before it reaches us.
+ * - `use_ino`: without it libfuse invents inode numbers, and hard links would
+ *   not share st_ino. fuse-native has no option for it (nor for `ro` or
+ *   `negative_timeout`), but it joins options with commas, so they ride on
+ *   the value of `subtype`.
+ * - entry, attribute and negative timeouts of an hour, and `kernel_cache`
+ *   (page cache kept across opens): the image never changes, so whatever the
+ *   kernel has cached stays true, and warm metadata never leaves the kernel.
+ * - `default_permissions`: the kernel checks mode bits, as on any filesystem.
+ * - `allow_other` (default): containers run as other users than the agent.
+ *
+ * The process serving the mount must never touch it with synchronous IO: the
+ * event loop that would answer the request is the one blocked waiting for it.
+ * Even async reads of the mount from this process are risky under load: they
+ * occupy libuv's thread pool, which the disk cache needs to answer them.
+ */
+
+export interface MountImageOptions {
+  mountpoint: string
+  view: MergedView
+  resolver: ChunkResolver
+  /** Unmounts when aborted. */
+  signal?: AbortSignal
+  log?: Logger
+  /** Let users other than the mounting one in (needs root or user_allow_other). Default true. */
+  allowOther?: boolean
+  /** Most chunks prefetched ahead of a sequential reader. Default 8. */
+  readaheadChunks?: number
+}
+
+export interface MountedImage {
+  readonly mountpoint: string
+  readonly stats: ImageFsStats
+  /** Lazily unmounts (processes with open files keep them until they close them) and fails pending reads. Idempotent. */
+  unmount (): Promise<void>
+}
+
+/** How long the kernel may take to send INIT after the mount call. */
+const MOUNT_TIMEOUT_MS = 10_000
+/** The kernel (and `stat`) cache entries, attributes and negative lookups this long (s). */
+const CACHE_TIMEOUT_S = 3600
+/** fuse-native runs `fusermount -uz "PATH"` through a shell on unmount: keep PATH free of what a shell expands inside double quotes. */
+const SHELL_UNSAFE_RE = /["$`\\]/
+
+export async function mountImage (options: MountImageOptions): Promise<MountedImage> {
+  const mountpoint = resolve(options.mountpoint)
+  const log = options.log ?? silentLogger
+  if (SHELL_UNSAFE_RE.test(mountpoint)) throw new MountError(`mount point ${mountpoint} contains one of " $ \` \\; choose a path without them`)
+  if (Buffer.byteLength(mountpoint) >= 1024) throw new MountError(`mount point ${mountpoint} is longer than the 1023 bytes fuse-native accepts`)
+  options.signal?.throwIfAborted()
+
+  if (await cleanStaleMount(mountpoint, { signal: options.signal })) log.warn({ mountpoint }, 'removed a stale FUSE mount')
+  await mkdir(mountpoint, { recursive: true })
+
+  const lifetime = new AbortController()
+  const fs = new ImageFs({ view: options.view, resolver: options.resolver, log, signal: lifetime.signal, readaheadChunks: options.readaheadChunks })
+  const fuse = new ImageFuse(mountpoint, fs.operations(), {
+    // fuse-native answers ETIMEDOUT itself after this; the resolver's own
+    // deadline must fire first, so that a stuck read becomes an EIO we chose.
+    timeout: options.resolver.timeoutMs + 5_000,
+    fsname: 'shoal',
+    subtype: `shoal,ro,use_ino,negative_timeout=${CACHE_TIMEOUT_S}`,
+    allowOther: options.allowOther ?? true,
+    defaultPermissions: true,
+    kernelCache: true,
+    entryTimeout: CACHE_TIMEOUT_S,
+    attrTimeout: CACHE_TIMEOUT_S
+  })
+
+  try {
+    await callbackWithDeadline(cb => fuse.mount(cb), MOUNT_TIMEOUT_MS, options.signal)
+  } catch (err) {
+    lifetime.abort()
+    // The kernel mount may exist even though INIT never came back.
+    await cleanStaleMount(mountpoint).catch(() => {})
+    if (options.signal?.aborted === true) throw options.signal.reason
+    throw new MountError(`cannot mount FUSE at ${mountpoint}: ${errorText(err)} (is /dev/fuse present and fuse installed? allow_other needs root or user_allow_other in /etc/fuse.conf)`, { cause: err })
+  }
+  log.info({ mountpoint, layers: options.view.catalogs.length }, 'image mounted')
+
+  let unmounting: Promise<void> | undefined
+  const unmount = (): Promise<void> => {
+    unmounting ??= (async () => {
+      lifetime.abort(new MountError(`${mountpoint} was unmounted`))
+      fs.closeAll()
+      try {
+        await callbackWithDeadline(cb => fuse.unmount(cb), MOUNT_TIMEOUT_MS)
+      } catch (err) {
+        throw new MountError(`cannot unmount ${mountpoint}: ${errorText(err)}`, { cause: err })
+      }
+      log.info({ mountpoint, ...fs.stats }, 'image unmounted')
+    })()
+    return unmounting
+  }
+  options.signal?.addEventListener('abort', () => {
+    unmount().catch((err: unknown) => log.error({ mountpoint, err: errorText(err) }, 'unmount failed'))
+  }, { once: true })
+
+  return { mountpoint, stats: fs.stats, unmount }
+}
+
+/**
+ * fuse-native with xattr answers fitted to the caller's buffer. Its own handlers
+ * copy a value into any buffer and report the value's full length: with a buffer
+ * too small (the kernel probes security.capability with 24 bytes on exec), libfuse
+ * would then send bytes past the end of its allocation. Here a size query (empty
+ * buffer) gets the exact size, and a small buffer gets ERANGE, as xattr(7) says.
+ */
+class ImageFuse extends Fuse {
+  protected override _op_getxattr (reply: (code: number, buffer: ArrayBuffer) => void, path: string, name: string, buffer: Buffer, position: number): void {
+    const raw = buffer.buffer as ArrayBuffer
+    this.ops.getxattr!(path, name, position, (code, value) => {
+      if (code !== 0 || value === undefined) return reply(code !== 0 ? code : Fuse.ENODATA, raw)
+      if (buffer.length === 0) return reply(value.length, raw)
+      if (value.length > buffer.length) return reply(Fuse.ERANGE, raw)
+      value.copy(buffer)
+      reply(value.length, raw)
+    })
+  }
+
+  protected override _op_listxattr (reply: (code: number, buffer: ArrayBuffer) => void, path: string, buffer: Buffer): void {
+    const raw = buffer.buffer as ArrayBuffer
+    this.ops.listxattr!(path, (code, names) => {
+      if (code !== 0 || names === undefined) return reply(code, raw)
+      // The list is NUL-terminated names, back to back.
+      const list = Buffer.from(names.map(n => `${n}\0`).join(''))
+      if (buffer.length === 0) return reply(list.length, raw)
+      if (list.length > buffer.length) return reply(Fuse.ERANGE, raw)
+      list.copy(buffer)
+      reply(list.length, raw)
+    })
+  }
+}
+
+/** Runs a node-style callback API, failing after MS or when SIGNAL aborts. */
+async function callbackWithDeadline (run: (cb: (err: Error | null) => void) => void, ms: number, signal?: AbortSignal): Promise<void> {
+  const deadline = AbortSignal.timeout(ms)
+  const stop = signal === undefined ? deadline : AbortSignal.any([deadline, signal])
+  stop.throwIfAborted()
+  await new Promise<void>((resolve, reject) => {
+    const onAbort = (): void => reject(deadline.aborted ? new Error(`no answer within ${ms} ms`) : stop.reason)
+    stop.addEventListener('abort', onAbort, { once: true })
+    run(err => {
+      stop.removeEventListener('abort', onAbort)
+      if (err === null) resolve()
+      else reject(err)
+    })
+  })
+}
