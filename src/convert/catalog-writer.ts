@@ -57,7 +57,8 @@ export class CatalogWriter {
     this.db.exec(CATALOG_SCHEMA)
     this.s = {
       insertInode: this.db.prepare('INSERT INTO inodes (ino, mode, uid, gid, size, mtime, nlink, rdev, target) VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?)'),
-      updateInode: this.db.prepare('UPDATE inodes SET mode = ?, uid = ?, gid = ?, mtime = ? WHERE ino = ?'),
+      updateInode: this.db.prepare('UPDATE inodes SET mode = ?, uid = ?, gid = ?, mtime = ?, implicit = 0 WHERE ino = ?'),
+      insertImplicitDir: this.db.prepare(`INSERT INTO inodes (ino, mode, uid, gid, size, mtime, nlink, implicit) VALUES (?, ${S_IFDIR | 0o755}, 0, 0, 0, 0, 1, 1)`),
       inode: this.db.prepare('SELECT mode, nlink FROM inodes WHERE ino = ?'),
       setOpaque: this.db.prepare('UPDATE inodes SET opaque = 1 WHERE ino = ?'),
       nlink: this.db.prepare('UPDATE inodes SET nlink = nlink + ? WHERE ino = ?'),
@@ -75,7 +76,7 @@ export class CatalogWriter {
       setMeta: this.db.prepare('INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)')
     }
     // The implicit root; a "./" member in the tar updates it.
-    this.s.insertInode!.run(ROOT_INO, S_IFDIR | 0o755, 0, 0, 0, 0, 0, null)
+    this.s.insertImplicitDir!.run(ROOT_INO)
     for (const [k, v] of Object.entries(meta)) this.s.setMeta!.run(k, v)
     this.db.exec('BEGIN')
   }
@@ -209,8 +210,10 @@ export class CatalogWriter {
   }
 
   /**
-   * The directory at PATH, created (mode 0755, root-owned) where the archive has no
-   * member for it yet. A non-directory in the way is replaced, as tar would.
+   * The directory at PATH, created where the archive has no member for it (yet),
+   * marked implicit: the merged view then shows a lower layer's attributes for it,
+   * as overlayfs and umoci do (0755 root-owned only if no layer has it). A
+   * non-directory in the way is replaced, as tar would.
    */
   private ensureDir (path: string): number {
     const known = this.dirs.get(path)
@@ -222,7 +225,7 @@ export class CatalogWriter {
     if (existing?.ino != null && this.isDirIno(existing.ino)) { this.dirs.set(path, existing.ino); return existing.ino }
     if (existing !== undefined) this.unlink(parent, parentPath, name)
     const ino = this.nextIno++
-    this.s.insertInode!.run(ino, S_IFDIR | 0o755, 0, 0, 0, 0, 0, null)
+    this.s.insertImplicitDir!.run(ino)
     this.s.insertEntry!.run(parent, name, ino, 0)
     if (existing?.whiteout === 1) this.s.setOpaque!.run(ino)
     this.dirs.set(path, ino)

@@ -26,7 +26,8 @@ CREATE TABLE inodes (
   nlink  INTEGER NOT NULL,           -- names in this layer (hard links share one inode)
   rdev   INTEGER NOT NULL DEFAULT 0, -- device number for character and block devices
   target TEXT,                       -- symlink target, stored verbatim, never resolved here
-  opaque INTEGER NOT NULL DEFAULT 0  -- 1: this directory hides the same directory in lower layers
+  opaque INTEGER NOT NULL DEFAULT 0, -- 1: this directory hides the same directory in lower layers
+  implicit INTEGER NOT NULL DEFAULT 0 -- 1: a directory the layer has no member for (only its children): lower layers' attributes apply
 );
 
 CREATE TABLE entries (

@@ -27,6 +27,7 @@ export interface Inode {
   rdev: number
   target: string | null
   opaque: number
+  implicit: number
 }
 
 export interface Entry { name: string, ino: number | null, whiteout: number }

@@ -35,7 +35,7 @@ export class MergedView {
       dirs.push({ layer, ino: root.ino })
       if (root.opaque === 1) break
     }
-    return { layer: top, ino: dirs[0]!.ino, inode: this.catalogs[top]!.root(), dirs }
+    return this.withAttributes({ layer: top, ino: dirs[0]!.ino, inode: this.catalogs[top]!.root(), dirs })
   }
 
   /** The child NAME of directory DIR, or undefined if there is none (or it is whited out). */
@@ -57,7 +57,20 @@ export class MergedView {
         if (inode.opaque === 1) break
       }
     }
-    return found
+    return found !== undefined && found.dirs.length > 1 ? this.withAttributes(found) : found
+  }
+
+  /**
+   * A merged directory shows the attributes (and xattrs) of its topmost copy that a
+   * layer declared; copies a layer only implied by their children do not count.
+   */
+  private withAttributes (node: MergedNode): MergedNode {
+    if (node.inode.implicit !== 1) return node
+    for (const { layer, ino } of node.dirs) {
+      const inode = this.catalogs[layer]!.inode(ino)!
+      if (inode.implicit !== 1) return { ...node, layer, ino, inode }
+    }
+    return node
   }
 
   /** The directory's entries, merged across layers, sorted by name. */

@@ -47,6 +47,22 @@ describe('convert: synthetic images against umoci unpack', () => {
     })
   }
 
+  it('shows a lower layer\'s attributes for a directory an upper layer only implies', async () => {
+    const dir = await tempDir()
+    const src = await buildSyntheticImage(join(dir, 'src'), 't', [
+      [{ type: 'dir', path: 'srv', mode: 0o750, uid: 1000, gid: 1000 }, { type: 'file', path: 'srv/a', content: 'a' }],
+      [{ type: 'file', path: 'srv/b', content: 'b' }, { type: 'file', path: 'new/deep/c', content: 'c' }]
+    ])
+    const { view, close } = await convertAndView(src.ref, join(dir, 'dest'))
+    try {
+      const srv = view.resolve('/srv')!.inode
+      assert.deepEqual([srv.mode & 0o7777, srv.uid, srv.gid], [0o750, 1000, 1000])
+      assert.deepEqual(view.readdir(view.resolve('/srv')!).map(e => e.name), ['a', 'b'])
+      const implied = view.resolve('/new/deep')!.inode
+      assert.deepEqual([implied.mode & 0o7777, implied.uid], [0o755, 0], 'a directory no layer declares is 0755 root')
+    } finally { close() }
+  })
+
   it('keeps binary xattrs byte-exact (security.capability)', async () => {
     const dir = await tempDir()
     const cap = Buffer.from([0x01, 0x00, 0x00, 0x02, 0x00, 0x20, 0x00, 0x00, 0xff, 0xfe, 0x80, 0x00])
