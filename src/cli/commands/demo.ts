@@ -1,9 +1,10 @@
-import { spawn, type ChildProcess } from 'node:child_process'
+import { spawn } from 'node:child_process'
 import { access, mkdir } from 'node:fs/promises'
 import { join, resolve } from 'node:path'
 import { createInterface } from 'node:readline'
 import type { Command } from 'commander'
 import type { AgentStats } from '../../agent/agent.ts'
+import { SHOAL_BIN, startAgentProcess, type AgentProcess } from '../../agent/agent-process.ts'
 import { controlSocketPath } from '../../agent/config.ts'
 import { callAgent } from '../../agent/control.ts'
 import { convertImage } from '../../convert/convert.ts'
@@ -16,7 +17,6 @@ import { startOriginServer } from '../../origin/server.ts'
 import { mib, table } from '../output.ts'
 import { parseSize } from './image.ts'
 
-const SHOAL = resolve(import.meta.dirname, '..', '..', '..', 'bin', 'shoal')
 const DEFAULT_COMMAND = ['python3', '-c', 'import json, sqlite3; print(json.dumps({"answer": 42, "sqlite": sqlite3.sqlite_version}))']
 
 /**
@@ -50,19 +50,18 @@ export function registerDemoCommand (program: Command): void {
 
       const origin = await startOriginServer({ dir: images, rate: parseSize(flags.originRate, '--origin-rate') })
       say(`origin serving ${images} at ${origin.url}, capped at ${flags.originRate}/s`)
-      const agents: Array<{ name: string, state: string, child: ChildProcess }> = []
+      const agents: Array<{ name: string, state: string, process: AgentProcess }> = []
       try {
         for (let i = 0; i < agentCount; i++) {
           const state = join(work, `agent-${i}`)
-          const child = spawn(SHOAL, ['agent', '--state', state, '--origin', origin.url, '--trust', join(keysDir, 'shoal.pub'), '--metrics', 'off', '--no-p2p', '--log-level', 'warn'], { stdio: ['ignore', 'pipe', 'inherit'] })
-          agents.push({ name: `agent-${i}`, state, child })
-          await firstLine(child, `agent-${i}`)
+          const proc = await startAgentProcess(state, ['--origin', origin.url, '--trust', join(keysDir, 'shoal.pub'), '--metrics', 'off', '--no-p2p', '--log-level', 'warn'])
+          agents.push({ name: `agent-${i}`, state, process: proc })
         }
         say(`${agentCount} agents started; running ${JSON.stringify(DEFAULT_COMMAND)} on agent-0, then on the others at once`)
         const rows: string[][] = [['agent', 'exit', 'seconds', 'memory', 'disk', 'peers', 'origin']]
         const runOn = async (a: typeof agents[number]): Promise<void> => {
           const started = performance.now()
-          const code = await runChild(SHOAL, ['run', 'python', '--state', a.state, '--', ...DEFAULT_COMMAND], a.name)
+          const code = await runChild(SHOAL_BIN, ['run', 'python', '--state', a.state, '--', ...DEFAULT_COMMAND], a.name)
           const seconds = (performance.now() - started) / 1000
           const s = (await callAgent<AgentStats>(controlSocketPath(a.state), 'GET', '/v1/stats')).sources
           rows.push([a.name, String(code), seconds.toFixed(2), ...['memory', 'disk', 'peers', 'origin'].map(n => s[n] !== undefined ? mib(s[n].bytes) : '-')])
@@ -72,20 +71,10 @@ export function registerDemoCommand (program: Command): void {
         console.log(table(rows))
         console.log(`origin sent ${mib(origin.stats.bytesSent)} in ${origin.stats.requests} requests for an image of ${mib(verified.bytes)}`)
       } finally {
-        for (const a of agents) a.child.kill('SIGTERM')
-        await Promise.all(agents.map(a => new Promise(resolve => a.child.exitCode !== null ? resolve(undefined) : a.child.once('exit', resolve))))
+        await Promise.all(agents.map(a => a.process.stop()))
         await origin.close()
       }
     })
-}
-
-/** Waits for an agent's start-up line (it prints one JSON line once its socket is up). */
-async function firstLine (child: ChildProcess, name: string): Promise<string> {
-  const lines = createInterface({ input: child.stdout! })
-  const exited = new Promise<never>((_, reject) => child.once('exit', code => reject(new ShoalError('EAGENT', `${name} exited (code ${code}) before it was ready`))))
-  const timeout = new Promise<never>((_, reject) => setTimeout(() => reject(new ShoalError('EAGENT', `${name} was not ready within 60 s`)), 60_000).unref())
-  const line = new Promise<string>(resolve => lines.once('line', resolve))
-  return await Promise.race([line, exited, timeout])
 }
 
 async function runChild (cmd: string, args: string[], name: string): Promise<number> {
