@@ -5,11 +5,12 @@ import { NotFoundError, UsageError } from '../errors.ts'
 import { DiskCache, type DiskCacheStats } from '../cache/disk-cache.ts'
 import { OriginChunkSource, type ChunkSource } from '../fetch/chunk-source.ts'
 import { silentLogger, type Logger } from '../fetch/log.ts'
-import { ChunkResolver, type ResolverStats } from '../fetch/resolver.ts'
+import { ChunkResolver, type PrefetchResult, type ResolverStats } from '../fetch/resolver.ts'
 import { loadPublicKey } from '../format/signing.ts'
 import { mountImage, type MountedImage } from '../fs/mount.ts'
 import { cleanStaleMount } from '../fs/stale-mount.ts'
 import { openImageView, type ImageView } from '../image/image-view.ts'
+import { prefetchChunks } from '../image/prefetch-list.ts'
 import { writeAtomic } from '../oci/layout.ts'
 import { FailoverOrigin, openOrigin } from '../origin/open-origin.ts'
 import type { Origin } from '../origin/origin.ts'
@@ -28,6 +29,8 @@ export interface MountInfo {
   mountedAt: string
   /** Reads through this mount. */
   fs: { opens: number, reads: number, bytesRead: number, readErrors: number }
+  /** The image's prefetch list, fetched in the background after mount. */
+  prefetch: { chunks: number, result?: PrefetchResult }
 }
 
 export interface AgentStats {
@@ -41,7 +44,7 @@ export interface AgentStats {
   mounts: MountInfo[]
 }
 
-interface ActiveMount { info: Omit<MountInfo, 'fs'>, view: ImageView, mounted: MountedImage }
+interface ActiveMount { info: Omit<MountInfo, 'fs' | 'prefetch'>, view: ImageView, mounted: MountedImage, prefetch: MountInfo['prefetch'], lifetime: AbortController }
 
 /**
  * The per-node daemon: one chunk resolver (memory → disk → peers → origin) and one
@@ -115,22 +118,38 @@ export class Agent {
   }
 
   /** Mounts IMAGE (a tag or digest at the origin) read-only at MOUNTPOINT, after checking its signature. */
-  async mount (image: string, mountpoint: string, options: { signal?: AbortSignal } = {}): Promise<MountInfo> {
+  async mount (image: string, mountpoint: string, options: { signal?: AbortSignal, onRead?: (path: string, offset: number, length: number) => void } = {}): Promise<MountInfo> {
     const path = resolve(mountpoint)
     if (this.mounts.has(path)) throw new UsageError(`${path} is already a shoal mount (of ${this.mounts.get(path)!.info.image}); unmount it first`)
     const view = await openImageView(this.origin, image, { trusted: this.trusted, catalogDir: join(this.config.stateDir, 'catalogs'), ...(options.signal !== undefined ? { signal: options.signal } : {}) })
     let mounted: MountedImage
     try {
-      mounted = await mountImage({ mountpoint: path, view: view.view, resolver: this.resolver, log: this.log, ...(options.signal !== undefined ? { signal: options.signal } : {}) })
+      mounted = await mountImage({
+        mountpoint: path,
+        view: view.view,
+        resolver: this.resolver,
+        log: this.log,
+        ...(options.signal !== undefined ? { signal: options.signal } : {}),
+        ...(options.onRead !== undefined ? { onRead: options.onRead } : {})
+      })
     } catch (err) {
       view.close()
       throw err
     }
     const info = { image, runtime: view.image.config.runtime, manifestDigest: view.image.manifestDigest, mountpoint: path, mountedAt: new Date().toISOString() }
-    this.mounts.set(path, { info, view, mounted })
+    // The recorded start-up reads are fetched in the background, at the resolver's low priority.
+    const chunks = prefetchChunks(view.view, view.image.config.prefetch)
+    const active: ActiveMount = { info, view, mounted, prefetch: { chunks: chunks.length }, lifetime: new AbortController() }
+    this.mounts.set(path, active)
+    if (chunks.length > 0) {
+      void this.resolver.prefetch(chunks, { signal: active.lifetime.signal }).then(result => {
+        active.prefetch.result = result
+        this.log.info({ mountpoint: path, ...result }, 'prefetch list fetched')
+      })
+    }
     await this.saveMounts()
     this.log.info(info, 'mounted')
-    return { ...info, fs: { ...mounted.stats } }
+    return this.describe(active)
   }
 
   async umount (mountpoint: string): Promise<void> {
@@ -138,6 +157,7 @@ export class Agent {
     const m = this.mounts.get(path)
     if (m === undefined) throw new NotFoundError(`${path} is not mounted by this agent (see shoal ls)`)
     this.mounts.delete(path)
+    m.lifetime.abort()
     try {
       await m.mounted.unmount()
     } finally {
@@ -148,7 +168,11 @@ export class Agent {
   }
 
   list (): MountInfo[] {
-    return [...this.mounts.values()].map(m => ({ ...m.info, fs: { ...m.mounted.stats } }))
+    return [...this.mounts.values()].map(m => this.describe(m))
+  }
+
+  private describe (m: ActiveMount): MountInfo {
+    return { ...m.info, fs: { ...m.mounted.stats }, prefetch: structuredClone(m.prefetch) }
   }
 
   stats (): AgentStats {

@@ -5,6 +5,7 @@ import { registerAgentCommands } from './commands/agent.ts'
 import { registerDemoCommand } from './commands/demo.ts'
 import { registerImageCommands } from './commands/image.ts'
 import { registerOriginCommands } from './commands/origin.ts'
+import { registerTraceCommand } from './commands/trace.ts'
 
 const program = new Command('shoal')
   .description('peer-to-peer, on-demand chunk distribution for container images')
@@ -16,6 +17,7 @@ registerImageCommands(program)
 registerOriginCommands(program)
 registerAgentCommands(program)
 registerDemoCommand(program)
+registerTraceCommand(program)
 
 try {
   await program.parseAsync(process.argv)

@@ -27,6 +27,8 @@ export interface ImageFsOptions {
   readaheadChunks?: number
   /** Paths whose resolution (or absence) is remembered. Default 20 000. */
   pathCacheSize?: number
+  /** Told of every successful read that reaches FUSE: `shoal trace` records them as the prefetch list. */
+  onRead?: (path: string, offset: number, length: number) => void
 }
 
 export interface ImageFsStats {
@@ -51,6 +53,7 @@ export class ImageFs {
   private readonly signal: AbortSignal
   private readonly readaheadChunks: number
   private readonly pathCacheSize: number
+  private readonly onRead: ((path: string, offset: number, length: number) => void) | undefined
   private readonly root: MergedNode
   /**
    * Resolved paths, null for "does not exist" (the image never changes, so
@@ -70,6 +73,7 @@ export class ImageFs {
     this.signal = options.signal
     this.readaheadChunks = options.readaheadChunks ?? 8
     this.pathCacheSize = options.pathCacheSize ?? 20_000
+    this.onRead = options.onRead
     this.root = this.view.root()
     this.layerCount = this.view.catalogs.length
     // fuse-native passes st_ino as 32 bits; refuse an image whose numbers would wrap
@@ -143,6 +147,7 @@ export class ImageFs {
         this.stats.reads++
         file.reader.read(buffer, position, length, this.signal).then(n => {
           this.stats.bytesRead += n
+          if (n > 0) this.onRead?.(path, position, n)
           cb(n)
         }, (err: unknown) => {
           this.stats.readErrors++

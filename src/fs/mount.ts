@@ -40,6 +40,8 @@ export interface MountImageOptions {
   allowOther?: boolean
   /** Most chunks prefetched ahead of a sequential reader. Default 8. */
   readaheadChunks?: number
+  /** See ImageFsOptions.onRead. */
+  onRead?: (path: string, offset: number, length: number) => void
 }
 
 export interface MountedImage {
@@ -67,7 +69,7 @@ export async function mountImage (options: MountImageOptions): Promise<MountedIm
   await mkdir(mountpoint, { recursive: true })
 
   const lifetime = new AbortController()
-  const fs = new ImageFs({ view: options.view, resolver: options.resolver, log, signal: lifetime.signal, readaheadChunks: options.readaheadChunks })
+  const fs = new ImageFs({ view: options.view, resolver: options.resolver, log, signal: lifetime.signal, readaheadChunks: options.readaheadChunks, onRead: options.onRead })
   const fuse = new ImageFuse(mountpoint, fs.operations(), {
     // fuse-native answers ETIMEDOUT itself after this; the resolver's own
     // deadline must fire first, so that a stuck read becomes an EIO we chose.

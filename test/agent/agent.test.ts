@@ -7,7 +7,7 @@ import { join } from 'node:path'
 import { after, before, describe, it } from 'node:test'
 import { promisify } from 'node:util'
 import { SHOAL_BIN, startAgentProcess, type AgentProcess } from '../../src/agent/agent-process.ts'
-import type { AgentStats } from '../../src/agent/agent.ts'
+import type { AgentStats, MountInfo } from '../../src/agent/agent.ts'
 import { callAgent } from '../../src/agent/control.ts'
 import { convertImage, type ConvertReport } from '../../src/convert/convert.ts'
 import { ensureRealFixtures, type RealFixtures } from '../../src/fixtures/debian-images.ts'
@@ -24,6 +24,8 @@ describe('agent: the real python image, lazily', () => {
   let dir: string
   let origin: OriginServer
   let pub: string
+  let keyFile: string
+  let images: string
   let python: ConvertReport
   let perl: ConvertReport
   const agents: AgentProcess[] = []
@@ -34,7 +36,9 @@ describe('agent: the real python image, lazily', () => {
     const keys = generateKeyPairSync('ed25519')
     pub = join(dir, 'shoal.pub')
     await writeFile(pub, keys.publicKey.export({ type: 'spki', format: 'pem' }))
-    const images = join(dir, 'images')
+    keyFile = join(dir, 'shoal.key')
+    await writeFile(keyFile, keys.privateKey.export({ type: 'pkcs8', format: 'pem' }))
+    images = join(dir, 'images')
     python = await convertImage({ source: fixtures.ref('python'), dest: `oci:${images}:python`, signingKey: keys.privateKey })
     perl = await convertImage({ source: fixtures.ref('perl'), dest: `oci:${images}:perl`, signingKey: keys.privateKey })
     origin = await startOriginServer({ dir: images })
@@ -101,6 +105,26 @@ describe('agent: the real python image, lazily', () => {
     const { stdout, stderr } = await execFileAsync(SHOAL_BIN, ['run', 'python', '--state', state, '--origin', origin.url, '--trust', pub, '--no-p2p', '--summary', '--', ...PYTHON_CMD])
     assert.equal(stdout.trim(), '42')
     assert.match(stderr, /bytes by source: .*origin [1-9]/)
+  })
+
+  it('shoal trace records the start-up reads; an agent prefetches them after mount, so the run needs almost nothing more', async () => {
+    const { stdout } = await execFileAsync(SHOAL_BIN, ['trace', `oci:${images}:python`, '--key', keyFile, '--tag', 'python-traced', '--', ...PYTHON_CMD])
+    assert.match(stdout, /recorded \d+ files/)
+    const a = await agent('prefetching')
+    await callAgent(a.socket, 'POST', '/v1/mounts', { image: 'python-traced', mountpoint: join(dir, 'mnt-traced') })
+    let mounts: MountInfo[] = []
+    for (let i = 0; i < 300 && mounts[0]?.prefetch.result === undefined; i++) {
+      await new Promise(resolve => setTimeout(resolve, 100))
+      mounts = await callAgent<MountInfo[]>(a.socket, 'GET', '/v1/mounts')
+    }
+    const prefetch = mounts[0]!.prefetch
+    assert.ok(prefetch.result !== undefined, 'the prefetch list was fetched within 30 s')
+    assert.ok(prefetch.chunks > 10 && prefetch.result.failed === 0, JSON.stringify(prefetch))
+    const before = (await stats(a)).sources.origin!.bytes
+    const run = await execFileAsync(SHOAL_BIN, ['run', 'python-traced', '--state', a.stateDir, '--', ...PYTHON_CMD])
+    assert.equal(run.stdout.trim(), '42')
+    const during = (await stats(a)).sources.origin!.bytes - before
+    assert.ok(during <= 0.05 * before, `the run fetched ${during} more bytes after a prefetch of ${before}`)
   })
 
   it('refuses an image signed by an untrusted key, with a clear message', async () => {

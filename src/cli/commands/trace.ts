@@ -1,0 +1,72 @@
+import { createPublicKey } from 'node:crypto'
+import { mkdtemp, rm, writeFile } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import type { Command } from 'commander'
+import pino from 'pino'
+import { Agent } from '../../agent/agent.ts'
+import { defaultConfig, validateConfig } from '../../agent/config.ts'
+import { UsageError } from '../../errors.ts'
+import { parseShoalConfig } from '../../format/image-config.ts'
+import { loadPrivateKey } from '../../format/signing.ts'
+import { ReadRecorder } from '../../image/prefetch-list.ts'
+import { writeSignedImage } from '../../image/write-image.ts'
+import { OciLayout } from '../../oci/layout.ts'
+import { parseReference } from '../../oci/reference.ts'
+import type { ImageManifest } from '../../oci/types.ts'
+import { runContainer, type RuntimeName } from '../../run/run-container.ts'
+import { mib } from '../output.ts'
+
+/**
+ * `shoal trace`: run a command in an image, record what it reads, and write that as
+ * the image's prefetch list in a new signed version of the image. Agents fetch the
+ * list in the background right after mounting, so the next start finds it cached.
+ */
+export function registerTraceCommand (program: Command): void {
+  program.command('trace')
+    .description('record which files and ranges a command reads; write them as the image\'s prefetch list (a new signed version)')
+    .argument('<image>', 'oci:DIR:TAG (a shoal image in a local layout)')
+    .argument('[command...]', 'command and arguments (default: the image\'s entrypoint and cmd)')
+    .requiredOption('--key <file>', 'signing key for the new version (shoal.key)')
+    .option('--tag <tag>', 'tag for the new version (default: the same tag, replaced)')
+    .option('--runtime <name>', 'runc, crun or chroot (default: the first one installed)')
+    .action(async (image: string, command: string[], flags: { key: string, tag?: string, runtime?: RuntimeName }) => {
+      const ref = parseReference(image)
+      if (ref.transport !== 'oci') throw new UsageError(`${image}: trace works on a local layout, oci:DIR:TAG`)
+      const key = await loadPrivateKey(flags.key)
+      const state = await mkdtemp(join(tmpdir(), 'shoal-trace-'))
+      const controller = new AbortController()
+      for (const sig of ['SIGINT', 'SIGTERM'] as const) process.once(sig, () => controller.abort())
+      const recorder = new ReadRecorder()
+      let code = 1
+      try {
+        // The image must carry a signature by the key that will sign the new version.
+        const pub = join(state, 'signer.pub')
+        await writeFile(pub, createPublicKey(key).export({ type: 'spki', format: 'pem' }))
+        const config = validateConfig({ ...defaultConfig(join(state, 'agent')), origins: [ref.dir], trust: [pub], metrics: '', p2p: { enabled: false, listen: [], peers: [] } })
+        const agent = await Agent.start(config, { control: false, log: pino({ name: 'shoal-trace', level: 'warn' }, pino.destination(2)) })
+        try {
+          const mountpoint = join(state, 'mnt')
+          const info = await agent.mount(ref.tag, mountpoint, { signal: controller.signal, onRead: recorder.record })
+          try {
+            code = await runContainer({ lowerDir: mountpoint, runtime: info.runtime, args: command, signal: controller.signal, ...(flags.runtime !== undefined ? { use: flags.runtime } : {}) })
+          } finally {
+            await agent.umount(mountpoint)
+          }
+        } finally {
+          await agent.stop()
+        }
+      } finally {
+        await rm(state, { recursive: true, force: true })
+      }
+      if (code !== 0) throw new UsageError(`the command exited with ${code}; no prefetch list written (trace a command that succeeds)`)
+
+      const layout = await OciLayout.open(ref.dir)
+      const manifest = await layout.readJson<ImageManifest>((await layout.resolveTag(ref.tag)).digest, 'manifest')
+      const entries = recorder.entries()
+      const newConfig = { ...parseShoalConfig(await layout.readBlob(manifest.config.digest, 'config')), prefetch: entries }
+      const desc = await writeSignedImage(layout, flags.tag ?? ref.tag, newConfig, key)
+      const bytes = entries.reduce((n, e) => n + (e.ranges ?? []).reduce((m, [, len]) => m + len, 0), 0)
+      console.log(`recorded ${entries.length} files, ${mib(bytes)} read; oci:${ref.dir}:${flags.tag ?? ref.tag} is now ${desc.digest}`)
+    })
+}
