@@ -67,6 +67,16 @@ describe('agent: the real python image, lazily', () => {
     assert.ok(opened > 1e6, `strace saw ${opened} bytes of opened files`)
     assert.ok(fromOrigin <= 1.5 * opened, `origin sent ${fromOrigin} bytes for ${opened} bytes of opened files`)
     assert.ok(fromOrigin <= 0.1 * imageBytes, `origin sent ${fromOrigin} of ${imageBytes} image bytes`)
+
+    const metrics = await (await fetch(a.ready.metrics!)).text()
+    const exported = Number(/^shoal_chunk_bytes_total\{source="origin"\} (\d+)/m.exec(metrics)?.[1])
+    assert.equal(exported, fromOrigin, 'Prometheus reports the same origin bytes as shoal stats')
+  })
+
+  it('runs with chroot when asked (the fallback when no OCI runtime is installed)', async () => {
+    const a = await agent('chroot')
+    const { stdout } = await execFileAsync(SHOAL_BIN, ['run', 'python', '--state', a.stateDir, '--runtime', 'chroot', '--', ...PYTHON_CMD])
+    assert.equal(stdout.trim(), '42')
   })
 
   it('the whole mounted tree equals umoci unpack; the second image then re-fetches none of the shared chunks', async () => {
