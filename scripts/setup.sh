@@ -6,8 +6,13 @@ cd "$(dirname "$0")/.."
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 
-# Debian packages: FUSE for the lazy mounts, and the real tools the tests compare against.
-packages=(fuse libfuse2 skopeo umoci debootstrap runc docker-registry squashfuse squashfs-tools fio strace zstd attr ca-certificates)
+# Debian packages: what the agent needs at run time (FUSE, an OCI runtime, overlayfs
+# tools), plus, unless SHOAL_SETUP=runtime (the container image), the real tools the
+# tests, the fixture builder and the benchmarks use.
+packages=(fuse libfuse2 runc ca-certificates)
+if [ "${SHOAL_SETUP:-full}" != runtime ]; then
+  packages+=(skopeo umoci debootstrap docker-registry squashfuse squashfs-tools fio strace zstd attr apache2-utils openssl iproute2)
+fi
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -39,7 +44,11 @@ stamp=node_modules/.shoal-setup
 want="$(sha256sum package-lock.json | cut -c1-64) $(node -p process.versions.modules)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   log "installing npm dependencies"
-  npm ci --no-audit --no-fund --loglevel=error
+  if [ "${SHOAL_SETUP:-full}" = runtime ]; then
+    npm ci --omit=dev --no-audit --no-fund --loglevel=error
+  else
+    npm ci --no-audit --no-fund --loglevel=error
+  fi
   echo "$want" > "$stamp"
 fi
 # Native addons must load in the Node that runs them (a Node 20 build crashes on 24).

@@ -47,7 +47,8 @@ function agentOptions (cmd: Command): Command {
 
 async function buildConfig (flags: AgentFlags): Promise<AgentConfig> {
   const fromFile = flags.config !== undefined ? await loadConfigFile(flags.config) : {}
-  const base = { ...defaultConfig(), ...fromFile }
+  const defaults = defaultConfig()
+  const base = { ...defaults, ...fromFile, p2p: { ...defaults.p2p, ...fromFile.p2p } }
   const config: AgentConfig = {
     ...base,
     stateDir: flags.state ?? base.stateDir,
