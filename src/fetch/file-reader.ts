@@ -1,5 +1,5 @@
 import type { Extent } from '../format/catalog.ts'
-import type { ChunkResolver } from './resolver.ts'
+import type { ChunkResolver, ServedHook } from './resolver.ts'
 
 /**
  * Reads of one open file: maps a byte range to the extents it touches, resolves
@@ -20,6 +20,8 @@ import type { ChunkResolver } from './resolver.ts'
 export interface FileReaderOptions {
   /** Most chunks kept prefetched ahead of a sequential reader. Default 8; 0 disables readahead. */
   readaheadChunks?: number
+  /** Per-image accounting of which source served each chunk a read needed. */
+  onServed?: ServedHook
   /** Aborts readahead, e.g. when the file is closed or the mount goes away. */
   signal?: AbortSignal
 }
@@ -32,6 +34,7 @@ export class FileReader {
   private readonly extents: readonly Extent[]
   private readonly size: number
   private readonly maxWindow: number
+  private readonly onServed: ServedHook | undefined
   private readonly signal: AbortSignal
   /** Where the next read of a sequential reader would start. */
   private nextOffset = 0
@@ -44,6 +47,7 @@ export class FileReader {
     this.extents = extents
     this.size = size
     this.maxWindow = options.readaheadChunks ?? 8
+    this.onServed = options.onServed
     this.signal = options.signal ?? new AbortController().signal
   }
 
@@ -61,7 +65,7 @@ export class FileReader {
     this.readahead(offset, end, last)
 
     const touched = this.extents.slice(first, last)
-    const chunks = await Promise.all(touched.map(extent => this.resolver.get(extent, { signal })))
+    const chunks = await Promise.all(touched.map(extent => this.resolver.get(extent, { signal, ...(this.onServed !== undefined ? { onServed: this.onServed } : {}) })))
     let filled = offset
     for (const [i, extent] of touched.entries()) {
       const from = Math.max(offset, extent.fileOffset)

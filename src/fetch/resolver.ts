@@ -79,8 +79,11 @@ export interface PrefetchResult {
   failed: number
 }
 
+/** Told which source answered a caller (for per-image accounting); a shared fetch reports its source to every caller. */
+export type ServedHook = (source: string, bytes: number) => void
+
 interface Flight {
-  promise: Promise<Uint8Array>
+  promise: Promise<{ data: Uint8Array, source: string }>
   controller: AbortController
   waiters: number
   settled: boolean
@@ -127,8 +130,8 @@ export class ChunkResolver {
    * has good bytes within the timeout, or with the signal's reason on abort.
    * The returned array is shared (with the cache and other callers): do not modify it.
    */
-  async get (chunk: ChunkRef, options: { signal: AbortSignal }): Promise<Uint8Array> {
-    return await this.resolve(chunk, options.signal, true)
+  async get (chunk: ChunkRef, options: { signal: AbortSignal, onServed?: ServedHook }): Promise<Uint8Array> {
+    return await this.resolve(chunk, options.signal, true, options.onServed)
   }
 
   /**
@@ -167,12 +170,13 @@ export class ChunkResolver {
     return result
   }
 
-  private async resolve (chunk: ChunkRef, signal: AbortSignal, keepInMemory: boolean): Promise<Uint8Array> {
+  private async resolve (chunk: ChunkRef, signal: AbortSignal, keepInMemory: boolean, onServed?: ServedHook): Promise<Uint8Array> {
     signal.throwIfAborted()
     const started = performance.now()
     const hit = this.memory.get(chunk.digest)
     if (hit !== undefined) {
       this.served('memory', chunk.digest, hit.length, started)
+      onServed?.('memory', hit.length)
       return hit
     }
     let flight = this.flights.get(chunk.digest)
@@ -182,7 +186,9 @@ export class ChunkResolver {
 
     flight.waiters++
     try {
-      return await abortable(flight.promise, signal)
+      const { data, source } = await abortable(flight.promise, signal)
+      onServed?.(source, data.length)
+      return data
     } finally {
       if (--flight.waiters === 0 && !flight.settled) {
         // Every caller gave up: stop fetching what nobody wants.
@@ -207,7 +213,7 @@ export class ChunkResolver {
     return flight
   }
 
-  private async fetch (chunk: ChunkRef, flight: Omit<Flight, 'promise'>): Promise<Uint8Array> {
+  private async fetch (chunk: ChunkRef, flight: Omit<Flight, 'promise'>): Promise<{ data: Uint8Array, source: string }> {
     const started = performance.now()
     const timeout = AbortSignal.timeout(this.timeoutMs)
     const signal = AbortSignal.any([flight.controller.signal, timeout])
@@ -218,7 +224,7 @@ export class ChunkResolver {
       // In the background: the reader should not wait for the disk.
       if (source !== 'disk') void this.disk.put(chunk.digest, data)
       this.served(source, chunk.digest, data.length, started)
-      return data
+      return { data, source }
     } catch (err) {
       if (flight.controller.signal.aborted) throw err // every caller left; nobody sees this
       const list: SourceFailure[] = [...failures].map(([source, reason]) => ({ source, reason }))

@@ -1,7 +1,7 @@
 import Database from 'better-sqlite3'
 import { FormatError } from '../errors.ts'
 import { CATALOG_APPLICATION_ID, CATALOG_FORMAT_VERSION, ROOT_INO } from './catalog-schema.ts'
-import { digestFromHex, type Digest } from './digest.ts'
+import { digestFromHex, digestToBytes, type Digest } from './digest.ts'
 
 export const S_IFMT = 0o170000
 export const S_IFDIR = 0o040000
@@ -59,6 +59,8 @@ export class Catalog {
     children: Database.Statement<[number], Entry>
     xattrs: Database.Statement<[number], { name: string, value: Buffer }>
     extents: Database.Statement<[number], ExtentRow>
+    chunk: Database.Statement<[Buffer], Omit<ExtentRow, 'offset'>>
+    packChunks: Database.Statement<[string], Omit<ExtentRow, 'offset'>>
   }
 
   constructor (path: string) {
@@ -75,7 +77,11 @@ export class Catalog {
         children: this.db.prepare('SELECT name, ino, whiteout FROM entries WHERE parent = ? ORDER BY name'),
         xattrs: this.db.prepare('SELECT name, value FROM xattrs WHERE ino = ? ORDER BY name'),
         extents: this.db.prepare(`SELECT e.offset, c.digest, c.length, p.digest AS pack, c.pack_offset, c.stored_length, c.codec
-          FROM extents e JOIN chunks c ON c.id = e.chunk JOIN packs p ON p.id = c.pack WHERE e.ino = ? ORDER BY e.offset`)
+          FROM extents e JOIN chunks c ON c.id = e.chunk JOIN packs p ON p.id = c.pack WHERE e.ino = ? ORDER BY e.offset`),
+        chunk: this.db.prepare(`SELECT c.digest, c.length, p.digest AS pack, c.pack_offset, c.stored_length, c.codec
+          FROM chunks c JOIN packs p ON p.id = c.pack WHERE c.digest = ?`),
+        packChunks: this.db.prepare(`SELECT c.digest, c.length, p.digest AS pack, c.pack_offset, c.stored_length, c.codec
+          FROM chunks c JOIN packs p ON p.id = c.pack WHERE p.digest = ? ORDER BY c.pack_offset`)
       }
     } catch (err) {
       if (err instanceof FormatError) throw err
@@ -108,12 +114,21 @@ export class Catalog {
   *allChunks (): Generator<ChunkRef> {
     const rows = this.db.prepare(`SELECT c.digest, c.length, p.digest AS pack, c.pack_offset, c.stored_length, c.codec
       FROM chunks c JOIN packs p ON p.id = c.pack ORDER BY p.digest, c.pack_offset`).iterate() as IterableIterator<Omit<ExtentRow, 'offset'>>
-    for (const r of rows) {
-      yield { digest: digestFromHex(r.digest), length: r.length, pack: r.pack as Digest, packOffset: r.pack_offset, storedLength: r.stored_length, codec: r.codec }
-    }
+    for (const r of rows) yield toChunkRef(r)
   }
 
   /** The largest inode number (the FUSE layer packs layer and inode into a 32-bit st_ino). */
+  /** The chunk with DIGEST, if this layer has one (a unique-index probe). */
+  chunk (digest: Digest): ChunkRef | undefined {
+    const r = this.stmts.chunk.get(digestToBytes(digest))
+    return r === undefined ? undefined : toChunkRef(r)
+  }
+
+  /** The chunks stored in PACK that this layer refers to, in pack order. */
+  packChunks (pack: Digest): ChunkRef[] {
+    return this.stmts.packChunks.all(pack).map(toChunkRef)
+  }
+
   maxIno (): number {
     return (this.db.prepare('SELECT max(ino) AS m FROM inodes').get() as { m: number | null }).m ?? 0
   }
@@ -127,4 +142,8 @@ export class Catalog {
   }
 
   close (): void { this.db.close() }
+}
+
+function toChunkRef (r: Omit<ExtentRow, 'offset'>): ChunkRef {
+  return { digest: digestFromHex(r.digest), length: r.length, pack: r.pack as Digest, packOffset: r.pack_offset, storedLength: r.stored_length, codec: r.codec }
 }

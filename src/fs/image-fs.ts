@@ -2,7 +2,7 @@ import Fuse from 'fuse-native'
 import { FormatError } from '../errors.ts'
 import { FileReader } from '../fetch/file-reader.ts'
 import { errorText, type Logger } from '../fetch/log.ts'
-import type { ChunkResolver } from '../fetch/resolver.ts'
+import type { ChunkResolver, ServedHook } from '../fetch/resolver.ts'
 import { isDir, isLnk, isReg } from '../format/catalog.ts'
 import type { MergedNode, MergedView } from '../image/merged-view.ts'
 
@@ -27,6 +27,8 @@ export interface ImageFsOptions {
   readaheadChunks?: number
   /** Paths whose resolution (or absence) is remembered. Default 20 000. */
   pathCacheSize?: number
+  /** Which source served the chunks this image's reads needed (per-image bytes by source). */
+  onServed?: ServedHook
   /** Told of every successful read that reaches FUSE: `shoal trace` records them as the prefetch list. */
   onRead?: (path: string, offset: number, length: number) => void
 }
@@ -54,6 +56,7 @@ export class ImageFs {
   private readonly readaheadChunks: number
   private readonly pathCacheSize: number
   private readonly onRead: ((path: string, offset: number, length: number) => void) | undefined
+  private readonly onServed: ServedHook | undefined
   private readonly root: MergedNode
   /**
    * Resolved paths, null for "does not exist" (the image never changes, so
@@ -74,6 +77,7 @@ export class ImageFs {
     this.readaheadChunks = options.readaheadChunks ?? 8
     this.pathCacheSize = options.pathCacheSize ?? 20_000
     this.onRead = options.onRead
+    this.onServed = options.onServed
     this.root = this.view.root()
     this.layerCount = this.view.catalogs.length
     // fuse-native passes st_ino as 32 bits; refuse an image whose numbers would wrap
@@ -133,7 +137,8 @@ export class ImageFs {
           const controller = new AbortController()
           const reader = new FileReader(this.resolver, this.view.extents(node), node.inode.size, {
             readaheadChunks: this.readaheadChunks,
-            signal: AbortSignal.any([controller.signal, this.signal])
+            signal: AbortSignal.any([controller.signal, this.signal]),
+            ...(this.onServed !== undefined ? { onServed: this.onServed } : {})
           })
           const fd = this.allocateFd()
           this.files.set(fd, { reader, controller })

@@ -2,7 +2,7 @@ import Fuse from 'fuse-native'
 import { mkdir } from 'node:fs/promises'
 import { resolve } from 'node:path'
 import { errorText, silentLogger, type Logger } from '../fetch/log.ts'
-import type { ChunkResolver } from '../fetch/resolver.ts'
+import type { ChunkResolver, ServedHook } from '../fetch/resolver.ts'
 import type { MergedView } from '../image/merged-view.ts'
 import { MountError } from './errors.ts'
 import { ImageFs, type ImageFsStats } from './image-fs.ts'
@@ -42,6 +42,8 @@ export interface MountImageOptions {
   readaheadChunks?: number
   /** See ImageFsOptions.onRead. */
   onRead?: (path: string, offset: number, length: number) => void
+  /** See ImageFsOptions.onServed. */
+  onServed?: ServedHook
 }
 
 export interface MountedImage {
@@ -69,7 +71,7 @@ export async function mountImage (options: MountImageOptions): Promise<MountedIm
   await mkdir(mountpoint, { recursive: true })
 
   const lifetime = new AbortController()
-  const fs = new ImageFs({ view: options.view, resolver: options.resolver, log, signal: lifetime.signal, readaheadChunks: options.readaheadChunks, onRead: options.onRead })
+  const fs = new ImageFs({ view: options.view, resolver: options.resolver, log, signal: lifetime.signal, readaheadChunks: options.readaheadChunks, onRead: options.onRead, onServed: options.onServed })
   const fuse = new ImageFuse(mountpoint, fs.operations(), {
     // fuse-native answers ETIMEDOUT itself after this; the resolver's own
     // deadline must fire first, so that a stuck read becomes an EIO we chose.

@@ -1,11 +1,13 @@
-import { randomBytes } from 'node:crypto'
+import { createCipheriv, createHash, randomBytes } from 'node:crypto'
 import { after } from 'node:test'
 import type { ChunkRef } from '../../src/format/catalog.ts'
 import { sha256, type Digest } from '../../src/format/digest.ts'
 import { sleep } from '../../src/origin/limit.ts'
+import type { PeerId } from '@libp2p/interface'
 import type { ByteRange } from '../../src/p2p/chunk-protocol.ts'
 import type { LocalChunks } from '../../src/p2p/chunk-server.ts'
 import { createPeerNode, type PeerNode, type PeerNodeOptions } from '../../src/p2p/node.ts'
+import type { PackRouter } from '../../src/p2p/pack-router.ts'
 import { tempDir } from '../helpers/tmp.ts'
 
 /**
@@ -15,6 +17,9 @@ import { tempDir } from '../helpers/tmp.ts'
 export async function startNodes (count: number, options: Partial<PeerNodeOptions> = {}): Promise<PeerNode[]> {
   const first = await startNode(options)
   const rest = await Promise.all(Array.from({ length: count - 1 }, async () => await startNode({ bootstrap: first.multiaddrs(), ...options })))
+  // The dialler returns before the first node has finished upgrading its side; a stream opened
+  // from there in that window would look for the peer's addresses in the DHT instead.
+  await waitFor('the first node to see every connection', () => rest.every(node => first.connectedPeers().some(p => p.equals(node.peerId))) ? true : undefined)
   return [first, ...rest]
 }
 
@@ -54,6 +59,13 @@ export function makePack (sizes: number[], fill: (i: number) => Uint8Array = i =
   return { pack, chunks }
 }
 
+/** The same pack in every process that passes the same seed (an AES-CTR keystream as the bytes). */
+export function seededPack (seed: string, count: number, size: number): { pack: Digest, chunks: TestChunk[] } {
+  const key = createHash('sha256').update(seed).digest()
+  const stream = createCipheriv('aes-256-ctr', key, Buffer.alloc(16)).update(Buffer.alloc(count * size))
+  return makePack(Array.from({ length: count }, () => size), i => stream.subarray(i * size, (i + 1) * size))
+}
+
 /**
  * LocalChunks over a map: what the agent's verified cache looks like to the
  * chunk server. `fetch` stands in for the agent's resolver on owner requests.
@@ -64,6 +76,8 @@ export class MemoryChunks implements LocalChunks {
   /** Makes every get wait first (a slow disk, or a peer about to die). */
   delayMs = 0
   gets = 0
+  /** Gets whose signal aborted while they waited (the requester cancelled). */
+  aborted = 0
 
   add (...chunks: TestChunk[]): this {
     for (const chunk of chunks) this.chunks.set(chunk.ref.digest, chunk)
@@ -72,7 +86,12 @@ export class MemoryChunks implements LocalChunks {
 
   async get (digest: Digest, options: { signal: AbortSignal, fetch: boolean }): Promise<Uint8Array | undefined> {
     this.gets++
-    if (this.delayMs > 0) await sleep(this.delayMs, options.signal)
+    if (this.delayMs > 0) {
+      await sleep(this.delayMs, options.signal).catch((err: unknown) => {
+        this.aborted++
+        throw err
+      })
+    }
     const held = this.chunks.get(digest)
     if (held !== undefined) return held.bytes
     if (options.fetch && this.fetch !== undefined) return await this.fetch(digest, options.signal)
@@ -84,4 +103,12 @@ export class MemoryChunks implements LocalChunks {
       .filter(c => c.ref.pack === pack)
       .map(c => ({ offset: c.ref.packOffset, length: c.ref.storedLength }))
   }
+}
+
+/** A router with a fixed swarm, for tests about the exchange rather than the DHT. */
+export class StaticRouter implements PackRouter {
+  readonly peers: PeerId[]
+  constructor (peers: PeerId[]) { this.peers = peers }
+  async announce (): Promise<void> {}
+  async * holders (): AsyncIterable<PeerId> { yield * this.peers }
 }

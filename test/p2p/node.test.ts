@@ -27,6 +27,11 @@ test('node: the peer identity persists in stateDir/peer.key, mode 0600', async (
   await assert.rejects(createPeerNode({ stateDir }), (err: unknown) => err instanceof PeerKeyError && /not a protobuf-encoded libp2p private key/.test(err.message))
 })
 
+test('node: announce addresses replace the listen addresses peers are told about', async () => {
+  const node = await startNode({ announce: ['/ip4/10.1.2.3/tcp/4001'] })
+  assert.deepEqual(node.multiaddrs(), [`/ip4/10.1.2.3/tcp/4001/p2p/${node.peerId.toString()}`])
+})
+
 test('node: swarm keys are created once, in the swarm.key v1 format, and checked on load', async () => {
   const dir = await tempDir()
   const file = join(dir, 'swarm.key')

@@ -1,0 +1,125 @@
+import type { DiskCache } from '../cache/disk-cache.ts'
+import type { ChunkSource } from '../fetch/chunk-source.ts'
+import type { Logger } from '../fetch/log.ts'
+import type { ChunkResolver } from '../fetch/resolver.ts'
+import type { ChunkRef } from '../format/catalog.ts'
+import type { Digest } from '../format/digest.ts'
+import { ChunkClient } from '../p2p/chunk-client.ts'
+import type { ByteRange } from '../p2p/chunk-protocol.ts'
+import { ChunkServer, type ChunkServerStats, type LocalChunks } from '../p2p/chunk-server.ts'
+import { createPeerNode, loadOrCreatePsk, type PeerNode } from '../p2p/node.ts'
+import { DhtPackRouter } from '../p2p/pack-router.ts'
+import { PeerChunkSource, type PeerSourceStats } from '../p2p/peer-source.ts'
+import type { AgentConfig } from './config.ts'
+
+/** Where the agent's mounted images say a chunk is: the peer server serves only what a catalog vouches for. */
+export interface ChunkLocator {
+  locate (digest: Digest): ChunkRef | undefined
+  packChunks (pack: Digest): ChunkRef[]
+}
+
+export interface PeeringStats {
+  peerId: string
+  multiaddrs: string[]
+  connectedPeers: number
+  source: Omit<PeerSourceStats, 'perPeerBytes'> & { perPeerBytes: Record<string, number> }
+  server: ChunkServerStats
+}
+
+/**
+ * The agent's place in the swarm: a libp2p node, a server for the chunks this
+ * node holds (verified, from its caches) and a chunk source that asks peers. A
+ * pack is announced the first time this node needs one of its chunks, so a burst
+ * of nodes starting together finds itself at once.
+ */
+export class Peering {
+  readonly node: PeerNode
+  readonly source: ChunkSource
+  private readonly peers: PeerChunkSource
+  private readonly server: ChunkServer
+  private readonly router: DhtPackRouter
+  private readonly client: ChunkClient
+  private readonly announced = new Set<Digest>()
+  private readonly lifetime = new AbortController()
+
+  private constructor (parts: { node: PeerNode, peers: PeerChunkSource, server: ChunkServer, router: DhtPackRouter, client: ChunkClient }, log: Logger) {
+    this.node = parts.node
+    this.peers = parts.peers
+    this.server = parts.server
+    this.router = parts.router
+    this.client = parts.client
+    this.source = {
+      name: 'peers',
+      get: async (chunk, options) => {
+        if (!this.announced.has(chunk.pack)) {
+          this.announced.add(chunk.pack)
+          this.router.announce(chunk.pack, { signal: this.lifetime.signal }).catch((err: Error) => log.warn({ pack: chunk.pack, err: err.message }, 'announce failed'))
+        }
+        return await this.peers.get(chunk, options)
+      }
+    }
+  }
+
+  /**
+   * Starts the node and its server. `resolver` is read lazily: the resolver is built
+   * with this node's chunk source, and the server needs the resolver for owner fetches.
+   */
+  static async start (config: AgentConfig, deps: { disk: DiskCache, resolver: () => ChunkResolver, locator: ChunkLocator, log: Logger }): Promise<Peering> {
+    const psk = config.p2p.pskFile !== undefined ? await loadOrCreatePsk(config.p2p.pskFile) : undefined
+    const node = await createPeerNode({
+      stateDir: config.stateDir,
+      listen: config.p2p.listen,
+      bootstrap: config.p2p.peers,
+      ...(psk !== undefined ? { psk } : {})
+    })
+    const local: LocalChunks = {
+      get: async (digest, { signal, fetch }) => {
+        const ref = deps.locator.locate(digest)
+        if (ref === undefined) return undefined
+        const resolver = deps.resolver()
+        // As the chunk's owner: fetch it once (singleflight), for everybody.
+        if (fetch) return await resolver.get(ref, { signal })
+        return resolver.memory.get(digest) ?? await deps.disk.get(ref, { signal })
+      },
+      held: async (pack) => {
+        const ranges: ByteRange[] = []
+        for (const c of deps.locator.packChunks(pack)) {
+          if (deps.disk.has(c.digest) || deps.resolver().memory.has(c.digest)) ranges.push({ offset: c.packOffset, length: c.storedLength })
+        }
+        return ranges
+      }
+    }
+    const server = new ChunkServer(node.libp2p, { local })
+    await server.start()
+    const router = new DhtPackRouter(node.libp2p)
+    const client = new ChunkClient(node.libp2p)
+    const peers = new PeerChunkSource({
+      self: node.peerId,
+      router,
+      client,
+      bans: node.bans,
+      servingAsOwner: digest => server.isFetchingForPeers(digest)
+    })
+    deps.log.info({ peerId: node.peerId.toString(), multiaddrs: node.multiaddrs() }, 'peer node started')
+    return new Peering({ node, peers, server, router, client }, deps.log)
+  }
+
+  stats (): PeeringStats {
+    const { perPeerBytes, ...source } = this.peers.stats
+    return {
+      peerId: this.node.peerId.toString(),
+      multiaddrs: this.node.multiaddrs(),
+      connectedPeers: this.node.connectedPeers().length,
+      source: { ...source, perPeerBytes: Object.fromEntries(perPeerBytes) },
+      server: { ...this.server.stats }
+    }
+  }
+
+  async stop (): Promise<void> {
+    this.lifetime.abort()
+    this.router.stop()
+    this.client.close()
+    await this.server.stop()
+    await this.node.stop()
+  }
+}

@@ -1,0 +1,266 @@
+import type { Connection, Stream } from '@libp2p/interface'
+import { messageStreamToDuplex } from '@libp2p/utils'
+import { pipe } from 'it-pipe'
+import type { Libp2p } from 'libp2p'
+import type { Uint8ArrayList } from 'uint8arraylist'
+import { sha256, type Digest } from '../format/digest.ts'
+import {
+  CHUNK_PROTOCOL, MAX_CLIENT_FRAME, decodeClientMessage, encodeChunkReply, encodeHave, frameDecoder,
+  type ByteRange, type ChunkStatus, type ClientMessage, type WantItem
+} from './chunk-protocol.ts'
+import { ProtocolViolationError } from './errors.ts'
+import { TokenBucket } from './token-bucket.ts'
+
+/**
+ * What this node can serve. The agent adapts its verified disk cache (and, for
+ * owner fetches, its resolver) to this.
+ */
+export interface LocalChunks {
+  /**
+   * The chunk's bytes if this node holds them verified, else undefined.
+   *
+   * `fetch: true` means the requester named this node the chunk's owner: the
+   * agent should fetch it (from the origin, once: singleflight) and resolve when
+   * it lands. `signal` aborts when the requester cancels or the server stops; a
+   * requester that merely stopped waiting (it got `pending`) does not abort, so
+   * the fetch carries on and its next ask finds the chunk.
+   */
+  get (digest: Digest, options: { signal: AbortSignal, fetch: boolean }): Promise<Uint8Array | undefined>
+  /** Byte ranges of the pack's stored bytes whose chunks this node holds, verified. */
+  held (pack: Digest): Promise<readonly ByteRange[]>
+}
+
+export interface ChunkServerOptions {
+  local: LocalChunks
+  /** Requests one peer may have in progress (owner waits included); beyond it, `busy`. Default 64. */
+  maxConcurrentPerPeer?: number
+  /** Total upload rate; beyond it, `busy`. Default unlimited. */
+  uploadBytesPerSecond?: number
+  /** Longest a requester may make us hold an owner request (its waitMs is capped to this). Default 5000. */
+  maxWaitMs?: number
+  /** Inbound chunk streams per connection. Clients use one; a few more tolerate reconnect races. Default 4. */
+  maxStreamsPerConnection?: number
+  now?: () => number
+}
+
+export interface ChunkServerStats {
+  /** Chunk items received. */
+  requests: number
+  served: number
+  bytesServed: number
+  dontHave: number
+  busy: number
+  pending: number
+  /** Owner requests that made us fetch on a peer's behalf. */
+  ownerFetches: number
+  /** Held chunks that failed our own re-hash (disk corruption): answered dont-have. */
+  localCorruption: number
+  /** Streams reset because the peer broke the protocol. */
+  violations: number
+}
+
+type Registrar = Pick<Libp2p, 'handle' | 'unhandle'>
+
+interface StreamState {
+  readonly stream: Stream
+  readonly peer: string
+  /** Items in progress by id, so CANCEL can abort them. */
+  readonly items: Map<number, AbortController>
+  /** Everything still to answer, so a half-closed stream is closed only when it is done. */
+  readonly work: Set<Promise<void>>
+}
+
+/**
+ * Serves `/shoal/chunks/1.0.0`. Every item is answered independently, as soon
+ * as it is ready. Limits that protect this node answer `busy` at once instead
+ * of queueing: a requester with alternatives should use them.
+ */
+export class ChunkServer {
+  readonly stats: ChunkServerStats = {
+    requests: 0, served: 0, bytesServed: 0, dontHave: 0, busy: 0, pending: 0, ownerFetches: 0, localCorruption: 0, violations: 0
+  }
+
+  private readonly registrar: Registrar
+  private readonly local: LocalChunks
+  private readonly maxConcurrentPerPeer: number
+  private readonly maxWaitMs: number
+  private readonly maxStreamsPerConnection: number
+  private readonly bucket: TokenBucket
+  private readonly active = new Map<string, number>()
+  /** Owner fetches in progress on peers' behalf, by digest (a count: several peers may ask). */
+  private readonly ownerFetches = new Map<Digest, number>()
+  private readonly streams = new Set<Stream>()
+  private readonly stopping = new AbortController()
+
+  constructor (registrar: Registrar, options: ChunkServerOptions) {
+    this.registrar = registrar
+    this.local = options.local
+    this.maxConcurrentPerPeer = options.maxConcurrentPerPeer ?? 64
+    this.maxWaitMs = options.maxWaitMs ?? 5000
+    this.maxStreamsPerConnection = options.maxStreamsPerConnection ?? 4
+    this.bucket = new TokenBucket(options.uploadBytesPerSecond ?? Infinity, { now: options.now })
+  }
+
+  async start (): Promise<void> {
+    await this.registrar.handle(CHUNK_PROTOCOL, (stream, connection) => this.serve(stream, connection), {
+      maxInboundStreams: this.maxStreamsPerConnection
+    })
+  }
+
+  /** Refuses new streams, resets open ones and abandons the work in progress. Not restartable. */
+  async stop (): Promise<void> {
+    const reason = new Error('chunk server stopped')
+    this.stopping.abort(reason)
+    await this.registrar.unhandle(CHUNK_PROTOCOL)
+    for (const stream of this.streams) stream.abort(reason)
+  }
+
+  /**
+   * True while this node fetches `digest` because a peer named it the owner.
+   * The peer chunk source uses it to act as owner for that chunk (fetch from the
+   * origin itself) instead of forwarding to whomever *it* thinks the owner is,
+   * which could bounce between nodes whose views of the swarm differ.
+   */
+  isFetchingForPeers (digest: Digest): boolean {
+    return this.ownerFetches.has(digest)
+  }
+
+  private async serve (stream: Stream, connection: Connection): Promise<void> {
+    const state: StreamState = { stream, peer: connection.remotePeer.toString(), items: new Map(), work: new Set() }
+    const abandon = (): void => { for (const controller of state.items.values()) controller.abort(new Error('chunk stream ended')) }
+    // 'close' means both directions are done or the connection died: nobody is left to answer.
+    stream.addEventListener('close', abandon, { once: true })
+    this.streams.add(stream)
+    try {
+      await pipe(
+        messageStreamToDuplex(stream).source,
+        frameDecoder(MAX_CLIENT_FRAME),
+        async (frames: AsyncIterable<Uint8ArrayList>) => {
+          for await (const frame of frames) this.dispatch(state, decodeClientMessage(frame))
+        }
+      )
+      // The requester half-closed: answer what is in progress, then close our side.
+      await Promise.allSettled(state.work)
+      await stream.close({ signal: AbortSignal.timeout(5000) }).catch(() => stream.abort(new Error('close timed out')))
+    } catch (err) {
+      if (err instanceof ProtocolViolationError) {
+        this.stats.violations++
+        stream.abort(err)
+      }
+      // Anything else is the stream dying under us (reset, connection closed): nothing to answer.
+    } finally {
+      abandon()
+      stream.removeEventListener('close', abandon)
+      this.streams.delete(stream)
+    }
+  }
+
+  private dispatch (state: StreamState, message: ClientMessage): void {
+    switch (message.type) {
+      case 'want':
+        for (const item of message.items) {
+          if (state.items.has(item.id)) throw new ProtocolViolationError(`request id ${item.id} reused while still in progress`)
+          this.track(state, this.answer(state, item))
+        }
+        break
+      case 'cancel':
+        state.items.get(message.id)?.abort(new Error('cancelled by the requester'))
+        break
+      case 'have-query':
+        this.track(state, this.answerHave(state, message.id, message.pack))
+        break
+    }
+  }
+
+  private track (state: StreamState, work: Promise<void>): void {
+    state.work.add(work)
+    void work.finally(() => state.work.delete(work))
+  }
+
+  private async answer (state: StreamState, item: WantItem): Promise<void> {
+    this.stats.requests++
+    const active = this.active.get(state.peer) ?? 0
+    if (active >= this.maxConcurrentPerPeer) {
+      await this.reply(state, item.id, 'busy')
+      return
+    }
+    this.active.set(state.peer, active + 1)
+    const controller = new AbortController()
+    state.items.set(item.id, controller)
+    const signal = AbortSignal.any([controller.signal, this.stopping.signal])
+    try {
+      const found = await this.lookup(item, signal)
+      if (signal.aborted) return // cancelled: the requester does not want an answer
+      if (found === 'pending' || found === undefined) {
+        await this.reply(state, item.id, found ?? 'dont-have')
+        return
+      }
+      if (found.length !== item.length || sha256(found) !== item.digest) {
+        // Never pass on bytes we cannot vouch for; the agent's cache will find out on its own read.
+        this.stats.localCorruption++
+        await this.reply(state, item.id, 'dont-have')
+        return
+      }
+      if (!this.bucket.tryTake(found.length)) {
+        await this.reply(state, item.id, 'busy')
+        return
+      }
+      this.stats.served++
+      this.stats.bytesServed += found.length
+      await this.reply(state, item.id, 'data', found, signal)
+    } catch {
+      if (!signal.aborted) await this.reply(state, item.id, 'dont-have')
+    } finally {
+      state.items.delete(item.id)
+      const left = (this.active.get(state.peer) ?? 1) - 1
+      if (left === 0) this.active.delete(state.peer)
+      else this.active.set(state.peer, left)
+    }
+  }
+
+  /** Bytes, undefined (not held), or 'pending' (an owner fetch still running when the wait ran out). */
+  private async lookup (item: WantItem, signal: AbortSignal): Promise<Uint8Array | undefined | 'pending'> {
+    if (!item.fetch) return await this.local.get(item.digest, { signal, fetch: false })
+    this.stats.ownerFetches++
+    this.ownerFetches.set(item.digest, (this.ownerFetches.get(item.digest) ?? 0) + 1)
+    const fetching = this.local.get(item.digest, { signal, fetch: true })
+    // The marker lives as long as the fetch, not our wait: a later ask must still see it.
+    void fetching.catch(() => undefined).finally(() => {
+      const n = (this.ownerFetches.get(item.digest) ?? 1) - 1
+      if (n === 0) this.ownerFetches.delete(item.digest)
+      else this.ownerFetches.set(item.digest, n)
+    })
+    const waitMs = Math.min(item.waitMs, this.maxWaitMs)
+    let timer: NodeJS.Timeout | undefined
+    const expired = new Promise<'pending'>(resolve => { timer = setTimeout(() => resolve('pending'), waitMs) })
+    try {
+      return await Promise.race([fetching, expired])
+    } finally {
+      clearTimeout(timer)
+    }
+  }
+
+  private async answerHave (state: StreamState, id: number, pack: Digest): Promise<void> {
+    const ranges = await this.local.held(pack).catch(() => [])
+    await this.send(state.stream, encodeHave(id, pack, ranges), this.stopping.signal)
+  }
+
+  private async reply (state: StreamState, id: number, status: ChunkStatus, bytes?: Uint8Array, signal?: AbortSignal): Promise<void> {
+    if (status === 'busy') this.stats.busy++
+    else if (status === 'dont-have') this.stats.dontHave++
+    else if (status === 'pending') this.stats.pending++
+    await this.send(state.stream, encodeChunkReply(id, status, bytes), signal ?? this.stopping.signal)
+  }
+
+  /**
+   * Holding the request's concurrency slot until the stream drains is what
+   * bounds the bytes queued for a peer that reads slowly (or not at all).
+   */
+  private async send (stream: Stream, data: Uint8Array | Uint8ArrayList, signal: AbortSignal): Promise<void> {
+    try {
+      if (!stream.send(data)) await stream.onDrain({ signal })
+    } catch {
+      // The stream closed or was reset: the requester has gone or will time out.
+    }
+  }
+}

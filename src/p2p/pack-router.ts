@@ -1,0 +1,224 @@
+import type { PeerId } from '@libp2p/interface'
+import type { Libp2p } from 'libp2p'
+import { CID } from 'multiformats/cid'
+import { create as createMultihash } from 'multiformats/hashes/digest'
+import { digestToBytes, type Digest } from '../format/digest.ts'
+import { AnnounceError } from './errors.ts'
+
+/** Who else is in a pack's swarm: DHT provider records plus live availability. */
+export interface PackRouter {
+  /** Tell the swarm this node wants (and will soon hold) the pack. */
+  announce (pack: Digest, options: { signal: AbortSignal }): Promise<void>
+  /** Everyone else who announced the pack: holders and wanters. */
+  holders (pack: Digest, options: { signal: AbortSignal }): AsyncIterable<PeerId>
+}
+
+export interface DhtPackRouterOptions {
+  /** How long a finished lookup is reused. Default 5000. */
+  cacheTtlMs?: number
+  /** Deadline of one findProviders walk; what was found by then is the answer. Default 5000. */
+  lookupTimeoutMs?: number
+  /** Deadline of one provide. Default 15000. */
+  provideTimeoutMs?: number
+  /** While a pack is held, a failed announce is retried this often. Default 30000. */
+  retryAnnounceMs?: number
+  now?: () => number
+}
+
+export interface DhtPackRouterStats {
+  provides: number
+  provideFailures: number
+  /** findProviders walks started. */
+  lookups: number
+  /** holders() calls answered by a cached or in-flight walk. */
+  lookupsShared: number
+}
+
+type Routing = Pick<Libp2p, 'peerId' | 'contentRouting'>
+
+/** raw binary: a pack is an opaque blob */
+const RAW_CODEC = 0x55
+const SHA2_256 = 0x12
+
+/** The DHT key of a pack: a CIDv1 over the pack's own SHA-256 (multihash 0x12). */
+export function packCid (pack: Digest): CID {
+  return CID.createV1(RAW_CODEC, createMultihash(SHA2_256, digestToBytes(pack)))
+}
+
+/**
+ * A PackRouter over kad-dht provider records, one record per pack (DESIGN:
+ * "advertise coarse": a provide costs a lookup and ~20 RPCs, so never per chunk).
+ *
+ * - announce: provides once per pack while held; the DHT's reprovider keeps
+ *   the record alive after that (node.ts sets its validity and interval), and
+ *   a failed provide (e.g. no peers yet) is retried on a timer.
+ * - holders: one findProviders walk per pack at a time (singleflight), reused
+ *   for `cacheTtlMs`; callers that arrive mid-walk see what has been found so
+ *   far at once and the rest as it comes.
+ *
+ * Note: kad-dht stops a walk after k (20) providers, so in a bigger swarm each
+ * node sees a 20-peer sample of it.
+ */
+export class DhtPackRouter implements PackRouter {
+  readonly stats: DhtPackRouterStats = { provides: 0, provideFailures: 0, lookups: 0, lookupsShared: 0 }
+  private readonly routing: Routing
+  private readonly cacheTtlMs: number
+  private readonly lookupTimeoutMs: number
+  private readonly provideTimeoutMs: number
+  private readonly retryAnnounceMs: number
+  private readonly now: () => number
+  private readonly held = new Map<Digest, Announcement>()
+  private readonly lookups = new Map<Digest, Lookup>()
+  private readonly stopping = new AbortController()
+
+  constructor (routing: Routing, options: DhtPackRouterOptions = {}) {
+    this.routing = routing
+    this.cacheTtlMs = options.cacheTtlMs ?? 5000
+    this.lookupTimeoutMs = options.lookupTimeoutMs ?? 5000
+    this.provideTimeoutMs = options.provideTimeoutMs ?? 15_000
+    this.retryAnnounceMs = options.retryAnnounceMs ?? 30_000
+    this.now = options.now ?? Date.now
+  }
+
+  /**
+   * Resolves once the provider record is out. Rejects with AnnounceError if
+   * that failed; the router keeps retrying in the background regardless, so
+   * callers may treat the announce as fire-and-forget.
+   */
+  async announce (pack: Digest, options: { signal: AbortSignal }): Promise<void> {
+    let announcement = this.held.get(pack)
+    if (announcement === undefined) {
+      announcement = { done: false, inFlight: undefined, retry: undefined }
+      this.held.set(pack, announcement)
+    }
+    if (announcement.done) return
+    if (announcement.inFlight === undefined) {
+      clearTimeout(announcement.retry) // this attempt replaces the scheduled retry
+      announcement.inFlight = this.provide(pack, announcement)
+    }
+    await raceAbort(announcement.inFlight, options.signal)
+  }
+
+  /** Stop re-providing the pack (the agent evicted it); the records expire on their own. */
+  async withdraw (pack: Digest, options: { signal: AbortSignal }): Promise<void> {
+    const announcement = this.held.get(pack)
+    if (announcement === undefined) return
+    this.held.delete(pack)
+    clearTimeout(announcement.retry)
+    const signal = AbortSignal.any([options.signal, AbortSignal.timeout(this.provideTimeoutMs)])
+    // A provide still in flight would publish after the cancel and be re-provided forever.
+    await raceAbort(announcement.inFlight ?? Promise.resolve(), signal).catch(() => {})
+    await this.routing.contentRouting.cancelReprovide(packCid(pack), { signal })
+  }
+
+  async * holders (pack: Digest, options: { signal: AbortSignal }): AsyncIterable<PeerId> {
+    const lookup = this.lookup(pack)
+    let next = 0
+    while (true) {
+      while (next < lookup.found.length) yield lookup.found[next++]!
+      if (lookup.done) return
+      await lookup.changed(options.signal)
+    }
+  }
+
+  /** Ends background retries and walks in progress. */
+  stop (): void {
+    this.stopping.abort(new Error('pack router stopped'))
+    for (const announcement of this.held.values()) clearTimeout(announcement.retry)
+  }
+
+  private async provide (pack: Digest, announcement: Announcement): Promise<void> {
+    const signal = AbortSignal.any([AbortSignal.timeout(this.provideTimeoutMs), this.stopping.signal])
+    try {
+      await this.routing.contentRouting.provide(packCid(pack), { signal })
+      this.stats.provides++
+      announcement.done = true
+    } catch (err) {
+      this.stats.provideFailures++
+      if (this.held.get(pack) === announcement && !this.stopping.signal.aborted) {
+        announcement.retry = setTimeout(() => {
+          announcement.inFlight = this.provide(pack, announcement)
+          announcement.inFlight.catch(() => {})
+        }, this.retryAnnounceMs).unref()
+      }
+      const reason = signal.aborted ? `no answer within ${this.provideTimeoutMs} ms (are any peers connected?)` : (err as Error).message
+      throw new AnnounceError(`pack ${pack}`, reason, { cause: err })
+    } finally {
+      announcement.inFlight = undefined
+    }
+  }
+
+  private lookup (pack: Digest): Lookup {
+    const cached = this.lookups.get(pack)
+    if (cached !== undefined && cached.expires > this.now()) {
+      this.stats.lookupsShared++
+      return cached
+    }
+    for (const [key, old] of this.lookups) if (old.expires <= this.now()) this.lookups.delete(key)
+    const lookup = new Lookup()
+    this.lookups.set(pack, lookup)
+    this.stats.lookups++
+    void this.walk(pack, lookup)
+    return lookup
+  }
+
+  private async walk (pack: Digest, lookup: Lookup): Promise<void> {
+    const signal = AbortSignal.any([AbortSignal.timeout(this.lookupTimeoutMs), this.stopping.signal])
+    try {
+      for await (const provider of this.routing.contentRouting.findProviders(packCid(pack), { signal })) {
+        if (!provider.id.equals(this.routing.peerId)) lookup.add(provider.id)
+      }
+    } catch {
+      // Deadline or no peers: the providers found so far are the answer until the cache expires.
+    } finally {
+      lookup.finish(this.now() + this.cacheTtlMs)
+    }
+  }
+}
+
+interface Announcement {
+  done: boolean
+  inFlight: Promise<void> | undefined
+  retry: NodeJS.Timeout | undefined
+}
+
+/** One findProviders walk, shared by every caller that asks while it runs or is cached. */
+class Lookup {
+  readonly found: PeerId[] = []
+  done = false
+  /** Infinity while running: a running walk is always reused. */
+  expires = Infinity
+  private waiters: Array<() => void> = []
+
+  add (peer: PeerId): void {
+    if (this.found.some(p => p.equals(peer))) return
+    this.found.push(peer)
+    this.notify()
+  }
+
+  finish (expires: number): void {
+    this.done = true
+    this.expires = expires
+    this.notify()
+  }
+
+  changed (signal: AbortSignal): Promise<void> {
+    return raceAbort(new Promise<void>(resolve => this.waiters.push(resolve)), signal)
+  }
+
+  private notify (): void {
+    const waiters = this.waiters
+    this.waiters = []
+    for (const wake of waiters) wake()
+  }
+}
+
+/** Waits for `promise`, or rejects with the signal's reason as soon as it aborts (the work goes on). */
+function raceAbort<T> (promise: Promise<T>, signal: AbortSignal): Promise<T> {
+  if (signal.aborted) return Promise.reject(signal.reason)
+  return new Promise<T>((resolve, reject) => {
+    const onAbort = (): void => reject(signal.reason)
+    signal.addEventListener('abort', onAbort, { once: true })
+    promise.then(resolve, reject).finally(() => signal.removeEventListener('abort', onAbort))
+  })
+}

@@ -1,0 +1,456 @@
+import type { PeerId } from '@libp2p/interface'
+import type { ChunkSource } from '../fetch/chunk-source.ts'
+import type { ChunkRef } from '../format/catalog.ts'
+import { sha256, type Digest } from '../format/digest.ts'
+import { sleep } from '../origin/limit.ts'
+import type { PeerBans } from './bans.ts'
+import type { ChunkRequester } from './chunk-client.ts'
+import { MAX_CHUNK_BYTES, normalizeRanges, rangesCover, type ByteRange } from './chunk-protocol.ts'
+import { ProtocolViolationError } from './errors.ts'
+import type { PackRouter } from './pack-router.ts'
+import { chunkKey, nodeKey, selectSources, spreadKey, topNodes, type NodeKey, type Selection } from './rendezvous.ts'
+
+export interface PeerChunkSourceOptions {
+  self: PeerId
+  router: PackRouter
+  client: ChunkRequester
+  /** Shared with the node's connection gater (createPeerNode's `bans`). */
+  bans: PeerBans
+  /**
+   * True while this node fetches the chunk because a peer named it the owner
+   * (ChunkServer.isFetchingForPeers): then it acts as owner whatever its own
+   * view of the swarm says, so a request never bounces between owners.
+   */
+  servingAsOwner?: (digest: Digest) => boolean
+  /** Deadline for one peer's answer (plus the owner wait, for owner requests). Default 500. */
+  peerTimeoutMs?: number
+  /** A holder that has not answered by then gets a second holder raced against it. Default 200. */
+  hedgeDelayMs?: number
+  /** How long an owner may hold our request while it fetches from the origin. Default 2000. */
+  ownerWaitMs?: number
+  /** Owner answers of `pending` accepted before moving to the next owner in hash order. Default 2. */
+  maxPendingRounds?: number
+  /** Bound on one `get`: after this the resolver goes to the origin. Default 6000. */
+  maxWaitMs?: number
+  /** How long `get` waits for the pack's swarm lookup; the walk goes on, cached, for later calls. Default 1500. */
+  lookupWaitMs?: number
+  /** Ban for a peer that sent bad bytes or broke the protocol. Default 5 minutes. */
+  banMs?: number
+  /** A slow or dead peer is skipped for this long, doubling with each failure in a row up to banMs. Default 10000. */
+  suspectMs?: number
+  /** How long a peer's availability answer is trusted. Default 5000. */
+  availabilityTtlMs?: number
+  /** Swarm peers asked for availability per pack. Default 4. */
+  availabilitySample?: number
+  /** Owners to try, in hash order, before giving up to the origin. Default 2. */
+  maxOwners?: number
+  /** Known holders to try. Default 4. */
+  maxHolders?: number
+  now?: () => number
+}
+
+export interface PeerSourceStats {
+  /** Chunks returned, verified. */
+  hits: number
+  /** `get` calls that returned undefined (the resolver then goes to the origin). */
+  misses: number
+  bytesFromPeers: number
+  /** Verified bytes received, by peer id. */
+  perPeerBytes: Map<string, number>
+  /** Chunks that failed length or SHA-256 (each one bans its sender). */
+  verificationFailures: number
+  /** Streams that broke the protocol (each one bans its sender). */
+  protocolViolations: number
+  /** Ban events. */
+  bans: number
+  /** Distinct peers ever banned. */
+  badPeers: number
+  ownerRequests: number
+  hedges: number
+  timeouts: number
+  busy: number
+  dontHave: number
+  pending: number
+}
+
+/** A swarm member: its rendezvous hash words and its libp2p id. */
+interface Peer extends NodeKey { readonly peer: PeerId }
+
+/**
+ * Chunks from other nodes, never unverified. For a chunk it:
+ *  1. gets the pack's swarm (everyone who announced it) from the router, and
+ *     availability (who holds which ranges) from a few swarm peers;
+ *  2. races the known holders, in this node's spread order, hedging to a
+ *     second holder when the first is slow and moving on at once on busy or
+ *     dont-have;
+ *  3. otherwise asks the chunk's rendezvous owner, which fetches it from the
+ *     origin once for everybody and answers when it lands (or `pending`);
+ *     a dead or stalled owner is replaced by the next in hash order;
+ *  4. returns undefined when this node is the owner, or nobody answered in
+ *     time, so the resolver fetches from the origin.
+ * A peer whose bytes fail SHA-256 or length is banned and disconnected, and
+ * the chunk is tried elsewhere.
+ */
+export class PeerChunkSource implements ChunkSource {
+  readonly name = 'peers'
+  readonly stats: PeerSourceStats = {
+    hits: 0, misses: 0, bytesFromPeers: 0, perPeerBytes: new Map(), verificationFailures: 0, protocolViolations: 0,
+    bans: 0, badPeers: 0, ownerRequests: 0, hedges: 0, timeouts: 0, busy: 0, dontHave: 0, pending: 0
+  }
+
+  private readonly self: Peer
+  private readonly router: PackRouter
+  private readonly client: ChunkRequester
+  private readonly bans: PeerBans
+  private readonly servingAsOwner: (digest: Digest) => boolean
+  private readonly peerTimeoutMs: number
+  private readonly hedgeDelayMs: number
+  private readonly ownerWaitMs: number
+  private readonly maxPendingRounds: number
+  private readonly maxWaitMs: number
+  private readonly lookupWaitMs: number
+  private readonly banMs: number
+  private readonly suspectMs: number
+  private readonly availabilitySample: number
+  private readonly maxOwners: number
+  private readonly maxHolders: number
+  private readonly now: () => number
+  private readonly availability: Availability
+  private readonly peers = new Map<string, Peer>()
+  private readonly suspects = new Map<string, { until: number, failures: number }>()
+  private readonly everBanned = new Set<string>()
+  private readonly haveQueries = new Map<string, Promise<void>>()
+
+  constructor (options: PeerChunkSourceOptions) {
+    this.self = this.peerKey(options.self)
+    this.router = options.router
+    this.client = options.client
+    this.bans = options.bans
+    this.servingAsOwner = options.servingAsOwner ?? (() => false)
+    this.peerTimeoutMs = options.peerTimeoutMs ?? 500
+    this.hedgeDelayMs = options.hedgeDelayMs ?? 200
+    this.ownerWaitMs = options.ownerWaitMs ?? 2000
+    this.maxPendingRounds = options.maxPendingRounds ?? 2
+    this.maxWaitMs = options.maxWaitMs ?? 6000
+    this.lookupWaitMs = options.lookupWaitMs ?? 1500
+    this.banMs = options.banMs ?? 5 * 60_000
+    this.suspectMs = options.suspectMs ?? 10_000
+    this.availabilitySample = options.availabilitySample ?? 4
+    this.maxOwners = options.maxOwners ?? 2
+    this.maxHolders = options.maxHolders ?? 4
+    this.now = options.now ?? Date.now
+    this.availability = new Availability(options.availabilityTtlMs ?? 5000, this.now)
+  }
+
+  /**
+   * Verified bytes from a peer, or undefined when no peer had them within
+   * `maxWaitMs` (or this node is the chunk's owner). Rejects only when the
+   * caller's signal aborts.
+   */
+  async get (chunk: ChunkRef, options: { signal: AbortSignal }): Promise<Uint8Array | undefined> {
+    options.signal.throwIfAborted()
+    if (chunk.length > MAX_CHUNK_BYTES) {
+      // Larger than the protocol carries (the format's chunks are far smaller): the origin's job.
+      this.stats.misses++
+      return undefined
+    }
+    const budget = AbortSignal.any([options.signal, AbortSignal.timeout(this.maxWaitMs)])
+    let bytes: Uint8Array | undefined
+    try {
+      bytes = await this.find(chunk, budget)
+    } catch (err) {
+      if (!budget.aborted) throw err
+    }
+    options.signal.throwIfAborted()
+    if (bytes === undefined) this.stats.misses++
+    else this.stats.hits++
+    return bytes
+  }
+
+  /** Whether this node should fetch the chunk from the origin itself (it is the chunk's owner). */
+  async isOwner (chunk: ChunkRef, options: { signal: AbortSignal }): Promise<boolean> {
+    if (this.servingAsOwner(chunk.digest)) return true
+    return this.select(chunk, await this.swarm(chunk.pack, options.signal)).selfIsOwner
+  }
+
+  private async find (chunk: ChunkRef, signal: AbortSignal): Promise<Uint8Array | undefined> {
+    const swarm = await this.swarm(chunk.pack, signal)
+    await this.refreshAvailability(chunk.pack, swarm, signal)
+    const selection = this.select(chunk, swarm)
+    if (selection.holders.length > 0) {
+      const bytes = await this.fromHolders(selection.holders, chunk, signal)
+      if (bytes !== undefined) return bytes
+    }
+    if (selection.selfIsOwner || this.servingAsOwner(chunk.digest)) return undefined
+    for (const owner of selection.owners) {
+      const bytes = await this.fromOwner(owner, chunk, signal)
+      if (bytes !== undefined) return bytes
+    }
+    return undefined
+  }
+
+  private select (chunk: ChunkRef, swarm: Peer[]): Selection<Peer> {
+    return selectSources({
+      key: chunkKey(chunk.digest),
+      self: this.self,
+      swarm,
+      holders: this.availability.holders(chunk),
+      excluded: id => this.excluded(id),
+      maxOwners: this.maxOwners,
+      maxHolders: this.maxHolders
+    })
+  }
+
+  /** The pack's swarm as far as the lookup got within `lookupWaitMs` (the router caches and shares it). */
+  private async swarm (pack: Digest, signal: AbortSignal): Promise<Peer[]> {
+    const found: Peer[] = []
+    try {
+      for await (const peer of this.router.holders(pack, { signal: AbortSignal.any([signal, AbortSignal.timeout(this.lookupWaitMs)]) })) {
+        found.push(this.peerKey(peer))
+      }
+    } catch (err) {
+      if (signal.aborted) throw err
+    }
+    return found
+  }
+
+  /** Asks a stable sample of the swarm which ranges of the pack they hold, unless a fresh answer is cached. */
+  private async refreshAvailability (pack: Digest, swarm: Peer[], signal: AbortSignal): Promise<void> {
+    const sample = topNodes(spreadKey(chunkKey(pack), this.self), swarm, this.availabilitySample, p => this.excluded(p.id))
+    const queries = sample.filter(p => !this.availability.fresh(pack, p.id)).map(p => this.queryHave(pack, p))
+    if (queries.length === 0) return
+    const wait = AbortSignal.any([signal, AbortSignal.timeout(this.peerTimeoutMs)])
+    // Wait for the answers, but no longer than one peer deadline: a dead peer in the sample must not stall reads.
+    await new Promise<void>(resolve => {
+      const stop = (): void => resolve()
+      wait.addEventListener('abort', stop, { once: true })
+      void Promise.allSettled(queries).then(() => {
+        wait.removeEventListener('abort', stop)
+        resolve()
+      })
+    })
+    signal.throwIfAborted()
+  }
+
+  /** One availability query per (pack, peer) at a time, shared by every caller. */
+  private queryHave (pack: Digest, peer: Peer): Promise<void> {
+    const key = `${pack} ${peer.id}`
+    let query = this.haveQueries.get(key)
+    if (query === undefined) {
+      query = this.client.have(peer.peer, pack, { signal: AbortSignal.timeout(this.peerTimeoutMs) })
+        .then(ranges => {
+          this.healthy(peer)
+          this.availability.set(pack, peer, ranges)
+        }, err => this.failed(peer, err))
+        .finally(() => this.haveQueries.delete(key))
+      this.haveQueries.set(key, query)
+    }
+    return query
+  }
+
+  /**
+   * At most two holders in flight: the next one starts when one fails (at
+   * once) or when the running one is slower than `hedgeDelayMs`. The first
+   * verified answer wins and the others are cancelled.
+   */
+  private async fromHolders (holders: Peer[], chunk: ChunkRef, signal: AbortSignal): Promise<Uint8Array | undefined> {
+    const done = new AbortController()
+    const scope = AbortSignal.any([signal, done.signal])
+    const running = new Map<Peer, Promise<{ peer: Peer, bytes: Uint8Array | undefined }>>()
+    let next = 0
+    const launch = (): void => {
+      const peer = holders[next++]!
+      running.set(peer, this.attempt(peer, chunk, { fetch: false, waitMs: 0 }, scope)
+        .then(result => ({ peer, bytes: result === 'pending' ? undefined : result })))
+    }
+    try {
+      launch()
+      while (running.size > 0) {
+        const canHedge = next < holders.length && running.size < 2
+        const timer = new AbortController()
+        const hedge = canHedge
+          ? sleep(this.hedgeDelayMs, AbortSignal.any([timer.signal, scope])).then(() => 'hedge' as const, () => 'stop' as const)
+          : undefined
+        const contenders: Array<Promise<'hedge' | 'stop' | { peer: Peer, bytes: Uint8Array | undefined }>> = [...running.values()]
+        if (hedge !== undefined) contenders.push(hedge)
+        const first = await Promise.race(contenders)
+        timer.abort()
+        if (first === 'stop') return undefined // our caller gave up
+        if (first === 'hedge') {
+          this.stats.hedges++
+          launch()
+          continue
+        }
+        running.delete(first.peer)
+        if (first.bytes !== undefined) return first.bytes
+        if (next < holders.length && running.size < 2) launch()
+      }
+      return undefined
+    } finally {
+      done.abort(new Error('another holder answered'))
+    }
+  }
+
+  /** Asks the owner to fetch the chunk and answer when it lands; `pending` means it is still fetching. */
+  private async fromOwner (owner: Peer, chunk: ChunkRef, signal: AbortSignal): Promise<Uint8Array | undefined> {
+    this.stats.ownerRequests++
+    for (let round = 0; round < this.maxPendingRounds; round++) {
+      const result = await this.attempt(owner, chunk, { fetch: true, waitMs: this.ownerWaitMs }, signal)
+      if (result !== 'pending') return result
+    }
+    return undefined // stalled on this chunk: the caller moves to the next owner
+  }
+
+  /** One request to one peer, with its own deadline. Never rejects: every failure is bookkept here. */
+  private async attempt (peer: Peer, chunk: ChunkRef, ask: { fetch: boolean, waitMs: number }, signal: AbortSignal): Promise<Uint8Array | undefined | 'pending'> {
+    const deadline = AbortSignal.timeout(ask.waitMs + this.peerTimeoutMs)
+    let reply
+    try {
+      reply = await this.client.want(peer.peer, chunk, { ...ask, signal: AbortSignal.any([signal, deadline]) })
+    } catch (err) {
+      if (signal.aborted) return undefined // we stopped waiting; not the peer's fault
+      if (deadline.aborted) this.stats.timeouts++
+      this.failed(peer, err)
+      return undefined
+    }
+    this.healthy(peer)
+    switch (reply.status) {
+      case 'data':
+        return this.accept(peer, chunk, reply.bytes)
+      case 'dont-have':
+        this.stats.dontHave++
+        this.availability.forget(chunk.pack, peer.id)
+        return undefined
+      case 'busy':
+        this.stats.busy++
+        return undefined
+      case 'pending':
+        this.stats.pending++
+        return 'pending'
+    }
+  }
+
+  private accept (peer: Peer, chunk: ChunkRef, bytes: Uint8Array): Uint8Array | undefined {
+    if (bytes.length !== chunk.length || sha256(bytes) !== chunk.digest) {
+      this.stats.verificationFailures++
+      this.ban(peer)
+      return undefined
+    }
+    this.stats.bytesFromPeers += bytes.length
+    this.stats.perPeerBytes.set(peer.id, (this.stats.perPeerBytes.get(peer.id) ?? 0) + bytes.length)
+    this.availability.noteHolds(chunk.pack, peer, { offset: chunk.packOffset, length: chunk.storedLength })
+    return bytes
+  }
+
+  private ban (peer: Peer): void {
+    if (!this.bans.isBanned(peer.id)) {
+      this.bans.ban(peer.id, this.banMs)
+      this.stats.bans++
+      this.everBanned.add(peer.id)
+      this.stats.badPeers = this.everBanned.size
+    }
+    this.availability.forgetPeer(peer.id)
+    void this.client.disconnect(peer.peer).catch(() => {})
+  }
+
+  /** A peer that broke the protocol is banned; one that was slow or unreachable is only skipped for a while. */
+  private failed (peer: Peer, err: unknown): void {
+    if (err instanceof ProtocolViolationError) {
+      // every request in flight on the broken stream fails with the same error: count it once
+      if (!this.bans.isBanned(peer.id)) this.stats.protocolViolations++
+      this.ban(peer)
+      return
+    }
+    const failures = (this.suspects.get(peer.id)?.failures ?? 0) + 1
+    const ms = Math.min(this.banMs, this.suspectMs * 2 ** (failures - 1))
+    this.suspects.set(peer.id, { until: this.now() + ms, failures })
+  }
+
+  private healthy (peer: Peer): void {
+    this.suspects.delete(peer.id)
+  }
+
+  private excluded (id: string): boolean {
+    return this.bans.isBanned(id) || (this.suspects.get(id)?.until ?? 0) > this.now()
+  }
+
+  private peerKey (peer: PeerId): Peer {
+    const id = peer.toString()
+    let key = this.peers.get(id)
+    if (key === undefined) {
+      key = { ...nodeKey(id), peer }
+      this.peers.set(id, key)
+    }
+    return key
+  }
+}
+
+interface Holding {
+  peer: Peer
+  ranges: ByteRange[]
+  expires: number
+  /** From a full availability answer (not just chunks it happened to send us). */
+  complete: boolean
+}
+
+/** Who holds which ranges of which pack, as peers told us (HAVE) or showed us (data). */
+class Availability {
+  private readonly packs = new Map<Digest, Map<string, Holding>>()
+  private readonly ttlMs: number
+  private readonly now: () => number
+
+  constructor (ttlMs: number, now: () => number) {
+    this.ttlMs = ttlMs
+    this.now = now
+  }
+
+  set (pack: Digest, peer: Peer, ranges: ByteRange[]): void {
+    this.holdings(pack).set(peer.id, { peer, ranges, expires: this.now() + this.ttlMs, complete: true })
+  }
+
+  /** A peer just sent us this range's chunk, verified: it holds it, whatever its last answer said. */
+  noteHolds (pack: Digest, peer: Peer, range: ByteRange): void {
+    const holdings = this.holdings(pack)
+    const current = holdings.get(peer.id)
+    if (current !== undefined && current.expires > this.now()) {
+      current.ranges = normalizeRanges([...current.ranges, range])
+    } else {
+      holdings.set(peer.id, { peer, ranges: [range], expires: this.now() + this.ttlMs, complete: false })
+    }
+  }
+
+  fresh (pack: Digest, id: string): boolean {
+    const holding = this.packs.get(pack)?.get(id)
+    return holding !== undefined && holding.complete && holding.expires > this.now()
+  }
+
+  holders (chunk: ChunkRef): Peer[] {
+    const holdings = this.packs.get(chunk.pack)
+    if (holdings === undefined) return []
+    const now = this.now()
+    const found: Peer[] = []
+    for (const [id, holding] of holdings) {
+      if (holding.expires <= now) holdings.delete(id)
+      else if (rangesCover(holding.ranges, chunk.packOffset, chunk.storedLength)) found.push(holding.peer)
+    }
+    if (holdings.size === 0) this.packs.delete(chunk.pack)
+    return found
+  }
+
+  forget (pack: Digest, id: string): void {
+    this.packs.get(pack)?.delete(id)
+  }
+
+  forgetPeer (id: string): void {
+    for (const holdings of this.packs.values()) holdings.delete(id)
+  }
+
+  private holdings (pack: Digest): Map<string, Holding> {
+    let holdings = this.packs.get(pack)
+    if (holdings === undefined) {
+      holdings = new Map()
+      this.packs.set(pack, holdings)
+    }
+    return holdings
+  }
+}

@@ -1,0 +1,37 @@
+/**
+ * A byte-rate token bucket that never blocks: `tryTake` answers yes or no at
+ * once, because an over-limit upload is answered with `busy` (the requester
+ * goes to another holder) rather than queued.
+ *
+ * Taking may overdraw: a request is admitted whenever the bucket is not empty,
+ * and its full size is charged. The average rate holds, one chunk of any size
+ * can always pass eventually, and a burst is at most `capacity` plus one chunk.
+ */
+export class TokenBucket {
+  readonly bytesPerSecond: number
+  readonly capacity: number
+  private tokens: number
+  private last: number
+  private readonly now: () => number
+
+  /** `bytesPerSecond` Infinity disables the limit. Capacity defaults to one second's worth. */
+  constructor (bytesPerSecond: number, options: { capacity?: number, now?: () => number } = {}) {
+    if (!(bytesPerSecond > 0)) throw new RangeError(`upload rate must be positive, got ${bytesPerSecond}`)
+    this.bytesPerSecond = bytesPerSecond
+    this.capacity = options.capacity ?? bytesPerSecond
+    this.now = options.now ?? performance.now.bind(performance)
+    this.tokens = this.capacity
+    this.last = this.now()
+  }
+
+  /** Charges `bytes` if the bucket is not empty; false means "over the limit right now". */
+  tryTake (bytes: number): boolean {
+    if (this.bytesPerSecond === Infinity) return true
+    const now = this.now()
+    this.tokens = Math.min(this.capacity, this.tokens + (now - this.last) / 1000 * this.bytesPerSecond)
+    this.last = now
+    if (this.tokens <= 0) return false
+    this.tokens -= bytes
+    return true
+  }
+}
