@@ -53,8 +53,10 @@ export class Peering {
       get: async (chunk, options) => {
         if (!this.announced.has(chunk.pack)) {
           this.announced.add(chunk.pack)
-          this.router.announce(chunk.pack, { signal: this.lifetime.signal }).catch((err: Error) => log.warn({ pack: chunk.pack, err: err.message }, 'announce failed'))
+          this.router.announce(chunk.pack, { signal: this.lifetime.signal }).catch((err: Error) => log.debug({ pack: chunk.pack, err: err.message }, 'announce failed (retried while held)'))
         }
+        // Alone (no connection at all): nobody can answer, so do not make the read wait for a lookup.
+        if (this.node.connectedPeers().length === 0) return undefined
         return await this.peers.get(chunk, options)
       }
     }

@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict'
 import { execFile } from 'node:child_process'
 import { generateKeyPairSync } from 'node:crypto'
-import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises'
+import { mkdtemp, readFile, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { after, before, describe, it } from 'node:test'
@@ -14,6 +14,7 @@ import { ensureRealFixtures, type RealFixtures } from '../../src/fixtures/debian
 import { isFuseMount } from '../../src/fs/stale-mount.ts'
 import { startOriginServer, type OriginServer } from '../../src/origin/server.ts'
 import { openedFiles, sumSizes } from '../helpers/opened-files.ts'
+import { removeDir } from '../helpers/tmp.ts'
 import { diffSnapshots, snapshotDisk } from '../helpers/tree-snapshot.ts'
 
 const execFileAsync = promisify(execFile)
@@ -46,7 +47,7 @@ describe('agent: the real python image, lazily', () => {
   after(async () => {
     await Promise.all(agents.map(a => a.stop()))
     await origin?.close()
-    await rm(dir, { recursive: true, force: true })
+    await removeDir(dir)
   })
 
   async function agent (name: string): Promise<AgentProcess> {

@@ -1,7 +1,8 @@
-import { mkdtemp, rm } from 'node:fs/promises'
+import { mkdtemp, readFile, rm } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { after } from 'node:test'
+import { runTool } from './exec.ts'
 
 /**
  * A fresh directory under os.tmpdir(), removed by a node:test `after` hook: when the
@@ -15,7 +16,21 @@ export async function tempDir (prefix = 'shoal-test-'): Promise<string> {
       process.stderr.write(`kept temp dir ${dir}\n`)
       return
     }
-    await rm(dir, { recursive: true, force: true })
+    await removeDir(dir)
   })
   return dir
+}
+
+/**
+ * Removes DIR after lazily unmounting whatever is still mounted below it (a FUSE
+ * mount of a killed agent, an overlay of a failed run): a leaked mount would make
+ * rm fail and break the next run.
+ */
+export async function removeDir (dir: string): Promise<void> {
+  const mountinfo = await readFile('/proc/self/mountinfo', 'utf8')
+  const below = mountinfo.split('\n').map(line => line.split(' ')[4]).filter((p): p is string => p !== undefined && (p === dir || p.startsWith(dir + '/')))
+  for (const mountpoint of below.sort().reverse()) {
+    await runTool('umount', ['-l', mountpoint], { timeoutMs: 10_000 }).catch(() => {})
+  }
+  await rm(dir, { recursive: true, force: true })
 }
