@@ -1,9 +1,9 @@
 import type { KeyObject } from 'node:crypto'
-import { mkdir, readFile } from 'node:fs/promises'
+import { mkdir, readdir, readFile } from 'node:fs/promises'
 import { join, resolve } from 'node:path'
 import { NotFoundError, UsageError } from '../errors.ts'
 import { DiskCache, type DiskCacheStats } from '../cache/disk-cache.ts'
-import { OriginChunkSource, type ChunkSource } from '../fetch/chunk-source.ts'
+import { OriginChunkSource } from '../fetch/chunk-source.ts'
 import { silentLogger, type Logger } from '../fetch/log.ts'
 import { ChunkResolver, type PrefetchResult, type ResolverStats } from '../fetch/resolver.ts'
 import { loadPublicKey } from '../format/signing.ts'
@@ -19,6 +19,9 @@ import { RangeReader } from '../origin/range-reader.ts'
 import { controlSocketPath, type AgentConfig } from './config.ts'
 import { startControlServer } from './control.ts'
 import { AgentMetrics } from './metrics.ts'
+import { Peering, type ChunkLocator, type PeeringStats } from './peering.ts'
+import { Catalog, type ChunkRef } from '../format/catalog.ts'
+import type { Digest } from '../format/digest.ts'
 
 export interface MountInfo {
   image: string
@@ -31,6 +34,8 @@ export interface MountInfo {
   fs: { opens: number, reads: number, bytesRead: number, readErrors: number }
   /** The image's prefetch list, fetched in the background after mount. */
   prefetch: { chunks: number, result?: PrefetchResult }
+  /** Chunks and bytes this image's reads got, by source (memory, disk, peers, origin). */
+  sources: Record<string, { chunks: number, bytes: number }>
 }
 
 export interface AgentStats {
@@ -42,15 +47,17 @@ export interface AgentStats {
   unavailable: number
   cache: DiskCacheStats & { maxBytes: number }
   mounts: MountInfo[]
+  /** Present when peer-to-peer is on: this node's id, addresses, peers, and what it got from and served to them. */
+  peer?: PeeringStats
 }
 
-interface ActiveMount { info: Omit<MountInfo, 'fs' | 'prefetch'>, view: ImageView, mounted: MountedImage, prefetch: MountInfo['prefetch'], lifetime: AbortController }
+interface ActiveMount { info: Omit<MountInfo, 'fs' | 'prefetch' | 'sources'>, view: ImageView, mounted: MountedImage, prefetch: MountInfo['prefetch'], sources: MountInfo['sources'], lifetime: AbortController }
 
 /**
  * The per-node daemon: one chunk resolver (memory → disk → peers → origin) and one
  * disk cache shared by every image it mounts, a control socket, metrics.
  */
-export class Agent {
+export class Agent implements ChunkLocator {
   readonly config: AgentConfig
   readonly resolver: ChunkResolver
   readonly origin: Origin
@@ -58,8 +65,10 @@ export class Agent {
   private readonly trusted: KeyObject[]
   private readonly log: Logger
   private readonly mounts = new Map<string, ActiveMount>()
+  private readonly servingCatalogs = new Map<string, Catalog>()
   private closers: Array<() => Promise<void>> = []
   metricsUrl: string | undefined
+  peering: Peering | undefined
 
   private constructor (config: AgentConfig, parts: { origin: Origin, disk: DiskCache, resolver: ChunkResolver, trusted: KeyObject[], log: Logger }) {
     this.config = config
@@ -74,11 +83,11 @@ export class Agent {
    * Starts an agent. With `control: false` no socket is opened (an agent embedded in
    * `shoal run` for one command).
    */
-  static async start (config: AgentConfig, options: { log?: Logger, control?: boolean, peers?: ChunkSource[] } = {}): Promise<Agent> {
+  static async start (config: AgentConfig, options: { log?: Logger, control?: boolean } = {}): Promise<Agent> {
     const log = options.log ?? silentLogger
     await mkdir(config.stateDir, { recursive: true, mode: 0o700 })
     const trusted = await Promise.all(config.trust.map(loadPublicKey))
-    const origins = await Promise.all(config.origins.map(o => openOrigin(o)))
+    const origins = await Promise.all(config.origins.map(o => openOrigin(o, { registry: config.registry })))
     const origin = origins.length === 1 ? origins[0]! : new FailoverOrigin(origins)
     const disk = await DiskCache.open({ dir: join(config.stateDir, 'cache'), maxBytes: config.cacheBytes, log })
     let agent: Agent | undefined
@@ -87,19 +96,28 @@ export class Agent {
       cacheChunks: () => disk.stats.chunks,
       evictions: () => disk.stats.evictions,
       mounts: () => agent?.mounts.size ?? 0,
-      peers: () => 0
+      peers: () => peering?.node.connectedPeers().length ?? 0
     })
-    const resolver = new ChunkResolver({
+    const peering = config.p2p.enabled
+      ? await Peering.start(config, { disk, resolver: () => resolver, locator: { locate: d => agent!.locate(d), packChunks: p => agent!.packChunks(p) }, log })
+      : undefined
+    const resolver: ChunkResolver = new ChunkResolver({
       disk,
-      remote: [...(options.peers ?? []), new OriginChunkSource(new RangeReader({ origin }))],
+      remote: [...(peering !== undefined ? [peering.source] : []), new OriginChunkSource(new RangeReader({ origin }))],
       timeoutMs: config.chunkTimeoutMs,
       onEvent: metrics.onResolverEvent,
       log
     })
     agent = new Agent(config, { origin, disk, resolver, trusted, log })
     agent.closers.push(async () => { await disk.close() })
+    agent.closers.push(async () => { for (const c of agent!.servingCatalogs.values()) c.close() })
+    if (peering !== undefined) {
+      agent.peering = peering
+      agent.closers.push(async () => { await peering.stop() })
+    }
     try {
       await agent.cleanUpAfterCrash()
+      await agent.openServingCatalogs()
       if (config.metrics !== '') {
         const server = await metrics.listen(config.metrics)
         agent.metricsUrl = server.url
@@ -123,8 +141,14 @@ export class Agent {
     if (this.mounts.has(path)) throw new UsageError(`${path} is already a shoal mount (of ${this.mounts.get(path)!.info.image}); unmount it first`)
     const view = await openImageView(this.origin, image, { trusted: this.trusted, catalogDir: join(this.config.stateDir, 'catalogs'), ...(options.signal !== undefined ? { signal: options.signal } : {}) })
     let mounted: MountedImage
+    const sources: MountInfo['sources'] = {}
     try {
       mounted = await mountImage({
+        onServed: (source, bytes) => {
+          const s = (sources[source] ??= { chunks: 0, bytes: 0 })
+          s.chunks++
+          s.bytes += bytes
+        },
         mountpoint: path,
         view: view.view,
         resolver: this.resolver,
@@ -139,7 +163,7 @@ export class Agent {
     const info = { image, runtime: view.image.config.runtime, manifestDigest: view.image.manifestDigest, mountpoint: path, mountedAt: new Date().toISOString() }
     // The recorded start-up reads are fetched in the background, at the resolver's low priority.
     const chunks = prefetchChunks(view.view, view.image.config.prefetch)
-    const active: ActiveMount = { info, view, mounted, prefetch: { chunks: chunks.length }, lifetime: new AbortController() }
+    const active: ActiveMount = { info, view, mounted, prefetch: { chunks: chunks.length }, sources, lifetime: new AbortController() }
     this.mounts.set(path, active)
     if (chunks.length > 0) {
       void this.resolver.prefetch(chunks, { signal: active.lifetime.signal }).then(result => {
@@ -147,6 +171,7 @@ export class Agent {
         this.log.info({ mountpoint: path, ...result }, 'prefetch list fetched')
       })
     }
+    await this.openServingCatalogs()
     await this.saveMounts()
     this.log.info(info, 'mounted')
     return this.describe(active)
@@ -172,7 +197,40 @@ export class Agent {
   }
 
   private describe (m: ActiveMount): MountInfo {
-    return { ...m.info, fs: { ...m.mounted.stats }, prefetch: structuredClone(m.prefetch) }
+    return { ...m.info, fs: { ...m.mounted.stats }, prefetch: structuredClone(m.prefetch), sources: structuredClone(m.sources) }
+  }
+
+  /**
+   * ChunkLocator: the peer server serves a chunk only if a verified catalog vouches
+   * for it. Every catalog this node ever fetched counts, mounted or not, so a node
+   * keeps serving what it cached after its container is gone.
+   */
+  locate (digest: Digest): ChunkRef | undefined {
+    for (const catalog of this.servingCatalogs.values()) {
+      const ref = catalog.chunk(digest)
+      if (ref !== undefined) return ref
+    }
+    return undefined
+  }
+
+  packChunks (pack: Digest): ChunkRef[] {
+    const seen = new Map<Digest, ChunkRef>()
+    for (const catalog of this.servingCatalogs.values()) for (const c of catalog.packChunks(pack)) seen.set(c.digest, c)
+    return [...seen.values()]
+  }
+
+  /** Catalog files are written only after their digest checked out, so all of them may be served from. */
+  private async openServingCatalogs (): Promise<void> {
+    const dir = join(this.config.stateDir, 'catalogs')
+    const names = await readdir(dir).catch(() => [] as string[])
+    for (const name of names) {
+      if (!/^[0-9a-f]{64}\.sqlite$/.test(name) || this.servingCatalogs.has(join(dir, name))) continue
+      try {
+        this.servingCatalogs.set(join(dir, name), new Catalog(join(dir, name)))
+      } catch (err) {
+        this.log.warn({ file: name, err: (err as Error).message }, 'ignoring an unreadable catalog file')
+      }
+    }
   }
 
   stats (): AgentStats {
@@ -184,7 +242,8 @@ export class Agent {
       verificationFailures: { ...r.verificationFailures },
       unavailable: r.unavailable,
       cache: { ...this.disk.stats, maxBytes: this.disk.maxBytes },
-      mounts: this.list()
+      mounts: this.list(),
+      ...(this.peering !== undefined ? { peer: this.peering.stats() } : {})
     }
   }
 

@@ -1,13 +1,16 @@
 import { readFile } from 'node:fs/promises'
 import { join, resolve } from 'node:path'
 import { UsageError } from '../errors.ts'
+import type { RegistryAccess } from '../registry/client.ts'
 
 /** Everything an agent needs; from a JSON file, overridden by flags. */
 export interface AgentConfig {
   /** Holds the control socket, catalogs, the chunk cache, the peer key. One per agent. */
   stateDir: string
-  /** Where images come from: http(s):// URLs of a served OCI layout, or layout directories. */
+  /** Where images come from: http(s):// URLs of a served OCI layout, registry repositories docker://HOST/REPO, or layout directories. */
   origins: string[]
+  /** For docker:// origins: credentials USER:PASSWORD (else the docker/podman auth files), caFile, plainHttp. */
+  registry: RegistryAccess
   /** Public keys (shoal.pub files) whose signatures are accepted. */
   trust: string[]
   /** Disk cache limit in bytes. */
@@ -28,6 +31,7 @@ export function defaultConfig (stateDir = DEFAULT_STATE_DIR): AgentConfig {
   return {
     stateDir,
     origins: [],
+    registry: {},
     trust: [],
     cacheBytes: 10 * 2 ** 30,
     memoryBytes: 64 * 2 ** 20,
@@ -61,7 +65,8 @@ export function validateConfig (config: AgentConfig): AgentConfig {
     ...config,
     stateDir: resolve(config.stateDir),
     trust: config.trust.map(p => resolve(p)),
-    origins: config.origins.map(o => /^https?:\/\//.test(o) ? o.replace(/\/+$/, '') : resolve(o))
+    origins: config.origins.map(o => /^(https?|docker):\/\//.test(o) ? o.replace(/\/+$/, '') : resolve(o)),
+    registry: { ...config.registry, ...(config.registry.caFile !== undefined ? { caFile: resolve(config.registry.caFile) } : {}) }
   }
 }
 

@@ -1,5 +1,7 @@
 import { createHash, type KeyObject } from 'node:crypto'
-import { rm } from 'node:fs/promises'
+import { mkdtemp, rm } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
 import { Transform, type TransformCallback } from 'node:stream'
 import { pipeline } from 'node:stream/promises'
 import { createGunzip, createZstdDecompress } from 'node:zlib'
@@ -13,6 +15,8 @@ import { OciLayout } from '../oci/layout.ts'
 import { formatReference, parseReference } from '../oci/reference.ts'
 import { openSourceImage, type Platform, type SourceImage } from '../oci/source-image.ts'
 import { MediaType, type Descriptor, type ImageManifest } from '../oci/types.ts'
+import type { RegistryAccess } from '../registry/client.ts'
+import { pushToRegistry, type PushReport } from '../registry/push.ts'
 import { CatalogWriter, normalizeMemberPath } from './catalog-writer.ts'
 import { ChunkIndex, PackWriter, type SealedPack } from './pack-writer.ts'
 import { tarStream, xattrsOf, type TarHeader } from './tar.ts'
@@ -30,6 +34,11 @@ export interface ConvertOptions {
   compression?: Compression
   packSize?: number
   platform?: Platform
+  /** Credentials, CA and plain-HTTP choice for a docker:// source and destination. */
+  sourceRegistry?: RegistryAccess
+  destRegistry?: RegistryAccess
+  /** For a docker:// destination: repositories on its registry to mount existing blobs from. */
+  mountFrom?: string[]
   signal?: AbortSignal
   /** Called as layer bytes are read (compressed bytes of the source blobs). */
   onProgress?: (progress: { layer: number, layers: number, bytesRead: number, bytesTotal: number }) => void
@@ -64,19 +73,26 @@ export interface ConvertReport {
   /** Uncompressed tar bytes read. */
   inputBytes: number
   seconds: number
+  /** For a docker:// destination: what the push did. */
+  push?: PushReport
 }
 
-/** Converts an OCI image into a signed shoal image in an OCI layout. */
+/** Converts an OCI image into a signed shoal image in an OCI layout or a registry. */
 export async function convertImage (options: ConvertOptions): Promise<ConvertReport> {
   const started = process.hrtime.bigint()
   const destRef = parseReference(options.dest)
-  if (destRef.transport !== 'oci') throw new UsageError(`destination ${options.dest}: shoal writes to oci:DIR:TAG (registries come later)`)
+  if (destRef.transport === 'docker') return await convertToRegistry(options)
+  if (destRef.transport !== 'oci') throw new UsageError(`destination ${options.dest}: shoal writes to oci:DIR:TAG or docker://HOST/REPO:TAG`)
   const chunkSize = options.chunkSize ?? DEFAULT_CHUNK_SIZE
   if (!Number.isInteger(chunkSize) || chunkSize < 4096 || chunkSize > 16 << 20) throw new UsageError(`chunk size ${chunkSize} is out of range (4 KiB to 16 MiB)`)
   const chunking: ChunkingParams = { algorithm: 'fixed', chunkSize }
   const compression = options.compression ?? 'zstd'
 
-  const source = await openSourceImage(parseReference(options.source), options.platform !== undefined ? { platform: options.platform } : {})
+  const source = await openSourceImage(parseReference(options.source), {
+    ...(options.platform !== undefined ? { platform: options.platform } : {}),
+    ...(options.sourceRegistry !== undefined ? { registry: options.sourceRegistry } : {}),
+    ...(options.signal !== undefined ? { signal: options.signal } : {})
+  })
   try {
     const dest = await OciLayout.create(destRef.dir)
     const index = await loadChunkIndex(dest)
@@ -123,6 +139,27 @@ export async function convertImage (options: ConvertOptions): Promise<ConvertRep
     }
   } finally {
     await source.close()
+  }
+}
+
+/**
+ * A registry destination: the image is converted into a temporary layout (under
+ * $TMPDIR; about the size of the converted image), then pushed, tag last. Chunks
+ * are not deduplicated against images already in the registry, but blobs that
+ * convert to the same bytes (a shared base layer) are not uploaded twice.
+ */
+async function convertToRegistry (options: ConvertOptions): Promise<ConvertReport> {
+  const staging = await mkdtemp(join(tmpdir(), 'shoal-convert-'))
+  try {
+    const report = await convertImage({ ...options, dest: `oci:${staging}:image` })
+    const push = await pushToRegistry(await OciLayout.open(staging), 'image', options.dest, {
+      ...(options.destRegistry !== undefined ? { access: options.destRegistry } : {}),
+      ...(options.mountFrom !== undefined ? { mountFrom: options.mountFrom } : {}),
+      ...(options.signal !== undefined ? { signal: options.signal } : {})
+    })
+    return { ...report, dest: push.dest, push }
+  } finally {
+    await rm(staging, { recursive: true, force: true })
   }
 }
 
@@ -222,7 +259,7 @@ async function convertLayer (job: LayerJob): Promise<{ layer: ShoalLayer, report
   let inputBytes = 0
   const extract = tarStream.extract()
   const streamDone = pipeline(
-    source.layout.openBlobStream(layerDesc.digest),
+    source.openLayer(layerDesc, job.signal),
     tap(chunk => { compressedHash.update(chunk); compressedBytes += chunk.length; job.onBytes(compressedBytes) }),
     decompressorFor(layerDesc.mediaType, what),
     tap(chunk => { diffHash.update(chunk); inputBytes += chunk.length }),

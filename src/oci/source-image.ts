@@ -2,24 +2,34 @@ import { mkdtemp, rm, mkdir } from 'node:fs/promises'
 import { createReadStream } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
+import { Readable } from 'node:stream'
 import { pipeline } from 'node:stream/promises'
 import tarStream from 'tar-stream'
 import { FormatError, NotFoundError, UsageError } from '../errors.ts'
 import { parseDigest, type Digest } from '../format/digest.ts'
+import { openRegistryClient, type RegistryAccess } from '../registry/client.ts'
 import { OciLayout, streamToFile } from './layout.ts'
 import { formatReference, type ImageReference } from './reference.ts'
 import { MediaType, type Descriptor, type ImageConfig, type ImageIndex, type ImageManifest } from './types.ts'
 
-/** A resolved source image in a local layout: its manifest, config and layer blobs. */
+/** A resolved source image: its manifest and config, and its layer blobs as streams. */
 export interface SourceImage {
   reference: string
-  layout: OciLayout
   manifestDigest: Digest
   manifest: ImageManifest
   configDigest: Digest
   config: ImageConfig
-  /** Removes temporary files (an extracted oci-archive). */
+  /** A layer blob's bytes as stored (compressed); the reader checks its digest. */
+  openLayer: (layer: Descriptor, signal?: AbortSignal) => Readable
+  /** Removes temporary files (an extracted oci-archive), closes connections. */
   close: () => Promise<void>
+}
+
+/** Where resolveImage reads manifests and blobs; each checks the digest it was asked for. */
+interface ImageStore {
+  readManifest: (desc: Descriptor, what: string) => Promise<Uint8Array>
+  readBlob: (digest: Digest, what: string) => Promise<Uint8Array>
+  openLayer: SourceImage['openLayer']
 }
 
 export interface Platform { os: string, architecture: string, variant?: string }
@@ -29,12 +39,15 @@ export function hostPlatform (): Platform {
   return { os: 'linux', architecture: arch }
 }
 
-/** Opens `oci:DIR:TAG` or `oci-archive:FILE[:TAG]` as a source image. */
-export async function openSourceImage (ref: ImageReference, options: { platform?: Platform } = {}): Promise<SourceImage> {
+/**
+ * Opens `oci:DIR:TAG`, `oci-archive:FILE[:TAG]` or `docker://HOST/REPO[:TAG|@DIGEST]`
+ * as a source image. Registry layers are streamed, not downloaded first.
+ */
+export async function openSourceImage (ref: ImageReference, options: { platform?: Platform, registry?: RegistryAccess, signal?: AbortSignal } = {}): Promise<SourceImage> {
   const platform = options.platform ?? hostPlatform()
   if (ref.transport === 'oci') {
     const layout = await OciLayout.open(ref.dir)
-    return await resolveImage(layout, await layout.resolveTag(ref.tag), formatReference(ref), platform, async () => {})
+    return await resolveImage(layoutStore(layout), await layout.resolveTag(ref.tag), formatReference(ref), platform, async () => {})
   }
   if (ref.transport === 'oci-archive') {
     const dir = await mkdtemp(join(tmpdir(), 'shoal-archive-'))
@@ -48,19 +61,45 @@ export async function openSourceImage (ref: ImageReference, options: { platform?
         if (manifests.length !== 1) throw new UsageError(`${ref.file} holds ${manifests.length} images; name one with oci-archive:${ref.file}:TAG`)
         descriptor = manifests[0]!
       }
-      return await resolveImage(layout, descriptor, formatReference(ref), platform, async () => { await rm(dir, { recursive: true, force: true }) })
+      return await resolveImage(layoutStore(layout), descriptor, formatReference(ref), platform, async () => { await rm(dir, { recursive: true, force: true }) })
     } catch (err) {
       await rm(dir, { recursive: true, force: true })
       throw err
     }
   }
-  throw new UsageError(`${formatReference(ref)}: registry sources are not supported yet; copy the image into a layout first (skopeo copy docker://... oci:DIR:TAG)`)
+  return await openRegistryImage(ref, platform, options)
 }
 
-async function resolveImage (layout: OciLayout, descriptor: Descriptor, reference: string, platform: Platform, close: () => Promise<void>): Promise<SourceImage> {
+/** A registry image: manifests and config fetched (digest-checked), layers streamed on demand. */
+async function openRegistryImage (ref: ImageReference & { transport: 'docker' }, platform: Platform, options: { registry?: RegistryAccess, signal?: AbortSignal }): Promise<SourceImage> {
+  const client = await openRegistryClient(ref.registry, ref.repository, options.registry)
+  try {
+    const so = options.signal !== undefined ? { signal: options.signal } : {}
+    const top = await client.resolveManifest(ref.repository, ref.digest ?? ref.tag ?? 'latest', so)
+    const store: ImageStore = {
+      readManifest: async desc => (await client.getManifest(ref.repository, desc.digest, so)).bytes,
+      readBlob: async digest => await client.getBlob(ref.repository, digest, so),
+      openLayer: (layer, signal) => Readable.from(client.streamBlob(ref.repository, layer, signal !== undefined ? { signal } : {}), { objectMode: false })
+    }
+    return await resolveImage(store, top, formatReference(ref), platform, async () => { client.close() })
+  } catch (err) {
+    client.close()
+    throw err
+  }
+}
+
+function layoutStore (layout: OciLayout): ImageStore {
+  return {
+    readManifest: async (desc, what) => await layout.readBlob(desc.digest, what),
+    readBlob: async (digest, what) => await layout.readBlob(digest, what),
+    openLayer: layer => layout.openBlobStream(layer.digest)
+  }
+}
+
+async function resolveImage (store: ImageStore, descriptor: Descriptor, reference: string, platform: Platform, close: () => Promise<void>): Promise<SourceImage> {
   let desc = descriptor
   if (desc.mediaType === MediaType.ociIndex || desc.mediaType === MediaType.dockerManifestList) {
-    const index = await layout.readJson<ImageIndex>(desc.digest, 'image index')
+    const index = parseJson<ImageIndex>(await store.readManifest(desc, 'image index'), `image index ${desc.digest}`)
     const match = index.manifests.find(m => m.platform?.os === platform.os && m.platform?.architecture === platform.architecture &&
       (platform.variant === undefined || m.platform?.variant === platform.variant))
     if (match === undefined) {
@@ -72,10 +111,10 @@ async function resolveImage (layout: OciLayout, descriptor: Descriptor, referenc
   if (desc.mediaType !== MediaType.ociManifest && desc.mediaType !== MediaType.dockerManifest) {
     throw new FormatError(`${reference} is a ${desc.mediaType}, not an image manifest`)
   }
-  const manifest = await layout.readJson<ImageManifest>(desc.digest, 'manifest')
+  const manifest = parseJson<ImageManifest>(await store.readManifest(desc, 'manifest'), `manifest ${desc.digest}`)
   if (manifest.artifactType === MediaType.shoalImage) throw new UsageError(`${reference} is already a shoal image`)
   const configDigest = parseDigest(manifest.config?.digest, 'manifest config digest')
-  const config = await layout.readJson<ImageConfig>(configDigest, 'image config')
+  const config = parseJson<ImageConfig>(await store.readBlob(configDigest, 'image config'), `image config ${configDigest}`)
   const diffIds = config.rootfs?.diff_ids
   if (!Array.isArray(diffIds) || diffIds.length !== manifest.layers.length) {
     throw new FormatError(`${reference}: the config lists ${diffIds?.length ?? 0} diff_ids for ${manifest.layers.length} layers`)
@@ -84,7 +123,13 @@ async function resolveImage (layout: OciLayout, descriptor: Descriptor, referenc
     layer.digest = parseDigest(layer.digest, `layer ${i} digest`)
     config.rootfs.diff_ids[i] = parseDigest(diffIds[i], `layer ${i} diff_id`)
   }
-  return { reference, layout, manifestDigest: desc.digest, manifest, configDigest, config, close }
+  return { reference, manifestDigest: desc.digest, manifest, configDigest, config, openLayer: store.openLayer, close }
+}
+
+function parseJson<T> (data: Uint8Array, what: string): T {
+  try { return JSON.parse(Buffer.from(data).toString('utf8')) as T } catch (err) {
+    throw new FormatError(`${what} is not valid JSON`, { cause: err })
+  }
 }
 
 const LAYOUT_MEMBER = /^(?:\.\/)?(oci-layout|index\.json|blobs\/sha256\/[0-9a-f]{64})$/

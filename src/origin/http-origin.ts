@@ -1,7 +1,7 @@
 import { FormatError, NotFoundError, OriginError, UsageError } from '../errors.ts'
 import { digestHex, parseDigest, type Digest } from '../format/digest.ts'
 import { Annotation, MediaType, type Descriptor, type ImageIndex } from '../oci/types.ts'
-import { Semaphore, sleep } from './limit.ts'
+import { checkRange, contentLength, discard, failure, readBody, readRangeResponse, REQUEST_HEADERS, RetryingRequests, type RequestStats, type RetryOptions } from './http-retry.ts'
 import type { Origin, OriginRequestOptions } from './origin.ts'
 
 /**
@@ -17,48 +17,19 @@ import type { Origin, OriginRequestOptions } from './origin.ts'
  * checked exactly; digests are the caller's job (see Origin).
  */
 
-export interface HttpOriginOptions {
-  /** Extra attempts after the first one for retryable failures. Default 4. */
-  retries?: number
-  /** First backoff delay; it doubles on each retry up to maxDelayMs. Default 100. */
-  baseDelayMs?: number
-  /** Default 2000. */
-  maxDelayMs?: number
-  /** Deadline of one attempt, headers and body together (time queued for a slot not counted). Default 10000. */
-  requestTimeoutMs?: number
-  /** Most requests in flight at once from this origin. Default 8. */
-  concurrency?: number
-}
+/** Retries, backoff, per-attempt timeout and concurrency (see RetryingRequests). */
+export type HttpOriginOptions = RetryOptions
 
-export interface HttpOriginStats {
-  /** HTTP requests sent, retries included. */
-  requests: number
-  /** Retries after retryable failures. */
-  retries: number
-  /** Body bytes returned to callers (getBlob, getRange). */
-  bytesReceived: number
-}
+export type HttpOriginStats = RequestStats
 
 const DEFAULT_MAX_BLOB_BYTES = 64 * 1024 * 1024
 const MAX_INDEX_BYTES = 16 * 1024 * 1024
-/** A server that ignores Range sends the whole blob; we accept that only for small blobs. */
-const MAX_UNRANGED_BODY_BYTES = 8 * 1024 * 1024
-
-/**
- * `identity`: fetch otherwise asks for gzip/br and silently decompresses, which
- * would make lengths meaningless and ranges apply to the compressed bytes.
- */
-const REQUEST_HEADERS = { 'Accept-Encoding': 'identity', 'User-Agent': 'shoal' }
 
 export class HttpOrigin implements Origin {
   readonly name: string
-  readonly stats: HttpOriginStats = { requests: 0, retries: 0, bytesReceived: 0 }
+  readonly stats: HttpOriginStats
   private readonly base: string
-  private readonly retries: number
-  private readonly baseDelayMs: number
-  private readonly maxDelayMs: number
-  private readonly requestTimeoutMs: number
-  private readonly limit: Semaphore
+  private readonly requests: RetryingRequests
 
   constructor (baseUrl: string, options: HttpOriginOptions = {}) {
     let url: URL
@@ -69,11 +40,8 @@ export class HttpOrigin implements Origin {
     if (url.search !== '' || url.hash !== '') throw new UsageError(`origin URL "${baseUrl}" must not have a query or fragment`)
     this.base = url.href.replace(/\/+$/, '')
     this.name = this.base
-    this.retries = options.retries ?? 4
-    this.baseDelayMs = options.baseDelayMs ?? 100
-    this.maxDelayMs = options.maxDelayMs ?? 2000
-    this.requestTimeoutMs = options.requestTimeoutMs ?? 10_000
-    this.limit = new Semaphore(options.concurrency ?? 8)
+    this.requests = new RetryingRequests(options)
+    this.stats = this.requests.stats
   }
 
   async resolve (ref: string, options: OriginRequestOptions = {}): Promise<Descriptor> {
@@ -100,7 +68,7 @@ export class HttpOrigin implements Origin {
   async getBlob (blob: Digest, options: OriginRequestOptions & { maxBytes?: number } = {}): Promise<Uint8Array> {
     const url = this.blobUrl(blob)
     const what = `blob ${blob}`
-    const data = await this.withRetries(url, options.signal, async signal => {
+    const data = await this.requests.run(url, options.signal, async signal => {
       const res = await fetch(url, { headers: REQUEST_HEADERS, signal })
       if (res.status !== 200) throw await failure(res, what, url)
       return await readBody(res, { max: options.maxBytes ?? DEFAULT_MAX_BLOB_BYTES }, what, url)
@@ -115,40 +83,11 @@ export class HttpOrigin implements Origin {
     const url = this.blobUrl(blob)
     const last = offset + length - 1
     const what = `blob ${blob} bytes ${offset}-${last}`
-    const data = await this.withRetries(url, options.signal, async signal => {
+    const data = await this.requests.run(url, options.signal, async signal => {
       const res = await fetch(url, { headers: { ...REQUEST_HEADERS, Range: `bytes=${offset}-${last}` }, signal })
-      if (res.status === 206) {
-        const got = parseContentRange(res.headers.get('content-range'))
-        if (got === undefined || got.start !== offset || got.end !== last) {
-          await discard(res)
-          if (got !== undefined && got.start === offset && got.end < last) {
-            throw new OriginError(`${what}: past the end of the blob (size ${got.size})`, { status: 206, retryable: false })
-          }
-          throw new OriginError(`${what}: ${url} answered Content-Range "${res.headers.get('content-range')}"`, { status: 206, retryable: false })
-        }
-        return await readBody(res, { exact: length, max: length }, what, url)
-      }
-      if (res.status === 200) {
-        // The server ignored Range and sends the whole blob: fine for a small
-        // one (python's http.server does this), an error for a large one.
-        const declared = contentLength(res)
-        if (declared !== undefined && declared > MAX_UNRANGED_BODY_BYTES) {
-          await discard(res)
-          throw new OriginError(`${what}: ${url} does not support Range requests (it sent the whole ${declared}-byte blob); serve the layout with a server that does, e.g. shoal's origin server or nginx`, { status: 200, retryable: false })
-        }
-        const whole = await readBody(res, { max: MAX_UNRANGED_BODY_BYTES }, `${what} (the server ignored Range and sent the whole blob)`, url)
-        if (whole.length < offset + length) {
-          throw new OriginError(`${what}: past the end of the blob (size ${whole.length})`, { status: 200, retryable: false })
-        }
-        // Copy, so the caller does not keep the rest of the blob alive.
-        return whole.slice(offset, offset + length)
-      }
-      if (res.status === 416) {
-        await discard(res)
-        const size = /\/(\d+)$/.exec(res.headers.get('content-range') ?? '')?.[1]
-        throw new OriginError(`${what}: past the end of the blob${size !== undefined ? ` (size ${size})` : ''}`, { status: 416, retryable: false })
-      }
-      throw await failure(res, `blob ${blob}`, url)
+      const range = await readRangeResponse(res, offset, length, what, url)
+      if (range === undefined) throw await failure(res, `blob ${blob}`, url)
+      return range
     })
     this.stats.bytesReceived += data.length
     return data
@@ -161,7 +100,7 @@ export class HttpOrigin implements Origin {
   /** index.json, validated; with `optional`, undefined when the server has none (404). */
   private async readIndex (signal: AbortSignal | undefined, options: { optional?: boolean } = {}): Promise<ImageIndex | undefined> {
     const url = `${this.base}/index.json`
-    const text = await this.withRetries(url, signal, async attemptSignal => {
+    const text = await this.requests.run(url, signal, async attemptSignal => {
       const res = await fetch(url, { headers: REQUEST_HEADERS, signal: attemptSignal })
       if (res.status === 404 && options.optional === true) { await discard(res); return undefined }
       if (res.status !== 200) throw await failure(res, 'index.json', url)
@@ -179,7 +118,7 @@ export class HttpOrigin implements Origin {
 
   private async headBlob (blob: Digest, signal: AbortSignal | undefined): Promise<number> {
     const url = this.blobUrl(blob)
-    return await this.withRetries(url, signal, async attemptSignal => {
+    return await this.requests.run(url, signal, async attemptSignal => {
       const res = await fetch(url, { method: 'HEAD', headers: REQUEST_HEADERS, signal: attemptSignal })
       await discard(res)
       if (res.status !== 200) throw await failure(res, `blob ${blob}`, url)
@@ -188,130 +127,4 @@ export class HttpOrigin implements Origin {
       return size
     })
   }
-
-  /** Runs ATTEMPT until it succeeds, fails for good, runs out of retries, or SIGNAL aborts. */
-  private async withRetries<T> (url: string, signal: AbortSignal | undefined, attempt: (signal: AbortSignal) => Promise<T>): Promise<T> {
-    for (let n = 0; ; n++) {
-      try {
-        return await this.attemptOnce(url, signal, attempt)
-      } catch (err) {
-        if (signal?.aborted === true) throw signal.reason
-        if (!(err instanceof OriginError) || !err.retryable) throw err
-        if (n >= this.retries) {
-          throw new OriginError(`${err.message} (gave up after ${n + 1} attempts)`, { status: err.status, retryable: true, cause: err })
-        }
-        this.stats.retries++
-        await sleep(this.backoff(n), signal)
-      }
-    }
-  }
-
-  /**
-   * One attempt: holds a concurrency slot while the request and its body are in
-   * flight (not while backing off), under the caller's signal plus a timeout.
-   */
-  private async attemptOnce<T> (url: string, signal: AbortSignal | undefined, attempt: (signal: AbortSignal) => Promise<T>): Promise<T> {
-    const release = await this.limit.acquire(signal)
-    const timeout = AbortSignal.timeout(this.requestTimeoutMs)
-    try {
-      this.stats.requests++
-      return await attempt(signal === undefined ? timeout : AbortSignal.any([signal, timeout]))
-    } catch (err) {
-      if (signal?.aborted === true) throw signal.reason
-      if (timeout.aborted) {
-        throw new OriginError(`${url}: no complete answer within ${this.requestTimeoutMs} ms`, { retryable: true, cause: err })
-      }
-      // undici reports refused/reset connections as TypeError('fetch failed') and
-      // a body cut short as TypeError('terminated'), the detail in `cause`.
-      if (err instanceof TypeError) {
-        throw new OriginError(`${url}: ${networkErrorText(err)}`, { retryable: true, cause: err })
-      }
-      throw err
-    } finally {
-      release()
-    }
-  }
-
-  /** Exponential with "equal jitter": half the step fixed, half random, so retries spread out but never fire at once. */
-  private backoff (retry: number): number {
-    const step = Math.min(this.maxDelayMs, this.baseDelayMs * 2 ** retry)
-    return step / 2 + Math.random() * step / 2
-  }
-}
-
-function checkRange (offset: number, length: number): void {
-  if (!Number.isSafeInteger(offset) || offset < 0 || !Number.isSafeInteger(length) || length < 0) {
-    throw new RangeError(`invalid range: offset ${offset}, length ${length}`)
-  }
-}
-
-/** The error for an unexpected status; drains the body so the connection can be reused or closed. */
-async function failure (res: Response, what: string, url: string): Promise<OriginError> {
-  await discard(res)
-  const status = res.status
-  if (status === 404) return new OriginError(`${what} not found at ${url}`, { status, retryable: false })
-  const retryable = status >= 500 || status === 408 || status === 429
-  return new OriginError(`${what}: ${url} answered ${status} ${res.statusText}`.trimEnd(), { status, retryable })
-}
-
-async function discard (res: Response): Promise<void> {
-  await res.body?.cancel().catch(() => {})
-}
-
-function contentLength (res: Response): number | undefined {
-  const value = res.headers.get('content-length')
-  return value !== null && /^\d+$/.test(value) ? Number(value) : undefined
-}
-
-function parseContentRange (value: string | null): { start: number, end: number, size: number | undefined } | undefined {
-  const m = /^bytes (\d+)-(\d+)\/(\d+|\*)$/.exec(value?.trim() ?? '')
-  if (m === null) return undefined
-  return { start: Number(m[1]), end: Number(m[2]), size: m[3] === '*' ? undefined : Number(m[3]) }
-}
-
-/**
- * Reads a response body into one buffer. `exact`: the body must be exactly this
- * long (shorter is a truncation, retryable); `max`: refuse anything longer,
- * without buffering it first.
- */
-async function readBody (res: Response, limits: { exact?: number, max: number }, what: string, url: string): Promise<Uint8Array> {
-  const encoding = res.headers.get('content-encoding')
-  if (encoding !== null && encoding !== 'identity') {
-    await discard(res)
-    throw new OriginError(`${what}: ${url} sent a ${encoding}-encoded body although asked for identity`, { status: res.status, retryable: false })
-  }
-  const declared = contentLength(res)
-  if (declared !== undefined && declared > limits.max) {
-    await discard(res)
-    throw new OriginError(`${what}: ${url} sent ${declared} bytes, more than the ${limits.max} expected`, { status: res.status, retryable: false })
-  }
-  const expected = limits.exact ?? declared
-  let buffer = new Uint8Array(expected ?? Math.min(limits.max, 64 * 1024))
-  let filled = 0
-  if (res.body !== null) {
-    // Leaving this loop by a throw cancels the stream, which releases the connection.
-    for await (const chunk of res.body) {
-      if (filled + chunk.length > limits.max) {
-        throw new OriginError(`${what}: ${url} sent more than the ${limits.max} bytes expected`, { status: res.status, retryable: false })
-      }
-      if (filled + chunk.length > buffer.length) {
-        const grown = new Uint8Array(Math.min(limits.max, Math.max(buffer.length * 2, filled + chunk.length)))
-        grown.set(buffer.subarray(0, filled))
-        buffer = grown
-      }
-      buffer.set(chunk, filled)
-      filled += chunk.length
-    }
-  }
-  if (expected !== undefined && filled !== expected) {
-    throw new OriginError(`${what}: ${url} sent ${filled} of ${expected} bytes (truncated)`, { status: res.status, retryable: true })
-  }
-  return filled === buffer.length ? buffer : buffer.subarray(0, filled)
-}
-
-function networkErrorText (err: TypeError): string {
-  const cause = err.cause
-  if (err.message === 'terminated') return `connection closed mid-body${cause instanceof Error ? ` (${cause.message})` : ''}`
-  if (cause instanceof Error) return `${err.message}: ${(cause as NodeJS.ErrnoException).code ?? cause.message}`
-  return err.message
 }

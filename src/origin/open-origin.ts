@@ -1,12 +1,20 @@
 import type { Digest } from '../format/digest.ts'
 import type { Descriptor } from '../oci/types.ts'
+import type { RegistryAccess } from '../registry/client.ts'
 import { DirOrigin } from './dir-origin.ts'
 import { HttpOrigin, type HttpOriginOptions } from './http-origin.ts'
 import type { Origin, OriginRequestOptions } from './origin.ts'
+import { RegistryOrigin } from './registry-origin.ts'
 
-/** An origin from its configured text: an http(s) URL of a served layout, or a layout directory. */
-export async function openOrigin (location: string, options: HttpOriginOptions = {}): Promise<Origin> {
-  if (/^https?:\/\//.test(location)) return new HttpOrigin(location, options)
+/**
+ * An origin from its configured text: an http(s) URL of a served layout, a
+ * registry repository `docker://HOST/REPO` (reached as `registry` says), or a
+ * layout directory.
+ */
+export async function openOrigin (location: string, options: HttpOriginOptions & { registry?: RegistryAccess } = {}): Promise<Origin> {
+  const { registry, ...http } = options
+  if (/^https?:\/\//.test(location)) return new HttpOrigin(location, http)
+  if (location.startsWith('docker://')) return await RegistryOrigin.open(location, registry, http)
   return await DirOrigin.open(location)
 }
 

@@ -15,6 +15,9 @@ interface AgentFlags {
   config?: string
   state?: string
   origin: string[]
+  registryCreds?: string
+  registryCa?: string
+  registryPlainHttp?: boolean
   trust: string[]
   cacheSize?: string
   metrics?: string
@@ -33,7 +36,10 @@ function agentOptions (cmd: Command): Command {
   return cmd
     .option('--config <file>', 'JSON config file (keys as in docs/USER-GUIDE.md); flags override it')
     .option('--state <dir>', `state directory: cache, catalogs, control socket (default ${DEFAULT_STATE_DIR})`)
-    .option('--origin <url|dir>', 'origin: URL of `shoal origin serve`, or an OCI layout directory (repeatable: mirrors)', collect, [])
+    .option('--origin <url|dir>', 'origin: URL of `shoal origin serve`, a registry repository docker://HOST/REPO, or an OCI layout directory (repeatable: mirrors)', collect, [])
+    .option('--registry-creds <user:password>', 'credentials for docker:// origins (default: the docker/podman login files)')
+    .option('--registry-ca <file>', 'PEM CA certificate(s) to trust for docker:// origins, besides the system ones')
+    .option('--registry-plain-http', 'reach docker:// origins over plain HTTP instead of HTTPS')
     .option('--trust <pubkey>', 'trusted signing key, shoal.pub (repeatable)', collect, [])
     .option('--cache-size <size>', 'disk cache limit, e.g. 10G')
     .option('--metrics <host:port>', 'Prometheus metrics address, or "off" (default 127.0.0.1:0)')
@@ -53,6 +59,12 @@ async function buildConfig (flags: AgentFlags): Promise<AgentConfig> {
     ...base,
     stateDir: flags.state ?? base.stateDir,
     origins: flags.origin.length > 0 ? flags.origin : base.origins,
+    registry: {
+      ...base.registry,
+      ...(flags.registryCreds !== undefined ? { credentials: flags.registryCreds } : {}),
+      ...(flags.registryCa !== undefined ? { caFile: flags.registryCa } : {}),
+      ...(flags.registryPlainHttp === true ? { plainHttp: true } : {})
+    },
     trust: flags.trust.length > 0 ? flags.trust : base.trust,
     cacheBytes: flags.cacheSize !== undefined ? parseSize(flags.cacheSize, '--cache-size') : base.cacheBytes,
     metrics: flags.metrics === 'off' ? '' : flags.metrics ?? base.metrics,
@@ -78,7 +90,8 @@ export function registerAgentCommands (program: Command): void {
       const log = pino({ name: 'shoal-agent', level: flags.logLevel }, pino.destination(2))
       const agent = await Agent.start(config, { log })
       const stats = agent.stats()
-      console.log(JSON.stringify({ socket: controlSocketPath(config.stateDir), metrics: stats.metricsUrl }))
+      // One line that tells scripts (the demo, the simulator) the agent is ready and where to find it.
+      console.log(JSON.stringify({ socket: controlSocketPath(config.stateDir), metrics: stats.metricsUrl, peerId: stats.peer?.peerId, multiaddrs: stats.peer?.multiaddrs }))
       await new Promise<void>(resolve => {
         for (const sig of ['SIGINT', 'SIGTERM'] as const) process.once(sig, () => resolve())
       })
@@ -173,6 +186,7 @@ export function summaryLine (stats: AgentStats): string {
 }
 
 function printStats (s: AgentStats): void {
+  if (s.peer !== undefined) console.log(`peer ${s.peer.peerId}, ${s.peer.connectedPeers} connected, listening on ${s.peer.multiaddrs.join(' ')}`)
   console.log(table([['source', 'chunks', 'bytes', 'verification failures'],
     ...Object.entries(s.sources).map(([name, v]) => [name, String(v.chunks), mib(v.bytes), String(s.verificationFailures[name] ?? '')])]))
   console.log(`cache: ${mib(s.cache.bytes)} of ${mib(s.cache.maxBytes)} in ${s.cache.chunks} chunks, ${s.cache.evictions} evictions; unavailable chunks: ${s.unavailable}`)

@@ -8,7 +8,11 @@ import { parseCompression } from '../../format/codec.ts'
 import { generateKeys, loadPrivateKey, loadPublicKey } from '../../format/signing.ts'
 import { inspectImage, type ImageSummary } from '../../image/inspect-image.ts'
 import { verifyImage } from '../../image/verify-image.ts'
+import { OciLayout } from '../../oci/layout.ts'
 import { parseReference } from '../../oci/reference.ts'
+import type { Platform } from '../../oci/source-image.ts'
+import type { RegistryAccess } from '../../registry/client.ts'
+import { pushToRegistry, type PushReport } from '../../registry/push.ts'
 import { DirOrigin } from '../../origin/dir-origin.ts'
 import { mib, progressBar, table } from '../output.ts'
 
@@ -22,16 +26,18 @@ export function registerImageCommands (program: Command): void {
       console.log(`wrote ${privatePath} and ${publicPath} (key id ${keyid})`)
     })
 
-  program.command('convert')
+  registryOptions(program.command('convert')
     .description('convert an OCI image into a signed shoal image (lazy-loadable, chunked, deduplicated)')
-    .argument('<source>', 'oci:DIR:TAG or oci-archive:FILE[:TAG]')
-    .argument('<dest>', 'oci:DIR:TAG (created if missing; chunks already there are reused)')
+    .argument('<source>', 'oci:DIR:TAG, oci-archive:FILE[:TAG] or docker://HOST/REPO[:TAG|@DIGEST]')
+    .argument('<dest>', 'oci:DIR:TAG (created if missing; chunks already there are reused) or docker://HOST/REPO:TAG (pushed, tag last)')
     .requiredOption('--key <file>', 'ed25519 private key from shoal keygen')
     .option('--chunk-size <bytes>', 'fixed chunk size', String(DEFAULT_CHUNK_SIZE))
     .option('--compression <codec>', 'chunk compression: zstd or none', 'zstd')
     .option('--pack-size <bytes>', 'target size of pack blobs', String(DEFAULT_PACK_SIZE))
+    .option('--platform <os/arch[/variant]>', 'image to take from a multi-platform source (default: this host\'s)')
+    .option('--src-creds <user:password>', 'credentials for a docker:// source (default: the docker/podman login files)'))
     .option('--json', 'print the report as JSON')
-    .action(async (source: string, dest: string, opts: { key: string, chunkSize: string, compression: string, packSize: string, json?: boolean }) => {
+    .action(async (source: string, dest: string, opts: RegistryFlags & { key: string, chunkSize: string, compression: string, packSize: string, platform?: string, srcCreds?: string, json?: boolean }) => {
       const signingKey = await loadPrivateKey(opts.key)
       const bar = progressBar('converting', 'bytes')
       let report: ConvertReport
@@ -43,6 +49,10 @@ export function registerImageCommands (program: Command): void {
           chunkSize: parseSize(opts.chunkSize, '--chunk-size'),
           packSize: parseSize(opts.packSize, '--pack-size'),
           compression: parseCompression(opts.compression),
+          ...(opts.platform !== undefined ? { platform: parsePlatform(opts.platform) } : {}),
+          sourceRegistry: registryAccess(opts, opts.srcCreds),
+          destRegistry: registryAccess(opts, opts.destCreds),
+          mountFrom: opts.mountFrom,
           onProgress: p => bar.update(p.bytesRead, p.bytesTotal)
         })
       } finally {
@@ -50,6 +60,19 @@ export function registerImageCommands (program: Command): void {
       }
       if (opts.json === true) { console.log(JSON.stringify(report, null, 2)); return }
       printConvertReport(report)
+      if (report.push !== undefined) console.log(pushSummary(report.push))
+    })
+
+  registryOptions(program.command('push')
+    .description('publish a signed shoal image from a layout to a registry: blobs, signature, then the tag')
+    .argument('<image>', 'oci:DIR:TAG')
+    .argument('<dest>', 'docker://HOST/REPO:TAG'))
+    .option('--json', 'print the report as JSON')
+    .action(async (image: string, dest: string, opts: RegistryFlags & { json?: boolean }) => {
+      const ref = parseReference(image)
+      if (ref.transport !== 'oci') throw new UsageError(`${image}: name the shoal image to push as oci:DIR:TAG`)
+      const report = await pushToRegistry(await OciLayout.open(ref.dir), ref.tag, dest, { access: registryAccess(opts, opts.destCreds), mountFrom: opts.mountFrom })
+      console.log(opts.json === true ? JSON.stringify(report, null, 2) : pushSummary(report))
     })
 
   program.command('verify')
@@ -83,6 +106,37 @@ export function registerImageCommands (program: Command): void {
       if (opts.json === true) console.log(JSON.stringify(summary, null, 2))
       else printSummary(image, summary)
     })
+}
+
+interface RegistryFlags { destCreds?: string, ca?: string, plainHttp?: boolean, mountFrom: string[] }
+
+/** The flags for reaching registries that convert and push share. */
+function registryOptions (cmd: Command): Command {
+  return cmd
+    .option('--dest-creds <user:password>', 'credentials for a docker:// destination (default: the docker/podman login files)')
+    .option('--ca <file>', 'PEM CA certificate(s) to trust for registries, besides the system ones')
+    .option('--plain-http', 'reach registries over plain HTTP instead of HTTPS')
+    .option('--mount-from <repo>', 'another repository on the destination registry to mount blobs from instead of uploading them (repeatable)', (v: string, prev: string[]) => [...prev, v], [])
+}
+
+function registryAccess (flags: RegistryFlags, credentials: string | undefined): RegistryAccess {
+  return {
+    ...(credentials !== undefined ? { credentials } : {}),
+    ...(flags.ca !== undefined ? { caFile: flags.ca } : {}),
+    ...(flags.plainHttp === true ? { plainHttp: true } : {})
+  }
+}
+
+function parsePlatform (text: string): Platform {
+  const [os, architecture, variant, extra] = text.split('/')
+  if (os === undefined || os === '' || architecture === undefined || architecture === '' || variant === '' || extra !== undefined) {
+    throw new UsageError(`--platform ${text}: write OS/ARCH or OS/ARCH/VARIANT, e.g. linux/amd64 or linux/arm64/v8`)
+  }
+  return { os, architecture, ...(variant !== undefined ? { variant } : {}) }
+}
+
+function pushSummary (r: PushReport): string {
+  return `pushed ${r.dest} ${r.manifestDigest}: ${r.blobs.uploaded} blobs uploaded (${mib(r.uploadedBytes)}), ${r.blobs.mounted} mounted from other repositories, ${r.blobs.present} already there`
 }
 
 async function openLayoutImage (image: string): Promise<{ origin: DirOrigin, tag: string }> {
