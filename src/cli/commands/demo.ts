@@ -1,5 +1,5 @@
 import { spawn } from 'node:child_process'
-import { access, mkdir } from 'node:fs/promises'
+import { access, mkdir, rm } from 'node:fs/promises'
 import { join, resolve } from 'node:path'
 import { createInterface } from 'node:readline'
 import type { Command } from 'commander'
@@ -54,7 +54,10 @@ export function registerDemoCommand (program: Command): void {
       try {
         for (let i = 0; i < agentCount; i++) {
           const state = join(work, `agent-${i}`)
-          const proc = await startAgentProcess(state, ['--origin', origin.url, '--trust', join(keysDir, 'shoal.pub'), '--metrics', 'off', '--no-p2p', '--log-level', 'warn'])
+          await rm(state, { recursive: true, force: true }) // a cold start every time: no cache from an earlier demo
+          // Every agent bootstraps from the first one; the DHT introduces them to each other.
+          const peer = agents[0]?.process.ready.multiaddrs?.[0]
+          const proc = await startAgentProcess(state, ['--origin', origin.url, '--trust', join(keysDir, 'shoal.pub'), '--metrics', 'off', '--log-level', 'warn', ...(peer !== undefined ? ['--peer', peer] : [])])
           agents.push({ name: `agent-${i}`, state, process: proc })
         }
         say(`${agentCount} agents started; running ${JSON.stringify(DEFAULT_COMMAND)} on agent-0, then on the others at once`)
