@@ -22,7 +22,14 @@ export interface AgentConfig {
   /** Upper bound on resolving one chunk (all sources and retries): a read fails with EIO after it. */
   chunkTimeoutMs: number
   /** Peer-to-peer settings; `enabled: false` makes the agent use only its cache and the origin. */
-  p2p: { enabled: boolean, listen: string[], peers: string[], pskFile?: string }
+  p2p: {
+    enabled: boolean
+    listen: string[]
+    peers: string[]
+    pskFile?: string
+    /** Cap on what this node uploads to peers, bytes/s (beyond it peers are told `busy`); absent = no cap. */
+    uploadBytesPerSecond?: number
+  }
 }
 
 export const DEFAULT_STATE_DIR = '/var/lib/shoal'

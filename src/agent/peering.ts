@@ -91,7 +91,7 @@ export class Peering {
         return ranges
       }
     }
-    const server = new ChunkServer(node.libp2p, { local })
+    const server = new ChunkServer(node.libp2p, { local, ...(config.p2p.uploadBytesPerSecond !== undefined ? { uploadBytesPerSecond: config.p2p.uploadBytesPerSecond } : {}) })
     await server.start()
     const router = new DhtPackRouter(node.libp2p)
     const client = new ChunkClient(node.libp2p)

@@ -43,6 +43,8 @@ describe('two agents on a registry origin', () => {
     await generateKeys(join(dir, 'keys'))
     await execFileAsync(SHOAL_BIN, ['convert', `docker://${registry.host}/team/python:3`, `docker://${registry.host}/team/python:3-shoal`,
       '--key', join(dir, 'keys', 'shoal.key'), '--src-creds', CREDS, '--dest-creds', CREDS, '--ca', caFile])
+    const verified = await execFileAsync(SHOAL_BIN, ['verify', `docker://${registry.host}/team/python:3-shoal`, '--trust', join(dir, 'keys', 'shoal.pub'), '--creds', CREDS, '--ca', caFile])
+    assert.match(verified.stdout, /^OK /)
     const common = ['--origin', `docker://${registry.host}/team/python`, '--registry-creds', CREDS, '--registry-ca', caFile, '--trust', join(dir, 'keys', 'shoal.pub'), '--log-level', 'warn']
     const a = await startAgentProcess(join(dir, 'a'), common)
     agents.push(a)

@@ -25,6 +25,7 @@ interface AgentFlags {
   listen: string[]
   peer: string[]
   psk?: string
+  uploadRate?: string
   p2p?: boolean
   logLevel: string
 }
@@ -47,6 +48,7 @@ function agentOptions (cmd: Command): Command {
     .option('--listen <multiaddr>', 'peer-to-peer listen address (repeatable)', collect, [])
     .option('--peer <multiaddr>', 'bootstrap peer (repeatable)', collect, [])
     .option('--psk <file>', 'pre-shared key file: only peers with the same key can connect')
+    .option('--upload-rate <bytes/s>', 'cap on uploads to peers, e.g. 50M (default: none)')
     .option('--no-p2p', 'use only the local cache and the origin')
     .option('--log-level <level>', 'debug, info, warn or error', 'info')
 }
@@ -74,7 +76,8 @@ async function buildConfig (flags: AgentFlags): Promise<AgentConfig> {
       enabled: flags.p2p !== false && base.p2p.enabled,
       listen: flags.listen.length > 0 ? flags.listen : base.p2p.listen,
       peers: flags.peer.length > 0 ? flags.peer : base.p2p.peers,
-      ...(flags.psk !== undefined ? { pskFile: flags.psk } : {})
+      ...(flags.psk !== undefined ? { pskFile: flags.psk } : {}),
+      ...(flags.uploadRate !== undefined ? { uploadBytesPerSecond: parseSize(flags.uploadRate, '--upload-rate') } : {})
     }
   }
   return validateConfig(config)

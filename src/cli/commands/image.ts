@@ -14,6 +14,8 @@ import type { Platform } from '../../oci/source-image.ts'
 import type { RegistryAccess } from '../../registry/client.ts'
 import { pushToRegistry, type PushReport } from '../../registry/push.ts'
 import { DirOrigin } from '../../origin/dir-origin.ts'
+import type { Origin } from '../../origin/origin.ts'
+import { RegistryOrigin } from '../../origin/registry-origin.ts'
 import { mib, progressBar, table } from '../output.ts'
 
 /** keygen, convert, verify, inspect: the commands that make and check images. */
@@ -75,12 +77,12 @@ export function registerImageCommands (program: Command): void {
       console.log(opts.json === true ? JSON.stringify(report, null, 2) : pushSummary(report))
     })
 
-  program.command('verify')
+  readOptions(program.command('verify'))
     .description('check the signature and every digest of a shoal image, down to every chunk')
-    .argument('<image>', 'oci:DIR:TAG')
+    .argument('<image>', 'oci:DIR:TAG or docker://HOST/REPO:TAG')
     .requiredOption('--trust <pubkey...>', 'trusted public key(s) (shoal.pub)')
-    .action(async (image: string, opts: { trust: string[] }) => {
-      const { origin, tag } = await openLayoutImage(image)
+    .action(async (image: string, opts: { trust: string[] } & ReadFlags) => {
+      const { origin, tag } = await openShoalImage(image, opts)
       const trusted = await Promise.all(opts.trust.map(loadPublicKey))
       await withTempDir(async workDir => {
         const bar = progressBar('verifying packs', 'items')
@@ -94,13 +96,13 @@ export function registerImageCommands (program: Command): void {
       })
     })
 
-  program.command('inspect')
+  readOptions(program.command('inspect'))
     .description('show layers, files, chunks, sizes and deduplication of a shoal image')
-    .argument('<image>', 'oci:DIR:TAG')
+    .argument('<image>', 'oci:DIR:TAG or docker://HOST/REPO:TAG')
     .option('--trust <pubkey...>', 'check the signature against these keys')
     .option('--json', 'print as JSON')
-    .action(async (image: string, opts: { trust?: string[], json?: boolean }) => {
-      const { origin, tag } = await openLayoutImage(image)
+    .action(async (image: string, opts: { trust?: string[], json?: boolean } & ReadFlags) => {
+      const { origin, tag } = await openShoalImage(image, opts)
       const trusted = opts.trust !== undefined ? await Promise.all(opts.trust.map(loadPublicKey)) : 'skip' as const
       const summary = await withTempDir(workDir => inspectImage(origin, tag, { trusted, workDir }))
       if (opts.json === true) console.log(JSON.stringify(summary, null, 2))
@@ -139,10 +141,25 @@ function pushSummary (r: PushReport): string {
   return `pushed ${r.dest} ${r.manifestDigest}: ${r.blobs.uploaded} blobs uploaded (${mib(r.uploadedBytes)}), ${r.blobs.mounted} mounted from other repositories, ${r.blobs.present} already there`
 }
 
-async function openLayoutImage (image: string): Promise<{ origin: DirOrigin, tag: string }> {
+interface ReadFlags { creds?: string, ca?: string, plainHttp?: boolean }
+
+/** The flags verify and inspect take to read an image from a registry. */
+function readOptions (cmd: Command): Command {
+  return cmd
+    .option('--creds <user:password>', 'credentials for a docker:// image (default: the docker/podman login files)')
+    .option('--ca <file>', 'PEM CA certificate(s) to trust for the registry, besides the system ones')
+    .option('--plain-http', 'reach the registry over plain HTTP instead of HTTPS')
+}
+
+/** A shoal image in a local layout or a registry, as an origin and the tag (or digest) to resolve there. */
+async function openShoalImage (image: string, flags: ReadFlags): Promise<{ origin: Origin, tag: string }> {
   const ref = parseReference(image)
-  if (ref.transport !== 'oci') throw new UsageError(`${image}: name a shoal image as oci:DIR:TAG`)
-  return { origin: await DirOrigin.open(ref.dir), tag: ref.tag }
+  if (ref.transport === 'oci') return { origin: await DirOrigin.open(ref.dir), tag: ref.tag }
+  if (ref.transport === 'docker') {
+    const origin = await RegistryOrigin.open(`docker://${ref.registry}/${ref.repository}`, registryAccess({ ...flags, mountFrom: [] }, flags.creds))
+    return { origin, tag: ref.digest ?? ref.tag ?? 'latest' }
+  }
+  throw new UsageError(`${image}: name a shoal image as oci:DIR:TAG or docker://HOST/REPO:TAG`)
 }
 
 async function withTempDir<T> (fn: (dir: string) => Promise<T>): Promise<T> {
