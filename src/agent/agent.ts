@@ -3,12 +3,14 @@ import { mkdir, readdir, readFile } from 'node:fs/promises'
 import { join, resolve } from 'node:path'
 import { NotFoundError, UsageError } from '../errors.ts'
 import { DiskCache, type DiskCacheStats } from '../cache/disk-cache.ts'
+import { MemoryCache } from '../cache/memory-cache.ts'
 import { OriginChunkSource } from '../fetch/chunk-source.ts'
 import { silentLogger, type Logger } from '../fetch/log.ts'
 import { ChunkResolver, type PrefetchResult, type ResolverStats } from '../fetch/resolver.ts'
 import { loadPublicKey } from '../format/signing.ts'
 import { mountImage, type MountedImage } from '../fs/mount.ts'
 import { cleanStaleMount } from '../fs/stale-mount.ts'
+import { fileHasDigest } from '../image/catalog-files.ts'
 import { openImageView, type ImageView } from '../image/image-view.ts'
 import { prefetchChunks } from '../image/prefetch-list.ts'
 import { writeAtomic } from '../oci/layout.ts'
@@ -65,6 +67,8 @@ export class Agent implements ChunkLocator {
   private readonly trusted: KeyObject[]
   private readonly log: Logger
   private readonly mounts = new Map<string, ActiveMount>()
+  /** Mount points with a mount in progress: two requests for one path must not both mount it. */
+  private readonly mounting = new Set<string>()
   private readonly servingCatalogs = new Map<string, Catalog>()
   private closers: Array<() => Promise<void>> = []
   metricsUrl: string | undefined
@@ -103,6 +107,7 @@ export class Agent implements ChunkLocator {
       : undefined
     const resolver: ChunkResolver = new ChunkResolver({
       disk,
+      memory: new MemoryCache(config.memoryBytes),
       remote: [...(peering !== undefined ? [peering.source] : []), new OriginChunkSource(new RangeReader({ origin }))],
       timeoutMs: config.chunkTimeoutMs,
       onEvent: metrics.onResolverEvent,
@@ -135,60 +140,71 @@ export class Agent implements ChunkLocator {
     return agent
   }
 
-  /** Mounts IMAGE (a tag or digest at the origin) read-only at MOUNTPOINT, after checking its signature. */
+  /**
+   * Mounts IMAGE (a tag or digest at the origin) read-only at MOUNTPOINT, after
+   * checking its signature. `signal` bounds the set-up only; the mount then lives
+   * until `umount` or `stop`.
+   */
   async mount (image: string, mountpoint: string, options: { signal?: AbortSignal, onRead?: (path: string, offset: number, length: number) => void } = {}): Promise<MountInfo> {
     const path = resolve(mountpoint)
-    if (this.mounts.has(path)) throw new UsageError(`${path} is already a shoal mount (of ${this.mounts.get(path)!.info.image}); unmount it first`)
-    const view = await openImageView(this.origin, image, { trusted: this.trusted, catalogDir: join(this.config.stateDir, 'catalogs'), ...(options.signal !== undefined ? { signal: options.signal } : {}) })
-    let mounted: MountedImage
-    const sources: MountInfo['sources'] = {}
+    const existing = this.mounts.get(path)
+    if (existing !== undefined) throw new UsageError(`${path} is already a shoal mount (of ${existing.info.image}); unmount it first`)
+    if (this.mounting.has(path)) throw new UsageError(`${path} is being mounted by another request`)
+    this.mounting.add(path)
     try {
-      mounted = await mountImage({
-        onServed: (source, bytes) => {
-          const s = (sources[source] ??= { chunks: 0, bytes: 0 })
-          s.chunks++
-          s.bytes += bytes
-        },
-        mountpoint: path,
-        view: view.view,
-        resolver: this.resolver,
-        log: this.log,
-        ...(options.signal !== undefined ? { signal: options.signal } : {}),
-        ...(options.onRead !== undefined ? { onRead: options.onRead } : {})
-      })
-    } catch (err) {
-      view.close()
-      throw err
+      const view = await openImageView(this.origin, image, { trusted: this.trusted, catalogDir: join(this.config.stateDir, 'catalogs'), ...(options.signal !== undefined ? { signal: options.signal } : {}) })
+      const sources: MountInfo['sources'] = {}
+      const lifetime = new AbortController()
+      let mounted: MountedImage
+      try {
+        options.signal?.throwIfAborted()
+        mounted = await mountImage({
+          mountpoint: path,
+          view: view.view,
+          resolver: this.resolver,
+          log: this.log,
+          signal: lifetime.signal,
+          onServed: (source, bytes) => {
+            const s = (sources[source] ??= { chunks: 0, bytes: 0 })
+            s.chunks++
+            s.bytes += bytes
+          },
+          ...(options.onRead !== undefined ? { onRead: options.onRead } : {})
+        })
+      } catch (err) {
+        view.close()
+        throw err
+      }
+      const info = { image, runtime: view.image.config.runtime, manifestDigest: view.image.manifestDigest, mountpoint: path, mountedAt: new Date().toISOString() }
+      // The recorded start-up reads are fetched in the background, at the resolver's low priority.
+      const chunks = prefetchChunks(view.view, view.image.config.prefetch)
+      const active: ActiveMount = { info, view, mounted, prefetch: { chunks: chunks.length }, sources, lifetime }
+      this.mounts.set(path, active)
+      if (chunks.length > 0) {
+        void this.resolver.prefetch(chunks, { signal: lifetime.signal }).then(result => {
+          active.prefetch.result = result
+          this.log.info({ mountpoint: path, ...result }, 'prefetch list fetched')
+        })
+      }
+      await this.openServingCatalogs()
+      await this.saveMounts()
+      this.log.info(info, 'mounted')
+      return this.describe(active)
+    } finally {
+      this.mounting.delete(path)
     }
-    const info = { image, runtime: view.image.config.runtime, manifestDigest: view.image.manifestDigest, mountpoint: path, mountedAt: new Date().toISOString() }
-    // The recorded start-up reads are fetched in the background, at the resolver's low priority.
-    const chunks = prefetchChunks(view.view, view.image.config.prefetch)
-    const active: ActiveMount = { info, view, mounted, prefetch: { chunks: chunks.length }, sources, lifetime: new AbortController() }
-    this.mounts.set(path, active)
-    if (chunks.length > 0) {
-      void this.resolver.prefetch(chunks, { signal: active.lifetime.signal }).then(result => {
-        active.prefetch.result = result
-        this.log.info({ mountpoint: path, ...result }, 'prefetch list fetched')
-      })
-    }
-    await this.openServingCatalogs()
-    await this.saveMounts()
-    this.log.info(info, 'mounted')
-    return this.describe(active)
   }
 
   async umount (mountpoint: string): Promise<void> {
     const path = resolve(mountpoint)
     const m = this.mounts.get(path)
     if (m === undefined) throw new NotFoundError(`${path} is not mounted by this agent (see shoal ls)`)
-    this.mounts.delete(path)
+    // Forgotten only once really unmounted: a mount that refuses stays listed (and recorded for crash cleanup).
+    await m.mounted.unmount()
     m.lifetime.abort()
-    try {
-      await m.mounted.unmount()
-    } finally {
-      m.view.close()
-      await this.saveMounts()
-    }
+    this.mounts.delete(path)
+    m.view.close()
+    await this.saveMounts()
     this.log.info({ mountpoint: path }, 'unmounted')
   }
 
@@ -225,6 +241,10 @@ export class Agent implements ChunkLocator {
     const names = await readdir(dir).catch(() => [] as string[])
     for (const name of names) {
       if (!/^[0-9a-f]{64}\.sqlite$/.test(name) || this.servingCatalogs.has(join(dir, name))) continue
+      if (!await fileHasDigest(join(dir, name), `sha256:${name.slice(0, 64)}`)) {
+        this.log.warn({ file: name }, 'removed a catalog file that does not match its digest')
+        continue
+      }
       try {
         this.servingCatalogs.set(join(dir, name), new Catalog(join(dir, name)))
       } catch (err) {

@@ -67,6 +67,9 @@ export function validateConfig (config: AgentConfig): AgentConfig {
   if (config.origins.length === 0) throw new UsageError('no origin configured: pass --origin URL (a `shoal origin serve` address) or --origin DIR (an OCI layout)')
   if (config.trust.length === 0) throw new UsageError('no trusted key configured: pass --trust shoal.pub (unsigned images are always refused)')
   if (!Number.isSafeInteger(config.cacheBytes) || config.cacheBytes < 16 * 2 ** 20) throw new UsageError(`cache size ${config.cacheBytes} is too small (at least 16 MiB)`)
+  if (!Number.isSafeInteger(config.memoryBytes) || config.memoryBytes < 2 ** 20) throw new UsageError(`memory cache size ${config.memoryBytes} is too small (at least 1 MiB)`)
+  const upload = config.p2p.uploadBytesPerSecond
+  if (upload !== undefined && !(upload > 0)) throw new UsageError(`upload rate ${upload} must be a positive number of bytes per second (leave it out for no cap)`)
   if (!(config.chunkTimeoutMs > 0)) throw new UsageError(`chunk timeout ${config.chunkTimeoutMs} must be positive`)
   return {
     ...config,

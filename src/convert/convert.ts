@@ -84,6 +84,8 @@ export async function convertImage (options: ConvertOptions): Promise<ConvertRep
   if (destRef.transport === 'docker') return await convertToRegistry(options)
   if (destRef.transport !== 'oci') throw new UsageError(`destination ${options.dest}: shoal writes to oci:DIR:TAG or docker://HOST/REPO:TAG`)
   const chunkSize = options.chunkSize ?? DEFAULT_CHUNK_SIZE
+  const packSize = options.packSize ?? DEFAULT_PACK_SIZE
+  if (!Number.isSafeInteger(packSize) || packSize < chunkSize) throw new UsageError(`pack size ${packSize} must be at least the chunk size (${chunkSize})`)
   if (!Number.isInteger(chunkSize) || chunkSize < 4096 || chunkSize > 16 << 20) throw new UsageError(`chunk size ${chunkSize} is out of range (4 KiB to 16 MiB)`)
   const chunking: ChunkingParams = { algorithm: 'fixed', chunkSize }
   const compression = options.compression ?? 'zstd'
@@ -96,7 +98,7 @@ export async function convertImage (options: ConvertOptions): Promise<ConvertRep
   try {
     const dest = await OciLayout.create(destRef.dir)
     const index = await loadChunkIndex(dest)
-    const packs = new PackWriter(dest, { targetSize: options.packSize ?? DEFAULT_PACK_SIZE })
+    const packs = new PackWriter(dest, { targetSize: packSize })
     const packDigests = new Map<string, { digest: Digest, size: number }>()
     const layers: ShoalLayer[] = []
     const reports: LayerReport[] = []

@@ -152,7 +152,9 @@ export class ImageFs {
         this.stats.reads++
         file.reader.read(buffer, position, length, this.signal).then(n => {
           this.stats.bytesRead += n
-          if (n > 0) this.onRead?.(path, position, n)
+          if (n > 0) {
+            try { this.onRead?.(path, position, n) } catch (err) { this.log.error({ path, err: errorText(err) }, 'read hook failed') }
+          }
           cb(n)
         }, (err: unknown) => {
           this.stats.readErrors++

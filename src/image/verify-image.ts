@@ -49,7 +49,14 @@ export async function verifyImage (origin: Origin, ref: string, options: VerifyO
       for (const c of catalog.allChunks()) {
         let inPack = chunksByPack.get(c.pack)
         if (inPack === undefined) { inPack = new Map(); chunksByPack.set(c.pack, inPack) }
-        if (!inPack.has(c.packOffset)) { inPack.set(c.packOffset, c); chunkCount++ }
+        const known = inPack.get(c.packOffset)
+        if (known === undefined) {
+          inPack.set(c.packOffset, c)
+          chunkCount++
+        } else if (known.digest !== c.digest || known.length !== c.length || known.storedLength !== c.storedLength || known.codec !== c.codec) {
+          // Two catalogs that disagree about the same bytes: one of them would serve garbage.
+          throw new IntegrityError(`catalog ${layer.catalog.digest}`, `describes pack ${c.pack} at offset ${c.packOffset} differently from another layer's catalog`)
+        }
       }
       // Extents must tile each regular file exactly: no holes, no overlap, no overrun.
       const inodes = catalog.db.prepare('SELECT ino, mode, size FROM inodes').iterate() as IterableIterator<{ ino: number, mode: number, size: number }>

@@ -46,7 +46,8 @@ export class OciLayout {
   }
 
   blobPath (digest: Digest): string {
-    return join(this.dir, 'blobs', 'sha256', digestHex(digest))
+    // Validated here too: digests from manifests reach this, and a crafted one must not name a path outside.
+    return join(this.dir, 'blobs', 'sha256', digestHex(parseDigest(digest)))
   }
 
   async hasBlob (digest: Digest): Promise<boolean> {

@@ -141,14 +141,20 @@ const LAYOUT_MEMBER = /^(?:\.\/)?(oci-layout|index\.json|blobs\/sha256\/[0-9a-f]
 async function extractLayoutArchive (file: string, dir: string): Promise<void> {
   await mkdir(join(dir, 'blobs', 'sha256'), { recursive: true })
   const extract = tarStream.extract()
-  const done = pipeline(createReadStream(file), extract).catch((err: Error) => {
-    throw new FormatError(`cannot read oci-archive ${file}: ${err.message}`, { cause: err })
-  })
-  for await (const entry of extract) {
-    const m = LAYOUT_MEMBER.exec(entry.header.name)
-    if (entry.header.type === 'file' && m !== null) await streamToFile(entry as AsyncIterable<Uint8Array>, join(dir, m[1]!))
-    else entry.resume()
+  // Settled either way, so a failure on the reading side cannot leave it unhandled.
+  const streamFailed = pipeline(createReadStream(file), extract).then(() => undefined, (err: Error) => err)
+  try {
+    for await (const entry of extract) {
+      const m = LAYOUT_MEMBER.exec(entry.header.name)
+      if (entry.header.type === 'file' && m !== null) await streamToFile(entry as AsyncIterable<Uint8Array>, join(dir, m[1]!))
+      else entry.resume()
+    }
+  } catch (err) {
+    extract.destroy()
+    const first = await streamFailed ?? err as Error
+    throw new FormatError(`cannot read oci-archive ${file}: ${first.message} (truncated or not a tar?)`, { cause: first })
   }
-  await done
+  const failure = await streamFailed
+  if (failure !== undefined) throw new FormatError(`cannot read oci-archive ${file}: ${failure.message}`, { cause: failure })
 }
 

@@ -7,6 +7,7 @@ import { delimiter, join } from 'node:path'
 import { promisify } from 'node:util'
 import { ShoalError, UsageError } from '../errors.ts'
 import type { RuntimeConfig } from '../oci/types.ts'
+import { resolveInRoot } from './resolve-in-root.ts'
 import { buildRuntimeSpec, containerArgs, resolveUser } from './runtime-spec.ts'
 
 const execFileAsync = promisify(execFile)
@@ -46,8 +47,9 @@ export async function runContainer (options: RunOptions): Promise<number> {
     await execFileAsync('mount', ['-t', 'overlay', 'overlay', '-o',
       `lowerdir=${options.lowerDir},upperdir=${join(bundle, 'upper')},workdir=${join(bundle, 'work')}`, rootfs])
     overlayMounted = true
-    // Async reads only: the FUSE mount below may be served by this very process.
-    const [passwd, group] = await Promise.all([readOptional(join(rootfs, 'etc/passwd')), readOptional(join(rootfs, 'etc/group'))])
+    // Resolved inside the image (an absolute symlink must not reach the host's files), and
+    // async only: the FUSE mount below may be served by this very process.
+    const [passwd, group] = await Promise.all([readInImage(rootfs, '/etc/passwd'), readInImage(rootfs, '/etc/group')])
     const user = resolveUser(options.runtime.User, passwd, group)
     if (runtime === 'chroot') return await runChroot(rootfs, args, options, user)
     const spec = buildRuntimeSpec({ runtime: options.runtime, args, user, ...(options.env !== undefined ? { env: options.env } : {}) })
@@ -78,8 +80,8 @@ function waitForExit (child: ReturnType<typeof spawn>, what: string): Promise<nu
 
 const osSignals: Record<string, number> = { SIGHUP: 1, SIGINT: 2, SIGQUIT: 3, SIGKILL: 9, SIGTERM: 15 }
 
-async function readOptional (path: string): Promise<string> {
-  return await readFile(path, 'utf8').catch(() => '')
+async function readInImage (rootfs: string, path: string): Promise<string> {
+  return await resolveInRoot(rootfs, path).then(p => readFile(join(rootfs, p), 'utf8'), () => '')
 }
 
 /** runc first (crun 1.8 refuses hybrid cgroup hosts), then crun, then chroot. */

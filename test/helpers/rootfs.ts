@@ -86,30 +86,4 @@ export function hardlinkGroups (view: ReadonlyMap<string, FsNode>): string[][] {
   return [...groups.values()].map(paths => paths.sort()).sort((a, b) => a[0]!.localeCompare(b[0]!))
 }
 
-/**
- * Resolves PATH as a process chrooted into ROOT would: absolute symlink targets start
- * again at ROOT and `..` stops at ROOT, so nothing on the host outside ROOT is ever
- * looked at. Returns the resolved path inside ROOT (`/usr/bin/python3.11`).
- */
-export async function resolveInRoot (root: string, path: string): Promise<string> {
-  const pending = path.split('/').filter(part => part !== '' && part !== '.')
-  const resolved: string[] = []
-  let symlinks = 0
-  while (pending.length > 0) {
-    const name = pending.shift()!
-    if (name === '..') { resolved.pop(); continue }
-    const hostPath = join(root, ...resolved, name)
-    let st: Stats
-    try {
-      st = await lstat(hostPath)
-    } catch (err) {
-      throw new Error(`${path} does not resolve inside ${root}: /${[...resolved, name].join('/')} is missing`, { cause: err })
-    }
-    if (!st.isSymbolicLink()) { resolved.push(name); continue }
-    if (++symlinks > 40) throw new Error(`${path} does not resolve inside ${root}: too many levels of symbolic links`)
-    const target = await readlink(hostPath)
-    if (target.startsWith('/')) resolved.length = 0
-    pending.unshift(...target.split('/').filter(part => part !== '' && part !== '.'))
-  }
-  return `/${resolved.join('/')}`
-}
+export { resolveInRoot } from '../../src/run/resolve-in-root.ts'

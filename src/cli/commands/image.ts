@@ -80,7 +80,7 @@ export function registerImageCommands (program: Command): void {
   readOptions(program.command('verify'))
     .description('check the signature and every digest of a shoal image, down to every chunk')
     .argument('<image>', 'oci:DIR:TAG or docker://HOST/REPO:TAG')
-    .requiredOption('--trust <pubkey...>', 'trusted public key(s) (shoal.pub)')
+    .requiredOption('--trust <pubkey>', 'trusted public key, shoal.pub (repeatable)', (v: string, prev: string[] = []) => [...prev, v])
     .action(async (image: string, opts: { trust: string[] } & ReadFlags) => {
       const { origin, tag } = await openShoalImage(image, opts)
       const trusted = await Promise.all(opts.trust.map(loadPublicKey))
@@ -99,7 +99,7 @@ export function registerImageCommands (program: Command): void {
   readOptions(program.command('inspect'))
     .description('show layers, files, chunks, sizes and deduplication of a shoal image')
     .argument('<image>', 'oci:DIR:TAG or docker://HOST/REPO:TAG')
-    .option('--trust <pubkey...>', 'check the signature against these keys')
+    .option('--trust <pubkey>', 'check the signature against this key (repeatable)', (v: string, prev: string[] = []) => [...prev, v])
     .option('--json', 'print as JSON')
     .action(async (image: string, opts: { trust?: string[], json?: boolean } & ReadFlags) => {
       const { origin, tag } = await openShoalImage(image, opts)
