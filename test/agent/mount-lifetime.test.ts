@@ -1,0 +1,37 @@
+import assert from 'node:assert/strict'
+import { execFile } from 'node:child_process'
+import { generateKeyPairSync } from 'node:crypto'
+import { writeFile } from 'node:fs/promises'
+import { join } from 'node:path'
+import { it } from 'node:test'
+import { promisify } from 'node:util'
+import { Agent } from '../../src/agent/agent.ts'
+import { defaultConfig, validateConfig } from '../../src/agent/config.ts'
+import { convertImage } from '../../src/convert/convert.ts'
+import { isFuseMount } from '../../src/fs/stale-mount.ts'
+import { buildSyntheticImage } from '../helpers/synthetic.ts'
+import { tempDir } from '../helpers/tmp.ts'
+
+const execFileAsync = promisify(execFile)
+
+it('a mount outlives the signal that bounded its set-up', async () => {
+  const dir = await tempDir()
+  const keys = generateKeyPairSync('ed25519')
+  const src = await buildSyntheticImage(join(dir, 'src'), 't', [[{ type: 'file', path: 'hello', content: 'world\n' }]])
+  await convertImage({ source: src.ref, dest: `oci:${join(dir, 'images')}:t`, signingKey: keys.privateKey })
+  const pub = join(dir, 'shoal.pub')
+  await writeFile(pub, keys.publicKey.export({ type: 'spki', format: 'pem' }))
+  const config = validateConfig({ ...defaultConfig(join(dir, 'state')), origins: [join(dir, 'images')], trust: [pub], metrics: '', p2p: { enabled: false, listen: [], peers: [] } })
+  const agent = await Agent.start(config, { control: false })
+  const mnt = join(dir, 'mnt')
+  try {
+    await agent.mount('t', mnt, { signal: AbortSignal.timeout(300) })
+    await new Promise(resolve => setTimeout(resolve, 800))
+    assert.ok(await isFuseMount(mnt), 'still mounted after the set-up signal fired')
+    // Read from another process: this one serves the mount.
+    assert.equal((await execFileAsync('cat', [join(mnt, 'hello')])).stdout, 'world\n')
+  } finally {
+    await agent.stop()
+  }
+  assert.equal(await isFuseMount(mnt), false)
+})
