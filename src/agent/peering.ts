@@ -12,6 +12,9 @@ import { DhtPackRouter } from '../p2p/pack-router.ts'
 import { PeerChunkSource, type PeerSourceStats } from '../p2p/peer-source.ts'
 import type { AgentConfig } from './config.ts'
 
+/** Origin fetches this node makes at once on peers' behalf, as their chunks' owner. */
+const MAX_OWNER_FETCHES = 32
+
 /** Where the agent's mounted images say a chunk is: the peer server serves only what a catalog vouches for. */
 export interface ChunkLocator {
   locate (digest: Digest): ChunkRef | undefined
@@ -74,14 +77,24 @@ export class Peering {
       bootstrap: config.p2p.peers,
       ...(psk !== undefined ? { psk } : {})
     })
+    let ownerFetches = 0
     const local: LocalChunks = {
       get: async (digest, { signal, fetch }) => {
         const ref = deps.locator.locate(digest)
         if (ref === undefined) return undefined
         const resolver = deps.resolver()
-        // As the chunk's owner: fetch it once (singleflight), for everybody.
-        if (fetch) return await resolver.get(ref, { signal })
-        return resolver.memory.get(digest) ?? await deps.disk.get(ref, { signal })
+        const held = resolver.memory.get(digest) ?? await deps.disk.get(ref, { signal })
+        if (held !== undefined || !fetch) return held
+        // As the chunk's owner: fetch it once (singleflight), for everybody. Bounded, so that
+        // peers cannot make this node pull any amount from the origin; beyond it they are told
+        // dont-have and try the next owner.
+        if (ownerFetches >= MAX_OWNER_FETCHES) return undefined
+        ownerFetches++
+        try {
+          return await resolver.get(ref, { signal })
+        } finally {
+          ownerFetches--
+        }
       },
       held: async (pack) => {
         const ranges: ByteRange[] = []
