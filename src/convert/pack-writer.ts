@@ -17,7 +17,6 @@ export interface KnownChunk extends ChunkRef {
  */
 export class ChunkIndex {
   private readonly chunks = new Map<Digest, KnownChunk>()
-  get size (): number { return this.chunks.size }
   get (digest: Digest): KnownChunk | undefined { return this.chunks.get(digest) }
   add (chunk: KnownChunk): void { if (!this.chunks.has(chunk.digest)) this.chunks.set(chunk.digest, chunk) }
 }
@@ -38,7 +37,6 @@ export class PackWriter {
   private key = ''
   private packs = 0
   private pending: PlacedChunk[] = []
-  bytesWritten = 0
 
   constructor (layout: OciLayout, options: { targetSize: number }) {
     this.layout = layout
@@ -54,7 +52,6 @@ export class PackWriter {
     const placed: PlacedChunk = { digest, length, packKey: this.key, packOffset: this.writer.size, storedLength: bytes.length, codec }
     this.pending.push(placed)
     await this.writer.write(bytes)
-    this.bytesWritten += bytes.length
     if (this.writer.size < this.targetSize) return { placed }
     return { placed, sealed: await this.seal() }
   }

@@ -3,7 +3,7 @@ import { MemoryCache } from '../cache/memory-cache.ts'
 import { IntegrityError } from '../errors.ts'
 import type { ChunkRef } from '../format/catalog.ts'
 import { sha256, type Digest } from '../format/digest.ts'
-import { Semaphore, sleep } from '../origin/limit.ts'
+import { abortable, Semaphore, sleep } from '../origin/limit.ts'
 import type { ChunkSource } from './chunk-source.ts'
 import { ChunkUnavailableError, type SourceFailure } from './errors.ts'
 import { errorText, silentLogger, type Logger } from './log.ts'
@@ -300,12 +300,3 @@ function verificationProblem (chunk: ChunkRef, data: Uint8Array): string | undef
   return undefined
 }
 
-/** PROMISE, or a rejection with the signal's reason as soon as SIGNAL aborts, whichever comes first. */
-function abortable<T> (promise: Promise<T>, signal: AbortSignal): Promise<T> {
-  if (signal.aborted) return Promise.reject(signal.reason)
-  return new Promise<T>((resolve, reject) => {
-    const onAbort = (): void => reject(signal.reason)
-    signal.addEventListener('abort', onAbort, { once: true })
-    promise.then(resolve, reject).finally(() => signal.removeEventListener('abort', onAbort))
-  })
-}

@@ -10,7 +10,6 @@ export const S_IFLNK = 0o120000
 export const S_IFCHR = 0o020000
 export const S_IFBLK = 0o060000
 export const S_IFIFO = 0o010000
-export const S_IFSOCK = 0o140000
 
 export const isDir = (mode: number): boolean => (mode & S_IFMT) === S_IFDIR
 export const isReg = (mode: number): boolean => (mode & S_IFMT) === S_IFREG
@@ -117,7 +116,6 @@ export class Catalog {
     for (const r of rows) yield toChunkRef(r)
   }
 
-  /** The largest inode number (the FUSE layer packs layer and inode into a 32-bit st_ino). */
   /** The chunk with DIGEST, if this layer has one (a unique-index probe). */
   chunk (digest: Digest): ChunkRef | undefined {
     const r = this.stmts.chunk.get(digestToBytes(digest))
@@ -129,16 +127,13 @@ export class Catalog {
     return this.stmts.packChunks.all(pack).map(toChunkRef)
   }
 
+  /** The largest inode number (the FUSE layer packs layer and inode into a 32-bit st_ino). */
   maxIno (): number {
     return (this.db.prepare('SELECT max(ino) AS m FROM inodes').get() as { m: number | null }).m ?? 0
   }
 
   packs (): Array<{ digest: Digest, size: number }> {
     return this.db.prepare('SELECT digest, size FROM packs ORDER BY id').all() as Array<{ digest: Digest, size: number }>
-  }
-
-  meta (key: string): string | undefined {
-    return (this.db.prepare('SELECT value FROM meta WHERE key = ?').get(key) as { value: string } | undefined)?.value
   }
 
   close (): void { this.db.close() }

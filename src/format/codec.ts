@@ -1,5 +1,5 @@
 import { promisify } from 'node:util'
-import { zstdCompress, zstdCompressSync, zstdDecompressSync, constants, type ZstdOptions } from 'node:zlib'
+import { zstdCompress, zstdDecompressSync, constants, type ZstdOptions } from 'node:zlib'
 import { FormatError } from '../errors.ts'
 
 /** How a chunk is stored in its pack. Numbers are part of the catalog format. */
@@ -12,20 +12,13 @@ export function parseCompression (value: string): Compression {
   throw new FormatError(`unknown chunk compression "${value}": use zstd or none`)
 }
 
-/**
- * Encodes a chunk for a pack. Compression is kept only when it saves at least 1/16
- * of the bytes: decompressing costs CPU on every cold read, so it must pay for itself.
- */
-export function encodeChunk (data: Uint8Array, compression: Compression, level = 3): { codec: CodecId, bytes: Uint8Array } {
-  if (compression === 'none' || data.length < 512) return { codec: Codec.none, bytes: data }
-  const packed = zstdCompressSync(data, { params: { [constants.ZSTD_c_compressionLevel]: level } })
-  if (packed.length <= data.length - (data.length >> 4)) return { codec: Codec.zstd, bytes: packed }
-  return { codec: Codec.none, bytes: data }
-}
-
 const zstdCompressAsync = promisify(zstdCompress)
 
-/** As `encodeChunk`, on libuv's thread pool, so compression overlaps with parsing and hashing. */
+/**
+ * Encodes a chunk for a pack, on libuv's thread pool so compression overlaps with
+ * parsing and hashing. Compression is kept only when it saves at least 1/16 of the
+ * bytes: decompressing costs CPU on every cold read, so it must pay for itself.
+ */
 export async function encodeChunkAsync (data: Uint8Array, compression: Compression, level = 3): Promise<{ codec: CodecId, bytes: Uint8Array }> {
   if (compression === 'none' || data.length < 512) return { codec: Codec.none, bytes: data }
   // One output buffer for the whole chunk (the default 16 KiB costs a thread-pool round trip per

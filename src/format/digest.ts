@@ -33,8 +33,3 @@ export function digestFromHex (hex: Buffer | Uint8Array): Digest {
 export function digestToBytes (digest: Digest): Buffer {
   return Buffer.from(digest.slice(7), 'hex')
 }
-
-/** Short form for logs and tables. */
-export function shortDigest (digest: Digest): string {
-  return digest.slice(7, 19)
-}

@@ -5,6 +5,7 @@ import type { AddressInfo } from 'node:net'
 import { join, sep } from 'node:path'
 import { Readable, Transform, pipeline, type TransformCallback } from 'node:stream'
 import { MediaType } from '../oci/types.ts'
+import { errorText } from '../fetch/log.ts'
 import { sleep } from './limit.ts'
 
 /**
@@ -324,10 +325,6 @@ function missingFileError (err: unknown): boolean {
 function transientFsError (err: unknown): boolean {
   const code = (err as NodeJS.ErrnoException).code
   return code === 'EMFILE' || code === 'ENFILE' || code === 'EAGAIN'
-}
-
-function errorText (err: unknown): string {
-  return err instanceof Error ? err.message : String(err)
 }
 
 /**

@@ -22,9 +22,4 @@ export class PeerBans {
     this.until.delete(peer)
     return false
   }
-
-  /** Peers banned right now. */
-  list (): string[] {
-    return [...this.until.keys()].filter(peer => this.isBanned(peer))
-  }
 }

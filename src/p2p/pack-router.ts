@@ -4,6 +4,7 @@ import { CID } from 'multiformats/cid'
 import { create as createMultihash } from 'multiformats/hashes/digest'
 import { digestToBytes, type Digest } from '../format/digest.ts'
 import { AnnounceError } from './errors.ts'
+import { abortable } from '../origin/limit.ts'
 
 /** Who else is in a pack's swarm: DHT provider records plus live availability. */
 export interface PackRouter {
@@ -96,7 +97,7 @@ export class DhtPackRouter implements PackRouter {
       clearTimeout(announcement.retry) // this attempt replaces the scheduled retry
       announcement.inFlight = this.provide(pack, announcement)
     }
-    await raceAbort(announcement.inFlight, options.signal)
+    await abortable(announcement.inFlight, options.signal)
   }
 
   /** Stop re-providing the pack (the agent evicted it); the records expire on their own. */
@@ -107,7 +108,7 @@ export class DhtPackRouter implements PackRouter {
     clearTimeout(announcement.retry)
     const signal = AbortSignal.any([options.signal, AbortSignal.timeout(this.provideTimeoutMs)])
     // A provide still in flight would publish after the cancel and be re-provided forever.
-    await raceAbort(announcement.inFlight ?? Promise.resolve(), signal).catch(() => {})
+    await abortable(announcement.inFlight ?? Promise.resolve(), signal).catch(() => {})
     await this.routing.contentRouting.cancelReprovide(packCid(pack), { signal })
   }
 
@@ -203,7 +204,7 @@ class Lookup {
   }
 
   changed (signal: AbortSignal): Promise<void> {
-    return raceAbort(new Promise<void>(resolve => this.waiters.push(resolve)), signal)
+    return abortable(new Promise<void>(resolve => this.waiters.push(resolve)), signal)
   }
 
   private notify (): void {
@@ -211,14 +212,4 @@ class Lookup {
     this.waiters = []
     for (const wake of waiters) wake()
   }
-}
-
-/** Waits for `promise`, or rejects with the signal's reason as soon as it aborts (the work goes on). */
-function raceAbort<T> (promise: Promise<T>, signal: AbortSignal): Promise<T> {
-  if (signal.aborted) return Promise.reject(signal.reason)
-  return new Promise<T>((resolve, reject) => {
-    const onAbort = (): void => reject(signal.reason)
-    signal.addEventListener('abort', onAbort, { once: true })
-    promise.then(resolve, reject).finally(() => signal.removeEventListener('abort', onAbort))
-  })
 }

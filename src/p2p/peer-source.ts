@@ -167,12 +167,6 @@ export class PeerChunkSource implements ChunkSource {
     return bytes
   }
 
-  /** Whether this node should fetch the chunk from the origin itself (it is the chunk's owner). */
-  async isOwner (chunk: ChunkRef, options: { signal: AbortSignal }): Promise<boolean> {
-    if (this.servingAsOwner(chunk.digest)) return true
-    return this.select(chunk, await this.swarm(chunk.pack, options.signal)).selfIsOwner
-  }
-
   private async find (chunk: ChunkRef, signal: AbortSignal): Promise<Uint8Array | undefined> {
     const swarm = await this.swarm(chunk.pack, signal)
     await this.refreshAvailability(chunk.pack, swarm, signal)
