@@ -1,5 +1,5 @@
 import type { KeyObject } from 'node:crypto'
-import { mkdir, readdir, readFile } from 'node:fs/promises'
+import { mkdir, readdir, readFile, stat } from 'node:fs/promises'
 import { join, resolve } from 'node:path'
 import { NotFoundError, UsageError } from '../errors.ts'
 import { DiskCache, type DiskCacheStats } from '../cache/disk-cache.ts'
@@ -23,6 +23,7 @@ import { startControlServer } from './control.ts'
 import { AgentMetrics } from './metrics.ts'
 import { Peering, type ChunkLocator, type PeeringStats } from './peering.ts'
 import { Catalog, type ChunkRef } from '../format/catalog.ts'
+import { Codec } from '../format/codec.ts'
 import type { Digest } from '../format/digest.ts'
 
 export interface MountInfo {
@@ -70,6 +71,8 @@ export class Agent implements ChunkLocator {
   /** Mount points with a mount in progress: two requests for one path must not both mount it. */
   private readonly mounting = new Set<string>()
   private readonly servingCatalogs = new Map<string, Catalog>()
+  /** Catalog blobs this node holds, by digest, with their sizes: served to peers like chunks. */
+  private readonly catalogSizes = new Map<Digest, number>()
   private closers: Array<() => Promise<void>> = []
   metricsUrl: string | undefined
   peering: Peering | undefined
@@ -152,7 +155,18 @@ export class Agent implements ChunkLocator {
     if (this.mounting.has(path)) throw new UsageError(`${path} is being mounted by another request`)
     this.mounting.add(path)
     try {
-      const view = await openImageView(this.origin, image, { trusted: this.trusted, catalogDir: join(this.config.stateDir, 'catalogs'), ...(options.signal !== undefined ? { signal: options.signal } : {}) })
+      const view = await openImageView(this.origin, image, {
+        trusted: this.trusted,
+        catalogDir: join(this.config.stateDir, 'catalogs'),
+        // Catalogs go through the resolver like chunks (a catalog is one "chunk" of its own blob):
+        // in a burst, peers share them too, instead of every node asking the origin.
+        fetchCatalog: async (catalog, signal) => {
+          this.peering?.announce([catalog.digest])
+          return await this.resolver.get(catalogChunk(catalog), { signal: signal ?? AbortSignal.timeout(this.config.chunkTimeoutMs) })
+        },
+        ...(options.signal !== undefined ? { signal: options.signal } : {})
+      })
+      this.peering?.announce(view.image.config.layers.flatMap(l => l.packs.map(p => p.digest)))
       const sources: MountInfo['sources'] = {}
       const lifetime = new AbortController()
       let mounted: MountedImage
@@ -222,6 +236,8 @@ export class Agent implements ChunkLocator {
    * keeps serving what it cached after its container is gone.
    */
   locate (digest: Digest): ChunkRef | undefined {
+    const catalogSize = this.catalogSizes.get(digest)
+    if (catalogSize !== undefined) return catalogChunk({ digest, size: catalogSize })
     for (const catalog of this.servingCatalogs.values()) {
       const ref = catalog.chunk(digest)
       if (ref !== undefined) return ref
@@ -230,6 +246,8 @@ export class Agent implements ChunkLocator {
   }
 
   packChunks (pack: Digest): ChunkRef[] {
+    const catalogSize = this.catalogSizes.get(pack)
+    if (catalogSize !== undefined) return [catalogChunk({ digest: pack, size: catalogSize })]
     const seen = new Map<Digest, ChunkRef>()
     for (const catalog of this.servingCatalogs.values()) for (const c of catalog.packChunks(pack)) seen.set(c.digest, c)
     return [...seen.values()]
@@ -247,6 +265,7 @@ export class Agent implements ChunkLocator {
       }
       try {
         this.servingCatalogs.set(join(dir, name), new Catalog(join(dir, name)))
+        this.catalogSizes.set(`sha256:${name.slice(0, 64)}`, (await stat(join(dir, name))).size)
       } catch (err) {
         this.log.warn({ file: name, err: (err as Error).message }, 'ignoring an unreadable catalog file')
       }
@@ -305,4 +324,9 @@ export class Agent implements ChunkLocator {
     }
     await writeAtomic(file, '[]')
   }
+}
+
+/** A catalog blob as a chunk of itself: whole, uncompressed, verified by the blob's own digest. */
+function catalogChunk (catalog: { digest: Digest, size: number }): ChunkRef {
+  return { digest: catalog.digest, length: catalog.size, pack: catalog.digest, packOffset: 0, storedLength: catalog.size, codec: Codec.none }
 }

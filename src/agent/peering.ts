@@ -44,6 +44,7 @@ export class Peering {
   private readonly client: ChunkClient
   private readonly announced = new Set<Digest>()
   private readonly lifetime = new AbortController()
+  private readonly log: Logger
 
   private constructor (parts: { node: PeerNode, peers: PeerChunkSource, server: ChunkServer, router: DhtPackRouter, client: ChunkClient }, log: Logger) {
     this.node = parts.node
@@ -51,17 +52,29 @@ export class Peering {
     this.server = parts.server
     this.router = parts.router
     this.client = parts.client
+    this.log = log
     this.source = {
       name: 'peers',
       get: async (chunk, options) => {
-        if (!this.announced.has(chunk.pack)) {
-          this.announced.add(chunk.pack)
-          this.router.announce(chunk.pack, { signal: this.lifetime.signal }).catch((err: Error) => log.debug({ pack: chunk.pack, err: err.message }, 'announce failed (retried while held)'))
-        }
+        this.announce([chunk.pack])
         // Alone (no connection at all): nobody can answer, so do not make the read wait for a lookup.
         if (this.node.connectedPeers().length === 0) return undefined
         return await this.peers.get(chunk, options)
       }
+    }
+  }
+
+  /**
+   * Tells the swarm this node wants (and will hold) these packs. The agent calls it at
+   * mount, before the first read: in a burst, every node's announcement is then in the
+   * DHT by the time the others look for the pack's swarm, so they agree on owners
+   * instead of each finding itself alone and going to the origin.
+   */
+  announce (packs: Iterable<Digest>): void {
+    for (const pack of packs) {
+      if (this.announced.has(pack)) continue
+      this.announced.add(pack)
+      this.router.announce(pack, { signal: this.lifetime.signal }).catch((err: Error) => this.log.debug({ pack, err: err.message }, 'announce failed (retried while held)'))
     }
   }
 

@@ -19,7 +19,9 @@ const fetching = new Map<string, Promise<string>>()
  * uses it: the catalog is where chunk digests come from, so a damaged one must
  * never be trusted just because it is on disk.
  */
-export async function fetchCatalogFile (origin: Origin, catalog: { digest: Digest, size: number }, dir: string, signal?: AbortSignal): Promise<string> {
+export type CatalogFetcher = (catalog: { digest: Digest, size: number }, signal?: AbortSignal) => Promise<Uint8Array>
+
+export async function fetchCatalogFile (origin: Origin, catalog: { digest: Digest, size: number }, dir: string, signal?: AbortSignal, fetcher?: CatalogFetcher): Promise<string> {
   const path = join(dir, `${digestHex(catalog.digest)}.sqlite`)
   let pending = fetching.get(path)
   if (pending === undefined) {
@@ -29,7 +31,10 @@ export async function fetchCatalogFile (origin: Origin, catalog: { digest: Diges
         return path
       }
       await mkdir(dir, { recursive: true })
-      const data = await fetchVerified(origin, catalog.digest, 'catalog', { size: catalog.size, maxBytes: catalog.size, ...(signal !== undefined ? { signal } : {}) })
+      // A fetcher (the agent's: cache, peers, then origin) verifies what it returns; the origin path is checked here.
+      const data = fetcher !== undefined
+        ? await fetcher(catalog, signal)
+        : await fetchVerified(origin, catalog.digest, 'catalog', { size: catalog.size, maxBytes: catalog.size, ...(signal !== undefined ? { signal } : {}) })
       await writeAtomic(path, data)
       checked.add(path)
       return path

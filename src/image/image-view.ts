@@ -1,7 +1,7 @@
 import type { KeyObject } from 'node:crypto'
 import { Catalog } from '../format/catalog.ts'
 import type { Origin } from '../origin/origin.ts'
-import { fetchCatalogFile } from './catalog-files.ts'
+import { fetchCatalogFile, type CatalogFetcher } from './catalog-files.ts'
 import { loadImage, type LoadedImage } from './load-image.ts'
 import { MergedView } from './merged-view.ts'
 
@@ -12,13 +12,13 @@ export interface ImageView {
 }
 
 /** Loads an image, fetches its verified catalogs into CATALOG_DIR, and opens the merged view. */
-export async function openImageView (origin: Origin, ref: string, options: { trusted: KeyObject[] | 'skip', catalogDir: string, signal?: AbortSignal }): Promise<ImageView> {
+export async function openImageView (origin: Origin, ref: string, options: { trusted: KeyObject[] | 'skip', catalogDir: string, signal?: AbortSignal, fetchCatalog?: CatalogFetcher }): Promise<ImageView> {
   const so = options.signal !== undefined ? { signal: options.signal } : {}
   const image = await loadImage(origin, ref, { trusted: options.trusted, ...so })
   const catalogs: Catalog[] = []
   try {
     for (const layer of image.config.layers) {
-      catalogs.push(new Catalog(await fetchCatalogFile(origin, layer.catalog, options.catalogDir, options.signal)))
+      catalogs.push(new Catalog(await fetchCatalogFile(origin, layer.catalog, options.catalogDir, options.signal, options.fetchCatalog)))
     }
   } catch (err) {
     for (const c of catalogs) c.close()
