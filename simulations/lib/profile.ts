@@ -1,0 +1,69 @@
+/**
+ * Where the model gets its workload: the profile a real lone run recorded
+ * (run.ts writes it next to its results), or, for a synthetic image, one made up here.
+ */
+import { createHash } from 'node:crypto'
+import { readdir, readFile, stat } from 'node:fs/promises'
+import { join } from 'node:path'
+import type { Digest } from '../../src/format/digest.ts'
+import type { ProfileChunk, WorkloadProfile } from './image.ts'
+import type { Scenario } from './scenario.ts'
+
+/** A scenario's image and workload, as a key: scenarios that share both share a profile. */
+export function profileKey (scenario: Scenario): string {
+  return createHash('sha256').update(JSON.stringify([scenario.image, scenario.workload])).digest('hex').slice(0, 12)
+}
+
+/**
+ * The profile for SCENARIO: FILE when given, else the newest one a real run of
+ * the same image and workload left in results/sim/<run>/workload-profile.json.
+ */
+export async function loadProfile (repo: string, scenario: Scenario, file?: string): Promise<WorkloadProfile> {
+  if ('synthetic' in scenario.image) return syntheticProfile(scenario.image.synthetic)
+  const candidates = file !== undefined ? [file] : await recordedProfiles(join(repo, 'results', 'sim'))
+  for (const path of candidates) {
+    const profile = JSON.parse(await readFile(path, 'utf8')) as WorkloadProfile
+    if (file !== undefined || profile.key === profileKey(scenario)) return profile
+  }
+  throw new Error(`no workload profile for ${scenario.name}'s image and workload in results/sim: record one with a real run (node simulations/run.ts SCENARIO --nodes 1), or pass --profile FILE`)
+}
+
+/** Every results/sim/<run>/workload-profile.json, newest first. */
+async function recordedProfiles (dir: string): Promise<string[]> {
+  const runs = await readdir(dir).catch(() => [] as string[])
+  const found = await Promise.all(runs.map(async r => {
+    const path = join(dir, r, 'workload-profile.json')
+    return await stat(path).then(st => ({ path, mtime: st.mtimeMs }), () => undefined)
+  }))
+  return found.filter(f => f !== undefined).sort((a, b) => b.mtime - a.mtime).map(f => f.path)
+}
+
+const MIB = 1 << 20
+const PACK_CHUNKS = 16
+
+/**
+ * An image of incompressible 1 MiB chunks in 16 MiB packs, read whole in pack
+ * order (a full pull, as in Kraken's benchmark). Digests are random but fixed
+ * (hashes of their index), so runs are repeatable; each layer has a 1 MB catalog,
+ * about what the real converter writes for a layer of that size.
+ */
+export function syntheticProfile (spec: { gigabytes: number, layers: number }): WorkloadProfile {
+  const total = Math.round(spec.gigabytes * 1e9 / MIB)
+  const digest = (what: string): Digest => `sha256:${createHash('sha256').update(what).digest('hex')}`
+  const chunks: ProfileChunk[] = []
+  for (let i = 0; i < total; i++) {
+    const layer = Math.floor(i * spec.layers / total)
+    const pack = digest(`layer ${layer} pack ${Math.floor(i / PACK_CHUNKS)}`)
+    chunks.push({ digest: digest(`chunk ${i}`), pack, packOffset: (i % PACK_CHUNKS) * MIB, length: MIB, storedLength: MIB })
+  }
+  return {
+    key: 'synthetic',
+    image: `synthetic ${spec.gigabytes} GB`,
+    workload: 'read every chunk',
+    chunks,
+    packs: [...new Set(chunks.map(c => c.pack))],
+    catalogs: Array.from({ length: spec.layers }, (_, i) => ({ digest: digest(`catalog ${i}`), size: 1e6 })),
+    metadata: { bytes: 4096, requests: 4 },
+    lone: { coldMs: NaN, warmMs: 0, mountMs: 0 }
+  }
+}

@@ -1,0 +1,119 @@
+import assert from 'node:assert/strict'
+import { readFile } from 'node:fs/promises'
+import { join } from 'node:path'
+import { describe, it } from 'node:test'
+import { makeCpu } from '../../simulations/lib/cpu.ts'
+import { EventQueue, Simulator } from '../../simulations/lib/des.ts'
+import { Link, Transfer } from '../../simulations/lib/links.ts'
+import { simulate, type ModelMode } from '../../simulations/lib/model-world.ts'
+import { syntheticProfile } from '../../simulations/lib/profile.ts'
+import { writeReport } from '../../simulations/lib/report.ts'
+import { parseScenario, type Scenario } from '../../simulations/lib/scenario.ts'
+import { tempDir } from '../helpers/tmp.ts'
+
+/** A 20 MB image of 1 MiB chunks: small enough for hundreds of nodes in a second or two. */
+const profile = syntheticProfile({ gigabytes: 0.02, layers: 2 })
+const uniquePackBytes = profile.chunks.reduce((a, c) => a + c.storedLength, 0)
+
+function scenario (overrides: Record<string, unknown>): Scenario {
+  return parseScenario({ nodes: 200, links: { mbit: 1000, latencyMs: 0.2 }, origin: { mbit: 2000, latencyMs: 1 }, model: { workloadCpuMs: 200 }, ...overrides }, 'test')
+}
+
+async function run (s: Scenario, mode: ModelMode): Promise<Awaited<ReturnType<typeof simulate>>['result']> {
+  return (await simulate({ scenario: s, profile, mode })).result
+}
+
+describe('model: discrete-event core', () => {
+  it('the event queue pops by time, and same-time events in insertion order', () => {
+    const q = new EventQueue()
+    const times = Array.from({ length: 500 }, (_, i) => (i * 7919) % 97)
+    const seen: Array<[number, number]> = []
+    times.forEach((t, i) => q.push(t, () => seen.push([t, i])))
+    while (q.size > 0) q.pop()!.fn()
+    for (let i = 1; i < seen.length; i++) {
+      const [t0, i0] = seen[i - 1]!
+      const [t1, i1] = seen[i]!
+      assert.ok(t0 < t1 || (t0 === t1 && i0 < i1), `event ${i} out of order`)
+    }
+  })
+
+  it('two transfers share a link equally, and one held up by a slow receiver leaves the rest to the other', async () => {
+    const sim = new Simulator()
+    const sender = new Link(sim, 'sender', 10e6)
+    const fast = new Link(sim, 'fast', 100e6)
+    const slow = new Link(sim, 'slow', 2e6)
+    const done: Record<string, number> = {}
+    const a = new Transfer(sim, sender, fast, 8e6, { latencyMs: 0, pieceBytes: 65536 })
+    const b = new Transfer(sim, sender, slow, 4e6, { latencyMs: 0, pieceBytes: 65536 })
+    void a.done.then(() => { done.a = sim.now })
+    void b.done.then(() => { done.b = sim.now })
+    await sim.run()
+    // b is held to 2 MB/s by its receiver (2 s); a gets the other 8 MB/s of the sender: 8 MB in about 1 s, not 1.6 s.
+    assert.ok(Math.abs(done.b! - 2000) < 100, `slow transfer took ${done.b} ms`)
+    assert.ok(done.a! < 1150, `fast transfer took ${done.a} ms, so the sender did not give it the capacity the slow one could not use`)
+  })
+
+  it('shared cores run four 100 ms jobs on two cores in 200 ms', async () => {
+    const sim = new Simulator()
+    const cpu = makeCpu(sim, 2)
+    const ends: number[] = []
+    for (let i = 0; i < 4; i++) void cpu.work(100).then(() => ends.push(sim.now))
+    await sim.run()
+    assert.deepEqual(ends.map(t => Math.round(t)), [200, 200, 200, 200])
+  })
+})
+
+describe('model: 200 nodes driving the real rendezvous code', () => {
+  it('with peers, every node finishes within the bound and the origin sends fewer bytes than without', async () => {
+    const s = scenario({})
+    const peers = await run(s, 'peers')
+    const baseline = await run(s, 'baseline')
+    for (const r of [peers, baseline]) {
+      assert.equal(r.nodes.length, 200)
+      assert.ok(r.nodes.every(n => n.outcome === 'ok'), JSON.stringify(r.nodes.find(n => n.outcome !== 'ok')))
+      assert.ok(r.nodes.every(n => n.completionMs! <= s.timeouts.runMs))
+    }
+    assert.ok(peers.origin.bytesSent < baseline.origin.bytesSent, `peers ${peers.origin.bytesSent} vs baseline ${baseline.origin.bytesSent}`)
+    assert.equal(baseline.origin.packBytes, 200 * uniquePackBytes, 'without peers every node pulls every chunk itself')
+  })
+
+  it('once the swarm is known (arrivals 1 s apart), each chunk leaves the origin about once: the owners fetch, everyone else asks them', async () => {
+    const peers = await run(scenario({ nodes: 50, arrival: { type: 'staggered', intervalMs: 1000 } }), 'peers')
+    assert.ok(peers.nodes.every(n => n.outcome === 'ok'))
+    assert.ok(peers.origin.packBytes <= 1.1 * uniquePackBytes, `origin sent ${peers.origin.packBytes} pack bytes for ${uniquePackBytes} unique`)
+    const uploaders = peers.nodes.filter(n => n.uploadBytes > 0).length
+    assert.ok(uploaders > 10, `only ${uploaders} nodes uploaded: the load is not spread`)
+  })
+
+  it('kill -9 of 30 % mid-burst: the killed are reported as such, every other node finishes', async () => {
+    const r = await run(scenario({ faults: { kill: { share: 0.3, atMs: 300 } } }), 'peers')
+    assert.equal(r.nodes.filter(n => n.outcome === 'killed').length, 60)
+    assert.ok(r.nodes.filter(n => n.outcome !== 'killed').every(n => n.outcome === 'ok'))
+  })
+
+  it('bad peers are caught by the hash check and banned; every honest node finishes', async () => {
+    const r = await run(scenario({ faults: { badPeers: { share: 0.1 } } }), 'peers')
+    assert.ok(r.nodes.every(n => n.outcome === 'ok'))
+    assert.ok(r.nodes.reduce((a, n) => a + n.verificationFailures, 0) > 0)
+    assert.ok(r.nodes.some(n => n.bannedPeers > 0))
+  })
+
+  it('an origin outage longer than the retries makes reads that need the origin fail, cleanly and within the bound', async () => {
+    const s = scenario({ nodes: 20, faults: { originOutage: { fromMs: 0, toMs: 60_000 } } })
+    const r = await run(s, 'baseline')
+    assert.ok(r.nodes.every(n => n.outcome === 'failed' && n.completionMs! < s.timeouts.runMs), JSON.stringify(r.nodes[0]))
+  })
+
+  it('writes results.json, summary.md and charts that parse', async () => {
+    const s = scenario({ nodes: 30 })
+    const dir = await tempDir('shoal-sim-report-')
+    const m = await writeReport(dir, { kind: 'model', scenario: s, date: 'today', command: 'test', lone: await run(s, 'lone'), runs: { peers: await run(s, 'peers'), baseline: await run(s, 'baseline') }, extra: {} })
+    assert.ok(m.peers!.egressFactor < m.baseline!.egressFactor)
+    const results = JSON.parse(await readFile(join(dir, 'results.json'), 'utf8')) as { metrics: Record<string, unknown> }
+    assert.deepEqual(Object.keys(results.metrics), ['peers', 'baseline'])
+    assert.match(await readFile(join(dir, 'summary.md'), 'utf8'), /origin egress factor/)
+    for (const chart of ['completion-cdf.svg', 'origin-egress.svg', 'bytes-by-source-peers.svg', 'bytes-by-source-baseline.svg']) {
+      assert.match(await readFile(join(dir, chart), 'utf8'), /^<svg [^>]*>[\s\S]*<\/svg>\n$/)
+    }
+  })
+})
