@@ -97,6 +97,10 @@ try {
     log(`${name}: ${x.ok}/${x.nodes} ok, p50 ${(x.completion.p50 / 1000).toFixed(2)} s, p99 ${(x.completion.p99 / 1000).toFixed(2)} s (${x.p99OverLone.toFixed(2)}x lone), origin ${(x.origin.bytes / 1e6).toFixed(1)} MB (${x.egressFactor.toFixed(2)}x lone, chunks ${x.chunkEgressFactor.toFixed(2)}x)`)
   }
   log(`wrote ${join(out, 'summary.md')}`)
+} catch (err) {
+  if (!controller.signal.aborted) throw err
+  log('stopped; agents, origin, mounts and namespaces are torn down')
+  process.exitCode = 130
 } finally {
   await rm(work, { recursive: true, force: true }).catch(() => {})
 }

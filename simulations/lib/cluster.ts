@@ -174,6 +174,8 @@ class ClusterRun {
     this.scheduleFaults()
     const poller = setInterval(() => { for (const n of this.nodes) void this.poll(n) }, POLL_MS)
     const deadline = setTimeout(() => { void this.stopWorkloads('the run bound (timeouts.runMs) passed') }, s.timeouts.runMs)
+    const interrupted = (): void => { void this.stopWorkloads('the run was stopped') }
+    o.signal.addEventListener('abort', interrupted, { once: true })
     try {
       await Promise.all(this.nodes.map(async n => {
         await sleep(n.result.arrivalMs, o.signal).catch(() => {})
@@ -182,6 +184,7 @@ class ClusterRun {
     } finally {
       clearInterval(poller)
       clearTimeout(deadline)
+      o.signal.removeEventListener('abort', interrupted)
     }
     const wallMs = performance.now() - this.t0
     const cpuAfter = await machineCpu()
