@@ -68,10 +68,10 @@ export class HttpOrigin implements Origin {
   async getBlob (blob: Digest, options: OriginRequestOptions & { maxBytes?: number } = {}): Promise<Uint8Array> {
     const url = this.blobUrl(blob)
     const what = `blob ${blob}`
-    const data = await this.requests.run(url, options.signal, async signal => {
+    const data = await this.requests.run(url, options.signal, async (signal, progress) => {
       const res = await fetch(url, { headers: REQUEST_HEADERS, signal })
       if (res.status !== 200) throw await failure(res, what, url)
-      return await readBody(res, { max: options.maxBytes ?? DEFAULT_MAX_BLOB_BYTES }, what, url)
+      return await readBody(res, { max: options.maxBytes ?? DEFAULT_MAX_BLOB_BYTES }, what, url, progress)
     })
     this.stats.bytesReceived += data.length
     return data
@@ -83,9 +83,9 @@ export class HttpOrigin implements Origin {
     const url = this.blobUrl(blob)
     const last = offset + length - 1
     const what = `blob ${blob} bytes ${offset}-${last}`
-    const data = await this.requests.run(url, options.signal, async signal => {
+    const data = await this.requests.run(url, options.signal, async (signal, progress) => {
       const res = await fetch(url, { headers: { ...REQUEST_HEADERS, Range: `bytes=${offset}-${last}` }, signal })
-      const range = await readRangeResponse(res, offset, length, what, url)
+      const range = await readRangeResponse(res, offset, length, what, url, progress)
       if (range === undefined) throw await failure(res, `blob ${blob}`, url)
       return range
     })

@@ -16,7 +16,7 @@ export interface RetryOptions {
   baseDelayMs?: number
   /** Default 2000. */
   maxDelayMs?: number
-  /** Deadline of one attempt, headers and body together (time queued for a slot not counted). Default 10000. */
+  /** An attempt fails after this long without progress: no headers yet, or no more body bytes (time queued for a slot not counted). Default 10000. */
   requestTimeoutMs?: number
   /** Most requests in flight at once. Default 8. */
   concurrency?: number
@@ -40,6 +40,9 @@ export const REQUEST_HEADERS = { 'Accept-Encoding': 'identity', 'User-Agent': 's
 /** A server that ignores Range sends the whole blob; we accept that only for small blobs. */
 const MAX_UNRANGED_BODY_BYTES = 8 * 1024 * 1024
 
+/** One request and its body; calls `progress` as body bytes arrive (see `once`). */
+export type Attempt<T> = (signal: AbortSignal, progress: () => void) => Promise<T>
+
 export class RetryingRequests {
   readonly stats: RequestStats = { requests: 0, retries: 0, bytesReceived: 0 }
   readonly requestTimeoutMs: number
@@ -57,7 +60,7 @@ export class RetryingRequests {
   }
 
   /** ATTEMPT (one request and its body) under retries: `retrying(() => once(...))`. */
-  async run<T> (url: string, signal: AbortSignal | undefined, attempt: (signal: AbortSignal) => Promise<T>): Promise<T> {
+  async run<T> (url: string, signal: AbortSignal | undefined, attempt: Attempt<T>): Promise<T> {
     return await this.retrying(signal, () => this.once(url, signal, attempt))
   }
 
@@ -95,18 +98,26 @@ export class RetryingRequests {
    * One attempt: holds a concurrency slot while the request and its body are in
    * flight (not while backing off), under the caller's signal plus a timeout
    * (`timeoutMs`, default requestTimeoutMs: an upload's deadline grows with its size).
+   * The timeout counts time without progress: an attempt that reports each piece of
+   * body it receives (`progress`) lives as long as bytes keep coming, so a slow but
+   * working transfer (a fair share of a busy origin) is not cut off and retried.
    */
-  async once<T> (url: string, signal: AbortSignal | undefined, attempt: (signal: AbortSignal) => Promise<T>, options: { timeoutMs?: number } = {}): Promise<T> {
+  async once<T> (url: string, signal: AbortSignal | undefined, attempt: Attempt<T>, options: { timeoutMs?: number } = {}): Promise<T> {
     const release = await this.limit.acquire(signal)
     const timeoutMs = options.timeoutMs ?? this.requestTimeoutMs
-    const timeout = AbortSignal.timeout(timeoutMs)
+    const stalled = new AbortController()
+    let timer = setTimeout(() => stalled.abort(), timeoutMs)
+    const progress = (): void => {
+      clearTimeout(timer)
+      timer = setTimeout(() => stalled.abort(), timeoutMs)
+    }
     try {
       this.stats.requests++
-      return await attempt(signal === undefined ? timeout : AbortSignal.any([signal, timeout]))
+      return await attempt(signal === undefined ? stalled.signal : AbortSignal.any([signal, stalled.signal]), progress)
     } catch (err) {
       if (signal?.aborted === true) throw signal.reason
-      if (timeout.aborted) {
-        throw new OriginError(`${url}: no complete answer within ${timeoutMs} ms`, { retryable: true, cause: err })
+      if (stalled.signal.aborted) {
+        throw new OriginError(`${url}: no answer, or no more bytes, for ${timeoutMs} ms`, { retryable: true, cause: err })
       }
       // undici reports refused/reset connections as TypeError('fetch failed') and
       // a body cut short as TypeError('terminated'), the detail in `cause`.
@@ -115,6 +126,7 @@ export class RetryingRequests {
       }
       throw err
     } finally {
+      clearTimeout(timer)
       release()
     }
   }
@@ -170,7 +182,7 @@ function parseContentRange (value: string | null): { start: number, end: number,
  * (sliced, small blobs only), 416 past the end. Any other status is `undefined`,
  * for the caller to report; its body is left unread.
  */
-export async function readRangeResponse (res: Response, offset: number, length: number, what: string, url: string): Promise<Uint8Array | undefined> {
+export async function readRangeResponse (res: Response, offset: number, length: number, what: string, url: string, progress?: () => void): Promise<Uint8Array | undefined> {
   const last = offset + length - 1
   if (res.status === 206) {
     const got = parseContentRange(res.headers.get('content-range'))
@@ -181,7 +193,7 @@ export async function readRangeResponse (res: Response, offset: number, length: 
       }
       throw new OriginError(`${what}: ${url} answered Content-Range "${res.headers.get('content-range')}"`, { status: 206, retryable: false })
     }
-    return await readBody(res, { exact: length, max: length }, what, url)
+    return await readBody(res, { exact: length, max: length }, what, url, progress)
   }
   if (res.status === 200) {
     // The server ignored Range and sends the whole blob: fine for a small
@@ -191,7 +203,7 @@ export async function readRangeResponse (res: Response, offset: number, length: 
       await discard(res)
       throw new OriginError(`${what}: ${url} does not support Range requests (it sent the whole ${declared}-byte blob); serve the layout with a server that does, e.g. shoal's origin server or nginx`, { status: 200, retryable: false })
     }
-    const whole = await readBody(res, { max: MAX_UNRANGED_BODY_BYTES }, `${what} (the server ignored Range and sent the whole blob)`, url)
+    const whole = await readBody(res, { max: MAX_UNRANGED_BODY_BYTES }, `${what} (the server ignored Range and sent the whole blob)`, url, progress)
     if (whole.length < offset + length) {
       throw new OriginError(`${what}: past the end of the blob (size ${whole.length})`, { status: 200, retryable: false })
     }
@@ -212,7 +224,7 @@ export async function readRangeResponse (res: Response, offset: number, length: 
  * long (shorter is a truncation, retryable); `max`: refuse anything longer,
  * without buffering it first.
  */
-export async function readBody (res: Response, limits: { exact?: number, max: number }, what: string, url: string): Promise<Uint8Array> {
+export async function readBody (res: Response, limits: { exact?: number, max: number }, what: string, url: string, progress?: () => void): Promise<Uint8Array> {
   await checkIdentityEncoding(res, what, url)
   const declared = contentLength(res)
   if (declared !== undefined && declared > limits.max) {
@@ -235,6 +247,7 @@ export async function readBody (res: Response, limits: { exact?: number, max: nu
       }
       buffer.set(chunk, filled)
       filled += chunk.length
+      progress?.()
     }
   }
   if (expected !== undefined && filled !== expected) {

@@ -242,8 +242,29 @@ describe('HttpOrigin retries and failures', () => {
     const server = await scriptedServer(handler, () => true) // never answers
     try {
       const origin = new HttpOrigin(server.url, { ...quick, retries: 1, requestTimeoutMs: 100 })
-      await assert.rejects(origin.getRange(fx.big.digest, 0, 10), isOriginError(undefined, true, /no complete answer within 100 ms \(gave up after 2 attempts\)/))
+      await assert.rejects(origin.getRange(fx.big.digest, 0, 10), isOriginError(undefined, true, /no answer, or no more bytes, for 100 ms \(gave up after 2 attempts\)/))
       assert.equal(server.count, 2)
+    } finally {
+      await server.close()
+    }
+  })
+
+  test('a slow body that keeps arriving is not cut off: the timeout counts time without progress', async () => {
+    const body = Buffer.alloc(8 * 1024, 7)
+    const server = await testServer((_req, res) => {
+      res.writeHead(206, { 'content-range': `bytes 0-${body.length - 1}/${body.length}`, 'content-length': String(body.length) })
+      let sent = 0
+      const tick = setInterval(() => {
+        res.write(body.subarray(sent, sent + 1024))
+        sent += 1024
+        if (sent >= body.length) { clearInterval(tick); res.end() }
+      }, 40) // 8 pieces over ~320 ms, each gap well under the 150 ms timeout
+    })
+    try {
+      const origin = new HttpOrigin(server.url, { ...quick, retries: 0, requestTimeoutMs: 150 })
+      const data = await origin.getRange(fx.big.digest, 0, body.length)
+      assert.equal(data.length, body.length)
+      assert.equal(origin.stats.requests, 1)
     } finally {
       await server.close()
     }
