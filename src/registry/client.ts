@@ -199,10 +199,10 @@ export class RegistryClient {
   async getBlob (repository: string, digest: Digest, options: { signal?: AbortSignal, maxBytes?: number } = {}): Promise<Uint8Array> {
     const url = this.url(repository, 'blobs', parseDigest(digest, 'blob digest'))
     const what = `blob ${digest} in ${this.nameOf(repository)}`
-    const data = await this.requests.run(url.href, options.signal, async signal => {
+    const data = await this.requests.run(url.href, options.signal, async (signal, progress) => {
       const res = await this.send('GET', url, { scopes: [pullScope(this.path(repository))], followRedirects: true }, signal)
       if (res.status !== 200) throw await this.failure(res, what, url)
-      return await readBody(res, { max: options.maxBytes ?? DEFAULT_MAX_BLOB_BYTES }, what, url.href)
+      return await readBody(res, { max: options.maxBytes ?? DEFAULT_MAX_BLOB_BYTES }, what, url.href, progress)
     })
     this.stats.bytesReceived += data.length
     const actual = sha256(data)
@@ -216,9 +216,9 @@ export class RegistryClient {
     if (length === 0) return new Uint8Array(0)
     const url = this.url(repository, 'blobs', parseDigest(digest, 'blob digest'))
     const what = `blob ${digest} bytes ${offset}-${offset + length - 1} in ${this.nameOf(repository)}`
-    const data = await this.requests.run(url.href, options.signal, async signal => {
+    const data = await this.requests.run(url.href, options.signal, async (signal, progress) => {
       const res = await this.send('GET', url, { scopes: [pullScope(this.path(repository))], followRedirects: true, headers: { Range: `bytes=${offset}-${offset + length - 1}` } }, signal)
-      const range = await readRangeResponse(res, offset, length, what, url.href)
+      const range = await readRangeResponse(res, offset, length, what, url.href, progress)
       if (range === undefined) throw await this.failure(res, what, url)
       return range
     })
