@@ -6,10 +6,12 @@
  *                            [--fio-runtime 10] [--big-mib 512] [--work PARENT] [--keep]
  *
  * 1. cold: `python3 -c 'import json, sqlite3; print(42)'` in the real python image,
- *    from nothing on the node: `shoal run` against an origin capped at --mbit, vs a
- *    full pull of the same image from docker-registry behind a proxy with the same
- *    cap (skopeo copy, umoci unpack, runc). Also origin bytes vs the bytes of the
- *    files the command opens (strace in the unpacked tree) and vs the image size.
+ *    from nothing on the node: `shoal run` against an origin capped at --mbit (with an
+ *    in-process agent, on a version of the image with a `shoal trace` prefetch list,
+ *    and through an agent daemon), vs a full pull of the same image from
+ *    docker-registry behind a proxy with the same cap (skopeo copy, umoci unpack,
+ *    runc). Also origin bytes vs the bytes of the files the command opens (strace in
+ *    the unpacked tree) and vs the image size.
  * 2. io: fio sequential and random 4 KiB reads of a 512 MiB incompressible file,
  *    shoal's FUSE mount (warm disk cache) vs squashfuse over the same files.
  * 3. meta: metadata walks of the python image and `cat` of 1,000 small files, cold
@@ -22,7 +24,7 @@
 import { createHash } from 'node:crypto'
 import { mkdir, mkdtemp, readFile, rm, stat, writeFile } from 'node:fs/promises'
 import { cpus, totalmem, release } from 'node:os'
-import { join, resolve } from 'node:path'
+import { dirname, join, resolve } from 'node:path'
 import { parseArgs } from 'node:util'
 import { convertImage, type ConvertReport } from '../src/convert/convert.ts'
 import { ensureRealFixtures } from '../src/fixtures/debian-images.ts'
@@ -217,7 +219,15 @@ async function benchCold (ctx: ColdContext): Promise<void> {
     await run(SHOAL, ['--help'])
     for (const tool of ['skopeo', 'umoci', 'runc']) await run(tool, ['--version'])
   }
+  // The same image with a prefetch list: `shoal trace` records what the command reads
+  // and writes it into a new signed version (tag python-traced); agents fetch the list
+  // in the background right after mounting.
+  say('recording a prefetch list: shoal trace (untimed)')
+  const traced = await run(SHOAL, ['trace', `oci:${images}:python`, '--key', join(dirname(pub), 'shoal.key'), '--tag', 'python-traced', '--', ...COMMAND], { timeoutMs: 300_000 })
+  say(`shoal trace: ${traced.stdout.trim().split('\n').at(-1) ?? ''}`)
+
   const inProcess: Array<{ seconds: number, origin: ReturnType<typeof snapshot>, resolverOriginMiB: number }> = []
+  const inProcessTraced: Array<{ seconds: number, origin: ReturnType<typeof snapshot> }> = []
   const daemon: Array<{ seconds: number, origin: ReturnType<typeof snapshot>, resolverOriginBytes: number, warmSeconds: number, trueSeconds: number }> = []
   const pull: Array<{ seconds: number, pull: number, unpack: number, run: number, registryBytes: number }> = []
   for (let i = 0; i < runs; i++) {
@@ -231,6 +241,17 @@ async function benchCold (ctx: ColdContext): Promise<void> {
       const m = /origin ([\d.]+) MiB/.exec(r.stderr)
       inProcess.push({ seconds: r.seconds, origin: delta(before), resolverOriginMiB: m !== null ? Number(m[1]) : NaN })
       say(`run ${i + 1}/${runs} shoal run (in-process agent): ${secs(r.seconds)}, origin sent ${mb(inProcess.at(-1)!.origin.sent, 2)}`)
+      await rm(state, { recursive: true, force: true })
+    }
+    // The same, on the image with a prefetch list.
+    {
+      const state = join(work, 'cold', `traced-${i}`)
+      await settle()
+      const before = snapshot()
+      const r = await run(SHOAL, ['run', 'python-traced', '--state', state, '--origin', origin.url, '--trust', pub, '--no-p2p', '--', ...COMMAND], { timeoutMs: 300_000 })
+      check42(r.stdout, 'shoal run (traced image)')
+      inProcessTraced.push({ seconds: r.seconds, origin: delta(before) })
+      say(`run ${i + 1}/${runs} shoal run (in-process agent, image with a prefetch list): ${secs(r.seconds)}, origin sent ${mb(inProcessTraced.at(-1)!.origin.sent, 2)}`)
       await rm(state, { recursive: true, force: true })
     }
     // shoal run through an agent daemon started beforehand (empty cache): a node's steady state.
@@ -289,12 +310,14 @@ async function benchCold (ctx: ColdContext): Promise<void> {
   if (opened.stdout.trim() !== '42') throw new Error(`the traced command printed ${JSON.stringify(opened.stdout)}`)
 
   const tIn = median(inProcess.map(r => r.seconds))
+  const tTraced = median(inProcessTraced.map(r => r.seconds))
   const tDaemon = median(daemon.map(r => r.seconds))
   const tPull = median(pull.map(r => r.seconds))
   const originBytes = median(inProcess.map(r => r.origin.sent))
+  const resolvedUncompressed = median(daemon.map(r => r.resolverOriginBytes))
   const med = (k: 'catalog' | 'pack' | 'other'): number => median(inProcess.map(r => r.origin[k]))
   results.cold = {
-    command: COMMAND, rateBytesPerSecond: rate, inProcess, daemon, pull,
+    command: COMMAND, rateBytesPerSecond: rate, inProcess, inProcessTraced, daemon, pull,
     opened: { bytes: opened.bytes, files: opened.files.length, unresolved: opened.unresolved, list: opened.files },
     image: { uncompressedTarBytes: uncompressedImage, compressedOciBytes: compressedImage, shoalStoredBytes: shoalStored }
   }
@@ -302,15 +325,16 @@ async function benchCold (ctx: ColdContext): Promise<void> {
   const speedup = (t: number): string => Number.isFinite(tPull) ? `${(tPull / t).toFixed(1)}×` : 'n/a'
   emit(`\n### Cold start: \`${COMMAND[0]} -c '${COMMAND[2]}'\` in the python image, origin and registry at ${mbit} Mbit/s\n`)
   emit(`Median of ${runs} runs (min–max). Nothing of the image on the node beforehand; before every timed run the page cache is dropped and the tools (node and shoal's sources, skopeo, umoci, runc) are loaded again, so tools are warm and image data cold.\n`)
-  emit(markdownTable(['', 'shoal run, in-process agent', 'shoal run, agent daemon already up', 'full pull: skopeo copy + umoci unpack + runc'], [
-    ['wall time, end to end', secs(tIn) + spread(inProcess.map(r => r.seconds), secs), secs(tDaemon) + spread(daemon.map(r => r.seconds), secs),
-      pull.length > 0 ? secs(tPull) + spread(pull.map(r => r.seconds), secs) : 'skipped'],
-    ['speed-up vs full pull (aim ≥ 10×)', speedup(tIn), speedup(tDaemon), pull.length > 0 ? '1×' : ''],
-    ['bytes over the capped link', mb(originBytes, 2), mb(median(daemon.map(r => r.origin.sent)), 2), pull.length > 0 ? mb(median(pull.map(r => r.registryBytes)), 2) : ''],
-    ['of which: catalogs / chunk packs / manifests, config, signature', `${mb(med('catalog'), 2)} / ${mb(med('pack'), 2)} / ${mb(med('other'), 3)}`, '', ''],
-    ['same daemon, right after: the command again (chunks cached) / `shoal run python -- true`', '',
+  emit(markdownTable(['', 'shoal run, in-process agent', 'shoal run, in-process agent, image with a prefetch list (`shoal trace`)', 'shoal run, agent daemon already up', 'full pull: skopeo copy + umoci unpack + runc'], [
+    ['wall time, end to end', secs(tIn) + spread(inProcess.map(r => r.seconds), secs), secs(tTraced) + spread(inProcessTraced.map(r => r.seconds), secs),
+      secs(tDaemon) + spread(daemon.map(r => r.seconds), secs), pull.length > 0 ? secs(tPull) + spread(pull.map(r => r.seconds), secs) : 'skipped'],
+    ['speed-up vs full pull (aim ≥ 10×)', speedup(tIn), speedup(tTraced), speedup(tDaemon), pull.length > 0 ? '1×' : ''],
+    ['bytes over the capped link', mb(originBytes, 2), mb(median(inProcessTraced.map(r => r.origin.sent)), 2), mb(median(daemon.map(r => r.origin.sent)), 2),
+      pull.length > 0 ? mb(median(pull.map(r => r.registryBytes)), 2) : ''],
+    ['of which: catalogs / chunk packs / manifests, config, signature', `${mb(med('catalog'), 2)} / ${mb(med('pack'), 2)} / ${mb(med('other'), 3)}`, '', '', ''],
+    ['same daemon, right after: the command again (chunks cached) / `shoal run python -- true`', '', '',
       `${secs(median(daemon.map(r => r.warmSeconds)))} / ${secs(median(daemon.map(r => r.trueSeconds)))}`, ''],
-    ['full pull split: skopeo copy / umoci unpack / runc run', '', '', pull.length > 0
+    ['full pull split: skopeo copy / umoci unpack / runc run', '', '', '', pull.length > 0
       ? `${secs(median(pull.map(r => r.pull)))} / ${secs(median(pull.map(r => r.unpack)))} / ${secs(median(pull.map(r => r.run)))}`
       : '']
   ]))
@@ -318,6 +342,7 @@ async function benchCold (ctx: ColdContext): Promise<void> {
   emit(markdownTable(['bytes', 'value', 'ratio', 'aim'], [
     ['origin bytes of the in-process shoal run (compressed chunks + catalogs + metadata)', mb(originBytes, 2), '', ''],
     [`bytes of the ${opened.files.length} regular files the command opens (strace; st_size summed)`, mb(opened.bytes, 2), `origin / opened = ${(originBytes / opened.bytes).toFixed(2)}`, '≤ 1.5'],
+    ['the same, uncompressed: bytes the agent daemon resolved from the origin (its `origin` source: chunks and catalogs)', mb(resolvedUncompressed, 2), `resolved / opened = ${(resolvedUncompressed / opened.bytes).toFixed(2)}`, ''],
     ['image, uncompressed layer tars', mb(uncompressedImage), `origin / image = ${pct(originBytes / uncompressedImage, 1)}`, '≤ 10 %'],
     ['image, compressed OCI (gzip layers + config, what the full pull moves)', mb(compressedImage), `origin / image = ${pct(originBytes / compressedImage, 1)}`, '≤ 10 %'],
     ['shoal image as stored at the origin (catalogs + packs)', mb(shoalStored), `origin / stored = ${pct(originBytes / shoalStored, 1)}`, '']
