@@ -6,9 +6,10 @@
  * ELF interpreter of every executed binary counts too: the kernel opens it without
  * an openat the trace would show.
  */
-import { lstat, open, readlink, readFile, stat } from 'node:fs/promises'
+import { open, readFile, stat } from 'node:fs/promises'
 import { join } from 'node:path'
 import { run } from './proc.ts'
+import { resolveInRoot } from '../../src/run/resolve-in-root.ts'
 
 export interface OpenedFiles {
   /** Distinct regular files (by device and inode), largest first. */
@@ -31,7 +32,8 @@ export async function openedFiles (rootfs: string, command: string[], traceFile:
   let cwd = '/'
   const add = async (path: string): Promise<string | undefined> => {
     const abs = path.startsWith('/') ? path : join(cwd, path)
-    const host = await resolveInRoot(rootfs, abs)
+    const inside = await resolveInRoot(rootfs, abs).catch(() => undefined)
+    const host = inside === undefined ? undefined : join(rootfs, inside)
     if (host === undefined) { unresolved.push(path); return undefined }
     const st = await stat(host).catch(() => undefined)
     if (st === undefined) { unresolved.push(path); return undefined }
@@ -91,29 +93,6 @@ function unescape (s: string): string {
     } else bytes.push(({ n: 10, t: 9, r: 13, v: 11, f: 12 } as Record<string, number>)[n] ?? n.charCodeAt(0))
   }
   return Buffer.from(bytes).toString('utf8')
-}
-
-/** The host path of absolute PATH inside ROOT, following symlinks inside ROOT (at most 40). */
-export async function resolveInRoot (root: string, path: string): Promise<string | undefined> {
-  let parts = path.split('/').filter(s => s !== '' && s !== '.')
-  const out: string[] = []
-  let links = 0
-  while (parts.length > 0) {
-    const name = parts.shift()!
-    if (name === '..') { out.pop(); continue }
-    const host = join(root, ...out, name)
-    const st = await lstat(host).catch(() => undefined)
-    if (st === undefined) return undefined
-    if (st.isSymbolicLink()) {
-      if (++links > 40) return undefined
-      const target = await readlink(host)
-      if (target.startsWith('/')) out.length = 0
-      parts = [...target.split('/').filter(s => s !== '' && s !== '.'), ...parts]
-      continue
-    }
-    out.push(name)
-  }
-  return join(root, ...out)
 }
 
 /** PT_INTERP of a 64-bit ELF file, e.g. /lib64/ld-linux-x86-64.so.2; undefined for anything else. */
