@@ -12,8 +12,8 @@ import { DhtPackRouter } from '../p2p/pack-router.ts'
 import { PeerChunkSource, type PeerSourceStats } from '../p2p/peer-source.ts'
 import type { AgentConfig } from './config.ts'
 
-/** Origin fetches this node makes at once on peers' behalf, as their chunks' owner. */
-const MAX_OWNER_FETCHES = 32
+/** Fetches this node makes at once on peers' behalf, as their parent in a chunk's tree. */
+const MAX_FETCHES_FOR_PEERS = 32
 
 /** Where the agent's mounted images say a chunk is: the peer server serves only what a catalog vouches for. */
 export interface ChunkLocator {
@@ -67,7 +67,7 @@ export class Peering {
   /**
    * Tells the swarm this node wants (and will hold) these packs. The agent calls it at
    * mount, before the first read: in a burst, every node's announcement is then in the
-   * DHT by the time the others look for the pack's swarm, so they agree on owners
+   * DHT by the time the others look for the pack's swarm, so they agree on each chunk's tree
    * instead of each finding itself alone and going to the origin.
    */
   announce (packs: Iterable<Digest>): void {
@@ -80,7 +80,7 @@ export class Peering {
 
   /**
    * Starts the node and its server. `resolver` is read lazily: the resolver is built
-   * with this node's chunk source, and the server needs the resolver for owner fetches.
+   * with this node's chunk source, and the server needs the resolver for fetches on children's behalf.
    */
   static async start (config: AgentConfig, deps: { disk: DiskCache, resolver: () => ChunkResolver, locator: ChunkLocator, log: Logger }): Promise<Peering> {
     const psk = config.p2p.pskFile !== undefined ? await loadOrCreatePsk(config.p2p.pskFile) : undefined
@@ -90,7 +90,7 @@ export class Peering {
       bootstrap: config.p2p.peers,
       ...(psk !== undefined ? { psk } : {})
     })
-    let ownerFetches = 0
+    let fetchesForPeers = 0
     const local: LocalChunks = {
       get: async (digest, { signal, fetch }) => {
         const ref = deps.locator.locate(digest)
@@ -98,15 +98,15 @@ export class Peering {
         const resolver = deps.resolver()
         const held = resolver.memory.get(digest) ?? await deps.disk.get(ref, { signal })
         if (held !== undefined || !fetch) return held
-        // As the chunk's owner: fetch it once (singleflight), for everybody. Bounded, so that
-        // peers cannot make this node pull any amount from the origin; beyond it they are told
-        // dont-have and try the next owner.
-        if (ownerFetches >= MAX_OWNER_FETCHES) return undefined
-        ownerFetches++
+        // As a parent in the chunk's tree: fetch it once (singleflight: a read of our own joins),
+        // through our own parent or, at the root, the origin. Bounded, so that peers cannot make
+        // this node pull any amount; beyond it they are told dont-have and try another parent.
+        if (fetchesForPeers >= MAX_FETCHES_FOR_PEERS) return undefined
+        fetchesForPeers++
         try {
           return await resolver.get(ref, { signal })
         } finally {
-          ownerFetches--
+          fetchesForPeers--
         }
       },
       held: async (pack) => {
@@ -125,8 +125,7 @@ export class Peering {
       self: node.peerId,
       router,
       client,
-      bans: node.bans,
-      servingAsOwner: digest => server.isFetchingForPeers(digest)
+      bans: node.bans
     })
     deps.log.info({ peerId: node.peerId.toString(), multiaddrs: node.multiaddrs() }, 'peer node started')
     return new Peering({ node, peers, server, router, client }, deps.log)

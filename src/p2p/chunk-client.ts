@@ -16,9 +16,9 @@ export type ChunkReply =
 
 export interface WantOptions {
   signal: AbortSignal
-  /** Ask the peer, as the chunk's owner, to fetch the chunk if it lacks it. */
+  /** Ask the peer, as our parent in the chunk's tree, to fetch the chunk if it lacks it. */
   fetch: boolean
-  /** How long the owner may hold the request while its fetch runs. */
+  /** How long the parent may hold the request while its fetch runs. */
   waitMs: number
 }
 

@@ -14,9 +14,9 @@ import { ProtocolViolationError } from './errors.ts'
  * Client → server
  *   0x01 WANT        u8 count (1..64), then count × item:
  *                      u32 id, 32 B chunk digest (SHA-256), u32 length,
- *                      u8 flags (bit 0: FETCH — "you are this chunk's owner,
- *                      fetch it if you lack it"), u16 waitMs (how long the
- *                      server may hold the request while its owner fetch runs)
+ *                      u8 flags (bit 0: FETCH — "you are my parent for this
+ *                      chunk: fetch it if you lack it"), u16 waitMs (how long
+ *                      the server may hold the request while that fetch runs)
  *   0x02 CANCEL      u32 id (the requester no longer needs it, e.g. a hedge won)
  *   0x03 HAVE?       u32 id, 32 B pack digest
  * Server → client
@@ -71,9 +71,9 @@ export interface WantItem {
   id: number
   digest: Digest
   length: number
-  /** Ask the server, as the chunk's owner, to fetch it if it lacks it. */
+  /** Ask the server, as our parent in the chunk's tree, to fetch it if it lacks it. */
   fetch: boolean
-  /** How long the server may hold the request for an owner fetch in progress. */
+  /** How long the server may hold the request for a fetch in progress. */
   waitMs: number
 }
 

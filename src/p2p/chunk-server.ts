@@ -13,15 +13,15 @@ import { TokenBucket } from './token-bucket.ts'
 
 /**
  * What this node can serve. The agent adapts its verified disk cache (and, for
- * owner fetches, its resolver) to this.
+ * parent requests, its resolver) to this.
  */
 export interface LocalChunks {
   /**
    * The chunk's bytes if this node holds them verified, else undefined.
    *
-   * `fetch: true` means the requester named this node the chunk's owner: the
-   * agent should fetch it (from the origin, once: singleflight) and resolve when
-   * it lands. `signal` aborts when the requester cancels or the server stops; a
+   * `fetch: true` means the requester chose this node as its parent in the
+   * chunk's distribution tree: the agent should fetch it (through its own
+   * resolver, once: singleflight) and resolve when it lands. `signal` aborts when the requester cancels or the server stops; a
    * requester that merely stopped waiting (it got `pending`) does not abort, so
    * the fetch carries on and its next ask finds the chunk.
    */
@@ -32,11 +32,20 @@ export interface LocalChunks {
 
 export interface ChunkServerOptions {
   local: LocalChunks
-  /** Requests one peer may have in progress (owner waits included); beyond it, `busy`. Default 64. */
+  /** Requests one peer may have in progress (parent waits included); beyond it, `busy`. Default 64. */
   maxConcurrentPerPeer?: number
+  /**
+   * Peers served holder requests (no fetch flag) at once; a request from one
+   * more peer is `busy`, so a popular holder sheds requesters to their tree
+   * parents instead of splitting its uplink among everybody. A peer already
+   * being served is not refused (one requester pipelining many chunks is
+   * cheap), and parent requests are not limited here: the tree bounds how
+   * many children a node has. Default 8.
+   */
+  maxHolderPeers?: number
   /** Total upload rate; beyond it, `busy`. Default unlimited. */
   uploadBytesPerSecond?: number
-  /** Longest a requester may make us hold an owner request (its waitMs is capped to this). Default 5000. */
+  /** Longest a requester may make us hold a parent request (its waitMs is capped to this). Default 5000. */
   maxWaitMs?: number
   /** Inbound chunk streams per connection. Clients use one; a few more tolerate reconnect races. Default 4. */
   maxStreamsPerConnection?: number
@@ -51,8 +60,8 @@ export interface ChunkServerStats {
   dontHave: number
   busy: number
   pending: number
-  /** Owner requests that made us fetch on a peer's behalf. */
-  ownerFetches: number
+  /** Parent requests: a child asked us to fetch a chunk if we lack it. */
+  parentRequests: number
   /** Held chunks that failed our own re-hash (disk corruption): answered dont-have. */
   localCorruption: number
   /** Streams reset because the peer broke the protocol. */
@@ -77,18 +86,19 @@ interface StreamState {
  */
 export class ChunkServer {
   readonly stats: ChunkServerStats = {
-    requests: 0, served: 0, bytesServed: 0, dontHave: 0, busy: 0, pending: 0, ownerFetches: 0, localCorruption: 0, violations: 0
+    requests: 0, served: 0, bytesServed: 0, dontHave: 0, busy: 0, pending: 0, parentRequests: 0, localCorruption: 0, violations: 0
   }
 
   private readonly registrar: Registrar
   private readonly local: LocalChunks
   private readonly maxConcurrentPerPeer: number
+  private readonly maxHolderPeers: number
   private readonly maxWaitMs: number
   private readonly maxStreamsPerConnection: number
   private readonly bucket: TokenBucket
   private readonly active = new Map<string, number>()
-  /** Owner fetches in progress on peers' behalf, by digest (a count: several peers may ask). */
-  private readonly ownerFetches = new Map<Digest, number>()
+  /** Holder requests in progress, by peer. */
+  private readonly holderActive = new Map<string, number>()
   private readonly streams = new Set<Stream>()
   private readonly stopping = new AbortController()
 
@@ -96,6 +106,7 @@ export class ChunkServer {
     this.registrar = registrar
     this.local = options.local
     this.maxConcurrentPerPeer = options.maxConcurrentPerPeer ?? 64
+    this.maxHolderPeers = options.maxHolderPeers ?? 8
     this.maxWaitMs = options.maxWaitMs ?? 5000
     this.maxStreamsPerConnection = options.maxStreamsPerConnection ?? 4
     this.bucket = new TokenBucket(options.uploadBytesPerSecond ?? Infinity, { now: options.now })
@@ -113,16 +124,6 @@ export class ChunkServer {
     this.stopping.abort(reason)
     await this.registrar.unhandle(CHUNK_PROTOCOL)
     for (const stream of this.streams) stream.abort(reason)
-  }
-
-  /**
-   * True while this node fetches `digest` because a peer named it the owner.
-   * The peer chunk source uses it to act as owner for that chunk (fetch from the
-   * origin itself) instead of forwarding to whomever *it* thinks the owner is,
-   * which could bounce between nodes whose views of the swarm differ.
-   */
-  isFetchingForPeers (digest: Digest): boolean {
-    return this.ownerFetches.has(digest)
   }
 
   private async serve (stream: Stream, connection: Connection): Promise<void> {
@@ -180,11 +181,13 @@ export class ChunkServer {
   private async answer (state: StreamState, item: WantItem): Promise<void> {
     this.stats.requests++
     const active = this.active.get(state.peer) ?? 0
-    if (active >= this.maxConcurrentPerPeer) {
+    const shed = !item.fetch && !this.holderActive.has(state.peer) && this.holderActive.size >= this.maxHolderPeers
+    if (active >= this.maxConcurrentPerPeer || shed) {
       await this.reply(state, item.id, 'busy')
       return
     }
     this.active.set(state.peer, active + 1)
+    if (!item.fetch) increment(this.holderActive, state.peer, 1)
     const controller = new AbortController()
     state.items.set(item.id, controller)
     const signal = AbortSignal.any([controller.signal, this.stopping.signal])
@@ -211,25 +214,17 @@ export class ChunkServer {
     } catch {
       if (!signal.aborted) await this.reply(state, item.id, 'dont-have')
     } finally {
+      if (!item.fetch) increment(this.holderActive, state.peer, -1)
       state.items.delete(item.id)
-      const left = (this.active.get(state.peer) ?? 1) - 1
-      if (left === 0) this.active.delete(state.peer)
-      else this.active.set(state.peer, left)
+      increment(this.active, state.peer, -1)
     }
   }
 
-  /** Bytes, undefined (not held), or 'pending' (an owner fetch still running when the wait ran out). */
+  /** Bytes, undefined (not held), or 'pending' (a fetch for a child still running when the wait ran out). */
   private async lookup (item: WantItem, signal: AbortSignal): Promise<Uint8Array | undefined | 'pending'> {
     if (!item.fetch) return await this.local.get(item.digest, { signal, fetch: false })
-    this.stats.ownerFetches++
-    this.ownerFetches.set(item.digest, (this.ownerFetches.get(item.digest) ?? 0) + 1)
+    this.stats.parentRequests++
     const fetching = this.local.get(item.digest, { signal, fetch: true })
-    // The marker lives as long as the fetch, not our wait: a later ask must still see it.
-    void fetching.catch(() => undefined).finally(() => {
-      const n = (this.ownerFetches.get(item.digest) ?? 1) - 1
-      if (n === 0) this.ownerFetches.delete(item.digest)
-      else this.ownerFetches.set(item.digest, n)
-    })
     const waitMs = Math.min(item.waitMs, this.maxWaitMs)
     let timer: NodeJS.Timeout | undefined
     const expired = new Promise<'pending'>(resolve => { timer = setTimeout(() => resolve('pending'), waitMs) })
@@ -263,4 +258,11 @@ export class ChunkServer {
       // The stream closed or was reset: the requester has gone or will time out.
     }
   }
+}
+
+/** Adds `by` to a per-peer count, dropping the entry at zero (the maps stay as small as the live requests). */
+function increment (counts: Map<string, number>, peer: string, by: number): void {
+  const n = (counts.get(peer) ?? 0) + by
+  if (n <= 0) counts.delete(peer)
+  else counts.set(peer, n)
 }

@@ -15,7 +15,7 @@ export interface PackRouter {
 }
 
 export interface DhtPackRouterOptions {
-  /** How long a finished lookup is reused. Default 5000. */
+  /** How long a finished lookup is fresh. After that the next caller still gets it at once while a new walk runs. Default 5000. */
   cacheTtlMs?: number
   /** Deadline of one findProviders walk; what was found by then is the answer. Default 5000. */
   lookupTimeoutMs?: number
@@ -53,9 +53,11 @@ export function packCid (pack: Digest): CID {
  * - announce: provides once per pack while held; the DHT's reprovider keeps
  *   the record alive after that (node.ts sets its validity and interval), and
  *   a failed provide (e.g. no peers yet) is retried on a timer.
- * - holders: one findProviders walk per pack at a time (singleflight), reused
- *   for `cacheTtlMs`; callers that arrive mid-walk see what has been found so
- *   far at once and the rest as it comes.
+ * - holders: one findProviders walk per pack at a time (singleflight), fresh
+ *   for `cacheTtlMs`; callers that arrive during the first walk see what has
+ *   been found so far at once and the rest as it comes; once a walk has
+ *   finished, later walks run in the background and callers get the last
+ *   answer at once.
  *
  * Note: kad-dht stops a walk after k (20) providers, so in a bigger swarm each
  * node sees a 20-peer sample of it.
@@ -114,6 +116,11 @@ export class DhtPackRouter implements PackRouter {
 
   async * holders (pack: Digest, options: { signal: AbortSignal }): AsyncIterable<PeerId> {
     const lookup = this.lookup(pack)
+    if (!lookup.done && lookup.previous !== undefined) {
+      // Stale-while-revalidate: a read must not wait for a walk when the last answer is seconds old.
+      yield * lookup.previous
+      return
+    }
     let next = 0
     while (true) {
       while (next < lookup.found.length) yield lookup.found[next++]!
@@ -156,7 +163,7 @@ export class DhtPackRouter implements PackRouter {
       return cached
     }
     for (const [key, old] of this.lookups) if (old.expires <= this.now()) this.lookups.delete(key)
-    const lookup = new Lookup()
+    const lookup = new Lookup(cached?.found)
     this.lookups.set(pack, lookup)
     this.stats.lookups++
     void this.walk(pack, lookup)
@@ -186,10 +193,16 @@ interface Announcement {
 /** One findProviders walk, shared by every caller that asks while it runs or is cached. */
 class Lookup {
   readonly found: PeerId[] = []
+  /** The previous walk's answer, served while this one runs. */
+  readonly previous: readonly PeerId[] | undefined
   done = false
   /** Infinity while running: a running walk is always reused. */
   expires = Infinity
   private waiters: Array<() => void> = []
+
+  constructor (previous?: readonly PeerId[]) {
+    this.previous = previous
+  }
 
   add (peer: PeerId): void {
     if (this.found.some(p => p.equals(peer))) return

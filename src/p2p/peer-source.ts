@@ -2,51 +2,53 @@ import type { PeerId } from '@libp2p/interface'
 import type { ChunkSource } from '../fetch/chunk-source.ts'
 import type { ChunkRef } from '../format/catalog.ts'
 import { sha256, type Digest } from '../format/digest.ts'
-import { sleep } from '../origin/limit.ts'
 import type { PeerBans } from './bans.ts'
+import { systemClock, type Clock } from './clock.ts'
 import type { ChunkRequester } from './chunk-client.ts'
 import { MAX_CHUNK_BYTES, normalizeRanges, rangesCover, type ByteRange } from './chunk-protocol.ts'
 import { ProtocolViolationError } from './errors.ts'
 import type { PackRouter } from './pack-router.ts'
 import { chunkKey, nodeKey, selectSources, spreadKey, topNodes, type NodeKey, type Selection } from './rendezvous.ts'
 
-export interface PeerChunkSourceOptions {
+/**
+ * The peer source's timing and breadth. Exported so the simulation model and the
+ * docs read the same numbers the agent runs with.
+ */
+export const PEER_SOURCE_DEFAULTS = {
+  /** Deadline for one peer's answer (on top of the parent wait, for parent requests). */
+  peerTimeoutMs: 500,
+  /** A holder that has not answered by then gets a second holder raced against it. */
+  hedgeDelayMs: 200,
+  /** How long a parent may hold our request while it fetches; then it answers `pending` and we ask again. */
+  parentWaitMs: 2000,
+  /** Bound on one `get`: after this the resolver goes to the origin. */
+  maxWaitMs: 8000,
+  /** How long `get` waits for the pack's first swarm lookup; later lookups refresh in the background. */
+  lookupWaitMs: 1500,
+  /** Ban for a peer that sent bad bytes or broke the protocol. */
+  banMs: 5 * 60_000,
+  /** A slow or dead peer is skipped for this long, doubling with each failure in a row up to banMs. */
+  suspectMs: 10_000,
+  /** How long a peer's availability answer is trusted before it is refreshed (in the background). */
+  availabilityTtlMs: 5000,
+  /** Swarm peers asked for availability per pack. */
+  availabilitySample: 4,
+  /** Parents to try before giving up to the origin. */
+  maxParents: 3,
+  /** Known holders to try. */
+  maxHolders: 4
+} as const
+
+export interface PeerChunkSourceOptions extends Partial<Record<keyof typeof PEER_SOURCE_DEFAULTS, number>> {
   self: PeerId
   router: PackRouter
   client: ChunkRequester
   /** Shared with the node's connection gater (createPeerNode's `bans`). */
   bans: PeerBans
-  /**
-   * True while this node fetches the chunk because a peer named it the owner
-   * (ChunkServer.isFetchingForPeers): then it acts as owner whatever its own
-   * view of the swarm says, so a request never bounces between owners.
-   */
-  servingAsOwner?: (digest: Digest) => boolean
-  /** Deadline for one peer's answer (plus the owner wait, for owner requests). Default 500. */
-  peerTimeoutMs?: number
-  /** A holder that has not answered by then gets a second holder raced against it. Default 200. */
-  hedgeDelayMs?: number
-  /** How long an owner may hold our request while it fetches from the origin. Default 2000. */
-  ownerWaitMs?: number
-  /** Owner answers of `pending` accepted before moving to the next owner in hash order. Default 2. */
-  maxPendingRounds?: number
-  /** Bound on one `get`: after this the resolver goes to the origin. Default 6000. */
-  maxWaitMs?: number
-  /** How long `get` waits for the pack's swarm lookup; the walk goes on, cached, for later calls. Default 1500. */
-  lookupWaitMs?: number
-  /** Ban for a peer that sent bad bytes or broke the protocol. Default 5 minutes. */
-  banMs?: number
-  /** A slow or dead peer is skipped for this long, doubling with each failure in a row up to banMs. Default 10000. */
-  suspectMs?: number
-  /** How long a peer's availability answer is trusted. Default 5000. */
-  availabilityTtlMs?: number
-  /** Swarm peers asked for availability per pack. Default 4. */
-  availabilitySample?: number
-  /** Owners to try, in hash order, before giving up to the origin. Default 2. */
-  maxOwners?: number
-  /** Known holders to try. Default 4. */
-  maxHolders?: number
-  now?: () => number
+  /** Default: the system clock. The simulation model passes simulated time. */
+  clock?: Clock
+  /** Whether bytes a peer sent are the chunk. Default: length and SHA-256 (the model, which moves no bytes, swaps it). */
+  verify?: (chunk: ChunkRef, bytes: Uint8Array) => boolean
 }
 
 export interface PeerSourceStats {
@@ -65,7 +67,8 @@ export interface PeerSourceStats {
   bans: number
   /** Distinct peers ever banned. */
   badPeers: number
-  ownerRequests: number
+  /** Requests to a parent (which fetches the chunk if it lacks it). */
+  parentRequests: number
   hedges: number
   timeouts: number
   busy: number
@@ -76,45 +79,39 @@ export interface PeerSourceStats {
 /** A swarm member: its rendezvous hash words and its libp2p id. */
 interface Peer extends NodeKey { readonly peer: PeerId }
 
+type Settings = { readonly [K in keyof typeof PEER_SOURCE_DEFAULTS]: number }
+
 /**
  * Chunks from other nodes, never unverified. For a chunk it:
  *  1. gets the pack's swarm (everyone who announced it) from the router, and
- *     availability (who holds which ranges) from a few swarm peers;
+ *     availability (who holds which ranges) from a few swarm peers; both are
+ *     waited for only the first time, then refreshed in the background;
  *  2. races the known holders, in this node's spread order, hedging to a
  *     second holder when the first is slow and moving on at once on busy or
  *     dont-have;
- *  3. otherwise asks the chunk's rendezvous owner, which fetches it from the
- *     origin once for everybody and answers when it lands (or `pending`);
- *     a dead or stalled owner is replaced by the next in hash order;
- *  4. returns undefined when this node is the owner, or nobody answered in
- *     time, so the resolver fetches from the origin.
- * A peer whose bytes fail SHA-256 or length is banned and disconnected, and
- * the chunk is tried elsewhere.
+ *  3. otherwise asks a parent in the chunk's distribution tree (a node that
+ *     outranks it for this chunk, see `selectSources`), which fetches the chunk
+ *     the same way if it lacks it and answers when it lands, or `pending` while
+ *     its fetch runs; a dead or failing parent is replaced by another;
+ *  4. returns undefined when this node is the chunk's root, or nobody answered
+ *     in time, so the resolver fetches from the origin.
+ * A peer whose bytes fail verification is banned and disconnected, and the
+ * chunk is tried elsewhere.
  */
 export class PeerChunkSource implements ChunkSource {
   readonly name = 'peers'
   readonly stats: PeerSourceStats = {
     hits: 0, misses: 0, bytesFromPeers: 0, perPeerBytes: new Map(), verificationFailures: 0, protocolViolations: 0,
-    bans: 0, badPeers: 0, ownerRequests: 0, hedges: 0, timeouts: 0, busy: 0, dontHave: 0, pending: 0
+    bans: 0, badPeers: 0, parentRequests: 0, hedges: 0, timeouts: 0, busy: 0, dontHave: 0, pending: 0
   }
 
   private readonly self: Peer
   private readonly router: PackRouter
   private readonly client: ChunkRequester
   private readonly bans: PeerBans
-  private readonly servingAsOwner: (digest: Digest) => boolean
-  private readonly peerTimeoutMs: number
-  private readonly hedgeDelayMs: number
-  private readonly ownerWaitMs: number
-  private readonly maxPendingRounds: number
-  private readonly maxWaitMs: number
-  private readonly lookupWaitMs: number
-  private readonly banMs: number
-  private readonly suspectMs: number
-  private readonly availabilitySample: number
-  private readonly maxOwners: number
-  private readonly maxHolders: number
-  private readonly now: () => number
+  private readonly clock: Clock
+  private readonly verify: (chunk: ChunkRef, bytes: Uint8Array) => boolean
+  private readonly settings: Settings
   private readonly availability: Availability
   private readonly peers = new Map<string, Peer>()
   private readonly suspects = new Map<string, { until: number, failures: number }>()
@@ -122,29 +119,20 @@ export class PeerChunkSource implements ChunkSource {
   private readonly haveQueries = new Map<string, Promise<void>>()
 
   constructor (options: PeerChunkSourceOptions) {
-    this.self = this.peerKey(options.self)
-    this.router = options.router
-    this.client = options.client
-    this.bans = options.bans
-    this.servingAsOwner = options.servingAsOwner ?? (() => false)
-    this.peerTimeoutMs = options.peerTimeoutMs ?? 500
-    this.hedgeDelayMs = options.hedgeDelayMs ?? 200
-    this.ownerWaitMs = options.ownerWaitMs ?? 2000
-    this.maxPendingRounds = options.maxPendingRounds ?? 2
-    this.maxWaitMs = options.maxWaitMs ?? 6000
-    this.lookupWaitMs = options.lookupWaitMs ?? 1500
-    this.banMs = options.banMs ?? 5 * 60_000
-    this.suspectMs = options.suspectMs ?? 10_000
-    this.availabilitySample = options.availabilitySample ?? 4
-    this.maxOwners = options.maxOwners ?? 2
-    this.maxHolders = options.maxHolders ?? 4
-    this.now = options.now ?? Date.now
-    this.availability = new Availability(options.availabilityTtlMs ?? 5000, this.now)
+    const { self, router, client, bans, clock, verify, ...settings } = options
+    this.settings = { ...PEER_SOURCE_DEFAULTS, ...settings }
+    this.clock = clock ?? systemClock
+    this.self = this.peerKey(self)
+    this.router = router
+    this.client = client
+    this.bans = bans
+    this.verify = verify ?? ((chunk, bytes) => bytes.length === chunk.length && sha256(bytes) === chunk.digest)
+    this.availability = new Availability(this.settings.availabilityTtlMs, this.clock)
   }
 
   /**
    * Verified bytes from a peer, or undefined when no peer had them within
-   * `maxWaitMs` (or this node is the chunk's owner). Rejects only when the
+   * `maxWaitMs` (or this node is the chunk's root). Rejects only when the
    * caller's signal aborts.
    */
   async get (chunk: ChunkRef, options: { signal: AbortSignal }): Promise<Uint8Array | undefined> {
@@ -154,7 +142,7 @@ export class PeerChunkSource implements ChunkSource {
       this.stats.misses++
       return undefined
     }
-    const budget = AbortSignal.any([options.signal, AbortSignal.timeout(this.maxWaitMs)])
+    const budget = AbortSignal.any([options.signal, this.clock.timeout(this.settings.maxWaitMs)])
     let bytes: Uint8Array | undefined
     try {
       bytes = await this.find(chunk, budget)
@@ -175,12 +163,11 @@ export class PeerChunkSource implements ChunkSource {
       const bytes = await this.fromHolders(selection.holders, chunk, signal)
       if (bytes !== undefined) return bytes
     }
-    if (selection.selfIsOwner || this.servingAsOwner(chunk.digest)) return undefined
-    for (const owner of selection.owners) {
-      const bytes = await this.fromOwner(owner, chunk, signal)
+    for (const parent of selection.parents) {
+      const bytes = await this.fromParent(parent, chunk, signal)
       if (bytes !== undefined) return bytes
     }
-    return undefined
+    return undefined // the root, or every parent failed: the origin
   }
 
   private select (chunk: ChunkRef, swarm: Peer[]): Selection<Peer> {
@@ -190,16 +177,16 @@ export class PeerChunkSource implements ChunkSource {
       swarm,
       holders: this.availability.holders(chunk),
       excluded: id => this.excluded(id),
-      maxOwners: this.maxOwners,
-      maxHolders: this.maxHolders
+      maxParents: this.settings.maxParents,
+      maxHolders: this.settings.maxHolders
     })
   }
 
-  /** The pack's swarm as far as the lookup got within `lookupWaitMs` (the router caches and shares it). */
+  /** The pack's swarm as far as the lookup got within `lookupWaitMs` (the router caches, shares and refreshes it). */
   private async swarm (pack: Digest, signal: AbortSignal): Promise<Peer[]> {
     const found: Peer[] = []
     try {
-      for await (const peer of this.router.holders(pack, { signal: AbortSignal.any([signal, AbortSignal.timeout(this.lookupWaitMs)]) })) {
+      for await (const peer of this.router.holders(pack, { signal: AbortSignal.any([signal, this.clock.timeout(this.settings.lookupWaitMs)]) })) {
         found.push(this.peerKey(peer))
       }
     } catch (err) {
@@ -208,13 +195,17 @@ export class PeerChunkSource implements ChunkSource {
     return found
   }
 
-  /** Asks a stable sample of the swarm which ranges of the pack they hold, unless a fresh answer is cached. */
+  /**
+   * Asks a stable sample of the swarm which ranges of the pack they hold when
+   * their answers are stale. Only a pack nobody has answered for yet makes the
+   * read wait (at most one peer deadline: a dead peer in the sample must not
+   * stall reads); after that, stale answers serve while fresh ones come.
+   */
   private async refreshAvailability (pack: Digest, swarm: Peer[], signal: AbortSignal): Promise<void> {
-    const sample = topNodes(spreadKey(chunkKey(pack), this.self), swarm, this.availabilitySample, p => this.excluded(p.id))
+    const sample = topNodes(spreadKey(chunkKey(pack), this.self), swarm, this.settings.availabilitySample, p => this.excluded(p.id))
     const queries = sample.filter(p => !this.availability.fresh(pack, p.id)).map(p => this.queryHave(pack, p))
-    if (queries.length === 0) return
-    const wait = AbortSignal.any([signal, AbortSignal.timeout(this.peerTimeoutMs)])
-    // Wait for the answers, but no longer than one peer deadline: a dead peer in the sample must not stall reads.
+    if (queries.length === 0 || this.availability.answered(pack)) return
+    const wait = AbortSignal.any([signal, this.clock.timeout(this.settings.peerTimeoutMs)])
     await new Promise<void>(resolve => {
       const stop = (): void => resolve()
       wait.addEventListener('abort', stop, { once: true })
@@ -231,7 +222,7 @@ export class PeerChunkSource implements ChunkSource {
     const key = `${pack} ${peer.id}`
     let query = this.haveQueries.get(key)
     if (query === undefined) {
-      query = this.client.have(peer.peer, pack, { signal: AbortSignal.timeout(this.peerTimeoutMs) })
+      query = this.client.have(peer.peer, pack, { signal: this.clock.timeout(this.settings.peerTimeoutMs) })
         .then(ranges => {
           this.healthy(peer)
           this.availability.set(pack, peer, ranges)
@@ -263,7 +254,7 @@ export class PeerChunkSource implements ChunkSource {
         const canHedge = next < holders.length && running.size < 2
         const timer = new AbortController()
         const hedge = canHedge
-          ? sleep(this.hedgeDelayMs, AbortSignal.any([timer.signal, scope])).then(() => 'hedge' as const, () => 'stop' as const)
+          ? this.clock.sleep(this.settings.hedgeDelayMs, AbortSignal.any([timer.signal, scope])).then(() => 'hedge' as const, () => 'stop' as const)
           : undefined
         const contenders: Array<Promise<'hedge' | 'stop' | { peer: Peer, bytes: Uint8Array | undefined }>> = [...running.values()]
         if (hedge !== undefined) contenders.push(hedge)
@@ -285,19 +276,23 @@ export class PeerChunkSource implements ChunkSource {
     }
   }
 
-  /** Asks the owner to fetch the chunk and answer when it lands; `pending` means it is still fetching. */
-  private async fromOwner (owner: Peer, chunk: ChunkRef, signal: AbortSignal): Promise<Uint8Array | undefined> {
-    this.stats.ownerRequests++
-    for (let round = 0; round < this.maxPendingRounds; round++) {
-      const result = await this.attempt(owner, chunk, { fetch: true, waitMs: this.ownerWaitMs }, signal)
+  /**
+   * Asks a parent to fetch the chunk and answer when it lands. `pending` means
+   * its fetch is still running (the parent is alive and its chain is working),
+   * so we ask again; the get's budget bounds the whole wait.
+   */
+  private async fromParent (parent: Peer, chunk: ChunkRef, signal: AbortSignal): Promise<Uint8Array | undefined> {
+    this.stats.parentRequests++
+    while (!signal.aborted) {
+      const result = await this.attempt(parent, chunk, { fetch: true, waitMs: this.settings.parentWaitMs }, signal)
       if (result !== 'pending') return result
     }
-    return undefined // stalled on this chunk: the caller moves to the next owner
+    return undefined
   }
 
   /** One request to one peer, with its own deadline. Never rejects: every failure is bookkept here. */
   private async attempt (peer: Peer, chunk: ChunkRef, ask: { fetch: boolean, waitMs: number }, signal: AbortSignal): Promise<Uint8Array | undefined | 'pending'> {
-    const deadline = AbortSignal.timeout(ask.waitMs + this.peerTimeoutMs)
+    const deadline = this.clock.timeout(ask.waitMs + this.settings.peerTimeoutMs)
     let reply
     try {
       reply = await this.client.want(peer.peer, chunk, { ...ask, signal: AbortSignal.any([signal, deadline]) })
@@ -325,20 +320,20 @@ export class PeerChunkSource implements ChunkSource {
   }
 
   private accept (peer: Peer, chunk: ChunkRef, bytes: Uint8Array): Uint8Array | undefined {
-    if (bytes.length !== chunk.length || sha256(bytes) !== chunk.digest) {
+    if (!this.verify(chunk, bytes)) {
       this.stats.verificationFailures++
       this.ban(peer)
       return undefined
     }
-    this.stats.bytesFromPeers += bytes.length
-    this.stats.perPeerBytes.set(peer.id, (this.stats.perPeerBytes.get(peer.id) ?? 0) + bytes.length)
+    this.stats.bytesFromPeers += chunk.length
+    this.stats.perPeerBytes.set(peer.id, (this.stats.perPeerBytes.get(peer.id) ?? 0) + chunk.length)
     this.availability.noteHolds(chunk.pack, peer, { offset: chunk.packOffset, length: chunk.storedLength })
     return bytes
   }
 
   private ban (peer: Peer): void {
     if (!this.bans.isBanned(peer.id)) {
-      this.bans.ban(peer.id, this.banMs)
+      this.bans.ban(peer.id, this.settings.banMs)
       this.stats.bans++
       this.everBanned.add(peer.id)
       this.stats.badPeers = this.everBanned.size
@@ -356,8 +351,8 @@ export class PeerChunkSource implements ChunkSource {
       return
     }
     const failures = (this.suspects.get(peer.id)?.failures ?? 0) + 1
-    const ms = Math.min(this.banMs, this.suspectMs * 2 ** (failures - 1))
-    this.suspects.set(peer.id, { until: this.now() + ms, failures })
+    const ms = Math.min(this.settings.banMs, this.settings.suspectMs * 2 ** (failures - 1))
+    this.suspects.set(peer.id, { until: this.clock.now() + ms, failures })
   }
 
   private healthy (peer: Peer): void {
@@ -365,7 +360,7 @@ export class PeerChunkSource implements ChunkSource {
   }
 
   private excluded (id: string): boolean {
-    return this.bans.isBanned(id) || (this.suspects.get(id)?.until ?? 0) > this.now()
+    return this.bans.isBanned(id) || (this.suspects.get(id)?.until ?? 0) > this.clock.now()
   }
 
   private peerKey (peer: PeerId): Peer {
@@ -390,16 +385,23 @@ interface Holding {
 /** Who holds which ranges of which pack, as peers told us (HAVE) or showed us (data). */
 class Availability {
   private readonly packs = new Map<Digest, Map<string, Holding>>()
+  /** Packs some peer has answered a HAVE for: from then on, reads stop waiting for answers. */
+  private readonly answeredPacks = new Set<Digest>()
   private readonly ttlMs: number
-  private readonly now: () => number
+  private readonly clock: Clock
 
-  constructor (ttlMs: number, now: () => number) {
+  constructor (ttlMs: number, clock: Clock) {
     this.ttlMs = ttlMs
-    this.now = now
+    this.clock = clock
   }
 
   set (pack: Digest, peer: Peer, ranges: ByteRange[]): void {
+    this.answeredPacks.add(pack)
     this.holdings(pack).set(peer.id, { peer, ranges, expires: this.now() + this.ttlMs, complete: true })
+  }
+
+  answered (pack: Digest): boolean {
+    return this.answeredPacks.has(pack)
   }
 
   /** A peer just sent us this range's chunk, verified: it holds it, whatever its last answer said. */
@@ -437,6 +439,10 @@ class Availability {
 
   forgetPeer (id: string): void {
     for (const holdings of this.packs.values()) holdings.delete(id)
+  }
+
+  private now (): number {
+    return this.clock.now()
   }
 
   private holdings (pack: Digest): Map<string, Holding> {

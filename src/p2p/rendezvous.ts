@@ -2,11 +2,11 @@
  * Rendezvous (highest-random-weight) hashing and source selection for bursts.
  *
  * Every node that wants a pack announces it, so every node can see (roughly)
- * the same swarm. For each chunk, the node with the highest score(node, chunk)
- * is its OWNER: the only one that fetches it from the origin. Everyone else
- * asks the owner. When the owner dies or stalls, dropping it from the candidate
- * set makes the next node in score order the owner, and only the chunks the
- * dead node owned move (that is what HRW gives over `hash % n`).
+ * the same swarm. score(node, chunk) ranks the swarm per chunk; the top node is
+ * the chunk's ROOT (the one that fetches it from the origin) and the ranking
+ * shapes the chunk's distribution tree (`selectSources`). When a node dies or
+ * stalls, dropping it moves only the chunks it ranked high for (that is what
+ * HRW gives over `hash % n`).
  *
  * Pure and synchronous: no IO, no clocks, no libp2p types. The discrete-event
  * simulator imports this module to drive 10,000+ simulated nodes with the same
@@ -108,8 +108,8 @@ export function rankNodes<N extends NodeKey> (key: ChunkKey, nodes: readonly N[]
   return topNodes(key, nodes, nodes.length)
 }
 
-/** The owner of `key` among `nodes` (undefined for an empty swarm). */
-export function ownerOf<N extends NodeKey> (key: ChunkKey, nodes: readonly N[], skip?: (node: N) => boolean): N | undefined {
+/** The root of `key` among `nodes`: the top-ranked one (undefined for an empty swarm). */
+export function rootOf<N extends NodeKey> (key: ChunkKey, nodes: readonly N[], skip?: (node: N) => boolean): N | undefined {
   return topNodes(key, nodes, 1, skip)[0]
 }
 
@@ -130,33 +130,46 @@ export interface SelectionInput<N extends NodeKey> {
   swarm: readonly N[]
   /** Peers known to hold this chunk right now. */
   holders: readonly N[]
-  /** Banned, or suspected dead/stalled: neither owner nor holder for now. */
+  /** Banned, or suspected dead/stalled: neither parent nor holder for now. */
   excluded: (id: string) => boolean
-  /** How many owners (in hash order) to try before fetching from the origin ourselves. */
-  maxOwners: number
+  /** How many parents to try before fetching from the origin ourselves. */
+  maxParents: number
   /** How many holders to consider. */
   maxHolders: number
 }
 
 export interface Selection<N extends NodeKey> {
-  /** This node is the chunk's owner: it alone should fetch it from the origin. */
-  selfIsOwner: boolean
-  /**
-   * Owners to ask, in hash order. The list stops where self would come: if
-   * everyone ranked above us fails, we are the owner and fetch it ourselves.
-   */
-  owners: N[]
+  /** Nobody eligible outranks this node: it is the chunk's root and fetches it from the origin. */
+  isRoot: boolean
+  /** Parents to ask (each fetches the chunk if it lacks it), in this requester's spread order. */
+  parents: N[]
   /** Known holders in this requester's spread order. */
   holders: N[]
 }
 
-/** The burst policy: who owns a chunk, and whom to ask for it, in what order. */
+/**
+ * The burst policy: one distribution tree per chunk.
+ *
+ * Nodes are ranked by score(node, chunk). The top node of the swarm is the
+ * chunk's root: the only one that fetches it from the origin. Every other node
+ * asks a PARENT: a node that outranks it, picked in its own spread order, which
+ * fetches the chunk the same way (from its own parent) if it lacks it. Scores
+ * strictly increase along every request chain, so chains end at a root and
+ * never loop, even when nodes see different samples of the swarm (kad-dht
+ * returns at most 20 providers). Picking the parent at random among those that
+ * outrank us makes each tree a random recursive tree: expected depth about
+ * ln N and a root with about ln N children, so no node serves everybody (the
+ * single-owner policy this replaces sent every requester to one node per
+ * chunk), and as every node is a parent for some chunks and a leaf for others,
+ * uploads even out. A dead or stalled parent is excluded; the requester moves
+ * to another, and when nobody eligible outranks it, it becomes the root.
+ */
 export function selectSources<N extends NodeKey> (input: SelectionInput<N>): Selection<N> {
   const { key, self, excluded } = input
-  const candidates = input.swarm.some(n => n.id === self.id) ? input.swarm : [...input.swarm, self]
-  const ranked = topNodes(key, candidates, input.maxOwners + 1, n => n.id !== self.id && excluded(n.id))
-  const selfRank = ranked.findIndex(n => n.id === self.id)
-  const owners = (selfRank === -1 ? ranked : ranked.slice(0, selfRank)).slice(0, input.maxOwners)
-  const holders = topNodes(spreadKey(key, self), input.holders, input.maxHolders, n => n.id === self.id || excluded(n.id))
-  return { selfIsOwner: selfRank === 0, owners, holders }
+  const selfScore = score(self, key)
+  const above = input.swarm.filter(n => n.id !== self.id && !excluded(n.id) && outranks(n, score(n, key), self, selfScore))
+  const spread = spreadKey(key, self)
+  const parents = topNodes(spread, above, input.maxParents)
+  const holders = topNodes(spread, input.holders, input.maxHolders, n => n.id === self.id || excluded(n.id))
+  return { isRoot: above.length === 0, parents, holders }
 }

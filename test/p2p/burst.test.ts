@@ -47,10 +47,9 @@ class MiniAgent {
       self: node.peerId,
       router: this.router,
       client: new ChunkClient(node.libp2p),
-      bans: node.bans,
-      servingAsOwner: digest => this.server.isFetchingForPeers(digest)
+      bans: node.bans
     })
-    // An owner request from a peer reads through our own resolver, which joins a fetch already running.
+    // A parent request from a peer reads through our own resolver, which joins a fetch already running.
     this.cache.fetch = async digest => await this.read(refs.get(digest)!)
   }
 
@@ -124,14 +123,14 @@ test('burst: 5 nodes start the same pack at once; the origin sends each chunk ab
   for (const agent of agents) assert.equal(agent.cache.chunks.size, chunks.length, 'every node holds every chunk, verified')
   const owners = agents.map(a => a.fromOrigin.size)
   t.diagnostic(`origin sent ${origin.total} chunks for ${chunks.length} unique (naive: ${chunks.length * agents.length}); per-node origin fetches ${owners.join(', ')}`)
-  t.diagnostic(`peer stats: ${JSON.stringify(agents.map(a => ({ hits: a.peers.stats.hits, ownerRequests: a.peers.stats.ownerRequests, pending: a.peers.stats.pending, busy: a.peers.stats.busy })))}`)
-  // Without owners every node would fetch every chunk (200). A stray duplicate can come from a
+  t.diagnostic(`peer stats: ${JSON.stringify(agents.map(a => ({ hits: a.peers.stats.hits, parentRequests: a.peers.stats.parentRequests, pending: a.peers.stats.pending, busy: a.peers.stats.busy })))}`)
+  // Without the trees every node would fetch every chunk (200). A stray duplicate can come from a
   // timeout on a loaded machine, so allow a little slack; a broken policy blows far past it.
   assert.ok(origin.total <= chunks.length * 1.25, `origin sent ${origin.total} for ${chunks.length} unique chunks`)
-  assert.ok(owners.filter(n => n > 0).length >= 3, 'origin fetches are spread over the owners')
+  assert.ok(owners.filter(n => n > 0).length >= 3, 'origin fetches are spread over the roots')
 })
 
-test('burst: an owner that dies mid-burst is replaced; every survivor still finishes with verified bytes', async t => {
+test('burst: a node that dies mid-burst is replaced as root and parent; every survivor still finishes with verified bytes', async t => {
   const { agents, chunks } = await burstSetup(5, 60)
   const [victim, ...survivors] = agents
   const death = new AbortController()

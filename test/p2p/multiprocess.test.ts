@@ -64,7 +64,7 @@ test('multi-process: a peer process killed with SIGKILL mid-request does not han
   // Deadlines far beyond the test: only the death can end this request.
   const peers = new PeerChunkSource({
     self: node.peerId, router: new StaticRouter([doomedId]), client: new ChunkClient(node.libp2p), bans: node.bans,
-    peerTimeoutMs: 120_000, ownerWaitMs: 60_000, hedgeDelayMs: 120_000, maxWaitMs: 300_000
+    peerTimeoutMs: 120_000, parentWaitMs: 60_000, hedgeDelayMs: 120_000, maxWaitMs: 300_000
   })
   const pending = peers.get(chunks[0]!.ref, { signal: AbortSignal.timeout(300_000) })
   await waitFor('the peer process to start on the request', () => doomed.gets() >= 1 ? true : undefined)

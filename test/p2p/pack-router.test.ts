@@ -2,6 +2,7 @@ import assert from 'node:assert/strict'
 import { test } from 'node:test'
 import type { PeerId } from '@libp2p/interface'
 import { sha256 } from '../../src/format/digest.ts'
+import { sleep } from '../../src/origin/limit.ts'
 import { AnnounceError } from '../../src/p2p/errors.ts'
 import { DhtPackRouter, packCid } from '../../src/p2p/pack-router.ts'
 import { startNode, startNodes, waitFor } from './helpers.ts'
@@ -55,6 +56,27 @@ test('pack router: lookups are cached and shared; callers arriving mid-walk get 
   await announcer.withdraw(pack, { signal: AbortSignal.timeout(5000) })
   router.stop()
   announcer.stop()
+})
+
+test('pack router: an expired lookup answers at once with the last result while a new walk runs', async () => {
+  const nodes = await startNodes(3)
+  const pack = sha256(Buffer.from('pack three'))
+  const first = new DhtPackRouter(nodes[1]!.libp2p)
+  await waitFor('announce', async () => await first.announce(pack, { signal: AbortSignal.timeout(5000) }).then(() => true, () => undefined))
+  const router = new DhtPackRouter(nodes[0]!.libp2p, { cacheTtlMs: 100 })
+  assert.deepEqual(await collect(router.holders(pack, { signal: AbortSignal.timeout(10_000) })), [nodes[1]!.peerId.toString()])
+
+  const second = new DhtPackRouter(nodes[2]!.libp2p)
+  await waitFor('announce', async () => await second.announce(pack, { signal: AbortSignal.timeout(5000) }).then(() => true, () => undefined))
+  await sleep(150)
+  // An aborted signal proves the answer needs no waiting: it comes from the last walk.
+  assert.deepEqual(await collect(router.holders(pack, { signal: AbortSignal.abort() })), [nodes[1]!.peerId.toString()])
+  assert.equal(router.stats.lookups, 2, 'the stale answer started a new walk')
+  await waitFor('the new walk to find the second announcer', async () => {
+    const seen = await collect(router.holders(pack, { signal: AbortSignal.timeout(10_000) }))
+    return seen.length === 2 ? true : undefined
+  })
+  for (const r of [router, first, second]) r.stop()
 })
 
 test('pack router: announcing with no peers fails within its deadline, and the caller\'s signal is honoured', async () => {

@@ -35,7 +35,7 @@ const signal = (): AbortSignal => AbortSignal.timeout(30_000)
 /** Whether `first` comes before `second` in `requester`'s holder order for this chunk. */
 function triedFirst (requester: PeerNode, first: PeerNode, second: PeerNode, digest: Digest): boolean {
   const [a, b] = [first, second].map(n => nodeKey(n.peerId.toString()))
-  const order = selectSources({ key: chunkKey(digest), self: nodeKey(requester.peerId.toString()), swarm: [], holders: [a!, b!], excluded: () => false, maxOwners: 1, maxHolders: 2 })
+  const order = selectSources({ key: chunkKey(digest), self: nodeKey(requester.peerId.toString()), swarm: [], holders: [a!, b!], excluded: () => false, maxParents: 1, maxHolders: 2 })
   return order.holders[0]!.id === a!.id
 }
 
@@ -130,7 +130,7 @@ test('peer source: when the only holder dies mid-request, get returns undefined 
   const { chunks } = makePack([100_000])
   const local = await serve(doomed!, chunks)
   local.delayMs = 60_000
-  const peers = source(requester!, [doomed!], { peerTimeoutMs: 60_000, ownerWaitMs: 60_000, maxWaitMs: 120_000 })
+  const peers = source(requester!, [doomed!], { peerTimeoutMs: 60_000, parentWaitMs: 60_000, maxWaitMs: 120_000 })
   const pending = peers.get(chunks[0]!.ref, { signal: AbortSignal.timeout(120_000) })
   await waitFor('the request to arrive', () => local.gets >= 1 ? true : undefined)
   await doomed!.stop()

@@ -2,10 +2,20 @@ import assert from 'node:assert/strict'
 import { randomBytes } from 'node:crypto'
 import { test } from 'node:test'
 import { sha256 } from '../../src/format/digest.ts'
-import { chunkKey, nodeKey, ownerOf, rankNodes, score, selectSources, topNodes, type NodeKey } from '../../src/p2p/rendezvous.ts'
+import { chunkKey, nodeKey, rootOf, rankNodes, score, selectSources, topNodes, type NodeKey } from '../../src/p2p/rendezvous.ts'
 
 /** Peer-id-like strings: a shared prefix, like real `12D3KooW…` ids. */
 const nodes = (n: number, tag = 'n'): NodeKey[] => Array.from({ length: n }, (_, i) => nodeKey(`12D3KooW${tag}${i.toString().padStart(5, '0')}`))
+/** mulberry32: a deterministic stream for reproducible samples. */
+function seeded (seed: number): () => number {
+  let a = seed >>> 0
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0
+    let t = Math.imul(a ^ (a >>> 15), 1 | a)
+    t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296
+  }
+}
 const keys = (n: number): string[] => Array.from({ length: n }, (_, i) => sha256(Buffer.from(`chunk ${i}`)))
 
 test('rendezvous: the owner is the same whatever order the swarm is listed in', () => {
@@ -13,7 +23,7 @@ test('rendezvous: the owner is the same whatever order the swarm is listed in', 
   const shuffled = [...swarm].reverse()
   for (const digest of keys(200)) {
     const key = chunkKey(digest)
-    assert.equal(ownerOf(key, swarm)!.id, ownerOf(key, shuffled)!.id)
+    assert.equal(rootOf(key, swarm)!.id, rootOf(key, shuffled)!.id)
     assert.deepEqual(rankNodes(key, swarm).map(n => n.id), rankNodes(key, shuffled).map(n => n.id))
   }
 })
@@ -23,7 +33,7 @@ test('rendezvous: ownership is balanced across nodes', () => {
   const owned = new Map<string, number>()
   const digests = keys(50_000)
   for (const digest of digests) {
-    const owner = ownerOf(chunkKey(digest), swarm)!.id
+    const owner = rootOf(chunkKey(digest), swarm)!.id
     owned.set(owner, (owned.get(owner) ?? 0) + 1)
   }
   const counts = swarm.map(n => owned.get(n.id) ?? 0)
@@ -42,7 +52,7 @@ test('rendezvous: removing a node moves only its chunks, each to the next in has
     const key = chunkKey(digest)
     const ranked = rankNodes(key, swarm)
     const before = ranked[0]!
-    const after = ownerOf(key, remaining)!
+    const after = rootOf(key, remaining)!
     if (before.id === gone.id) {
       moved++
       assert.equal(after.id, ranked[1]!.id, 'a dead owner is replaced by the runner-up')
@@ -60,8 +70,8 @@ test('rendezvous: a joining node takes about 1/(n+1) of the chunks, only from ot
   let taken = 0
   for (const digest of digests) {
     const key = chunkKey(digest)
-    const before = ownerOf(key, swarm)!.id
-    const after = ownerOf(key, joined)!.id
+    const before = rootOf(key, swarm)!.id
+    const after = rootOf(key, joined)!.id
     if (after !== before) {
       assert.equal(after, '12D3KooWnewcomer')
       taken++
@@ -82,30 +92,71 @@ test('rendezvous: topNodes agrees with a full sort, skip excludes', () => {
   assert.throws(() => chunkKey('sha256:12'), RangeError)
 })
 
-test('selectSources: owner order stops at self; exclusions promote the next owner', () => {
+test('selectSources: parents outrank self; the top node is the root; exclusions promote the next', () => {
   const swarm = nodes(10)
   const digest = sha256(randomBytes(32))
   const key = chunkKey(digest)
   const ranked = rankNodes(key, swarm)
-  const base = { key, swarm, holders: [], excluded: () => false, maxOwners: 3, maxHolders: 4 }
+  const base = { key, swarm, holders: [], excluded: () => false, maxParents: 3, maxHolders: 4 }
 
-  const owner = selectSources({ ...base, self: ranked[0]! })
-  assert.equal(owner.selfIsOwner, true)
-  assert.deepEqual(owner.owners, [], 'the owner asks no other owner')
+  const root = selectSources({ ...base, self: ranked[0]! })
+  assert.equal(root.isRoot, true)
+  assert.deepEqual(root.parents, [], 'the root asks nobody')
 
   const third = selectSources({ ...base, self: ranked[2]! })
-  assert.equal(third.selfIsOwner, false)
-  assert.deepEqual(third.owners.map(n => n.id), [ranked[0]!.id, ranked[1]!.id], 'owners above us, in hash order, and no further')
+  assert.equal(third.isRoot, false)
+  assert.deepEqual(third.parents.map(n => n.id).sort(), [ranked[0]!.id, ranked[1]!.id].sort(), 'only nodes that outrank us')
 
-  const ownerDead = selectSources({ ...base, self: ranked[1]!, excluded: id => id === ranked[0]!.id })
-  assert.equal(ownerDead.selfIsOwner, true, 'when the owner is excluded the runner-up takes over')
+  const rootDead = selectSources({ ...base, self: ranked[1]!, excluded: id => id === ranked[0]!.id })
+  assert.equal(rootDead.isRoot, true, 'when the root is excluded the runner-up takes over')
 
   const last = selectSources({ ...base, self: ranked[9]! })
-  assert.equal(last.owners.length, 3, 'maxOwners bounds the owners asked')
+  assert.equal(last.parents.length, 3, 'maxParents bounds the parents asked')
 
   const outsider = nodeKey('12D3KooWnot-announced-yet')
   const joined = selectSources({ ...base, self: outsider })
-  assert.equal(joined.selfIsOwner, rankNodes(key, [...swarm, outsider])[0]!.id === outsider.id, 'self counts even if missing from the swarm list')
+  assert.equal(joined.isRoot, rankNodes(key, [...swarm, outsider])[0]!.id === outsider.id, 'self is ranked even if missing from the swarm list')
+})
+
+test('selectSources: request chains climb strictly and end at the root, even with partial views', () => {
+  const everyone = nodes(400)
+  const random = seeded(7)
+  for (let trial = 0; trial < 50; trial++) {
+    const key = chunkKey(sha256(randomBytes(32)))
+    const rootId = rankNodes(key, everyone)[0]!.id
+    // Each node sees its own random sample of 20 (kad-dht's provider walk stops at k = 20).
+    const views = new Map(everyone.map(n => [n.id, Array.from({ length: 20 }, () => everyone[Math.floor(random() * everyone.length)]!)]))
+    let node = everyone[Math.floor(random() * everyone.length)]!
+    const seen = new Set<string>()
+    for (;;) {
+      assert.ok(!seen.has(node.id), 'no node appears twice in a chain')
+      seen.add(node.id)
+      const selection = selectSources({ key, self: node, swarm: views.get(node.id)!, holders: [], excluded: () => false, maxParents: 1, maxHolders: 0 })
+      if (selection.isRoot) break
+      const parent = selection.parents[0]!
+      assert.ok(score(parent, key) > score(node, key), 'a parent outranks its child')
+      node = parent
+    }
+    assert.ok(seen.size <= 400)
+    if (views.get(node.id)!.some(n => n.id === rootId)) assert.equal(node.id, rootId, 'a chain ends at the true root when it is in view')
+  }
+})
+
+test('selectSources: with a full view, the tree spreads uploads (no node parents everybody)', () => {
+  const swarm = nodes(200)
+  const children = new Map<string, number>()
+  for (let c = 0; c < 20; c++) {
+    const key = chunkKey(sha256(Buffer.from(`chunk ${c}`)))
+    for (const self of swarm) {
+      const selection = selectSources({ key, self, swarm, holders: [], excluded: () => false, maxParents: 1, maxHolders: 0 })
+      const parent = selection.parents[0]
+      if (parent !== undefined) children.set(parent.id, (children.get(parent.id) ?? 0) + 1)
+    }
+  }
+  // 20 chunks x 199 non-roots = 3,980 edges; one parent per chunk would be 199 per chunk.
+  const most = Math.max(...children.values())
+  assert.ok(most < 60, `the busiest parent has ${most} children over 20 chunks`)
+  assert.ok(children.size > 100, `${children.size} of 200 nodes parent someone`)
 })
 
 test('selectSources: holders are spread differently per requester, never include self or excluded', () => {
@@ -114,7 +165,7 @@ test('selectSources: holders are spread differently per requester, never include
   const digest = sha256(Buffer.from('popular chunk'))
   const firstChoice = new Map<string, number>()
   for (const self of requesters) {
-    const selection = selectSources({ key: chunkKey(digest), self, swarm: [], holders: [...holders, self], excluded: id => id === holders[0]!.id, maxOwners: 2, maxHolders: 3 })
+    const selection = selectSources({ key: chunkKey(digest), self, swarm: [], holders: [...holders, self], excluded: id => id === holders[0]!.id, maxParents: 2, maxHolders: 3 })
     assert.equal(selection.holders.length, 3)
     assert.ok(selection.holders.every(h => h.id !== self.id && h.id !== holders[0]!.id))
     const first = selection.holders[0]!.id

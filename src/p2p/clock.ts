@@ -1,0 +1,20 @@
+import { sleep } from '../origin/limit.ts'
+
+/**
+ * Time as the peer layer sees it. The agent uses the system clock; the
+ * simulation model passes its simulated clock, so the model runs the very
+ * code the agent runs (src/p2p/peer-source.ts) at 10,000 nodes.
+ */
+export interface Clock {
+  now (): number
+  /** Resolves after `ms`; rejects with the signal's reason if it aborts first. */
+  sleep (ms: number, signal?: AbortSignal): Promise<void>
+  /** A signal that aborts `ms` from now (AbortSignal.timeout). */
+  timeout (ms: number): AbortSignal
+}
+
+export const systemClock: Clock = {
+  now: () => Date.now(),
+  sleep: async (ms, signal) => await sleep(ms, signal),
+  timeout: ms => AbortSignal.timeout(ms)
+}
