@@ -71,8 +71,14 @@ export class Agent implements ChunkLocator {
   /** Mount points with a mount in progress: two requests for one path must not both mount it. */
   private readonly mounting = new Set<string>()
   private readonly servingCatalogs = new Map<string, Catalog>()
-  /** Catalog blobs this node holds, by digest, with their sizes: served to peers like chunks. */
-  private readonly catalogSizes = new Map<Digest, number>()
+  /**
+   * Blobs served whole, like one chunk each (catalogs and image metadata: manifest,
+   * signature, config), by digest, with their sizes: those this node holds, and
+   * those a verified descriptor named for a mount in progress. Naming the wanted
+   * ones too lets a burst share them (a parent asked for one fetches it instead
+   * of saying dont-have until it has its own).
+   */
+  private readonly wholeBlobs = new Map<Digest, number>()
   private closers: Array<() => Promise<void>> = []
   metricsUrl: string | undefined
   peering: Peering | undefined
@@ -158,15 +164,18 @@ export class Agent implements ChunkLocator {
       const view = await openImageView(this.origin, image, {
         trusted: this.trusted,
         catalogDir: join(this.config.stateDir, 'catalogs'),
-        // Catalogs go through the resolver like chunks (a catalog is one "chunk" of its own blob):
-        // in a burst, peers share them too, instead of every node asking the origin.
-        fetchCatalog: async (catalog, signal) => {
-          this.peering?.announce([catalog.digest])
-          return await this.resolver.get(catalogChunk(catalog), { signal: signal ?? AbortSignal.timeout(this.config.chunkTimeoutMs) })
+        // Metadata and catalogs go through the resolver like chunks (each blob one "chunk" of
+        // itself): in a burst, peers share them too, instead of every node asking the origin.
+        fetchBlob: async (blob, signal) => {
+          this.wholeBlobs.set(blob.digest, blob.size)
+          this.peering?.announce([blob.digest])
+          return await this.resolver.get(wholeBlobChunk(blob), { signal: signal ?? AbortSignal.timeout(this.config.chunkTimeoutMs) })
         },
         ...(options.signal !== undefined ? { signal: options.signal } : {})
       })
       this.peering?.announce(view.image.config.layers.flatMap(l => l.packs.map(p => p.digest)))
+      // Before the FUSE mount: peers in the same burst may already ask us for this image's chunks.
+      await this.openServingCatalogs()
       const sources: MountInfo['sources'] = {}
       const lifetime = new AbortController()
       let mounted: MountedImage
@@ -200,7 +209,6 @@ export class Agent implements ChunkLocator {
           this.log.info({ mountpoint: path, ...result }, 'prefetch list fetched')
         })
       }
-      await this.openServingCatalogs()
       await this.saveMounts()
       this.log.info(info, 'mounted')
       return this.describe(active)
@@ -236,8 +244,8 @@ export class Agent implements ChunkLocator {
    * keeps serving what it cached after its container is gone.
    */
   locate (digest: Digest): ChunkRef | undefined {
-    const catalogSize = this.catalogSizes.get(digest)
-    if (catalogSize !== undefined) return catalogChunk({ digest, size: catalogSize })
+    const size = this.wholeBlobs.get(digest)
+    if (size !== undefined) return wholeBlobChunk({ digest, size })
     for (const catalog of this.servingCatalogs.values()) {
       const ref = catalog.chunk(digest)
       if (ref !== undefined) return ref
@@ -246,8 +254,8 @@ export class Agent implements ChunkLocator {
   }
 
   packChunks (pack: Digest): ChunkRef[] {
-    const catalogSize = this.catalogSizes.get(pack)
-    if (catalogSize !== undefined) return [catalogChunk({ digest: pack, size: catalogSize })]
+    const size = this.wholeBlobs.get(pack)
+    if (size !== undefined) return [wholeBlobChunk({ digest: pack, size })]
     const seen = new Map<Digest, ChunkRef>()
     for (const catalog of this.servingCatalogs.values()) for (const c of catalog.packChunks(pack)) seen.set(c.digest, c)
     return [...seen.values()]
@@ -265,7 +273,7 @@ export class Agent implements ChunkLocator {
       }
       try {
         this.servingCatalogs.set(join(dir, name), new Catalog(join(dir, name)))
-        this.catalogSizes.set(`sha256:${name.slice(0, 64)}`, (await stat(join(dir, name))).size)
+        this.wholeBlobs.set(`sha256:${name.slice(0, 64)}`, (await stat(join(dir, name))).size)
       } catch (err) {
         this.log.warn({ file: name, err: (err as Error).message }, 'ignoring an unreadable catalog file')
       }
@@ -326,7 +334,7 @@ export class Agent implements ChunkLocator {
   }
 }
 
-/** A catalog blob as a chunk of itself: whole, uncompressed, verified by the blob's own digest. */
-function catalogChunk (catalog: { digest: Digest, size: number }): ChunkRef {
-  return { digest: catalog.digest, length: catalog.size, pack: catalog.digest, packOffset: 0, storedLength: catalog.size, codec: Codec.none }
+/** A blob as a chunk of itself: whole, uncompressed, verified by its own digest. */
+function wholeBlobChunk (blob: { digest: Digest, size: number }): ChunkRef {
+  return { digest: blob.digest, length: blob.size, pack: blob.digest, packOffset: 0, storedLength: blob.size, codec: Codec.none }
 }

@@ -5,7 +5,7 @@ import { join } from 'node:path'
 import { writeAtomic } from '../oci/layout.ts'
 import { digestHex, type Digest } from '../format/digest.ts'
 import type { Origin } from '../origin/origin.ts'
-import { fetchVerified } from './load-image.ts'
+import { fetchVerified, type BlobFetcher } from './load-image.ts'
 
 /** Catalog files this process has hashed already: each is checked once per process, not per mount. */
 const checked = new Set<string>()
@@ -19,9 +19,7 @@ const fetching = new Map<string, Promise<string>>()
  * uses it: the catalog is where chunk digests come from, so a damaged one must
  * never be trusted just because it is on disk.
  */
-export type CatalogFetcher = (catalog: { digest: Digest, size: number }, signal?: AbortSignal) => Promise<Uint8Array>
-
-export async function fetchCatalogFile (origin: Origin, catalog: { digest: Digest, size: number }, dir: string, signal?: AbortSignal, fetcher?: CatalogFetcher): Promise<string> {
+export async function fetchCatalogFile (origin: Origin, catalog: { digest: Digest, size: number }, dir: string, signal?: AbortSignal, fetcher?: BlobFetcher): Promise<string> {
   const path = join(dir, `${digestHex(catalog.digest)}.sqlite`)
   let pending = fetching.get(path)
   if (pending === undefined) {

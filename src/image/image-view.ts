@@ -1,8 +1,8 @@
 import type { KeyObject } from 'node:crypto'
 import { Catalog } from '../format/catalog.ts'
 import type { Origin } from '../origin/origin.ts'
-import { fetchCatalogFile, type CatalogFetcher } from './catalog-files.ts'
-import { loadImage, type LoadedImage } from './load-image.ts'
+import { fetchCatalogFile } from './catalog-files.ts'
+import { loadImage, type BlobFetcher, type LoadedImage } from './load-image.ts'
 import { MergedView } from './merged-view.ts'
 
 export interface ImageView {
@@ -11,18 +11,21 @@ export interface ImageView {
   close: () => void
 }
 
-/** Loads an image, fetches its verified catalogs into CATALOG_DIR, and opens the merged view. */
-export async function openImageView (origin: Origin, ref: string, options: { trusted: KeyObject[] | 'skip', catalogDir: string, signal?: AbortSignal, fetchCatalog?: CatalogFetcher }): Promise<ImageView> {
+/**
+ * Loads an image, fetches its verified catalogs into CATALOG_DIR, and opens the
+ * merged view. `fetchBlob`, when given, fetches the metadata and catalogs.
+ */
+export async function openImageView (origin: Origin, ref: string, options: { trusted: KeyObject[] | 'skip', catalogDir: string, signal?: AbortSignal, fetchBlob?: BlobFetcher }): Promise<ImageView> {
   const so = options.signal !== undefined ? { signal: options.signal } : {}
-  const image = await loadImage(origin, ref, { trusted: options.trusted, ...so })
-  const catalogs: Catalog[] = []
-  try {
-    for (const layer of image.config.layers) {
-      catalogs.push(new Catalog(await fetchCatalogFile(origin, layer.catalog, options.catalogDir, options.signal, options.fetchCatalog)))
-    }
-  } catch (err) {
+  const image = await loadImage(origin, ref, { trusted: options.trusted, ...so, ...(options.fetchBlob !== undefined ? { fetchBlob: options.fetchBlob } : {}) })
+  // All layers at once: a mount waits for the slowest catalog, not for their sum.
+  const opened = await Promise.allSettled(image.config.layers.map(async layer =>
+    new Catalog(await fetchCatalogFile(origin, layer.catalog, options.catalogDir, options.signal, options.fetchBlob))))
+  const catalogs = opened.flatMap(r => r.status === 'fulfilled' ? [r.value] : [])
+  const failed = opened.find(r => r.status === 'rejected')
+  if (failed !== undefined) {
     for (const c of catalogs) c.close()
-    throw err
+    throw failed.reason
   }
   return { image, view: new MergedView(catalogs), close: () => { for (const c of catalogs) c.close() } }
 }

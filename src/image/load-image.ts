@@ -14,10 +14,19 @@ export interface LoadedImage {
   signedBy: string | undefined
 }
 
+/**
+ * Fetches a whole blob of known digest and size, e.g. through the agent's resolver
+ * (cache, peers, origin) so that a burst of nodes shares the image's metadata too.
+ * What it returns is checked against the digest again by the caller.
+ */
+export type BlobFetcher = (blob: { digest: Digest, size: number }, signal?: AbortSignal) => Promise<Uint8Array>
+
 export interface LoadOptions {
   /** Trusted public keys; `'skip'` loads without checking the signature (inspect only). */
   trusted: KeyObject[] | 'skip'
   signal?: AbortSignal
+  /** How digest-addressed metadata (manifest, signature, config) is fetched. Default: straight from the origin. */
+  fetchBlob?: BlobFetcher
 }
 
 /** Small blobs (manifests, configs, envelopes) never need more than this. */
@@ -29,6 +38,16 @@ export async function fetchVerified (origin: Origin, digest: Digest, what: strin
   if (options.size !== undefined && data.length !== options.size) throw new IntegrityError(`${what} ${digest}`, `is ${data.length} bytes, expected ${options.size}`)
   const actual = sha256(data)
   if (actual !== digest) throw new IntegrityError(`${what} ${digest}`, `content hashes to ${actual}; it was corrupted or tampered with at ${origin.name}`)
+  return data
+}
+
+/** A metadata blob through `fetcher` when there is one (checked here all the same), else from the origin. */
+async function fetchMetadata (origin: Origin, blob: { digest: Digest, size: number }, what: string, options: { signal?: AbortSignal, fetcher?: BlobFetcher | undefined }): Promise<Uint8Array> {
+  if (options.fetcher === undefined || blob.size > MAX_METADATA_BYTES) {
+    return await fetchVerified(origin, blob.digest, what, { size: blob.size, ...(options.signal !== undefined ? { signal: options.signal } : {}) })
+  }
+  const data = await options.fetcher(blob, options.signal)
+  if (data.length !== blob.size || sha256(data) !== blob.digest) throw new IntegrityError(`${what} ${blob.digest}`, 'the fetched bytes do not match the digest')
   return data
 }
 
@@ -46,8 +65,10 @@ function parseJson<T> (data: Uint8Array, what: string): T {
 export async function loadImage (origin: Origin, ref: string, options: LoadOptions): Promise<LoadedImage> {
   const signal = options.signal
   const so = signal !== undefined ? { signal } : {}
+  const fo = { ...so, fetcher: options.fetchBlob }
+  // Only the tag lookups go to the origin unconditionally: what a tag points to is the origin's word.
   const desc = await origin.resolve(ref, so)
-  const manifest = parseJson<ImageManifest>(await fetchVerified(origin, desc.digest, 'manifest', { size: desc.size, ...so }), `manifest ${desc.digest}`)
+  const manifest = parseJson<ImageManifest>(await fetchMetadata(origin, desc, 'manifest', fo), `manifest ${desc.digest}`)
   if (manifest.artifactType !== MediaType.shoalImage) {
     throw new FormatError(`${ref} at ${origin.name} is not a shoal image (artifactType ${manifest.artifactType ?? 'none'}); convert it first: shoal convert SRC DEST --key KEY`)
   }
@@ -61,16 +82,16 @@ export async function loadImage (origin: Origin, ref: string, options: LoadOptio
       if (err instanceof NotFoundError) throw new SignatureError(`image ${desc.digest} (${ref}) has no signature at ${origin.name}; unsigned images are refused`)
       throw err
     }
-    const sigManifest = parseJson<ImageManifest>(await fetchVerified(origin, sigDesc.digest, 'signature manifest', { size: sigDesc.size, ...so }), 'signature manifest')
+    const sigManifest = parseJson<ImageManifest>(await fetchMetadata(origin, sigDesc, 'signature manifest', fo), 'signature manifest')
     if (sigManifest.subject?.digest !== desc.digest || sigManifest.layers?.length !== 1) {
       throw new SignatureError(`the signature manifest tagged for ${desc.digest} does not sign it`)
     }
     const envelopeDesc = sigManifest.layers[0]!
-    const envelope = parseJson<DsseEnvelope>(await fetchVerified(origin, envelopeDesc.digest, 'signature envelope', { size: envelopeDesc.size, ...so }), 'signature envelope')
+    const envelope = parseJson<DsseEnvelope>(await fetchMetadata(origin, envelopeDesc, 'signature envelope', fo), 'signature envelope')
     signedBy = verifyEnvelope(envelope, desc.digest, options.trusted)
   }
 
-  const config = parseShoalConfig(await fetchVerified(origin, manifest.config.digest, 'config', { size: manifest.config.size, ...so }), `config ${manifest.config.digest}`)
+  const config = parseShoalConfig(await fetchMetadata(origin, manifest.config, 'config', fo), `config ${manifest.config.digest}`)
   // Every blob the config relies on must be listed, with its size, by the signed manifest.
   const listed = new Map(manifest.layers.map(l => [l.digest, l.size]))
   for (const [i, layer] of config.layers.entries()) {

@@ -12,7 +12,7 @@ import { callAgent } from '../../src/agent/control.ts'
 import { convertImage } from '../../src/convert/convert.ts'
 import { ensureRealFixtures, type RealFixtures } from '../../src/fixtures/debian-images.ts'
 import { generatePsk } from '../../src/p2p/node.ts'
-import { startOriginServer, type OriginServer } from '../../src/origin/server.ts'
+import { startOriginServer, type OriginRequestLog, type OriginServer } from '../../src/origin/server.ts'
 import { removeDir } from '../helpers/tmp.ts'
 import { diffSnapshots, snapshotDisk } from '../helpers/tree-snapshot.ts'
 
@@ -23,6 +23,7 @@ describe('agents share chunks over libp2p', () => {
   let fixtures: RealFixtures
   let dir: string
   let origin: OriginServer
+  const originLog: OriginRequestLog[] = []
   let pub: string
   const agents: AgentProcess[] = []
 
@@ -33,7 +34,7 @@ describe('agents share chunks over libp2p', () => {
     pub = join(dir, 'shoal.pub')
     await writeFile(pub, keys.publicKey.export({ type: 'spki', format: 'pem' }))
     await convertImage({ source: fixtures.ref('python'), dest: `oci:${join(dir, 'images')}:python`, signingKey: keys.privateKey })
-    origin = await startOriginServer({ dir: join(dir, 'images') })
+    origin = await startOriginServer({ dir: join(dir, 'images'), log: entry => originLog.push(entry) })
   })
   after(async () => {
     await Promise.all(agents.map(a => a.stop()))
@@ -53,7 +54,10 @@ describe('agents share chunks over libp2p', () => {
     const a = await agent('a')
     const b = await agent('b', ['--peer', a.ready.multiaddrs![0]!])
     assert.equal(await run(a), '42')
+    const seenBeforeB = originLog.length
     assert.equal(await run(b), '42')
+    // The manifest, signature, config and catalogs came from A too: only tag lookups reach the origin.
+    assert.deepEqual([...new Set(originLog.slice(seenBeforeB).map(e => e.path))], ['/index.json'])
     const sb = await stats(b)
     assert.equal(sb.sources.origin!.bytes, 0, JSON.stringify(sb.sources))
     assert.equal(sb.sources.peers!.bytes, (await stats(a)).sources.origin!.bytes, 'B got from A exactly what A got from the origin')
