@@ -98,13 +98,12 @@ export async function fetchedChunks (stateDir: string): Promise<ProfileChunk[]> 
   const catalogDir = join(stateDir, 'catalogs')
   const names = (await readdir(catalogDir)).filter(n => n.endsWith('.sqlite'))
   const catalogs = names.map(n => new Catalog(join(catalogDir, n)))
-  // The agent fetches catalog blobs through its resolver too, so they sit in the chunk cache; they are metadata here.
-  const catalogBlobs = new Set(names.map(n => n.slice(0, 64)))
+  // The agent fetches whole blobs (catalogs, manifest, signature, config) through its resolver
+  // too, so they sit in the chunk cache; in no catalog, they are the mount's metadata here.
   try {
-    return files.filter(({ hex }) => !catalogBlobs.has(hex)).map(({ hex }) => {
+    return files.flatMap(({ hex }) => {
       const ref = catalogs.map(c => c.chunk(`sha256:${hex}`)).find((r): r is ChunkRef => r !== undefined)
-      if (ref === undefined) throw new Error(`cached chunk ${hex} is in none of the agent's catalogs`)
-      return { digest: ref.digest, pack: ref.pack, packOffset: ref.packOffset, length: ref.length, storedLength: ref.storedLength }
+      return ref === undefined ? [] : [{ digest: ref.digest, pack: ref.pack, packOffset: ref.packOffset, length: ref.length, storedLength: ref.storedLength }]
     })
   } finally {
     for (const c of catalogs) c.close()

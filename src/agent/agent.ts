@@ -79,6 +79,8 @@ export class Agent implements ChunkLocator {
    * of saying dont-have until it has its own).
    */
   private readonly wholeBlobs = new Map<Digest, number>()
+  /** packChunks answers, until another catalog is opened. */
+  private readonly packChunkLists = new Map<Digest, ChunkRef[]>()
   private closers: Array<() => Promise<void>> = []
   metricsUrl: string | undefined
   peering: Peering | undefined
@@ -168,12 +170,13 @@ export class Agent implements ChunkLocator {
         // itself): in a burst, peers share them too, instead of every node asking the origin.
         fetchBlob: async (blob, signal) => {
           this.wholeBlobs.set(blob.digest, blob.size)
-          this.peering?.announce([blob.digest])
+          this.peering?.join(blob.group, [blob.digest])
           return await this.resolver.get(wholeBlobChunk(blob), { signal: signal ?? AbortSignal.timeout(this.config.chunkTimeoutMs) })
         },
         ...(options.signal !== undefined ? { signal: options.signal } : {})
       })
-      this.peering?.announce(view.image.config.layers.flatMap(l => l.packs.map(p => p.digest)))
+      // A layer's packs share its catalog's swarm key (the catalog joined it when fetched).
+      for (const layer of view.image.config.layers) this.peering?.join(layer.catalog.digest, layer.packs.map(p => p.digest))
       // Before the FUSE mount: peers in the same burst may already ask us for this image's chunks.
       await this.openServingCatalogs()
       const sources: MountInfo['sources'] = {}
@@ -256,9 +259,15 @@ export class Agent implements ChunkLocator {
   packChunks (pack: Digest): ChunkRef[] {
     const size = this.wholeBlobs.get(pack)
     if (size !== undefined) return [wholeBlobChunk({ digest: pack, size })]
-    const seen = new Map<Digest, ChunkRef>()
-    for (const catalog of this.servingCatalogs.values()) for (const c of catalog.packChunks(pack)) seen.set(c.digest, c)
-    return [...seen.values()]
+    // Asked for every availability answer (peers ask every few seconds per pack): one query per pack, not per ask.
+    let chunks = this.packChunkLists.get(pack)
+    if (chunks === undefined) {
+      const seen = new Map<Digest, ChunkRef>()
+      for (const catalog of this.servingCatalogs.values()) for (const c of catalog.packChunks(pack)) seen.set(c.digest, c)
+      chunks = [...seen.values()]
+      this.packChunkLists.set(pack, chunks)
+    }
+    return chunks
   }
 
   /** Catalog files are written only after their digest checked out, so all of them may be served from. */
@@ -273,6 +282,7 @@ export class Agent implements ChunkLocator {
       }
       try {
         this.servingCatalogs.set(join(dir, name), new Catalog(join(dir, name)))
+        this.packChunkLists.clear()
         this.wholeBlobs.set(`sha256:${name.slice(0, 64)}`, (await stat(join(dir, name))).size)
       } catch (err) {
         this.log.warn({ file: name, err: (err as Error).message }, 'ignoring an unreadable catalog file')

@@ -43,11 +43,14 @@ export class Peering {
   private readonly router: DhtPackRouter
   private readonly client: ChunkClient
   private readonly announced = new Set<Digest>()
+  /** Pack (or whole blob) → the DHT key its swarm announces under. */
+  private readonly swarmKeys: Map<Digest, Digest>
   private readonly lifetime = new AbortController()
   private readonly log: Logger
 
-  private constructor (parts: { node: PeerNode, peers: PeerChunkSource, server: ChunkServer, router: DhtPackRouter, client: ChunkClient }, log: Logger) {
+  private constructor (parts: { node: PeerNode, peers: PeerChunkSource, server: ChunkServer, router: DhtPackRouter, client: ChunkClient, swarmKeys: Map<Digest, Digest> }, log: Logger) {
     this.node = parts.node
+    this.swarmKeys = parts.swarmKeys
     this.peers = parts.peers
     this.server = parts.server
     this.router = parts.router
@@ -56,7 +59,7 @@ export class Peering {
     this.source = {
       name: 'peers',
       get: async (chunk, options) => {
-        this.announce([chunk.pack])
+        this.announce([this.swarmOf(chunk.pack)])
         // Alone (no connection at all): nobody can answer, so do not make the read wait for a lookup.
         if (this.node.connectedPeers().length === 0) return undefined
         return await this.peers.get(chunk, options)
@@ -65,16 +68,27 @@ export class Peering {
   }
 
   /**
-   * Tells the swarm this node wants (and will hold) these packs. The agent calls it at
-   * mount, before the first read: in a burst, every node's announcement is then in the
-   * DHT by the time the others look for the pack's swarm, so they agree on each chunk's tree
-   * instead of each finding itself alone and going to the origin.
+   * Joins the swarm of `key` (a layer's catalog digest, or an image's manifest digest)
+   * for these packs and blobs: tells the DHT this node wants (and will hold) them. The
+   * agent calls it at mount, before the first read: in a burst, every node's
+   * announcement is then in the DHT by the time the others look for the swarm, so they
+   * agree on each chunk's tree instead of each finding itself alone and going to the
+   * origin. One key per layer, not per pack: every key costs a provide and walks.
    */
-  announce (packs: Iterable<Digest>): void {
-    for (const pack of packs) {
-      if (this.announced.has(pack)) continue
-      this.announced.add(pack)
-      this.router.announce(pack, { signal: this.lifetime.signal }).catch((err: Error) => this.log.debug({ pack, err: err.message }, 'announce failed (retried while held)'))
+  join (key: Digest, packs: Iterable<Digest>): void {
+    for (const pack of packs) if (!this.swarmKeys.has(pack)) this.swarmKeys.set(pack, key)
+    this.announce([key])
+  }
+
+  private swarmOf (pack: Digest): Digest {
+    return this.swarmKeys.get(pack) ?? pack
+  }
+
+  private announce (keys: Iterable<Digest>): void {
+    for (const key of keys) {
+      if (this.announced.has(key)) continue
+      this.announced.add(key)
+      this.router.announce(key, { signal: this.lifetime.signal }).catch((err: Error) => this.log.debug({ key, err: err.message }, 'announce failed (retried while held)'))
     }
   }
 
@@ -121,14 +135,16 @@ export class Peering {
     await server.start()
     const router = new DhtPackRouter(node.libp2p)
     const client = new ChunkClient(node.libp2p)
+    const swarmKeys = new Map<Digest, Digest>()
     const peers = new PeerChunkSource({
       self: node.peerId,
       router,
       client,
-      bans: node.bans
+      bans: node.bans,
+      swarmOf: pack => swarmKeys.get(pack) ?? pack
     })
     deps.log.info({ peerId: node.peerId.toString(), multiaddrs: node.multiaddrs() }, 'peer node started')
-    return new Peering({ node, peers, server, router, client }, deps.log)
+    return new Peering({ node, peers, server, router, client, swarmKeys }, deps.log)
   }
 
   stats (): PeeringStats {

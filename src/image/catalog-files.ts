@@ -31,7 +31,7 @@ export async function fetchCatalogFile (origin: Origin, catalog: { digest: Diges
       await mkdir(dir, { recursive: true })
       // A fetcher (the agent's: cache, peers, then origin) verifies what it returns; the origin path is checked here.
       const data = fetcher !== undefined
-        ? await fetcher(catalog, signal)
+        ? await fetcher({ ...catalog, group: catalog.digest }, signal)
         : await fetchVerified(origin, catalog.digest, 'catalog', { size: catalog.size, maxBytes: catalog.size, ...(signal !== undefined ? { signal } : {}) })
       await writeAtomic(path, data)
       checked.add(path)

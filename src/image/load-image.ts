@@ -19,7 +19,14 @@ export interface LoadedImage {
  * (cache, peers, origin) so that a burst of nodes shares the image's metadata too.
  * What it returns is checked against the digest again by the caller.
  */
-export type BlobFetcher = (blob: { digest: Digest, size: number }, signal?: AbortSignal) => Promise<Uint8Array>
+export type BlobFetcher = (blob: SharedBlob, signal?: AbortSignal) => Promise<Uint8Array>
+
+export interface SharedBlob {
+  digest: Digest
+  size: number
+  /** What the blob belongs to, as a swarm key for peers: its image's manifest digest, or its layer's catalog digest. */
+  group: Digest
+}
 
 export interface LoadOptions {
   /** Trusted public keys; `'skip'` loads without checking the signature (inspect only). */
@@ -42,11 +49,11 @@ export async function fetchVerified (origin: Origin, digest: Digest, what: strin
 }
 
 /** A metadata blob through `fetcher` when there is one (checked here all the same), else from the origin. */
-async function fetchMetadata (origin: Origin, blob: { digest: Digest, size: number }, what: string, options: { signal?: AbortSignal, fetcher?: BlobFetcher | undefined }): Promise<Uint8Array> {
+async function fetchMetadata (origin: Origin, blob: { digest: Digest, size: number }, what: string, options: { signal?: AbortSignal, fetcher?: BlobFetcher | undefined, group: Digest }): Promise<Uint8Array> {
   if (options.fetcher === undefined || blob.size > MAX_METADATA_BYTES) {
     return await fetchVerified(origin, blob.digest, what, { size: blob.size, ...(options.signal !== undefined ? { signal: options.signal } : {}) })
   }
-  const data = await options.fetcher(blob, options.signal)
+  const data = await options.fetcher({ digest: blob.digest, size: blob.size, group: options.group }, options.signal)
   if (data.length !== blob.size || sha256(data) !== blob.digest) throw new IntegrityError(`${what} ${blob.digest}`, 'the fetched bytes do not match the digest')
   return data
 }
@@ -65,9 +72,9 @@ function parseJson<T> (data: Uint8Array, what: string): T {
 export async function loadImage (origin: Origin, ref: string, options: LoadOptions): Promise<LoadedImage> {
   const signal = options.signal
   const so = signal !== undefined ? { signal } : {}
-  const fo = { ...so, fetcher: options.fetchBlob }
   // Only the tag lookups go to the origin unconditionally: what a tag points to is the origin's word.
   const desc = await origin.resolve(ref, so)
+  const fo = { ...so, fetcher: options.fetchBlob, group: desc.digest }
   const manifest = parseJson<ImageManifest>(await fetchMetadata(origin, desc, 'manifest', fo), `manifest ${desc.digest}`)
   if (manifest.artifactType !== MediaType.shoalImage) {
     throw new FormatError(`${ref} at ${origin.name} is not a shoal image (artifactType ${manifest.artifactType ?? 'none'}); convert it first: shoal convert SRC DEST --key KEY`)

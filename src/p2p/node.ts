@@ -107,6 +107,11 @@ export async function createPeerNode (options: PeerNodeOptions): Promise<PeerNod
     // Allow-listed hosts bypass the inbound rate limit (5/s per host) and pending-connection cap,
     // which otherwise reset connections in a burst with a misleading EncryptionFailedError (STACK.md #2).
     connectionManager: { allow },
+    // Keep-alive pings judge a connection dead after 5 s by default; a node busy with a burst
+    // (or a CPU-starved one) can take that long to answer, and each aborted connection then
+    // costs a new Noise handshake and identify. The peer source has its own per-request
+    // deadlines for slow peers, so the monitor only needs to catch dead hosts, slowly.
+    connectionMonitor: { pingInterval: 30_000, pingTimeout: { minTimeout: 20_000 } },
     connectionGater: {
       denyDialPeer: refused,
       denyInboundEncryptedConnection: refused,

@@ -45,6 +45,13 @@ export interface PeerChunkSourceOptions extends Partial<Record<keyof typeof PEER
   client: ChunkRequester
   /** Shared with the node's connection gater (createPeerNode's `bans`). */
   bans: PeerBans
+  /**
+   * The DHT key whose providers form a pack's swarm. The agent groups packs by
+   * layer (and an image's metadata under its manifest), so a mount provides and
+   * walks a few keys instead of one per pack: DHT traffic was most of a burst's
+   * CPU. Default: the pack itself.
+   */
+  swarmOf?: (pack: Digest) => Digest
   /** Default: the system clock. The simulation model passes simulated time. */
   clock?: Clock
   /** Whether bytes a peer sent are the chunk. Default: length and SHA-256 (the model, which moves no bytes, swaps it). */
@@ -111,6 +118,7 @@ export class PeerChunkSource implements ChunkSource {
   private readonly bans: PeerBans
   private readonly clock: Clock
   private readonly verify: (chunk: ChunkRef, bytes: Uint8Array) => boolean
+  private readonly swarmOf: (pack: Digest) => Digest
   private readonly settings: Settings
   private readonly availability: Availability
   private readonly peers = new Map<string, Peer>()
@@ -119,7 +127,7 @@ export class PeerChunkSource implements ChunkSource {
   private readonly haveQueries = new Map<string, Promise<void>>()
 
   constructor (options: PeerChunkSourceOptions) {
-    const { self, router, client, bans, clock, verify, ...settings } = options
+    const { self, router, client, bans, clock, verify, swarmOf, ...settings } = options
     this.settings = { ...PEER_SOURCE_DEFAULTS, ...settings }
     this.clock = clock ?? systemClock
     this.self = this.peerKey(self)
@@ -127,6 +135,7 @@ export class PeerChunkSource implements ChunkSource {
     this.client = client
     this.bans = bans
     this.verify = verify ?? ((chunk, bytes) => bytes.length === chunk.length && sha256(bytes) === chunk.digest)
+    this.swarmOf = swarmOf ?? (pack => pack)
     this.availability = new Availability(this.settings.availabilityTtlMs, this.clock)
   }
 
@@ -156,7 +165,7 @@ export class PeerChunkSource implements ChunkSource {
   }
 
   private async find (chunk: ChunkRef, signal: AbortSignal): Promise<Uint8Array | undefined> {
-    const swarm = await this.swarm(chunk.pack, signal)
+    const swarm = await this.swarm(this.swarmOf(chunk.pack), signal)
     await this.refreshAvailability(chunk.pack, swarm, signal)
     const selection = this.select(chunk, swarm)
     if (selection.holders.length > 0) {
@@ -182,11 +191,11 @@ export class PeerChunkSource implements ChunkSource {
     })
   }
 
-  /** The pack's swarm as far as the lookup got within `lookupWaitMs` (the router caches, shares and refreshes it). */
-  private async swarm (pack: Digest, signal: AbortSignal): Promise<Peer[]> {
+  /** The swarm as far as the lookup got within `lookupWaitMs` (the router caches, shares and refreshes it). */
+  private async swarm (key: Digest, signal: AbortSignal): Promise<Peer[]> {
     const found: Peer[] = []
     try {
-      for await (const peer of this.router.holders(pack, { signal: AbortSignal.any([signal, this.clock.timeout(this.settings.lookupWaitMs)]) })) {
+      for await (const peer of this.router.holders(key, { signal: AbortSignal.any([signal, this.clock.timeout(this.settings.lookupWaitMs)]) })) {
         found.push(this.peerKey(peer))
       }
     } catch (err) {
