@@ -1,8 +1,10 @@
+import type { PeerId } from '@libp2p/interface'
 import type { DiskCache } from '../cache/disk-cache.ts'
 import type { ChunkSource } from '../fetch/chunk-source.ts'
 import type { Logger } from '../fetch/log.ts'
 import type { ChunkResolver } from '../fetch/resolver.ts'
 import type { ChunkRef } from '../format/catalog.ts'
+import { Codec } from '../format/codec.ts'
 import type { Digest } from '../format/digest.ts'
 import { ChunkClient } from '../p2p/chunk-client.ts'
 import type { ByteRange } from '../p2p/chunk-protocol.ts'
@@ -10,6 +12,7 @@ import { ChunkServer, type ChunkServerStats, type LocalChunks } from '../p2p/chu
 import { createPeerNode, loadOrCreatePsk, type PeerNode } from '../p2p/node.ts'
 import { DhtPackRouter } from '../p2p/pack-router.ts'
 import { PeerChunkSource, type PeerSourceStats } from '../p2p/peer-source.ts'
+import { SwarmMembers } from '../p2p/swarm-members.ts'
 import type { AgentConfig } from './config.ts'
 
 /** Fetches this node makes at once on peers' behalf, as their parent in a chunk's tree. */
@@ -45,12 +48,16 @@ export class Peering {
   private readonly announced = new Set<Digest>()
   /** Pack (or whole blob) → the DHT key its swarm announces under. */
   private readonly swarmKeys: Map<Digest, Digest>
+  private readonly members: SwarmMembers
   private readonly lifetime = new AbortController()
   private readonly log: Logger
 
-  private constructor (parts: { node: PeerNode, peers: PeerChunkSource, server: ChunkServer, router: DhtPackRouter, client: ChunkClient, swarmKeys: Map<Digest, Digest> }, log: Logger) {
+  private constructor (parts: { node: PeerNode, peers: PeerChunkSource, server: ChunkServer, router: DhtPackRouter, client: ChunkClient, swarmKeys: Map<Digest, Digest>, members: SwarmMembers }, log: Logger) {
     this.node = parts.node
     this.swarmKeys = parts.swarmKeys
+    this.members = parts.members
+    this.node.libp2p.addEventListener('peer:connect', this.onConnect)
+    this.node.libp2p.addEventListener('peer:disconnect', this.onDisconnect)
     this.peers = parts.peers
     this.server = parts.server
     this.router = parts.router
@@ -85,11 +92,24 @@ export class Peering {
   }
 
   private announce (keys: Iterable<Digest>): void {
+    const added: Digest[] = []
     for (const key of keys) {
       if (this.announced.has(key)) continue
       this.announced.add(key)
+      added.push(key)
       this.router.announce(key, { signal: this.lifetime.signal }).catch((err: Error) => this.log.debug({ key, err: err.message }, 'announce failed (retried while held)'))
     }
+    // The peers we are connected to hear it at once (JOIN); the DHT record reaches the rest.
+    if (added.length > 0) for (const peer of this.node.connectedPeers()) this.client.join(peer, added)
+  }
+
+  /** A new connection hears every swarm we are in. */
+  private readonly onConnect = (event: CustomEvent<PeerId>): void => {
+    if (this.announced.size > 0) this.client.join(event.detail, [...this.announced])
+  }
+
+  private readonly onDisconnect = (event: CustomEvent<PeerId>): void => {
+    this.members.forgetPeer(event.detail)
   }
 
   /**
@@ -123,6 +143,7 @@ export class Peering {
           fetchesForPeers--
         }
       },
+      compressible: digest => deps.locator.locate(digest)?.codec === Codec.zstd,
       held: async (pack) => {
         const ranges: ByteRange[] = []
         for (const c of deps.locator.packChunks(pack)) {
@@ -131,9 +152,10 @@ export class Peering {
         return ranges
       }
     }
-    const server = new ChunkServer(node.libp2p, { local, ...(config.p2p.uploadBytesPerSecond !== undefined ? { uploadBytesPerSecond: config.p2p.uploadBytesPerSecond } : {}) })
+    const members = new SwarmMembers()
+    const server = new ChunkServer(node.libp2p, { local, members, ...(config.p2p.uploadBytesPerSecond !== undefined ? { uploadBytesPerSecond: config.p2p.uploadBytesPerSecond } : {}) })
     await server.start()
-    const router = new DhtPackRouter(node.libp2p)
+    const router = new DhtPackRouter(node.libp2p, { members })
     const client = new ChunkClient(node.libp2p)
     const swarmKeys = new Map<Digest, Digest>()
     const peers = new PeerChunkSource({
@@ -144,7 +166,7 @@ export class Peering {
       swarmOf: pack => swarmKeys.get(pack) ?? pack
     })
     deps.log.info({ peerId: node.peerId.toString(), multiaddrs: node.multiaddrs() }, 'peer node started')
-    return new Peering({ node, peers, server, router, client, swarmKeys }, deps.log)
+    return new Peering({ node, peers, server, router, client, swarmKeys, members }, deps.log)
   }
 
   stats (): PeeringStats {
@@ -159,6 +181,8 @@ export class Peering {
   }
 
   async stop (): Promise<void> {
+    this.node.libp2p.removeEventListener('peer:connect', this.onConnect)
+    this.node.libp2p.removeEventListener('peer:disconnect', this.onDisconnect)
     this.lifetime.abort()
     this.router.stop()
     this.client.close()

@@ -1,3 +1,5 @@
+import { promisify } from 'node:util'
+import { zstdDecompress } from 'node:zlib'
 import type { PeerId, Stream } from '@libp2p/interface'
 import { messageStreamToDuplex } from '@libp2p/utils'
 import { pipe } from 'it-pipe'
@@ -5,10 +7,12 @@ import type { Libp2p } from 'libp2p'
 import type { Uint8ArrayList } from 'uint8arraylist'
 import type { Digest } from '../format/digest.ts'
 import {
-  CHUNK_PROTOCOL, MAX_BATCH, MAX_CHUNK_BYTES, MAX_SERVER_FRAME, decodeServerMessage, encodeCancel, encodeHaveQuery, encodeWant, frameDecoder,
+  CHUNK_PROTOCOL, MAX_BATCH, MAX_CHUNK_BYTES, MAX_SERVER_FRAME, decodeServerMessage, encodeCancel, encodeHaveQuery, encodeJoin, encodeWant, frameDecoder,
   normalizeRanges, type ByteRange, type ServerMessage, type WantItem
 } from './chunk-protocol.ts'
 import { PeerUnavailableError, ProtocolViolationError } from './errors.ts'
+
+const zstdDecompressAsync = promisify(zstdDecompress)
 
 export type ChunkReply =
   | { status: 'data', bytes: Uint8Array }
@@ -76,6 +80,11 @@ export class ChunkClient implements ChunkRequester {
 
   have (peer: PeerId, pack: Digest, options: { signal: AbortSignal }): Promise<ByteRange[]> {
     return this.session(peer).have(pack, options.signal)
+  }
+
+  /** Tells the peer we joined these swarms (fire and forget: a lost JOIN only means the DHT finds us later). */
+  join (peer: PeerId, keys: readonly Digest[]): void {
+    this.session(peer).join(keys)
   }
 
   /** Drops the session and the connection (used when a peer is banned). */
@@ -150,7 +159,22 @@ class Session {
       this.scheduleFlush()
     })
     if (message.type !== 'chunk') throw new ProtocolViolationError(`peer answered chunk request ${item.id} with ${message.type}`)
-    return message.status === 'data' ? { status: 'data', bytes: ownBuffer(message.bytes) } : { status: message.status }
+    if (message.status !== 'data') return { status: message.status }
+    if (!message.zstd) return { status: 'data', bytes: ownBuffer(message.bytes) }
+    try {
+      // Capped at the length we asked for: a hostile frame cannot balloon memory.
+      return { status: 'data', bytes: await zstdDecompressAsync(message.bytes, { maxOutputLength: Math.max(chunk.length, 1) }) }
+    } catch (err) {
+      throw new ProtocolViolationError(`peer sent chunk ${chunk.digest} as a zstd frame that does not decode to ${chunk.length} bytes or fewer: ${(err as Error).message}`)
+    }
+  }
+
+  join (keys: readonly Digest[]): void {
+    if (this.failure !== undefined) return
+    for (let i = 0; i < keys.length; i += MAX_BATCH) {
+      const batch = keys.slice(i, i + MAX_BATCH)
+      void this.write(() => encodeJoin(batch))
+    }
   }
 
   async have (pack: Digest, signal: AbortSignal): Promise<ByteRange[]> {

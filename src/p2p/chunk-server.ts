@@ -1,14 +1,16 @@
-import type { Connection, Stream } from '@libp2p/interface'
+import type { Connection, PeerId, Stream } from '@libp2p/interface'
 import { messageStreamToDuplex } from '@libp2p/utils'
 import { pipe } from 'it-pipe'
 import type { Libp2p } from 'libp2p'
 import type { Uint8ArrayList } from 'uint8arraylist'
+import { Codec, encodeChunkAsync } from '../format/codec.ts'
 import { sha256, type Digest } from '../format/digest.ts'
 import {
   CHUNK_PROTOCOL, MAX_CLIENT_FRAME, decodeClientMessage, encodeChunkReply, encodeHave, frameDecoder,
   type ByteRange, type ChunkStatus, type ClientMessage, type WantItem
 } from './chunk-protocol.ts'
 import { ProtocolViolationError } from './errors.ts'
+import type { SwarmMembers } from './swarm-members.ts'
 import { TokenBucket } from './token-bucket.ts'
 
 /**
@@ -28,6 +30,8 @@ export interface LocalChunks {
   get (digest: Digest, options: { signal: AbortSignal, fetch: boolean }): Promise<Uint8Array | undefined>
   /** Byte ranges of the pack's stored bytes whose chunks this node holds, verified. */
   held (pack: Digest): Promise<readonly ByteRange[]>
+  /** Whether the chunk is worth compressing for the wire (its image stored it compressed). Default: no. */
+  compressible? (digest: Digest): boolean
 }
 
 export interface ChunkServerOptions {
@@ -47,6 +51,8 @@ export interface ChunkServerOptions {
   uploadBytesPerSecond?: number
   /** Longest a requester may make us hold a parent request (its waitMs is capped to this). Default 5000. */
   maxWaitMs?: number
+  /** Where JOINs from peers are recorded (the agent's pack router reads it). Default: ignored. */
+  members?: SwarmMembers
   /** Inbound chunk streams per connection. Clients use one; a few more tolerate reconnect races. Default 4. */
   maxStreamsPerConnection?: number
   now?: () => number
@@ -56,6 +62,7 @@ export interface ChunkServerStats {
   /** Chunk items received. */
   requests: number
   served: number
+  /** Bytes sent as chunk data (compressed where they travelled compressed). */
   bytesServed: number
   dontHave: number
   busy: number
@@ -72,6 +79,7 @@ type Registrar = Pick<Libp2p, 'handle' | 'unhandle'>
 
 interface StreamState {
   readonly stream: Stream
+  readonly remote: PeerId
   readonly peer: string
   /** Items in progress by id, so CANCEL can abort them. */
   readonly items: Map<number, AbortController>
@@ -91,6 +99,7 @@ export class ChunkServer {
 
   private readonly registrar: Registrar
   private readonly local: LocalChunks
+  private readonly members: SwarmMembers | undefined
   private readonly maxConcurrentPerPeer: number
   private readonly maxHolderPeers: number
   private readonly maxWaitMs: number
@@ -105,6 +114,7 @@ export class ChunkServer {
   constructor (registrar: Registrar, options: ChunkServerOptions) {
     this.registrar = registrar
     this.local = options.local
+    this.members = options.members
     this.maxConcurrentPerPeer = options.maxConcurrentPerPeer ?? 64
     this.maxHolderPeers = options.maxHolderPeers ?? 8
     this.maxWaitMs = options.maxWaitMs ?? 5000
@@ -127,7 +137,7 @@ export class ChunkServer {
   }
 
   private async serve (stream: Stream, connection: Connection): Promise<void> {
-    const state: StreamState = { stream, peer: connection.remotePeer.toString(), items: new Map(), work: new Set() }
+    const state: StreamState = { stream, remote: connection.remotePeer, peer: connection.remotePeer.toString(), items: new Map(), work: new Set() }
     const abandon = (): void => { for (const controller of state.items.values()) controller.abort(new Error('chunk stream ended')) }
     // 'close' means both directions are done or the connection died: nobody is left to answer.
     stream.addEventListener('close', abandon, { once: true })
@@ -170,6 +180,9 @@ export class ChunkServer {
       case 'have-query':
         this.track(state, this.answerHave(state, message.id, message.pack))
         break
+      case 'join':
+        for (const key of message.keys) this.members?.add(key, state.remote)
+        break
     }
   }
 
@@ -204,13 +217,16 @@ export class ChunkServer {
         await this.reply(state, item.id, 'dont-have')
         return
       }
-      if (!this.bucket.tryTake(found.length)) {
+      // On libuv's thread pool, at a fast level: a chunk compressed once per upload, not stored.
+      const wire = this.local.compressible?.(item.digest) === true ? await encodeChunkAsync(found, 'zstd', 1) : { codec: Codec.none, bytes: found }
+      if (signal.aborted) return
+      if (!this.bucket.tryTake(wire.bytes.length)) {
         await this.reply(state, item.id, 'busy')
         return
       }
       this.stats.served++
-      this.stats.bytesServed += found.length
-      await this.reply(state, item.id, 'data', found, signal)
+      this.stats.bytesServed += wire.bytes.length
+      await this.reply(state, item.id, 'data', wire.bytes, signal, wire.codec === Codec.zstd)
     } catch {
       if (!signal.aborted) await this.reply(state, item.id, 'dont-have')
     } finally {
@@ -240,11 +256,11 @@ export class ChunkServer {
     await this.send(state.stream, encodeHave(id, pack, ranges), this.stopping.signal)
   }
 
-  private async reply (state: StreamState, id: number, status: ChunkStatus, bytes?: Uint8Array, signal?: AbortSignal): Promise<void> {
+  private async reply (state: StreamState, id: number, status: ChunkStatus, bytes?: Uint8Array, signal?: AbortSignal, zstd = false): Promise<void> {
     if (status === 'busy') this.stats.busy++
     else if (status === 'dont-have') this.stats.dontHave++
     else if (status === 'pending') this.stats.pending++
-    await this.send(state.stream, encodeChunkReply(id, status, bytes), signal ?? this.stopping.signal)
+    await this.send(state.stream, encodeChunkReply(id, status, bytes, zstd), signal ?? this.stopping.signal)
   }
 
   /**

@@ -4,6 +4,7 @@ import { CID } from 'multiformats/cid'
 import { create as createMultihash } from 'multiformats/hashes/digest'
 import { digestToBytes, type Digest } from '../format/digest.ts'
 import { AnnounceError } from './errors.ts'
+import type { SwarmMembers } from './swarm-members.ts'
 import { abortable } from '../origin/limit.ts'
 
 /** Who else is in a pack's swarm: DHT provider records plus live availability. */
@@ -17,6 +18,8 @@ export interface PackRouter {
 export interface DhtPackRouterOptions {
   /** How long a finished lookup is fresh. After that the next caller still gets it at once while a new walk runs. Default 5000. */
   cacheTtlMs?: number
+  /** Members that told us directly (JOIN): part of every answer, and with any known a read does not wait for a walk. */
+  members?: SwarmMembers
   /** Deadline of one findProviders walk; what was found by then is the answer. Default 5000. */
   lookupTimeoutMs?: number
   /** Deadline of one provide. Default 15000. */
@@ -36,6 +39,9 @@ export interface DhtPackRouterStats {
 }
 
 type Routing = Pick<Libp2p, 'peerId' | 'contentRouting'>
+
+/** How long a walk that found nobody is reused. */
+const EMPTY_ANSWER_TTL_MS = 1000
 
 /** raw binary: a pack is an opaque blob */
 const RAW_CODEC = 0x55
@@ -70,6 +76,7 @@ export class DhtPackRouter implements PackRouter {
   private readonly provideTimeoutMs: number
   private readonly retryAnnounceMs: number
   private readonly now: () => number
+  private readonly members: SwarmMembers | undefined
   private readonly held = new Map<Digest, Announcement>()
   private readonly lookups = new Map<Digest, Lookup>()
   private readonly stopping = new AbortController()
@@ -81,6 +88,7 @@ export class DhtPackRouter implements PackRouter {
     this.provideTimeoutMs = options.provideTimeoutMs ?? 15_000
     this.retryAnnounceMs = options.retryAnnounceMs ?? 30_000
     this.now = options.now ?? Date.now
+    this.members = options.members
   }
 
   /**
@@ -116,14 +124,27 @@ export class DhtPackRouter implements PackRouter {
 
   async * holders (pack: Digest, options: { signal: AbortSignal }): AsyncIterable<PeerId> {
     const lookup = this.lookup(pack)
-    if (!lookup.done && lookup.previous !== undefined) {
-      // Stale-while-revalidate: a read must not wait for a walk when the last answer is seconds old.
-      yield * lookup.previous
+    const seen = new Set<string>()
+    const fresh = function * (peers: Iterable<PeerId>): Iterable<PeerId> {
+      for (const peer of peers) {
+        const id = peer.toString()
+        if (!seen.has(id)) {
+          seen.add(id)
+          yield peer
+        }
+      }
+    }
+    const heard = this.members?.of(pack) ?? []
+    yield * fresh(heard)
+    if (!lookup.done && (lookup.previous !== undefined || heard.length > 0)) {
+      // Stale-while-revalidate: a read does not wait for a walk when it has an answer already,
+      // the last walk's or the members that told us directly.
+      yield * fresh(lookup.previous ?? [...lookup.found])
       return
     }
     let next = 0
     while (true) {
-      while (next < lookup.found.length) yield lookup.found[next++]!
+      while (next < lookup.found.length) yield * fresh([lookup.found[next++]!])
       if (lookup.done) return
       await lookup.changed(options.signal)
     }
@@ -179,7 +200,8 @@ export class DhtPackRouter implements PackRouter {
     } catch {
       // Deadline or no peers: the providers found so far are the answer until the cache expires.
     } finally {
-      lookup.finish(this.now() + this.cacheTtlMs)
+      // An empty answer is retried sooner: in a burst the others' records may be a moment away.
+      lookup.finish(this.now() + (lookup.found.length > 0 ? this.cacheTtlMs : Math.min(this.cacheTtlMs, EMPTY_ANSWER_TTL_MS)))
     }
   }
 }

@@ -4,7 +4,7 @@ import { Uint8ArrayList } from 'uint8arraylist'
 import { sha256, type Digest } from '../../src/format/digest.ts'
 import {
   MAX_BATCH, MAX_CLIENT_FRAME, decodeClientMessage, decodeServerMessage, encodeCancel, encodeChunkReply, encodeHave,
-  encodeHaveQuery, encodeWant, frameDecoder, normalizeRanges, rangesCover, type WantItem
+  encodeHaveQuery, encodeJoin, encodeWant, frameDecoder, normalizeRanges, rangesCover, type WantItem
 } from '../../src/p2p/chunk-protocol.ts'
 import { ProtocolViolationError } from '../../src/p2p/errors.ts'
 import { TokenBucket } from '../../src/p2p/token-bucket.ts'
@@ -23,22 +23,28 @@ test('wire: WANT, CANCEL and HAVE? round-trip through framing', async () => {
   const items: WantItem[] = Array.from({ length: MAX_BATCH }, (_, i) => ({
     id: 0xfffffff0 + (i % 16), digest: digest(`c${i}`), length: i * 1000, fetch: i % 2 === 0, waitMs: i * 100
   }))
-  const wire = Buffer.concat([encodeWant(items), encodeCancel(7), encodeHaveQuery(9, digest('pack'))])
+  const keys = Array.from({ length: MAX_BATCH }, (_, i) => digest(`key ${i}`))
+  const wire = Buffer.concat([encodeWant(items), encodeCancel(7), encodeHaveQuery(9, digest('pack')), encodeJoin(keys)])
   // split at awkward places: frames must reassemble
   const pieces = [wire.subarray(0, 3), wire.subarray(3, 1000), wire.subarray(1000)]
   const bodies = await frames(pieces, MAX_CLIENT_FRAME)
-  assert.equal(bodies.length, 3)
+  assert.equal(bodies.length, 4)
   assert.equal(encodeWant(items).length - 4, MAX_CLIENT_FRAME, 'a full batch is exactly the server frame limit')
   assert.deepEqual(decodeClientMessage(bodies[0]!), { type: 'want', items })
   assert.deepEqual(decodeClientMessage(bodies[1]!), { type: 'cancel', id: 7 })
   assert.deepEqual(decodeClientMessage(bodies[2]!), { type: 'have-query', id: 9, pack: digest('pack') })
+  assert.deepEqual(decodeClientMessage(bodies[3]!), { type: 'join', keys })
+  assert.ok(encodeJoin(keys).length - 4 <= MAX_CLIENT_FRAME)
+  assert.throws(() => encodeJoin([]), RangeError)
 })
 
 test('wire: CHUNK and HAVE round-trip; ranges are normalised', async () => {
   const body = new Uint8Array(100_000).fill(7)
   const reply = encodeChunkReply(42, 'data', body)
   const [data] = await frames([reply.subarray()], 200_000)
-  assert.deepEqual(decodeServerMessage(data!), { type: 'chunk', id: 42, status: 'data', bytes: body })
+  assert.deepEqual(decodeServerMessage(data!), { type: 'chunk', id: 42, status: 'data', bytes: body, zstd: false })
+  const [packed] = await frames([encodeChunkReply(43, 'data', body, true).subarray()], 200_000)
+  assert.deepEqual(decodeServerMessage(packed!), { type: 'chunk', id: 43, status: 'data', bytes: body, zstd: true })
   for (const status of ['dont-have', 'busy', 'pending'] as const) {
     const [f] = await frames([encodeChunkReply(1, status).subarray()], 100)
     assert.deepEqual(decodeServerMessage(f!), { type: 'chunk', id: 1, status })
@@ -58,6 +64,8 @@ test('wire: hostile frames are protocol violations', async () => {
     assert.throws(() => decodeClientMessage(new Uint8Array(bytes)), (err: unknown) => err instanceof ProtocolViolationError && pattern.test(err.message))
   }
   reject([0x01, 0], /WANT of 0 items/)
+  reject([0x04, 0], /JOIN of 0 keys/)
+  reject([0x04, 1, 1, 2, 3], /frame ends inside JOIN key/)
   reject([0x01, MAX_BATCH + 1], /WANT of 65 items/)
   reject([0x01, 1, 0, 0], /ends inside WANT id/)
   reject([0x02, 0, 0, 0, 1, 99], /stray bytes after CANCEL/)

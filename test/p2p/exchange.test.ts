@@ -1,10 +1,15 @@
 import assert from 'node:assert/strict'
+import { randomBytes } from 'node:crypto'
 import { after, test } from 'node:test'
+import { zstdCompressSync } from 'node:zlib'
+import { messageStreamToDuplex } from '@libp2p/utils'
+import { pipe } from 'it-pipe'
 import { sha256 } from '../../src/format/digest.ts'
 import { sleep } from '../../src/origin/limit.ts'
 import { ChunkClient } from '../../src/p2p/chunk-client.ts'
-import { CHUNK_PROTOCOL, MAX_CHUNK_BYTES } from '../../src/p2p/chunk-protocol.ts'
+import { CHUNK_PROTOCOL, MAX_CHUNK_BYTES, MAX_CLIENT_FRAME, decodeClientMessage, encodeChunkReply, frameDecoder } from '../../src/p2p/chunk-protocol.ts'
 import { ChunkServer } from '../../src/p2p/chunk-server.ts'
+import { ProtocolViolationError } from '../../src/p2p/errors.ts'
 import type { PeerNode } from '../../src/p2p/node.ts'
 import { MemoryChunks, makePack, startNodes, waitFor } from './helpers.ts'
 
@@ -82,6 +87,44 @@ test('exchange: holder requests from more than maxHolderPeers peers are busy; pa
   assert.deepEqual([served, refused], [2, 1], `per requester: ${JSON.stringify(holder)}`)
   assert.ok((await ask(true)).every(statuses => statuses.every(s => s === 'data')))
   for (const client of clients) client.close()
+})
+
+test('exchange: chunks stored compressed travel as zstd and arrive byte-exact; incompressible ones travel raw', async () => {
+  const [a, b] = await startNodes(2)
+  const text = Buffer.from('shoal '.repeat(100_000)) // compresses well
+  const noise = randomBytes(300_000) // does not
+  const { chunks } = makePack([text.length, noise.length], i => i === 0 ? text : noise)
+  const local = new MemoryChunks().add(...chunks)
+  local.compressible = () => true
+  const server = await serve(b!, local)
+  const client = new ChunkClient(a!.libp2p)
+  const [compressed, raw] = await Promise.all(chunks.map(async c => await client.want(b!.peerId, c.ref, { ...want, signal: AbortSignal.timeout(10_000) })))
+  assert.ok(compressed!.status === 'data' && Buffer.from(compressed!.bytes).equals(text))
+  assert.ok(raw!.status === 'data' && Buffer.from(raw!.bytes).equals(noise))
+  assert.ok(server.stats.bytesServed < noise.length + text.length / 10, `${server.stats.bytesServed} bytes on the wire for ${text.length + noise.length}`)
+  assert.ok(server.stats.bytesServed >= noise.length)
+  client.close()
+})
+
+test('exchange: a zstd frame that does not decode, or decodes past the asked length, is a protocol violation', async () => {
+  const [a, b] = await startNodes(2)
+  const { chunks } = makePack([1000])
+  const bomb = zstdCompressSync(Buffer.alloc(10_000))
+  await b!.libp2p.handle(CHUNK_PROTOCOL, async stream => {
+    let n = 0
+    await pipe(messageStreamToDuplex(stream).source, frameDecoder(MAX_CLIENT_FRAME), async frames => {
+      for await (const frame of frames) {
+        const message = decodeClientMessage(frame)
+        if (message.type !== 'want') continue
+        for (const item of message.items) stream.send(encodeChunkReply(item.id, 'data', n++ === 0 ? randomBytes(500) : bomb, true))
+      }
+    }).catch(() => {})
+  })
+  const client = new ChunkClient(a!.libp2p)
+  for (let i = 0; i < 2; i++) {
+    await assert.rejects(client.want(b!.peerId, chunks[0]!.ref, { ...want, signal: AbortSignal.timeout(10_000) }), (err: unknown) => err instanceof ProtocolViolationError)
+  }
+  client.close()
 })
 
 test('exchange: the upload token bucket answers busy beyond the byte rate', async () => {

@@ -73,6 +73,7 @@ export function seededPack (seed: string, count: number, size: number): { pack: 
 export class MemoryChunks implements LocalChunks {
   readonly chunks = new Map<Digest, TestChunk>()
   fetch: ((digest: Digest, signal: AbortSignal) => Promise<Uint8Array | undefined>) | undefined
+  compressible: ((digest: Digest) => boolean) | undefined
   /** Makes every get wait first (a slow disk, or a peer about to die). */
   delayMs = 0
   gets = 0

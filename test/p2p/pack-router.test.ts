@@ -4,8 +4,11 @@ import type { PeerId } from '@libp2p/interface'
 import { sha256 } from '../../src/format/digest.ts'
 import { sleep } from '../../src/origin/limit.ts'
 import { AnnounceError } from '../../src/p2p/errors.ts'
+import { ChunkClient } from '../../src/p2p/chunk-client.ts'
+import { ChunkServer } from '../../src/p2p/chunk-server.ts'
 import { DhtPackRouter, packCid } from '../../src/p2p/pack-router.ts'
-import { startNode, startNodes, waitFor } from './helpers.ts'
+import { SwarmMembers } from '../../src/p2p/swarm-members.ts'
+import { MemoryChunks, startNode, startNodes, waitFor } from './helpers.ts'
 
 async function collect (peers: AsyncIterable<PeerId>): Promise<string[]> {
   const out: string[] = []
@@ -77,6 +80,25 @@ test('pack router: an expired lookup answers at once with the last result while 
     return seen.length === 2 ? true : undefined
   })
   for (const r of [router, first, second]) r.stop()
+})
+
+test('pack router: peers that JOINed a swarm are in the answer at once, before any DHT record exists', async () => {
+  const [a, b, c] = await startNodes(3)
+  const members = new SwarmMembers()
+  const server = new ChunkServer(b!.libp2p, { local: new MemoryChunks(), members })
+  await server.start()
+  const key = sha256(Buffer.from('joined, not provided'))
+  const clients = [a!, c!].map(n => new ChunkClient(n.libp2p))
+  for (const client of clients) client.join(b!.peerId, [key])
+  await waitFor('both JOINs to arrive', () => members.of(key).length === 2 ? true : undefined)
+  const router = new DhtPackRouter(b!.libp2p, { members })
+  // An aborted signal: the answer must need no waiting for the (empty) walk.
+  assert.deepEqual(await collect(router.holders(key, { signal: AbortSignal.abort() })), [a!.peerId.toString(), c!.peerId.toString()].sort())
+  members.forgetPeer(a!.peerId) // what the agent does on peer:disconnect
+  assert.deepEqual(members.of(key).map(p => p.toString()), [c!.peerId.toString()])
+  for (const client of clients) client.close()
+  router.stop()
+  await server.stop()
 })
 
 test('pack router: announcing with no peers fails within its deadline, and the caller\'s signal is honoured', async () => {

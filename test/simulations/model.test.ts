@@ -5,7 +5,7 @@ import { describe, it } from 'node:test'
 import { makeCpu } from '../../simulations/lib/cpu.ts'
 import { EventQueue, Simulator } from '../../simulations/lib/des.ts'
 import { Link, Transfer } from '../../simulations/lib/links.ts'
-import { simulate, type ModelMode } from '../../simulations/lib/model-world.ts'
+import { simulate, type ModelMode, type PolicyDiagnostics } from '../../simulations/lib/model-world.ts'
 import { syntheticProfile } from '../../simulations/lib/profile.ts'
 import { writeReport } from '../../simulations/lib/report.ts'
 import { parseScenario, type Scenario } from '../../simulations/lib/scenario.ts'
@@ -21,6 +21,12 @@ function scenario (overrides: Record<string, unknown>): Scenario {
 
 async function run (s: Scenario, mode: ModelMode): Promise<Awaited<ReturnType<typeof simulate>>['result']> {
   return (await simulate({ scenario: s, profile, mode })).result
+}
+
+async function diagnose (s: Scenario): Promise<PolicyDiagnostics> {
+  const { diagnostics } = await simulate({ scenario: s, profile, mode: 'peers' })
+  assert.ok(diagnostics !== undefined)
+  return diagnostics
 }
 
 describe('model: discrete-event core', () => {
@@ -63,7 +69,7 @@ describe('model: discrete-event core', () => {
   })
 })
 
-describe('model: 200 nodes driving the real rendezvous code', () => {
+describe('model: 200 nodes, each running the real PeerChunkSource', () => {
   it('with peers, every node finishes within the bound and the origin sends fewer bytes than without', async () => {
     const s = scenario({})
     const peers = await run(s, 'peers')
@@ -77,12 +83,27 @@ describe('model: 200 nodes driving the real rendezvous code', () => {
     assert.equal(baseline.origin.packBytes, 200 * uniquePackBytes, 'without peers every node pulls every chunk itself')
   })
 
-  it('once the swarm is known (arrivals 1 s apart), each chunk leaves the origin about once: the owners fetch, everyone else asks them', async () => {
+  it('once the swarm is known (arrivals 1 s apart), each chunk leaves the origin about once: its root fetches it, everyone else gets it down the tree', async () => {
     const peers = await run(scenario({ nodes: 50, arrival: { type: 'staggered', intervalMs: 1000 } }), 'peers')
     assert.ok(peers.nodes.every(n => n.outcome === 'ok'))
     assert.ok(peers.origin.packBytes <= 1.1 * uniquePackBytes, `origin sent ${peers.origin.packBytes} pack bytes for ${uniquePackBytes} unique`)
     const uploaders = peers.nodes.filter(n => n.uploadBytes > 0).length
     assert.ok(uploaders > 10, `only ${uploaders} nodes uploaded: the load is not spread`)
+  })
+
+  it('chunks travel down distribution trees: parents fetch for their children, and most copies are more than one hop from the origin', async () => {
+    const d = await diagnose(scenario({}))
+    assert.ok(d.source.parentRequests > 0 && d.server.parentRequests > 0, JSON.stringify(d.source))
+    const h = d.depth.histogram
+    const total = h.reduce((a, n) => a + n, 0)
+    assert.ok(total > 0 && (h[1] ?? 0) < total / 2, `depths ${JSON.stringify(h)}`)
+    assert.ok(d.depth.max >= 3, `depths ${JSON.stringify(h)}`)
+  })
+
+  it('once a swarm\'s first walk is done, reads get the last answer at once while a stale one is refreshed (DhtPackRouter\'s stale-while-revalidate)', async () => {
+    const d = await diagnose(scenario({ nodes: 30, model: { workloadCpuMs: 200, lookupCacheMs: 100 } }))
+    assert.ok(d.dht.staleAnswers > 0, JSON.stringify(d.dht))
+    assert.ok(d.dht.walks > 30 * 3, `${d.dht.walks} walks: each node walks each key it uses more than once`)
   })
 
   it('kill -9 of 30 % mid-burst: the killed are reported as such, every other node finishes', async () => {
@@ -102,6 +123,15 @@ describe('model: 200 nodes driving the real rendezvous code', () => {
     const s = scenario({ nodes: 20, faults: { originOutage: { fromMs: 0, toMs: 60_000 } } })
     const r = await run(s, 'baseline')
     assert.ok(r.nodes.every(n => n.outcome === 'failed' && n.completionMs! < s.timeouts.runMs), JSON.stringify(r.nodes[0]))
+  })
+
+  it('an origin attempt that keeps receiving bytes is not cut off after 10 s: 20 nodes share an 8 Mbit/s origin for minutes, with no retries', async () => {
+    const s = scenario({ nodes: 20, origin: { mbit: 8, latencyMs: 1 }, timeouts: { chunkMs: 600_000, runMs: 900_000 } })
+    const r = await run(s, 'baseline')
+    assert.ok(r.nodes.every(n => n.outcome === 'ok'), JSON.stringify(r.nodes.find(n => n.outcome !== 'ok')))
+    assert.ok(Math.max(...r.nodes.map(n => n.completionMs!)) > 60_000)
+    const fetches = 20 * (profile.chunks.length + profile.catalogs.length + profile.metadata.requests)
+    assert.equal(r.origin.requests, fetches, 'every fetch took exactly one attempt')
   })
 
   it('writes results.json, summary.md and charts that parse', async () => {
