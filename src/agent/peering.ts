@@ -1,4 +1,6 @@
 import type { PeerId } from '@libp2p/interface'
+import { peerIdFromString } from '@libp2p/peer-id'
+import { multiaddr } from '@multiformats/multiaddr'
 import type { DiskCache } from '../cache/disk-cache.ts'
 import type { ChunkSource } from '../fetch/chunk-source.ts'
 import type { Logger } from '../fetch/log.ts'
@@ -48,16 +50,13 @@ export class Peering {
   private readonly announced = new Set<Digest>()
   /** Pack (or whole blob) → the DHT key its swarm announces under. */
   private readonly swarmKeys: Map<Digest, Digest>
-  private readonly members: SwarmMembers
   private readonly lifetime = new AbortController()
   private readonly log: Logger
 
-  private constructor (parts: { node: PeerNode, peers: PeerChunkSource, server: ChunkServer, router: DhtPackRouter, client: ChunkClient, swarmKeys: Map<Digest, Digest>, members: SwarmMembers }, log: Logger) {
+  private constructor (parts: { node: PeerNode, peers: PeerChunkSource, server: ChunkServer, router: DhtPackRouter, client: ChunkClient, swarmKeys: Map<Digest, Digest> }, log: Logger) {
     this.node = parts.node
     this.swarmKeys = parts.swarmKeys
-    this.members = parts.members
     this.node.libp2p.addEventListener('peer:connect', this.onConnect)
-    this.node.libp2p.addEventListener('peer:disconnect', this.onDisconnect)
     this.peers = parts.peers
     this.server = parts.server
     this.router = parts.router
@@ -99,17 +98,13 @@ export class Peering {
       added.push(key)
       this.router.announce(key, { signal: this.lifetime.signal }).catch((err: Error) => this.log.debug({ key, err: err.message }, 'announce failed (retried while held)'))
     }
-    // The peers we are connected to hear it at once (JOIN); the DHT record reaches the rest.
-    if (added.length > 0) for (const peer of this.node.connectedPeers()) this.client.join(peer, added)
+    // The peers we are connected to hear it at once (JOIN) and pass it on; the DHT record reaches the rest.
+    if (added.length > 0) for (const peer of this.node.connectedPeers()) this.client.join(peer, added, this.node.multiaddrs())
   }
 
   /** A new connection hears every swarm we are in. */
   private readonly onConnect = (event: CustomEvent<PeerId>): void => {
-    if (this.announced.size > 0) this.client.join(event.detail, [...this.announced])
-  }
-
-  private readonly onDisconnect = (event: CustomEvent<PeerId>): void => {
-    this.members.forgetPeer(event.detail)
+    if (this.announced.size > 0) this.client.join(event.detail, [...this.announced], this.node.multiaddrs())
   }
 
   /**
@@ -156,7 +151,23 @@ export class Peering {
     const server = new ChunkServer(node.libp2p, { local, members, ...(config.p2p.uploadBytesPerSecond !== undefined ? { uploadBytesPerSecond: config.p2p.uploadBytesPerSecond } : {}) })
     await server.start()
     const router = new DhtPackRouter(node.libp2p, { members })
-    const client = new ChunkClient(node.libp2p)
+    const self = node.peerId.toString()
+    const client = new ChunkClient(node.libp2p, {
+      // Members a peer passed on: remember where they listen, so that asking one dials it.
+      onMembers: (key, heard) => {
+        for (const member of heard) {
+          if (member.id === self) continue
+          try {
+            const peer = peerIdFromString(member.id)
+            const multiaddrs = member.addresses.flatMap(a => { try { return [multiaddr(a)] } catch { return [] } })
+            if (multiaddrs.length > 0) void node.libp2p.peerStore.merge(peer, { multiaddrs }).catch(() => {})
+            members.add(key, peer, member.addresses)
+          } catch {
+            // not a peer id: ignore the entry
+          }
+        }
+      }
+    })
     const swarmKeys = new Map<Digest, Digest>()
     const peers = new PeerChunkSource({
       self: node.peerId,
@@ -166,7 +177,7 @@ export class Peering {
       swarmOf: pack => swarmKeys.get(pack) ?? pack
     })
     deps.log.info({ peerId: node.peerId.toString(), multiaddrs: node.multiaddrs() }, 'peer node started')
-    return new Peering({ node, peers, server, router, client, swarmKeys, members }, deps.log)
+    return new Peering({ node, peers, server, router, client, swarmKeys }, deps.log)
   }
 
   stats (): PeeringStats {
@@ -182,7 +193,6 @@ export class Peering {
 
   async stop (): Promise<void> {
     this.node.libp2p.removeEventListener('peer:connect', this.onConnect)
-    this.node.libp2p.removeEventListener('peer:disconnect', this.onDisconnect)
     this.lifetime.abort()
     this.router.stop()
     this.client.close()

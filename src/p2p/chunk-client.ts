@@ -8,11 +8,13 @@ import type { Uint8ArrayList } from 'uint8arraylist'
 import type { Digest } from '../format/digest.ts'
 import {
   CHUNK_PROTOCOL, MAX_BATCH, MAX_CHUNK_BYTES, MAX_SERVER_FRAME, decodeServerMessage, encodeCancel, encodeHaveQuery, encodeJoin, encodeWant, frameDecoder,
-  normalizeRanges, type ByteRange, type ServerMessage, type WantItem
+  MAX_JOIN_KEYS, normalizeRanges, type ByteRange, type ServerMessage, type SwarmMember, type WantItem
 } from './chunk-protocol.ts'
 import { PeerUnavailableError, ProtocolViolationError } from './errors.ts'
 
 const zstdDecompressAsync = promisify(zstdDecompress)
+
+type MembersHandler = (key: Digest, members: SwarmMember[], from: PeerId) => void
 
 export type ChunkReply =
   | { status: 'data', bytes: Uint8Array }
@@ -38,6 +40,8 @@ export interface ChunkClientOptions {
   dialTimeoutMs?: number
   /** Most unanswered wants per peer; more wait here. Keep it below the servers' per-peer cap. Default 32. */
   window?: number
+  /** Swarm members a peer told us about (answering our JOIN, or pushing a newcomer). Default: ignored. */
+  onMembers?: (key: Digest, members: SwarmMember[], from: PeerId) => void
 }
 
 export interface ChunkClientStats {
@@ -65,10 +69,12 @@ export class ChunkClient implements ChunkRequester {
   private readonly dialer: Dialer
   private readonly dialTimeoutMs: number
   private readonly window: number
+  private readonly onMembers: MembersHandler
   private readonly sessions = new Map<string, Session>()
 
   constructor (dialer: Dialer, options: ChunkClientOptions = {}) {
     this.dialer = dialer
+    this.onMembers = options.onMembers ?? (() => {})
     this.dialTimeoutMs = options.dialTimeoutMs ?? 2000
     this.window = options.window ?? 32
   }
@@ -82,9 +88,12 @@ export class ChunkClient implements ChunkRequester {
     return this.session(peer).have(pack, options.signal)
   }
 
-  /** Tells the peer we joined these swarms (fire and forget: a lost JOIN only means the DHT finds us later). */
-  join (peer: PeerId, keys: readonly Digest[]): void {
-    this.session(peer).join(keys)
+  /**
+   * Tells the peer we joined these swarms and where we listen (fire and forget: a
+   * lost JOIN only means the DHT finds us later). Its MEMBERS answers go to `onMembers`.
+   */
+  join (peer: PeerId, keys: readonly Digest[], addresses: readonly string[]): void {
+    this.session(peer).join(keys, addresses)
   }
 
   /** Drops the session and the connection (used when a peer is banned). */
@@ -106,6 +115,7 @@ export class ChunkClient implements ChunkRequester {
         dialTimeoutMs: this.dialTimeoutMs,
         window: this.window,
         stats: this.stats,
+        onMembers: this.onMembers,
         // A session is single-use: when its stream ends it removes itself and the next want dials afresh.
         onEnd: () => { if (this.sessions.get(key) === session) this.sessions.delete(key) }
       })
@@ -130,6 +140,7 @@ class Session {
   private readonly window: number
   private readonly stats: ChunkClientStats
   private readonly onEnd: () => void
+  private readonly onMembers: MembersHandler
   private readonly waiting = new Map<number, Waiting>()
   private queue: WantItem[] = []
   /** Wants sent and not yet answered or cancelled. */
@@ -139,8 +150,9 @@ class Session {
   private stream: Promise<Stream> | undefined
   private failure: Error | undefined
 
-  constructor (peer: PeerId, dialer: Dialer, options: { dialTimeoutMs: number, window: number, stats: ChunkClientStats, onEnd: () => void }) {
+  constructor (peer: PeerId, dialer: Dialer, options: { dialTimeoutMs: number, window: number, stats: ChunkClientStats, onMembers: MembersHandler, onEnd: () => void }) {
     this.peer = peer
+    this.onMembers = options.onMembers
     this.dialer = dialer
     this.dialTimeoutMs = options.dialTimeoutMs
     this.window = options.window
@@ -169,11 +181,11 @@ class Session {
     }
   }
 
-  join (keys: readonly Digest[]): void {
+  join (keys: readonly Digest[], addresses: readonly string[]): void {
     if (this.failure !== undefined) return
-    for (let i = 0; i < keys.length; i += MAX_BATCH) {
-      const batch = keys.slice(i, i + MAX_BATCH)
-      void this.write(() => encodeJoin(batch))
+    for (let i = 0; i < keys.length; i += MAX_JOIN_KEYS) {
+      const batch = keys.slice(i, i + MAX_JOIN_KEYS)
+      void this.write(() => encodeJoin(batch, addresses))
     }
   }
 
@@ -304,6 +316,10 @@ class Session {
   }
 
   private deliver (message: ServerMessage): void {
+    if (message.type === 'members') {
+      this.onMembers(message.key, message.members, this.peer)
+      return
+    }
     const waiting = this.waiting.get(message.id)
     // An unknown id is an answer to something we cancelled: the race is legitimate, the bytes are dropped.
     if (waiting === undefined) return

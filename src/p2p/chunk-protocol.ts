@@ -19,14 +19,21 @@ import { ProtocolViolationError } from './errors.ts'
  *                      the server may hold the request while that fetch runs)
  *   0x02 CANCEL      u32 id (the requester no longer needs it, e.g. a hedge won)
  *   0x03 HAVE?       u32 id, 32 B pack digest
- *   0x04 JOIN        u8 count (1..64), then count × 32 B swarm key: "I want
- *                      (and will hold) what is announced under these keys";
- *                      no answer. A burst's nodes learn each other from these
- *                      at once, before their DHT provider records are out.
+ *   0x04 JOIN        u8 count (1..32), then count × 32 B swarm key: "I want
+ *                      (and will hold) what is announced under these keys",
+ *                      then u8 count (0..4) × address (u16 length, UTF-8
+ *                      multiaddr) where the sender listens. The server
+ *                      answers with MEMBERS for each key and passes the new
+ *                      member on to a few members it knows (peer exchange), so
+ *                      a burst's nodes learn each other in milliseconds, before
+ *                      their DHT provider records are out.
  * Server → client
  *   0x81 CHUNK       u32 id, u8 status (0 data, 1 dont-have, 2 busy, 3 pending,
  *                      4 data compressed), then, for data, the chunk's bytes
  *                      (status 4: one zstd frame of them)
+ *   0x83 MEMBERS     32 B swarm key, u8 count (0..32), then count × member:
+ *                      u8 length + UTF-8 peer id, u8 count (0..4) × address
+ *                      (u16 length, UTF-8 multiaddr). Unsolicited pushes too.
  *   0x82 HAVE        u32 id, 32 B pack digest, u32 count, then count ×
  *                      (LEB128 gap from the previous range's end, LEB128 length)
  *
@@ -65,6 +72,16 @@ const HAVE_QUERY = 0x03
 const JOIN = 0x04
 const CHUNK = 0x81
 const HAVE = 0x82
+const MEMBERS = 0x83
+
+/** Keys in one JOIN. */
+export const MAX_JOIN_KEYS = 32
+/** Members in one MEMBERS message. */
+export const MAX_MEMBERS = 32
+/** Addresses per member (and in a JOIN). */
+export const MAX_ADDRESSES = 4
+/** Longest address accepted. */
+export const MAX_ADDRESS_BYTES = 200
 
 const WANT_ITEM_BYTES = 4 + 32 + 4 + 1 + 2
 const FLAG_FETCH = 0x01
@@ -96,12 +113,16 @@ export type ClientMessage =
   | { type: 'want', items: WantItem[] }
   | { type: 'cancel', id: number }
   | { type: 'have-query', id: number, pack: Digest }
-  | { type: 'join', keys: Digest[] }
+  | { type: 'join', keys: Digest[], addresses: string[] }
 
 export type ServerMessage =
   | { type: 'chunk', id: number, status: 'data', bytes: Uint8Array, zstd: boolean }
   | { type: 'chunk', id: number, status: Exclude<ChunkStatus, 'data'> }
   | { type: 'have', id: number, pack: Digest, ranges: ByteRange[] }
+  | { type: 'members', key: Digest, members: SwarmMember[] }
+
+/** A swarm member as peers pass it on: its peer id and where it listens. */
+export interface SwarmMember { id: string, addresses: string[] }
 
 // --- encoding ---------------------------------------------------------------
 
@@ -146,13 +167,39 @@ export function encodeCancel (id: number): Uint8Array {
   return frame(body)
 }
 
-export function encodeJoin (keys: readonly Digest[]): Uint8Array {
-  if (keys.length < 1 || keys.length > MAX_BATCH) throw new RangeError(`a JOIN carries 1..${MAX_BATCH} keys, not ${keys.length}`)
-  const body = new Uint8Array(2 + keys.length * 32)
-  body[0] = JOIN
-  body[1] = keys.length
-  keys.forEach((key, i) => body.set(digestToBytes(key), 2 + i * 32))
-  return frame(body)
+export function encodeJoin (keys: readonly Digest[], addresses: readonly string[]): Uint8Array {
+  if (keys.length < 1 || keys.length > MAX_JOIN_KEYS) throw new RangeError(`a JOIN carries 1..${MAX_JOIN_KEYS} keys, not ${keys.length}`)
+  const parts: Uint8Array[] = [Uint8Array.of(JOIN, keys.length), ...keys.map(digestToBytes), ...encodeAddresses(addresses)]
+  return frame(concat(parts))
+}
+
+/** Pushes or answers the members of a swarm this node knows (at most MAX_MEMBERS, extra ones dropped). */
+export function encodeMembers (key: Digest, members: readonly SwarmMember[]): Uint8Array {
+  const kept = members.filter(m => Buffer.byteLength(m.id) <= 255).slice(0, MAX_MEMBERS)
+  const parts: Uint8Array[] = [Uint8Array.of(MEMBERS), digestToBytes(key), Uint8Array.of(kept.length)]
+  for (const member of kept) {
+    const id = Buffer.from(member.id)
+    parts.push(Uint8Array.of(id.length), id, ...encodeAddresses(member.addresses))
+  }
+  return frame(concat(parts))
+}
+
+/** u8 count, then (u16 length, UTF-8) each; addresses over the limits are left out. */
+function encodeAddresses (addresses: readonly string[]): Uint8Array[] {
+  const kept = addresses.map(a => Buffer.from(a)).filter(a => a.length <= MAX_ADDRESS_BYTES).slice(0, MAX_ADDRESSES)
+  const out: Uint8Array[] = [Uint8Array.of(kept.length)]
+  for (const a of kept) out.push(Uint8Array.of(a.length >> 8, a.length & 0xff), a)
+  return out
+}
+
+function concat (parts: readonly Uint8Array[]): Uint8Array {
+  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0))
+  let at = 0
+  for (const p of parts) {
+    out.set(p, at)
+    at += p.length
+  }
+  return out
 }
 
 export function encodeHaveQuery (id: number, pack: Digest): Uint8Array {
@@ -224,6 +271,25 @@ class Reader {
   u16 (what: string): number { this.need(2, what); const v = this.view.getUint16(this.at); this.at += 2; return v }
   u32 (what: string): number { this.need(4, what); const v = this.view.getUint32(this.at); this.at += 4; return v }
   digest (what: string): Digest { this.need(32, what); const d = digestFromHex(this.bytes.subarray(this.at, this.at + 32)); this.at += 32; return d }
+  utf8 (length: number, what: string): string {
+    this.need(length, what)
+    const text = Buffer.from(this.bytes.buffer, this.bytes.byteOffset + this.at, length).toString('utf8')
+    this.at += length
+    return text
+  }
+
+  addresses (what: string): string[] {
+    const count = this.u8(`${what} address count`)
+    if (count > MAX_ADDRESSES) throw new ProtocolViolationError(`${what} with ${count} addresses (limit ${MAX_ADDRESSES})`)
+    const out: string[] = []
+    for (let i = 0; i < count; i++) {
+      const length = this.u16(`${what} address length`)
+      if (length > MAX_ADDRESS_BYTES) throw new ProtocolViolationError(`${what} address of ${length} bytes (limit ${MAX_ADDRESS_BYTES})`)
+      out.push(this.utf8(length, `${what} address`))
+    }
+    return out
+  }
+
   rest (): Uint8Array { const r = this.bytes.subarray(this.at); this.at = this.bytes.length; return r }
 
   leb128 (what: string): number {
@@ -284,11 +350,12 @@ export function decodeClientMessage (frame: Uint8Array | Uint8ArrayList): Client
     }
     case JOIN: {
       const count = r.u8('JOIN count')
-      if (count < 1 || count > MAX_BATCH) throw new ProtocolViolationError(`JOIN of ${count} keys (allowed 1..${MAX_BATCH})`)
+      if (count < 1 || count > MAX_JOIN_KEYS) throw new ProtocolViolationError(`JOIN of ${count} keys (allowed 1..${MAX_JOIN_KEYS})`)
       const keys: Digest[] = []
       for (let i = 0; i < count; i++) keys.push(r.digest('JOIN key'))
+      const addresses = r.addresses('JOIN')
       r.end('JOIN')
-      return { type: 'join', keys }
+      return { type: 'join', keys, addresses }
     }
     default:
       throw new ProtocolViolationError(`unknown client message type 0x${type.toString(16)}`)
@@ -326,6 +393,18 @@ export function decodeServerMessage (frame: Uint8Array | Uint8ArrayList): Server
       }
       r.end('HAVE')
       return { type: 'have', id, pack, ranges }
+    }
+    case MEMBERS: {
+      const key = r.digest('MEMBERS key')
+      const count = r.u8('MEMBERS count')
+      if (count > MAX_MEMBERS) throw new ProtocolViolationError(`MEMBERS with ${count} members (limit ${MAX_MEMBERS})`)
+      const members: SwarmMember[] = []
+      for (let i = 0; i < count; i++) {
+        const id = r.utf8(r.u8('MEMBERS id length'), 'MEMBERS id')
+        members.push({ id, addresses: r.addresses('MEMBERS') })
+      }
+      r.end('MEMBERS')
+      return { type: 'members', key, members }
     }
     default:
       throw new ProtocolViolationError(`unknown server message type 0x${type.toString(16)}`)

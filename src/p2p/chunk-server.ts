@@ -6,7 +6,7 @@ import type { Uint8ArrayList } from 'uint8arraylist'
 import { Codec, encodeChunkAsync } from '../format/codec.ts'
 import { sha256, type Digest } from '../format/digest.ts'
 import {
-  CHUNK_PROTOCOL, MAX_CLIENT_FRAME, decodeClientMessage, encodeChunkReply, encodeHave, frameDecoder,
+  CHUNK_PROTOCOL, MAX_CLIENT_FRAME, MAX_MEMBERS, decodeClientMessage, encodeChunkReply, encodeHave, encodeMembers, frameDecoder,
   type ByteRange, type ChunkStatus, type ClientMessage, type WantItem
 } from './chunk-protocol.ts'
 import { ProtocolViolationError } from './errors.ts'
@@ -77,6 +77,9 @@ export interface ChunkServerStats {
 
 type Registrar = Pick<Libp2p, 'handle' | 'unhandle'>
 
+/** Members told about each newcomer (the newcomer itself hears of up to MAX_MEMBERS). */
+const PASS_ON = 8
+
 interface StreamState {
   readonly stream: Stream
   readonly remote: PeerId
@@ -109,6 +112,8 @@ export class ChunkServer {
   /** Holder requests in progress, by peer. */
   private readonly holderActive = new Map<string, number>()
   private readonly streams = new Set<Stream>()
+  /** The stream each peer sent its JOIN on: where it hears about newcomers. */
+  private readonly joined = new Map<string, StreamState>()
   private readonly stopping = new AbortController()
 
   constructor (registrar: Registrar, options: ChunkServerOptions) {
@@ -163,6 +168,7 @@ export class ChunkServer {
       abandon()
       stream.removeEventListener('close', abandon)
       this.streams.delete(stream)
+      if (this.joined.get(state.peer) === state) this.joined.delete(state.peer)
     }
   }
 
@@ -181,8 +187,29 @@ export class ChunkServer {
         this.track(state, this.answerHave(state, message.id, message.pack))
         break
       case 'join':
-        for (const key of message.keys) this.members?.add(key, state.remote)
+        this.join(state, message.keys, message.addresses)
         break
+    }
+  }
+
+  /**
+   * Peer exchange: the joiner hears whom we know in each swarm, and a few of
+   * those hear of the joiner, on the streams they opened to us. With everyone
+   * bootstrapping from the same seeds, a burst's nodes learn each other within
+   * a round trip or two, however slow the DHT is.
+   */
+  private join (state: StreamState, keys: Digest[], addresses: string[]): void {
+    if (this.members === undefined) return
+    this.joined.set(state.peer, state)
+    const newcomer = [{ id: state.peer, addresses }]
+    for (const key of keys) {
+      const known = this.members.sample(key, MAX_MEMBERS, state.peer)
+      this.members.add(key, state.remote, addresses)
+      void this.send(state.stream, encodeMembers(key, known), this.stopping.signal)
+      for (const member of known.slice(0, PASS_ON)) {
+        const other = this.joined.get(member.id)
+        if (other !== undefined) void this.send(other.stream, encodeMembers(key, newcomer), this.stopping.signal)
+      }
     }
   }
 

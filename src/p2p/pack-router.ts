@@ -16,7 +16,12 @@ export interface PackRouter {
 }
 
 export interface DhtPackRouterOptions {
-  /** How long a finished lookup is fresh. After that the next caller still gets it at once while a new walk runs. Default 5000. */
+  /**
+   * How long a finished lookup is fresh. After that the next caller still gets it at
+   * once while a new walk runs. Walks cost every DHT node they touch CPU (a burst's
+   * agents spent most of theirs on them at 5 s), and members that join push
+   * themselves (JOIN), so this is long. Default 30000.
+   */
   cacheTtlMs?: number
   /** Members that told us directly (JOIN): part of every answer, and with any known a read does not wait for a walk. */
   members?: SwarmMembers
@@ -83,7 +88,7 @@ export class DhtPackRouter implements PackRouter {
 
   constructor (routing: Routing, options: DhtPackRouterOptions = {}) {
     this.routing = routing
-    this.cacheTtlMs = options.cacheTtlMs ?? 5000
+    this.cacheTtlMs = options.cacheTtlMs ?? 30_000
     this.lookupTimeoutMs = options.lookupTimeoutMs ?? 5000
     this.provideTimeoutMs = options.provideTimeoutMs ?? 15_000
     this.retryAnnounceMs = options.retryAnnounceMs ?? 30_000
@@ -123,7 +128,8 @@ export class DhtPackRouter implements PackRouter {
   }
 
   async * holders (pack: Digest, options: { signal: AbortSignal }): AsyncIterable<PeerId> {
-    const lookup = this.lookup(pack)
+    const heard = this.members?.of(pack) ?? []
+    const lookup = this.lookup(pack, heard.length > 0)
     const seen = new Set<string>()
     const fresh = function * (peers: Iterable<PeerId>): Iterable<PeerId> {
       for (const peer of peers) {
@@ -134,7 +140,6 @@ export class DhtPackRouter implements PackRouter {
         }
       }
     }
-    const heard = this.members?.of(pack) ?? []
     yield * fresh(heard)
     if (!lookup.done && (lookup.previous !== undefined || heard.length > 0)) {
       // Stale-while-revalidate: a read does not wait for a walk when it has an answer already,
@@ -177,9 +182,11 @@ export class DhtPackRouter implements PackRouter {
     }
   }
 
-  private lookup (pack: Digest): Lookup {
+  /** The pack's current walk, or a new one when the last is stale (an empty one soon, unless members told us of themselves). */
+  private lookup (pack: Digest, haveMembers: boolean): Lookup {
     const cached = this.lookups.get(pack)
-    if (cached !== undefined && cached.expires > this.now()) {
+    const expires = cached === undefined || cached.found.length > 0 || haveMembers ? cached?.expires : cached.emptyExpires
+    if (cached !== undefined && expires! > this.now()) {
       this.stats.lookupsShared++
       return cached
     }
@@ -201,7 +208,7 @@ export class DhtPackRouter implements PackRouter {
       // Deadline or no peers: the providers found so far are the answer until the cache expires.
     } finally {
       // An empty answer is retried sooner: in a burst the others' records may be a moment away.
-      lookup.finish(this.now() + (lookup.found.length > 0 ? this.cacheTtlMs : Math.min(this.cacheTtlMs, EMPTY_ANSWER_TTL_MS)))
+      lookup.finish(this.now() + this.cacheTtlMs, this.now() + Math.min(this.cacheTtlMs, EMPTY_ANSWER_TTL_MS))
     }
   }
 }
@@ -220,6 +227,8 @@ class Lookup {
   done = false
   /** Infinity while running: a running walk is always reused. */
   expires = Infinity
+  /** When an answer that found nobody goes stale. */
+  emptyExpires = Infinity
   private waiters: Array<() => void> = []
 
   constructor (previous?: readonly PeerId[]) {
@@ -232,9 +241,10 @@ class Lookup {
     this.notify()
   }
 
-  finish (expires: number): void {
+  finish (expires: number, emptyExpires: number): void {
     this.done = true
     this.expires = expires
+    this.emptyExpires = emptyExpires
     this.notify()
   }
 

@@ -1,49 +1,46 @@
 import type { PeerId } from '@libp2p/interface'
 import type { Digest } from '../format/digest.ts'
+import type { SwarmMember } from './chunk-protocol.ts'
 
-/** Keys one peer may have joined as far as we keep track; a peer claiming more is ignored beyond it. */
-const MAX_KEYS_PER_PEER = 4096
+/** Members kept per swarm key; the oldest heard are dropped beyond it. */
+const MAX_MEMBERS_PER_KEY = 1024
+
+interface Entry { peer: PeerId, addresses: string[] }
 
 /**
- * Who told us directly (a JOIN on the chunk protocol) that they are in a swarm.
+ * Swarm members learnt from peers rather than from the DHT: those that told us
+ * themselves (JOIN on the chunk protocol) and those a peer passed on (MEMBERS).
  * This is how a burst finds itself in milliseconds: every node tells the peers
- * it is connected to as it mounts, while DHT provider records take seconds to
- * spread under load and a node that looked too early saw an empty swarm and
- * went to the origin. The DHT still finds the members we are not connected to.
- * Entries last as long as the connection: `forgetPeer` on disconnect.
+ * it is connected to (at least the bootstrap seeds) as it mounts, and they pass
+ * it on, while DHT provider records take seconds to spread under load, and a
+ * node that looked too early saw an empty swarm and went to the origin. The DHT
+ * still finds the members nobody told us about.
+ *
+ * A member that died stays listed until pushed out by newer ones: the peer
+ * source skips peers that do not answer, so a stale entry costs one failed try.
  */
 export class SwarmMembers {
-  private readonly byKey = new Map<Digest, Map<string, PeerId>>()
-  private readonly byPeer = new Map<string, Set<Digest>>()
+  private readonly byKey = new Map<Digest, Map<string, Entry>>()
 
-  add (key: Digest, peer: PeerId): void {
-    const id = peer.toString()
-    let keys = this.byPeer.get(id)
-    if (keys === undefined) {
-      keys = new Set()
-      this.byPeer.set(id, keys)
-    }
-    if (!keys.has(key) && keys.size >= MAX_KEYS_PER_PEER) return
-    keys.add(key)
+  add (key: Digest, peer: PeerId, addresses: readonly string[]): void {
     let members = this.byKey.get(key)
     if (members === undefined) {
       members = new Map()
       this.byKey.set(key, members)
     }
-    members.set(id, peer)
+    const id = peer.toString()
+    members.delete(id) // re-inserted last: the most recently heard come last
+    members.set(id, { peer, addresses: [...addresses] })
+    if (members.size > MAX_MEMBERS_PER_KEY) members.delete(members.keys().next().value!)
   }
 
   of (key: Digest): PeerId[] {
-    return [...(this.byKey.get(key)?.values() ?? [])]
+    return [...(this.byKey.get(key)?.values() ?? [])].map(e => e.peer)
   }
 
-  forgetPeer (peer: PeerId): void {
-    const id = peer.toString()
-    for (const key of this.byPeer.get(id) ?? []) {
-      const members = this.byKey.get(key)
-      members?.delete(id)
-      if (members?.size === 0) this.byKey.delete(key)
-    }
-    this.byPeer.delete(id)
+  /** Up to `limit` members to pass on, the most recently heard first, leaving out `except`. */
+  sample (key: Digest, limit: number, except: string): SwarmMember[] {
+    const entries = [...(this.byKey.get(key)?.entries() ?? [])].reverse()
+    return entries.filter(([id]) => id !== except).slice(0, limit).map(([id, e]) => ({ id, addresses: e.addresses }))
   }
 }

@@ -4,7 +4,7 @@ import { Uint8ArrayList } from 'uint8arraylist'
 import { sha256, type Digest } from '../../src/format/digest.ts'
 import {
   MAX_BATCH, MAX_CLIENT_FRAME, decodeClientMessage, decodeServerMessage, encodeCancel, encodeChunkReply, encodeHave,
-  encodeHaveQuery, encodeJoin, encodeWant, frameDecoder, normalizeRanges, rangesCover, type WantItem
+  MAX_ADDRESSES, MAX_ADDRESS_BYTES, MAX_JOIN_KEYS, encodeHaveQuery, encodeJoin, encodeMembers, encodeWant, frameDecoder, normalizeRanges, rangesCover, type WantItem
 } from '../../src/p2p/chunk-protocol.ts'
 import { ProtocolViolationError } from '../../src/p2p/errors.ts'
 import { TokenBucket } from '../../src/p2p/token-bucket.ts'
@@ -23,8 +23,9 @@ test('wire: WANT, CANCEL and HAVE? round-trip through framing', async () => {
   const items: WantItem[] = Array.from({ length: MAX_BATCH }, (_, i) => ({
     id: 0xfffffff0 + (i % 16), digest: digest(`c${i}`), length: i * 1000, fetch: i % 2 === 0, waitMs: i * 100
   }))
-  const keys = Array.from({ length: MAX_BATCH }, (_, i) => digest(`key ${i}`))
-  const wire = Buffer.concat([encodeWant(items), encodeCancel(7), encodeHaveQuery(9, digest('pack')), encodeJoin(keys)])
+  const keys = Array.from({ length: MAX_JOIN_KEYS }, (_, i) => digest(`key ${i}`))
+  const addresses = Array.from({ length: MAX_ADDRESSES }, (_, i) => `/ip4/10.0.0.${i}/tcp/4001/p2p/12D3KooW${'x'.repeat(MAX_ADDRESS_BYTES - 40)}`)
+  const wire = Buffer.concat([encodeWant(items), encodeCancel(7), encodeHaveQuery(9, digest('pack')), encodeJoin(keys, addresses)])
   // split at awkward places: frames must reassemble
   const pieces = [wire.subarray(0, 3), wire.subarray(3, 1000), wire.subarray(1000)]
   const bodies = await frames(pieces, MAX_CLIENT_FRAME)
@@ -33,9 +34,9 @@ test('wire: WANT, CANCEL and HAVE? round-trip through framing', async () => {
   assert.deepEqual(decodeClientMessage(bodies[0]!), { type: 'want', items })
   assert.deepEqual(decodeClientMessage(bodies[1]!), { type: 'cancel', id: 7 })
   assert.deepEqual(decodeClientMessage(bodies[2]!), { type: 'have-query', id: 9, pack: digest('pack') })
-  assert.deepEqual(decodeClientMessage(bodies[3]!), { type: 'join', keys })
-  assert.ok(encodeJoin(keys).length - 4 <= MAX_CLIENT_FRAME)
-  assert.throws(() => encodeJoin([]), RangeError)
+  assert.deepEqual(decodeClientMessage(bodies[3]!), { type: 'join', keys, addresses })
+  assert.ok(encodeJoin(keys, addresses).length - 4 <= MAX_CLIENT_FRAME, 'the largest JOIN fits the server frame limit')
+  assert.throws(() => encodeJoin([], []), RangeError)
 })
 
 test('wire: CHUNK and HAVE round-trip; ranges are normalised', async () => {
@@ -49,6 +50,9 @@ test('wire: CHUNK and HAVE round-trip; ranges are normalised', async () => {
     const [f] = await frames([encodeChunkReply(1, status).subarray()], 100)
     assert.deepEqual(decodeServerMessage(f!), { type: 'chunk', id: 1, status })
   }
+  const members = [{ id: '12D3KooWabc', addresses: ['/ip4/10.0.0.1/tcp/4001'] }, { id: '12D3KooWdef', addresses: [] }]
+  const [m] = await frames([encodeMembers(digest('k'), members)], 10_000)
+  assert.deepEqual(decodeServerMessage(m!), { type: 'members', key: digest('k'), members })
   const ranges = [{ offset: 2 ** 40, length: 5 }, { offset: 0, length: 10 }, { offset: 5, length: 10 }, { offset: 30, length: 0 }]
   const [have] = await frames([encodeHave(3, digest('p'), ranges)], 1000)
   assert.deepEqual(decodeServerMessage(have!), { type: 'have', id: 3, pack: digest('p'), ranges: [{ offset: 0, length: 15 }, { offset: 2 ** 40, length: 5 }] })
@@ -66,6 +70,8 @@ test('wire: hostile frames are protocol violations', async () => {
   reject([0x01, 0], /WANT of 0 items/)
   reject([0x04, 0], /JOIN of 0 keys/)
   reject([0x04, 1, 1, 2, 3], /frame ends inside JOIN key/)
+  reject([0x04, 33, ...new Array(33 * 32 + 1).fill(0)], /JOIN of 33 keys/)
+  reject([0x04, 1, ...new Array(32).fill(0), 5], /JOIN with 5 addresses/)
   reject([0x01, MAX_BATCH + 1], /WANT of 65 items/)
   reject([0x01, 1, 0, 0], /ends inside WANT id/)
   reject([0x02, 0, 0, 0, 1, 99], /stray bytes after CANCEL/)

@@ -1,12 +1,14 @@
 import assert from 'node:assert/strict'
-import { test } from 'node:test'
+import { after, test } from 'node:test'
 import type { PeerId } from '@libp2p/interface'
+import { peerIdFromString } from '@libp2p/peer-id'
 import { sha256 } from '../../src/format/digest.ts'
 import { sleep } from '../../src/origin/limit.ts'
 import { AnnounceError } from '../../src/p2p/errors.ts'
 import { ChunkClient } from '../../src/p2p/chunk-client.ts'
 import { ChunkServer } from '../../src/p2p/chunk-server.ts'
 import { DhtPackRouter, packCid } from '../../src/p2p/pack-router.ts'
+import type { PeerNode } from '../../src/p2p/node.ts'
 import { SwarmMembers } from '../../src/p2p/swarm-members.ts'
 import { MemoryChunks, startNode, startNodes, waitFor } from './helpers.ts'
 
@@ -82,23 +84,35 @@ test('pack router: an expired lookup answers at once with the last result while 
   for (const r of [router, first, second]) r.stop()
 })
 
-test('pack router: peers that JOINed a swarm are in the answer at once, before any DHT record exists', async () => {
-  const [a, b, c] = await startNodes(3)
-  const members = new SwarmMembers()
-  const server = new ChunkServer(b!.libp2p, { local: new MemoryChunks(), members })
-  await server.start()
+test('pack router: swarm members learnt by JOIN and peer exchange are in the answer at once, before any DHT record', async () => {
+  // b is the seed everyone is connected to; a and c are not connected to each other.
+  const [b, a, c] = await startNodes(3)
   const key = sha256(Buffer.from('joined, not provided'))
-  const clients = [a!, c!].map(n => new ChunkClient(n.libp2p))
-  for (const client of clients) client.join(b!.peerId, [key])
-  await waitFor('both JOINs to arrive', () => members.of(key).length === 2 ? true : undefined)
-  const router = new DhtPackRouter(b!.libp2p, { members })
-  // An aborted signal: the answer must need no waiting for the (empty) walk.
-  assert.deepEqual(await collect(router.holders(key, { signal: AbortSignal.abort() })), [a!.peerId.toString(), c!.peerId.toString()].sort())
-  members.forgetPeer(a!.peerId) // what the agent does on peer:disconnect
-  assert.deepEqual(members.of(key).map(p => p.toString()), [c!.peerId.toString()])
-  for (const client of clients) client.close()
-  router.stop()
-  await server.stop()
+  const seen = new Map<string, SwarmMembers>()
+  const peers = [a!, b!, c!]
+  for (const node of peers) {
+    const members = new SwarmMembers()
+    seen.set(node.peerId.toString(), members)
+    const server = new ChunkServer(node.libp2p, { local: new MemoryChunks(), members })
+    await server.start()
+    after(async () => await server.stop())
+  }
+  const clientOf = (node: PeerNode): ChunkClient => {
+    const members = seen.get(node.peerId.toString())!
+    const client = new ChunkClient(node.libp2p, { onMembers: (k, heard) => { for (const m of heard) members.add(k, peerIdFromString(m.id), m.addresses) } })
+    after(() => client.close())
+    return client
+  }
+  clientOf(a!).join(b!.peerId, [key], a!.multiaddrs())
+  await waitFor('the seed to hear a', () => seen.get(b!.peerId.toString())!.of(key).length === 1 ? true : undefined)
+  clientOf(c!).join(b!.peerId, [key], c!.multiaddrs())
+  // c hears of a in the seed's answer; a hears of c in the seed's push.
+  await waitFor('c to hear of a', () => seen.get(c!.peerId.toString())!.of(key).some(p => p.equals(a!.peerId)) ? true : undefined)
+  await waitFor('a to hear of c', () => seen.get(a!.peerId.toString())!.of(key).some(p => p.equals(c!.peerId)) ? true : undefined)
+  const router = new DhtPackRouter(c!.libp2p, { members: seen.get(c!.peerId.toString())! })
+  after(() => router.stop())
+  // An aborted signal: the answer must need no waiting for the (empty) DHT walk.
+  assert.deepEqual(await collect(router.holders(key, { signal: AbortSignal.abort() })), [a!.peerId.toString()])
 })
 
 test('pack router: announcing with no peers fails within its deadline, and the caller\'s signal is honoured', async () => {
