@@ -77,8 +77,11 @@ export interface ChunkServerStats {
 
 type Registrar = Pick<Libp2p, 'handle' | 'unhandle'>
 
-/** Members told about each newcomer (the newcomer itself hears of up to MAX_MEMBERS). */
-const PASS_ON = 8
+/**
+ * Members told about each newcomer (the newcomer itself hears of up to MAX_MEMBERS).
+ * Everyone in a swarm of up to this size hears of everyone through a common seed.
+ */
+const PASS_ON = MAX_MEMBERS
 
 interface StreamState {
   readonly stream: Stream

@@ -128,8 +128,8 @@ export class DhtPackRouter implements PackRouter {
   }
 
   async * holders (pack: Digest, options: { signal: AbortSignal }): AsyncIterable<PeerId> {
-    const heard = this.members?.of(pack) ?? []
-    const lookup = this.lookup(pack, heard.length > 0)
+    const heard = (): PeerId[] => this.members?.of(pack) ?? []
+    const lookup = this.lookup(pack, heard().length > 0)
     const seen = new Set<string>()
     const fresh = function * (peers: Iterable<PeerId>): Iterable<PeerId> {
       for (const peer of peers) {
@@ -140,18 +140,22 @@ export class DhtPackRouter implements PackRouter {
         }
       }
     }
-    yield * fresh(heard)
-    if (!lookup.done && (lookup.previous !== undefined || heard.length > 0)) {
-      // Stale-while-revalidate: a read does not wait for a walk when it has an answer already,
-      // the last walk's or the members that told us directly.
-      yield * fresh(lookup.previous ?? [...lookup.found])
+    if (!lookup.done && lookup.previous !== undefined) {
+      // Stale-while-revalidate: a read does not wait for a walk when the last one answered.
+      yield * fresh(heard())
+      yield * fresh(lookup.previous)
       return
     }
+    // The first walk for this pack: members as they tell us of themselves (a burst's peer
+    // exchange settles within round trips) and the walk's finds, until the walk ends.
     let next = 0
     while (true) {
+      yield * fresh(heard())
       while (next < lookup.found.length) yield * fresh([lookup.found[next++]!])
       if (lookup.done) return
-      await lookup.changed(options.signal)
+      const changes = [lookup.changed(options.signal)]
+      if (this.members !== undefined) changes.push(this.members.changed(pack, options.signal))
+      await Promise.race(changes)
     }
   }
 

@@ -1,5 +1,6 @@
 import type { PeerId } from '@libp2p/interface'
 import type { Digest } from '../format/digest.ts'
+import { abortable } from '../origin/limit.ts'
 import type { SwarmMember } from './chunk-protocol.ts'
 
 /** Members kept per swarm key; the oldest heard are dropped beyond it. */
@@ -21,6 +22,7 @@ interface Entry { peer: PeerId, addresses: string[] }
  */
 export class SwarmMembers {
   private readonly byKey = new Map<Digest, Map<string, Entry>>()
+  private readonly waiters = new Map<Digest, Array<() => void>>()
 
   add (key: Digest, peer: PeerId, addresses: readonly string[]): void {
     let members = this.byKey.get(key)
@@ -32,6 +34,20 @@ export class SwarmMembers {
     members.delete(id) // re-inserted last: the most recently heard come last
     members.set(id, { peer, addresses: [...addresses] })
     if (members.size > MAX_MEMBERS_PER_KEY) members.delete(members.keys().next().value!)
+    const waiting = this.waiters.get(key)
+    this.waiters.delete(key)
+    for (const wake of waiting ?? []) wake()
+  }
+
+  /** Resolves at the next `add` for `key`. */
+  changed (key: Digest, signal: AbortSignal): Promise<void> {
+    let waiting = this.waiters.get(key)
+    if (waiting === undefined) {
+      waiting = []
+      this.waiters.set(key, waiting)
+    }
+    const list = waiting
+    return abortable(new Promise<void>(resolve => list.push(resolve)), signal)
   }
 
   of (key: Digest): PeerId[] {
