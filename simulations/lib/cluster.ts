@@ -54,6 +54,8 @@ export interface NodeResult {
   bannedPeers: number
   unavailableChunks: number
   cpuSeconds?: number
+  /** The agent's peer counters at the end (`shoal stats`: peer source, chunk server, DHT router), for diagnosis. */
+  peer?: { source: Record<string, number>, server: Record<string, number>, router: Record<string, number>, connectedPeers: number }
   /** Only in the lone run: the same workload again with everything cached. */
   warmMs?: number
   error?: string
@@ -435,6 +437,8 @@ class ClusterRun {
       r.uploadBytes = stats.peer.server.bytesServed
       r.receivedFrom = stats.peer.source.perPeerBytes
       r.bannedPeers = stats.peer.source.badPeers
+      const { perPeerBytes: _, ...source } = stats.peer.source
+      r.peer = { source, server: { ...stats.peer.server }, router: { ...stats.peer.router }, connectedPeers: stats.peer.connectedPeers }
     }
   }
 

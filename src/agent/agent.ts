@@ -79,6 +79,8 @@ export class Agent implements ChunkLocator {
    * of saying dont-have until it has its own).
    */
   private readonly wholeBlobs = new Map<Digest, number>()
+  /** locateSoon calls waiting for a digest to become known. */
+  private readonly locatorWaiters = new Set<() => void>()
   /** packChunks answers, until another catalog is opened. */
   private readonly packChunkLists = new Map<Digest, ChunkRef[]>()
   private closers: Array<() => Promise<void>> = []
@@ -114,7 +116,7 @@ export class Agent implements ChunkLocator {
       peers: () => peering?.node.connectedPeers().length ?? 0
     })
     const peering = config.p2p.enabled
-      ? await Peering.start(config, { disk, resolver: () => resolver, locator: { locate: d => agent!.locate(d), packChunks: p => agent!.packChunks(p) }, log })
+      ? await Peering.start(config, { disk, resolver: () => resolver, locator: { locate: d => agent!.locate(d), locateSoon: async (d, s) => await agent!.locateSoon(d, s), packChunks: p => agent!.packChunks(p) }, log })
       : undefined
     const resolver: ChunkResolver = new ChunkResolver({
       disk,
@@ -170,6 +172,7 @@ export class Agent implements ChunkLocator {
         // itself): in a burst, peers share them too, instead of every node asking the origin.
         fetchBlob: async (blob, signal) => {
           this.wholeBlobs.set(blob.digest, blob.size)
+          this.locatorChanged()
           this.peering?.join(blob.group, [blob.digest])
           return await this.resolver.get(wholeBlobChunk(blob), { signal: signal ?? AbortSignal.timeout(this.config.chunkTimeoutMs) })
         },
@@ -256,6 +259,27 @@ export class Agent implements ChunkLocator {
     return undefined
   }
 
+  /** `locate`, waiting for a mount in progress to learn the digest until `signal` aborts. */
+  async locateSoon (digest: Digest, signal: AbortSignal): Promise<ChunkRef | undefined> {
+    for (;;) {
+      const ref = this.locate(digest)
+      if (ref !== undefined || signal.aborted) return ref
+      await new Promise<void>(resolve => {
+        const wake = (): void => {
+          this.locatorWaiters.delete(wake)
+          signal.removeEventListener('abort', wake)
+          resolve()
+        }
+        this.locatorWaiters.add(wake)
+        signal.addEventListener('abort', wake, { once: true })
+      })
+    }
+  }
+
+  private locatorChanged (): void {
+    for (const wake of [...this.locatorWaiters]) wake()
+  }
+
   packChunks (pack: Digest): ChunkRef[] {
     const size = this.wholeBlobs.get(pack)
     if (size !== undefined) return [wholeBlobChunk({ digest: pack, size })]
@@ -284,6 +308,7 @@ export class Agent implements ChunkLocator {
         this.servingCatalogs.set(join(dir, name), new Catalog(join(dir, name)))
         this.packChunkLists.clear()
         this.wholeBlobs.set(`sha256:${name.slice(0, 64)}`, (await stat(join(dir, name))).size)
+        this.locatorChanged()
       } catch (err) {
         this.log.warn({ file: name, err: (err as Error).message }, 'ignoring an unreadable catalog file')
       }

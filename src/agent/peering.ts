@@ -12,7 +12,7 @@ import { ChunkClient } from '../p2p/chunk-client.ts'
 import type { ByteRange } from '../p2p/chunk-protocol.ts'
 import { ChunkServer, type ChunkServerStats, type LocalChunks } from '../p2p/chunk-server.ts'
 import { createPeerNode, loadOrCreatePsk, type PeerNode } from '../p2p/node.ts'
-import { DhtPackRouter } from '../p2p/pack-router.ts'
+import { DhtPackRouter, type DhtPackRouterStats } from '../p2p/pack-router.ts'
 import { PeerChunkSource, type PeerSourceStats } from '../p2p/peer-source.ts'
 import { SwarmMembers } from '../p2p/swarm-members.ts'
 import type { AgentConfig } from './config.ts'
@@ -23,8 +23,18 @@ const MAX_FETCHES_FOR_PEERS = 32
 /** Where the agent's mounted images say a chunk is: the peer server serves only what a catalog vouches for. */
 export interface ChunkLocator {
   locate (digest: Digest): ChunkRef | undefined
+  /** Like `locate`, but waits (until `signal` aborts) for a mount in progress to learn the digest. */
+  locateSoon (digest: Digest, signal: AbortSignal): Promise<ChunkRef | undefined>
   packChunks (pack: Digest): ChunkRef[]
 }
+
+/**
+ * How long a parent asked for a digest it does not know yet waits to learn it. In a
+ * burst a child can be ahead of its parent (the parent's catalogs still on their way):
+ * the parent will know the chunk in a moment, and answering dont-have sent the child
+ * to the origin.
+ */
+const LOCATE_WAIT_MS = 5000
 
 export interface PeeringStats {
   peerId: string
@@ -32,6 +42,8 @@ export interface PeeringStats {
   connectedPeers: number
   source: Omit<PeerSourceStats, 'perPeerBytes'> & { perPeerBytes: Record<string, number> }
   server: ChunkServerStats
+  /** DHT provides and walks (swarm keys: one per layer, one per image's metadata). */
+  router: DhtPackRouterStats
 }
 
 /**
@@ -122,7 +134,9 @@ export class Peering {
     let fetchesForPeers = 0
     const local: LocalChunks = {
       get: async (digest, { signal, fetch }) => {
-        const ref = deps.locator.locate(digest)
+        const ref = fetch
+          ? await deps.locator.locateSoon(digest, AbortSignal.any([signal, AbortSignal.timeout(LOCATE_WAIT_MS)]))
+          : deps.locator.locate(digest)
         if (ref === undefined) return undefined
         const resolver = deps.resolver()
         const held = resolver.memory.get(digest) ?? await deps.disk.get(ref, { signal })
@@ -187,7 +201,8 @@ export class Peering {
       multiaddrs: this.node.multiaddrs(),
       connectedPeers: this.node.connectedPeers().length,
       source: { ...source, perPeerBytes: Object.fromEntries(perPeerBytes) },
-      server: { ...this.server.stats }
+      server: { ...this.server.stats },
+      router: { ...this.router.stats }
     }
   }
 

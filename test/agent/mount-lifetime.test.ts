@@ -8,6 +8,7 @@ import { promisify } from 'node:util'
 import { Agent } from '../../src/agent/agent.ts'
 import { defaultConfig, validateConfig } from '../../src/agent/config.ts'
 import { convertImage } from '../../src/convert/convert.ts'
+import { sha256 } from '../../src/format/digest.ts'
 import { isFuseMount } from '../../src/fs/stale-mount.ts'
 import { buildSyntheticImage } from '../helpers/synthetic.ts'
 import { tempDir } from '../helpers/tmp.ts'
@@ -34,4 +35,25 @@ it('a mount outlives the signal that bounded its set-up', async () => {
     await agent.stop()
   }
   assert.equal(await isFuseMount(mnt), false)
+})
+
+it('a chunk a peer asks for before this node knows it is located as soon as a mount learns it', async () => {
+  const dir = await tempDir()
+  const keys = generateKeyPairSync('ed25519')
+  const src = await buildSyntheticImage(join(dir, 'src'), 't', [[{ type: 'file', path: 'hello', content: 'world\n' }]])
+  await convertImage({ source: src.ref, dest: `oci:${join(dir, 'images')}:t`, signingKey: keys.privateKey })
+  const pub = join(dir, 'shoal.pub')
+  await writeFile(pub, keys.publicKey.export({ type: 'spki', format: 'pem' }))
+  const config = validateConfig({ ...defaultConfig(join(dir, 'state')), origins: [join(dir, 'images')], trust: [pub], metrics: '', p2p: { enabled: false, listen: [], peers: [] } })
+  const agent = await Agent.start(config, { control: false })
+  const hello = sha256(Buffer.from('world\n'))
+  try {
+    assert.equal(agent.locate(hello), undefined)
+    assert.equal(await agent.locateSoon(hello, AbortSignal.timeout(50)), undefined, 'gives up when its signal fires')
+    const waiting = agent.locateSoon(hello, AbortSignal.timeout(30_000))
+    await agent.mount('t', join(dir, 'mnt'))
+    assert.equal((await waiting)?.digest, hello)
+  } finally {
+    await agent.stop()
+  }
 })
