@@ -164,7 +164,9 @@ export class Peering {
     const members = new SwarmMembers()
     const server = new ChunkServer(node.libp2p, { local, members, ...(config.p2p.uploadBytesPerSecond !== undefined ? { uploadBytesPerSecond: config.p2p.uploadBytesPerSecond } : {}) })
     await server.start()
-    const router = new DhtPackRouter(node.libp2p, { members })
+    // Provides wait 5-15 s: in a burst, peer exchange finds the swarm, and DHT traffic at
+    // the start (every provide reaches every node of a small cluster) was CPU the reads needed.
+    const router = new DhtPackRouter(node.libp2p, { members, provideDelayMs: () => 5000 + Math.random() * 10_000 })
     const self = node.peerId.toString()
     const client = new ChunkClient(node.libp2p, {
       // Members a peer passed on: remember where they listen, so that asking one dials it.
@@ -173,9 +175,11 @@ export class Peering {
           if (member.id === self) continue
           try {
             const peer = peerIdFromString(member.id)
+            // Peer-store merges are costly (a profile counted hundreds per agent in a burst): only
+            // for members new to us that we are not connected to.
+            if (!members.add(key, peer, member.addresses) || node.libp2p.getConnections(peer).length > 0) continue
             const multiaddrs = member.addresses.flatMap(a => { try { return [multiaddr(a)] } catch { return [] } })
             if (multiaddrs.length > 0) void node.libp2p.peerStore.merge(peer, { multiaddrs }).catch(() => {})
-            members.add(key, peer, member.addresses)
           } catch {
             // not a peer id: ignore the entry
           }

@@ -79,9 +79,10 @@ type Registrar = Pick<Libp2p, 'handle' | 'unhandle'>
 
 /**
  * Members told about each newcomer (the newcomer itself hears of up to MAX_MEMBERS).
- * Everyone in a swarm of up to this size hears of everyone through a common seed.
+ * Pushing to all was O(N^2) messages per swarm; with 8, a member still hears of most
+ * newcomers through the several seeds and peers it is connected to.
  */
-const PASS_ON = MAX_MEMBERS
+const PASS_ON = 8
 
 interface StreamState {
   readonly stream: Stream

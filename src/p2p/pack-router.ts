@@ -5,7 +5,7 @@ import { create as createMultihash } from 'multiformats/hashes/digest'
 import { digestToBytes, type Digest } from '../format/digest.ts'
 import { AnnounceError } from './errors.ts'
 import type { SwarmMembers } from './swarm-members.ts'
-import { abortable } from '../origin/limit.ts'
+import { abortable, sleep } from '../origin/limit.ts'
 
 /** Who else is in a pack's swarm: DHT provider records plus live availability. */
 export interface PackRouter {
@@ -27,6 +27,8 @@ export interface DhtPackRouterOptions {
   members?: SwarmMembers
   /** Deadline of one findProviders walk; what was found by then is the answer. Default 5000. */
   lookupTimeoutMs?: number
+  /** Wait before a pack's first provide (a function, for jitter). Default none. */
+  provideDelayMs?: () => number
   /** Deadline of one provide. Default 15000. */
   provideTimeoutMs?: number
   /** While a pack is held, a failed announce is retried this often. Default 30000. */
@@ -79,6 +81,7 @@ export class DhtPackRouter implements PackRouter {
   private readonly cacheTtlMs: number
   private readonly lookupTimeoutMs: number
   private readonly provideTimeoutMs: number
+  private readonly provideDelayMs: () => number
   private readonly retryAnnounceMs: number
   private readonly now: () => number
   private readonly members: SwarmMembers | undefined
@@ -91,6 +94,7 @@ export class DhtPackRouter implements PackRouter {
     this.cacheTtlMs = options.cacheTtlMs ?? 30_000
     this.lookupTimeoutMs = options.lookupTimeoutMs ?? 5000
     this.provideTimeoutMs = options.provideTimeoutMs ?? 15_000
+    this.provideDelayMs = options.provideDelayMs ?? (() => 0)
     this.retryAnnounceMs = options.retryAnnounceMs ?? 30_000
     this.now = options.now ?? Date.now
     this.members = options.members
@@ -104,7 +108,7 @@ export class DhtPackRouter implements PackRouter {
   async announce (pack: Digest, options: { signal: AbortSignal }): Promise<void> {
     let announcement = this.held.get(pack)
     if (announcement === undefined) {
-      announcement = { done: false, inFlight: undefined, retry: undefined }
+      announcement = { done: false, delayMs: this.provideDelayMs(), inFlight: undefined, retry: undefined }
       this.held.set(pack, announcement)
     }
     if (announcement.done) return
@@ -166,8 +170,13 @@ export class DhtPackRouter implements PackRouter {
   }
 
   private async provide (pack: Digest, announcement: Announcement): Promise<void> {
-    const signal = AbortSignal.any([AbortSignal.timeout(this.provideTimeoutMs), this.stopping.signal])
+    let signal = this.stopping.signal
     try {
+      if (announcement.delayMs > 0) {
+        await sleep(announcement.delayMs, this.stopping.signal)
+        announcement.delayMs = 0
+      }
+      signal = AbortSignal.any([AbortSignal.timeout(this.provideTimeoutMs), this.stopping.signal])
       await this.routing.contentRouting.provide(packCid(pack), { signal })
       this.stats.provides++
       announcement.done = true
@@ -219,6 +228,8 @@ export class DhtPackRouter implements PackRouter {
 
 interface Announcement {
   done: boolean
+  /** Wait before the first provide. */
+  delayMs: number
   inFlight: Promise<void> | undefined
   retry: NodeJS.Timeout | undefined
 }

@@ -24,19 +24,21 @@ export class SwarmMembers {
   private readonly byKey = new Map<Digest, Map<string, Entry>>()
   private readonly waiters = new Map<Digest, Array<() => void>>()
 
-  add (key: Digest, peer: PeerId, addresses: readonly string[]): void {
+  /** Records a member; true if it was not known for this key before. */
+  add (key: Digest, peer: PeerId, addresses: readonly string[]): boolean {
     let members = this.byKey.get(key)
     if (members === undefined) {
       members = new Map()
       this.byKey.set(key, members)
     }
     const id = peer.toString()
-    members.delete(id) // re-inserted last: the most recently heard come last
+    const known = members.delete(id) // re-inserted last: the most recently heard come last
     members.set(id, { peer, addresses: [...addresses] })
     if (members.size > MAX_MEMBERS_PER_KEY) members.delete(members.keys().next().value!)
     const waiting = this.waiters.get(key)
     this.waiters.delete(key)
     for (const wake of waiting ?? []) wake()
+    return !known
   }
 
   /** Resolves at the next `add` for `key`. */
