@@ -4,9 +4,9 @@
  *   node bad-peer.ts '{"stateDir", "layout", "image", "listen": [...], "bootstrap": [...]}'
  *
  * It joins the swarm like an agent (shoal's own libp2p node), announces every
- * pack of the image, claims to hold all of each pack when asked (HAVE), and
- * answers every WANT, owner requests included, with the real chunk bytes with
- * one bit flipped: the right length, so only the SHA-256 check can catch it.
+ * pack of the image and every layer's swarm key, claims to hold all of each
+ * pack when asked (HAVE), and answers every WANT, parent requests included,
+ * with the real chunk bytes with one bit flipped: the right length, so only the SHA-256 check can catch it.
  * The agent's ChunkServer re-hashes before it sends, so this peer speaks the
  * wire protocol itself (with src/p2p/chunk-protocol.ts's codec).
  *
@@ -23,7 +23,8 @@ import type { Digest } from '../../src/format/digest.ts'
 import { openImageView } from '../../src/image/image-view.ts'
 import { DirOrigin } from '../../src/origin/dir-origin.ts'
 import { RangeReader } from '../../src/origin/range-reader.ts'
-import { CHUNK_PROTOCOL, MAX_CLIENT_FRAME, decodeClientMessage, encodeChunkReply, encodeHave, frameDecoder, type WantItem } from '../../src/p2p/chunk-protocol.ts'
+import { ChunkClient } from '../../src/p2p/chunk-client.ts'
+import { CHUNK_PROTOCOL, MAX_CLIENT_FRAME, MAX_JOIN_KEYS, decodeClientMessage, encodeChunkReply, encodeHave, frameDecoder, type WantItem } from '../../src/p2p/chunk-protocol.ts'
 import { createPeerNode } from '../../src/p2p/node.ts'
 import { DhtPackRouter } from '../../src/p2p/pack-router.ts'
 
@@ -41,12 +42,21 @@ const node = await createPeerNode({ stateDir: options.stateDir, listen: options.
 await node.libp2p.handle(CHUNK_PROTOCOL, stream => { void serve(stream) }, { maxInboundStreams: 16 })
 const router = new DhtPackRouter(node.libp2p)
 // The router retries a failed provide on its own; the first attempt may come before the routing table fills.
-for (const pack of packSizes.keys()) void router.announce(pack, { signal: AbortSignal.timeout(60_000) }).catch(() => {})
+// Agents find a layer's packs under the layer's catalog digest (Peering.join): announce those keys too.
+const swarmKeys = [...packSizes.keys(), ...image.image.config.layers.map(l => l.catalog.digest), image.image.manifestDigest]
+for (const key of swarmKeys) void router.announce(key, { signal: AbortSignal.timeout(60_000) }).catch(() => {})
+// And it tells every peer it meets that it is in those swarms (JOIN), like an agent, so burst
+// nodes see it from the start, not only once its DHT records are found.
+const joiner = new ChunkClient(node.libp2p)
+const joinKeys = swarmKeys.slice(-MAX_JOIN_KEYS)
+for (const peer of node.connectedPeers()) joiner.join(peer, joinKeys, node.multiaddrs())
+node.libp2p.addEventListener('peer:connect', event => joiner.join(event.detail, joinKeys, node.multiaddrs()))
 
 process.stdout.write(JSON.stringify({ peerId: node.peerId.toString(), multiaddrs: node.multiaddrs() }) + '\n')
 const timer = setInterval(() => process.stdout.write(JSON.stringify(stats) + '\n'), 1000)
 process.once('SIGTERM', () => {
   clearInterval(timer)
+  joiner.close()
   router.stop()
   void node.stop().finally(() => process.exit(0))
 })

@@ -28,6 +28,8 @@ export class OriginChunkSource implements ChunkSource {
   }
 
   async get (chunk: ChunkRef, options: { signal: AbortSignal }): Promise<Uint8Array> {
+    // A chunk that is its own pack is a whole blob (image metadata or a catalog, resolved like a chunk).
+    if (chunk.pack === chunk.digest && chunk.packOffset === 0) return await this.reader.readBlob(chunk.pack, chunk.storedLength, { signal: options.signal })
     const stored = await this.reader.read(chunk.pack, chunk.packOffset, chunk.storedLength, { signal: options.signal })
     let data: Uint8Array
     try {

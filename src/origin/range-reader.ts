@@ -92,6 +92,19 @@ export class RangeReader {
   }
 
   /**
+   * A whole blob (a manifest, config or catalog fetched like a chunk). Not a range:
+   * a registry serves manifests only as documents under /manifests/, never as
+   * ranges of /blobs/.
+   */
+  async readBlob (blob: Digest, size: number, options: { signal?: AbortSignal } = {}): Promise<Uint8Array> {
+    this.stats.reads++
+    this.stats.requests++
+    const data = await this.origin.getBlob(blob, { maxBytes: size, ...(options.signal !== undefined ? { signal: options.signal } : {}) })
+    this.stats.bytesFetched += data.length
+    return data
+  }
+
+  /**
    * Several reads known up front (readahead): sent at once, without waiting for
    * the batch window, merged with each other and with reads already pending.
    * Results are in the order of RANGES; any failure rejects the whole call.
