@@ -3,9 +3,9 @@
  *
  *   node simulations/model.ts simulations/scenarios/NAME.json [--nodes N] [--out DIR] [--profile FILE] [--shared-cores N]
  *
- * Replays the scenario with simulated nodes, links and origin that drive the
- * real burst policy (src/p2p/rendezvous.ts); see lib/model-world.ts for what is
- * modelled and how. The workload is the profile a real lone run recorded (the
+ * Replays the scenario with simulated nodes, links and origin; every node runs
+ * the agent's real peer source (src/p2p/peer-source.ts, with the burst policy of
+ * src/p2p/rendezvous.ts); see lib/model-world.ts for what is modelled and how. The workload is the profile a real lone run recorded (the
  * chunks it fetched, in order, and what it fetched to mount: --profile, or the
  * newest in results/sim for the same image and workload), or a synthetic image. Like a
  * real run, it runs a lone node, the scenario with peers and the no-peers
@@ -15,14 +15,26 @@
  * --shared-cores N puts every node on one N-core machine, as a real run on this
  * machine is, for comparing with one; by default each node has a core of its own.
  */
+import { spawnSync } from 'node:child_process'
+import { totalmem } from 'node:os'
 import { join, resolve } from 'node:path'
 import { parseArgs } from 'node:util'
-import { simulate, type ModelMode, type ModelRun } from './lib/model-world.ts'
+import { getHeapStatistics } from 'node:v8'
+import { POLICY_SETTINGS, simulate, type ModelMode, type ModelRun } from './lib/model-world.ts'
 import { loadProfile } from './lib/profile.ts'
 import { writeReport } from './lib/report.ts'
 import { loadScenario } from './lib/scenario.ts'
 
 const REPO = resolve(import.meta.dirname, '..')
+
+// Every simulated node keeps what the agent keeps (its swarm members, up to 1,024 per swarm
+// key, its peer source's state): 10,000 nodes need more than V8's default heap (about 4 GB).
+// Run again with three quarters of the machine's memory, unless the caller chose a size.
+const HEAP_MB = Math.floor(totalmem() * 0.75 / 2 ** 20)
+if (getHeapStatistics().heap_size_limit < HEAP_MB * 2 ** 20 * 0.9 && !process.execArgv.some(a => a.startsWith('--max-old-space-size')) && !(process.env.NODE_OPTIONS ?? '').includes('--max-old-space-size')) {
+  const child = spawnSync(process.execPath, [...process.execArgv, `--max-old-space-size=${HEAP_MB}`, ...process.argv.slice(1)], { stdio: 'inherit' })
+  process.exit(child.status ?? 1)
+}
 const { values, positionals } = parseArgs({
   allowPositionals: true,
   options: { out: { type: 'string' }, nodes: { type: 'string' }, profile: { type: 'string' }, 'shared-cores': { type: 'string' } }
@@ -44,6 +56,12 @@ for (const mode of ['lone', ...(scenario.peers ? ['peers'] as const : []), 'base
   const run = await simulate({ scenario, profile, mode })
   runs[mode] = run
   log(`${mode}: ${run.result.nodes.length} nodes, ${(run.result.wallMs / 1000).toFixed(1)} simulated s, ${run.events} events in ${run.seconds.toFixed(1)} s`)
+  const d = run.diagnostics
+  if (d !== undefined) {
+    log(`${mode}: policy: ${d.source.parentRequests} parent requests (${d.source.pending} pending, ${d.server.dontHave} dont-have: ${d.server.dontHaveNotVouched} not vouched yet, ${d.server.fetchLimit} over the fetch limit), ` +
+      `tree depth mean ${d.depth.mean.toFixed(1)} max ${d.depth.max}; origin chunks: ${d.originChunks.noParentAsked} by roots, ${d.originChunks.parentsFailed} after parents failed; ` +
+      `origin blobs: ${d.originBlobs.noParentAsked} + ${d.originBlobs.parentsFailed}; peer get p50/p99 ${d.peerGetMs.hitP50.toFixed(0)}/${d.peerGetMs.hitP99.toFixed(0)} ms`)
+  }
 }
 const m = await writeReport(out, {
   kind: 'model',
@@ -54,7 +72,8 @@ const m = await writeReport(out, {
   runs: { ...(runs.peers !== undefined ? { peers: runs.peers.result } : {}), baseline: runs.baseline!.result },
   extra: {
     profile: { image: profile.image, chunks: profile.chunks.length, chunkBytes: profile.chunks.reduce((a, c) => a + c.length, 0), catalogs: profile.catalogs, metadata: profile.metadata, lone: profile.lone },
-    performance: Object.fromEntries(Object.entries(runs).map(([mode, r]) => [mode, { events: r.events, seconds: r.seconds, simulatedSeconds: r.result.wallMs / 1000 }]))
+    performance: Object.fromEntries(Object.entries(runs).map(([mode, r]) => [mode, { events: r.events, seconds: r.seconds, simulatedSeconds: r.result.wallMs / 1000, heapMB: r.heapMB }])),
+    policy: { settings: POLICY_SETTINGS, ...(runs.peers?.diagnostics !== undefined ? { diagnostics: runs.peers.diagnostics } : {}) }
   }
 })
 for (const [name, x] of Object.entries(m)) {

@@ -62,6 +62,7 @@ export class Transfer {
   private readonly latencyMs: number
   private readonly pieceBytes: number
   private readonly windowBytes: number
+  private readonly onProgress: ((bytes: number) => void) | undefined
   private readonly total: number
   /** Bytes the sender has still to send, bytes waiting at the receiver, bytes still to arrive. */
   private toSend: number
@@ -73,13 +74,15 @@ export class Transfer {
   private resolve!: () => void
   private reject!: (err: Error) => void
 
-  constructor (sim: Simulator, from: Link, to: Link, bytes: number, options: { latencyMs: number, pieceBytes: number, windowBytes?: number }) {
+  /** `onProgress` is told of each piece as it arrives (a quiet event: it must call sim.wake() if it settles a promise). */
+  constructor (sim: Simulator, from: Link, to: Link, bytes: number, options: { latencyMs: number, pieceBytes: number, windowBytes?: number, onProgress?: (bytes: number) => void }) {
     this.sim = sim
     this.from = from
     this.to = to
     this.latencyMs = options.latencyMs
     this.pieceBytes = options.pieceBytes
     this.windowBytes = options.windowBytes ?? 4 * options.pieceBytes
+    this.onProgress = options.onProgress
     this.total = bytes
     this.toSend = bytes
     this.toArrive = bytes
@@ -143,6 +146,7 @@ export class Transfer {
     }
     this.atReceiver -= amount
     this.toArrive -= amount
+    this.onProgress?.(amount)
     if (this.toArrive <= 0) this.finish()
     else {
       this.queueAtReceiver()

@@ -1,44 +1,118 @@
 /**
  * The model's cluster: nodes that run the agent's read path in simulated time.
  *
- * Each node follows the control flow of the real modules, step for step, with
- * their default timeouts, and calls the REAL burst policy for every decision:
- * `selectSources`, `topNodes`, `spreadKey`, `chunkKey` and `nodeKey` come from
- * src/p2p/rendezvous.ts, bans from src/p2p/bans.ts. What is modelled rather than
- * run is everything around the policy:
+ * RUN, not restated: every node has a real `PeerChunkSource` (src/p2p/peer-source.ts)
+ * with its own `PeerBans`, on the simulator's clock (src/p2p/clock.ts), so the
+ * swarm and availability steps, holder racing and hedging, the distribution
+ * tree (`selectSources`, src/p2p/rendezvous.ts), parent re-asks after `pending`,
+ * suspicion, bans and every timeout are the agent's own code and numbers
+ * (PEER_SOURCE_DEFAULTS). Simulated nodes are its PeerIds (it only calls
+ * toString() on them and hands them back); all nodes' sources share one
+ * peer-key cache (see World.peerKeys). Each node also keeps its swarm members
+ * in a real SwarmMembers (src/p2p/swarm-members.ts). Around them, the model
+ * plugs in:
  *
- * - ChunkResolver: singleflight per chunk, 3 passes over [peers, origin] with
- *   200/400 ms pauses, bounded by the chunk timeout; a failed read is retried
- *   once (the kernel does that for FUSE) before the workload sees EIO.
- * - PeerChunkSource: the pack's swarm from a (cached 5 s) DHT lookup, waited for
- *   at most 1.5 s; availability (HAVE) from 4 sampled peers, trusted 5 s, waited
- *   for at most 500 ms; holders raced two at a time with a 200 ms hedge; owners
- *   asked with a 2 s owner wait, 2 pending rounds, 500 ms peer deadline; a 6 s
- *   bound per get; bans for bad bytes, doubling suspicion for dead or slow peers.
- * - ChunkServer and the agent's LocalChunks: a node acts as owner only for
- *   chunks its catalogs vouch for (so once mounted; a catalog once it holds
- *   it), at most 32 origin fetches at a time for peers, through its own
- *   resolver; `pending` when the owner wait runs out; chunks travel uncompressed.
- * - DhtPackRouter: packs are announced at mount (and on first need); a lookup sees the nodes
- *   whose announce has landed by the time its walk ends. A walk costs lookupMs,
- *   a provide announceMs, each plus dhtRpcMs per DHT peer it talks to (the k =
- *   20 closest, or all nodes in a smaller cluster), all as CPU work, so that on
- *   shared cores a DHT storm slows everything down, as it does in real runs;
- *   and libp2p's upkeep costs each node upkeepMsPerPeer of CPU per second per
- *   connected peer (up to 20).
- * - HttpOrigin: 8 requests in flight per node, 10 s per attempt, 4 retries with
- *   backoff; the origin sends stored (compressed) bytes through its capped link.
- * - The workload: mount (index, manifest, config and signature from the origin;
- *   then each catalog announced and resolved like a chunk, through peers; then
- *   every pack of the image announced; then mountMs of CPU), then the profile's
- *   chunks in order, readWindow at a time, and its own CPU (workloadCpuMs in
- *   all) spread over the chunks, one think at a time.
+ * - a ChunkRequester (ChunkClient's job): a want or HAVE travels the link
+ *   latency, costs the serving node requestOverheadMs of CPU, runs the server
+ *   side below on that node, and a chunk comes back over the sender's uplink and
+ *   the receiver's downlink, as stored (zstd) when its image stored it
+ *   compressed, else raw (see wireBytes). Cancelling (the requester's
+ *   signal) reaches the server at once; a chunk already being sent arrives
+ *   anyway, unwaited. A dead node's connections fail at once (as a reset stream
+ *   does) and new requests to it are refused after the latency; disconnect (on
+ *   a ban) fails the requests in flight to that peer. No bytes move: data is a
+ *   shared placeholder, and `verify` accepts an honest node's and rejects a bad
+ *   peer's.
+ * - a PackRouter (DhtPackRouter's job, over a cost model of kad-dht): a key is
+ *   provided once, after Peering's delay of 5-15 s, and visible to walks once
+ *   the provide's work is done (announceMs); a walk costs lookupMs and finds every node whose record has
+ *   landed by its end, never self (kad-dht's walk ends at the first record
+ *   holder's answer, which lists every provider it holds, not 20). One walk per
+ *   key at a time, fresh for lookupCacheMs (1 s if it found nobody and no
+ *   member told us of itself). An answer lists first the members peers told
+ *   this node of (JOIN and MEMBERS, below), then the walk's. During a key's
+ *   first walk a caller gets members as they are heard of, and the walk's
+ *   answer at its end (no partial answers), for as long as it waits; after
+ *   that it gets the last answer at once while a stale one is refreshed in the
+ *   background (stale-while-revalidate, as src). Each walk and provide also costs dhtRpcMs
+ *   of CPU per DHT peer it talks to (the k = 20 closest, or all nodes in a
+ *   smaller cluster), and libp2p's upkeep costs each node upkeepMsPerPeer of CPU
+ *   per second per connected peer (up to 20), so that on shared cores a DHT
+ *   storm slows everything down, as it does in real runs.
  *
- * These defaults are restated from src (they are not exported there); if they
- * change in src, change them here.
+ * RESTATED (their code is wired to libp2p streams, HTTP, SQLite or FUSE; their
+ * numbers are not exported from src, so if they change there, change them here):
+ *
+ * - Peering and the chunk server's peer exchange: swarm keys (Peering.join):
+ *   the image's metadata blobs are in the swarm of its manifest digest, a
+ *   layer's catalog and packs in the swarm of the catalog's digest; a key is
+ *   announced when first joined (a DHT provide, and a JOIN to every connected
+ *   peer), and a read announces its pack's key again (a no-op by then). A new
+ *   connection JOINs each side to the other with every key it announced. A
+ *   node that receives a JOIN answers with up to 32 members it knows of the
+ *   swarm (MEMBERS, most recently heard first) and tells those of the first 8
+ *   of them that have a JOIN stream open to it about the joiner. What a node hears is
+ *   kept in a real SwarmMembers (src/p2p/swarm-members.ts; the dead stay listed).
+ *   Each message takes the link latency. Connections: before the burst each
+ *   node is connected to nodes 0 and 1 (everyone bootstraps from them, as
+ *   cluster.ts runs it) and to 20 others (kad-dht's self-walk; random ones
+ *   here); every request then connects its two ends; death and bans close
+ *   them. libp2p's limit of 300 connections is not modelled.
+ * - ChunkResolver (RESOLVER): singleflight per chunk, 3 passes over [peers,
+ *   origin] with 200/400 ms pauses, bounded by the chunk timeout; a failed read
+ *   is retried once (the kernel does that for FUSE) before the workload sees EIO.
+ *   Unlike src, a resolution whose callers all left is not aborted (a node's own
+ *   reads never leave; only a child cancelling a parent request before its first
+ *   `pending` would).
+ * - ChunkServer and the agent's LocalChunks (SERVER): `busy` beyond 64 requests
+ *   in progress from one peer, and for a holder request (no fetch flag) from a
+ *   peer not already being served when 8 other peers are. A node serves what
+ *   Agent.locate vouches for: a whole blob (metadata or catalog) from the moment
+ *   its own fetch of it starts, an image chunk once its catalogs are open (before
+ *   the FUSE mount); asked as a parent for one it does not know yet, it waits up
+ *   to 5 s for its mount to learn it (locateSoon) before it answers dont-have.
+ *   A parent request (fetch flag) makes it fetch the chunk
+ *   through its own resolver (so through its own parent, or the origin at the
+ *   root), at most 32 such fetches at a time (each request holds one until the
+ *   fetch ends), and answer data when it lands or `pending` after min(waitMs,
+ *   5 s). HAVE answers the byte ranges of the pack it holds. Bad peers
+ *   (simulations/lib/bad-peer.ts) announce the image's packs, layer keys and
+ *   manifest key and JOIN the peers they meet, ignore JOINs, claim whole packs,
+ *   and answer every want for an image chunk with bad bytes, with no limits.
+ * - HttpOrigin (HTTP): 8 requests in flight per node; an attempt fails after 10 s
+ *   without progress (no response yet, or body bytes slower than a TCP segment
+ *   per 10 s: see Watchdog); 4 retries with equal-jitter backoff; the origin
+ *   sends stored (compressed) bytes through its capped link.
+ * - The mount (Agent.mount, loadImage, openImageView): two tag lookups from the
+ *   origin; the manifest, signature manifest, signature envelope and config one
+ *   after another, then every layer's catalog at once, each a whole blob through
+ *   the resolver (so through peers); the layers' swarms joined; catalogs opened
+ *   for serving; mountMs of CPU. Then the workload: the profile's chunks in
+ *   order, readWindow at a time, and its own CPU (workloadCpuMs in all) spread
+ *   over the chunks, one think at a time. (A recorded profile has the
+ *   metadata's total bytes and requests, not each blob, nor which layer a pack
+ *   is in: see mountPlan.)
+ *
+ * CPU (each node its own core, or --shared-cores N for all): requestOverheadMs
+ * per want or HAVE at the node that serves it and per origin request at the
+ * node that sends it; cpuMsPerMB per chunk received (verifying, decompressing)
+ * and per chunk sent; DHT walks and provides; upkeep; mount; the workload.
+ * Not charged: the peer source's own work (ranking the swarm for each chunk).
  */
+import type { PeerId } from '@libp2p/interface'
+import { createHash } from 'node:crypto'
+import { Codec } from '../../src/format/codec.ts'
+import type { ChunkRef } from '../../src/format/catalog.ts'
+import type { Digest } from '../../src/format/digest.ts'
 import { PeerBans } from '../../src/p2p/bans.ts'
-import { chunkKey, nodeKey, selectSources, spreadKey, topNodes, type ChunkKey, type NodeKey } from '../../src/p2p/rendezvous.ts'
+import type { ChunkReply, ChunkRequester, WantOptions } from '../../src/p2p/chunk-client.ts'
+import { MAX_JOIN_KEYS, MAX_MEMBERS, normalizeRanges, type ByteRange } from '../../src/p2p/chunk-protocol.ts'
+import type { Clock } from '../../src/p2p/clock.ts'
+import { PeerUnavailableError } from '../../src/p2p/errors.ts'
+import type { PackRouter } from '../../src/p2p/pack-router.ts'
+import { PEER_SOURCE_DEFAULTS, PeerChunkSource, type PeerSourceStats } from '../../src/p2p/peer-source.ts'
+import { nodeKey, type NodeKey } from '../../src/p2p/rendezvous.ts'
+import { SwarmMembers } from '../../src/p2p/swarm-members.ts'
 import type { ClusterResult, NodeResult, OriginSample } from './cluster.ts'
 import { makeCpu, type Cpu } from './cpu.ts'
 import { deferred, Simulator, TimeoutError } from './des.ts'
@@ -46,11 +120,18 @@ import type { WorkloadProfile } from './image.ts'
 import { Link, Transfer } from './links.ts'
 import { arrivalTimes, countOf, killedNodes, mbitToBytes, seededRandom, type ModelParams, type Scenario } from './scenario.ts'
 
-const PEER = { timeoutMs: 500, hedgeDelayMs: 200, ownerWaitMs: 2000, maxPendingRounds: 2, maxWaitMs: 6000, lookupWaitMs: 1500, banMs: 300_000, suspectMs: 10_000, availabilityTtlMs: 5000, availabilitySample: 4, maxOwners: 2, maxHolders: 4 }
-const SERVER = { maxConcurrentPerPeer: 64, maxWaitMs: 5000, maxOwnerFetches: 32 }
+/** ChunkServer's defaults, and Peering's bound on fetches for peers (MAX_FETCHES_FOR_PEERS). */
+const SERVER = { maxConcurrentPerPeer: 64, maxHolderPeers: 8, maxWaitMs: 5000, maxFetchesForPeers: 32 }
+/** ChunkResolver's defaults. */
 const RESOLVER = { attempts: 3, retryDelayMs: 200 }
+/** RetryingRequests' defaults (HttpOrigin). */
 const HTTP = { retries: 4, baseDelayMs: 100, maxDelayMs: 2000, requestTimeoutMs: 10_000, concurrency: 8 }
 const SAMPLE_MS = 250
+
+/** What an honest node sends, and what a bad peer sends: verify() tells them apart, the stats use chunk.length. */
+const GOOD_BYTES = new Uint8Array(0)
+const BAD_BYTES = new Uint8Array(0)
+const verify = (_chunk: ChunkRef, bytes: Uint8Array): boolean => bytes === GOOD_BYTES
 
 export type ModelMode = 'peers' | 'baseline' | 'lone'
 
@@ -60,42 +141,99 @@ export interface ModelOptions {
   mode: ModelMode
 }
 
-interface Chunk {
-  digest: string
-  key: ChunkKey
-  pack: string
-  length: number
-  storedLength: number
-  /** A catalog blob as a chunk of its own (the origin counts it as metadata). */
-  catalog: boolean
+/** A chunk as the agent's catalogs describe it (what PeerChunkSource.get takes), plus what the model needs. */
+interface Chunk extends ChunkRef {
+  /** A whole blob as a chunk of its own: image metadata (manifest, signature, config) or a catalog. The origin counts it as metadata. */
+  blob: boolean
 }
 
-/** What a mount fetches: small metadata (BYTES in REQUESTS) from the origin, then the catalogs; then it announces the packs. */
-interface MountPlan { bytes: number, requests: number, catalogs: Chunk[], packs: string[] }
+/**
+ * What a mount fetches: TAGS tag lookups of TAGBYTES each from the origin, the
+ * image's metadata blobs one after another (in the swarm of MANIFEST, the first
+ * of them) and then its layers' catalogs all at once (each the swarm key of its
+ * layer's packs), both through the resolver.
+ */
+interface MountPlan { tags: number, tagBytes: number, manifest: Digest, metadata: Chunk[], layers: Array<{ catalog: Digest, blob: Chunk, packs: Digest[] }> }
 
-interface Holding { peer: Node, chunks: ReadonlySet<string>, expires: number, complete: boolean }
-interface Lookup { done: boolean, found: Node[], expires: number, finished: Promise<void> }
-type Reply = 'data' | 'bad-data' | 'dont-have' | 'busy' | 'pending'
+/** A want or HAVE in progress, so that a node's death or a disconnect can fail it. */
+interface Call { target: Node, fail: (err: Error) => void }
 
 class PeerGone extends Error {}
+
+/** How the policy behaved, beyond what the report shows (peers runs only). */
+export interface PolicyDiagnostics {
+  /** PeerChunkSource stats summed over the nodes (perPeerBytes left out). */
+  source: Omit<PeerSourceStats, 'perPeerBytes'>
+  /** Server side: requests, and what they were answered. */
+  server: {
+    wants: number, haves: number, parentRequests: number, busyPerPeer: number, busyHolderPeers: number, pending: number, served: number
+    /**
+     * Of which: for a chunk this node did not vouch for yet (even after waiting 5 s for
+     * a parent request; of those, image chunks before its catalogs were open), and for
+     * one its fetch for the child failed or was refused (fetchLimit: beyond 32 fetches
+     * for peers).
+     */
+    dontHave: number, dontHaveNotVouched: number, dontHaveNotMounted: number, dontHaveFetchFailed: number, fetchLimit: number
+  }
+  /**
+   * Image chunks from the origin, by what the resolver's last peer attempt did:
+   * asked no parent (the node was the chunk's root in its view of the swarm, or
+   * its budget ran out before), or asked parents and got nothing in time.
+   */
+  originChunks: { noParentAsked: number, parentsFailed: number }
+  /** Whole blobs (metadata and catalogs) from the origin, the same way. */
+  originBlobs: { noParentAsked: number, parentsFailed: number }
+  /** Origin attempts that failed (their bytes count as origin egress all the same): the caller gave up (the chunk timeout), no progress for 10 s, or refused. */
+  originFailures: { cancelled: number, stalled: number, refused: number }
+  /** Hops from the origin of each image chunk a node got from a peer (1: from the root), by depth. */
+  depth: { histogram: number[], mean: number, max: number }
+  /** Simulated ms in PeerChunkSource.get for image chunks, for gets that returned the chunk and gets that did not. */
+  peerGetMs: { hits: number, hitP50: number, hitP99: number, misses: number, missP50: number, missP99: number }
+  /**
+   * DHT walks started; holders() calls answered with the previous walk's answer
+   * while a new one ran; first walks whose answer included members peers told of.
+   */
+  dht: { walks: number, staleAnswers: number, joinAnswers: number }
+}
 
 /** The shared parts: clock, origin, provider records, parameters. */
 class World {
   readonly sim = new Simulator()
+  readonly clock: Clock
   readonly p: ModelParams & { workloadCpuMs: number }
   readonly s: Scenario
   readonly peers: boolean
   readonly origin: Link
   originAlive = true
   readonly originStats = { requests: 0, packBytes: 0, metadataBytes: 0, metadataRequests: 0 }
-  /** Nodes whose announce of a pack has landed, by pack, and the last list of them handed out. */
-  private readonly providers = new Map<string, { nodes: Set<Node>, list: Node[] | undefined }>()
+  /** Nodes whose announce of a pack has landed, by pack, in landing order (append-only: a lookup keeps a length). */
+  private readonly providers = new Map<string, { nodes: Node[], index: Map<Node, number> }>()
   readonly packChunks = new Map<string, Chunk[]>()
-  readonly packKeys = new Map<string, ChunkKey>()
   readonly sharedCpu: Cpu | undefined
   readonly random: () => number
   /** CPU of the RPCs in one DHT walk or provide: one per peer among the k = 20 closest. */
   readonly dhtRpcCost: number
+  /**
+   * One peer-key cache for every node's PeerChunkSource. Each source caches the
+   * rendezvous key of every peer it has seen; all nodes derive the same key from
+   * the same id, so sharing it changes nothing but memory (10,000 nodes that each
+   * see a 10,000-node swarm would hold 10^8 entries).
+   */
+  readonly peerKeys = new Map<string, unknown>()
+  readonly nodesById = new Map<string, Node>()
+  readonly diagnostics: PolicyDiagnostics = {
+    source: { hits: 0, misses: 0, bytesFromPeers: 0, verificationFailures: 0, protocolViolations: 0, bans: 0, badPeers: 0, parentRequests: 0, hedges: 0, timeouts: 0, busy: 0, dontHave: 0, pending: 0 },
+    server: { wants: 0, haves: 0, parentRequests: 0, busyPerPeer: 0, busyHolderPeers: 0, pending: 0, served: 0, dontHave: 0, dontHaveNotVouched: 0, dontHaveNotMounted: 0, dontHaveFetchFailed: 0, fetchLimit: 0 },
+    originChunks: { noParentAsked: 0, parentsFailed: 0 },
+    originBlobs: { noParentAsked: 0, parentsFailed: 0 },
+    originFailures: { cancelled: 0, stalled: 0, refused: 0 },
+    depth: { histogram: [], mean: 0, max: 0 },
+    peerGetMs: { hits: 0, hitP50: 0, hitP99: 0, misses: 0, missP50: 0, missP99: 0 },
+    dht: { walks: 0, staleAnswers: 0, joinAnswers: 0 }
+  }
+
+  readonly peerGetHits: number[] = []
+  readonly peerGetMisses: number[] = []
 
   constructor (options: ModelOptions) {
     this.s = options.scenario
@@ -105,6 +243,8 @@ class World {
     this.sharedCpu = this.p.sharedCores > 0 ? makeCpu(this.sim, this.p.sharedCores) : undefined
     this.random = seededRandom(this.s.seed + 2)
     this.dhtRpcCost = this.p.dhtRpcMs * Math.min(20, this.s.nodes - 1)
+    const sim = this.sim
+    this.clock = { now: () => sim.now, sleep: async (ms, signal) => await sim.sleep(ms, signal), timeout: ms => sim.timeout(ms) }
   }
 
   /** The machine's shared cores (calibration against a real run), or a core of the node's own. */
@@ -112,37 +252,81 @@ class World {
     return this.sharedCpu ?? makeCpu(this.sim, 1)
   }
 
+  /**
+   * A connection between A and B (if the gaters let it): each side JOINs the
+   * other with every swarm it is in (Peering.onConnect; bad-peer.ts does too).
+   */
+  connect (a: Node, b: Node): void {
+    if (a === b || a.connections.has(b) || !a.admits(b) || !b.admits(a)) return
+    a.connections.add(b)
+    b.connections.add(a)
+    if (a.announced.size > 0) this.join(a, b, [...a.announced])
+    if (b.announced.size > 0) this.join(b, a, [...b.announced])
+  }
+
+  /** FROM tells TO it is in these swarms: a JOIN, one link latency on its way. */
+  join (from: Node, to: Node, keys: Digest[]): void {
+    this.deliver(() => { if (to.connections.has(from)) to.joined(from, keys) })
+  }
+
+  /** FROM tells TO about these members of KEY's swarm (MEMBERS), one link latency on its way. */
+  members (from: Node, to: Node, key: Digest, ids: readonly string[]): void {
+    this.deliver(() => { if (to.connections.has(from)) to.heard(key, ids) })
+  }
+
+  /** A node by its peer id (what MEMBERS messages carry). */
+  node (id: string): Node | undefined {
+    return this.nodesById.get(id)
+  }
+
+  private deliver (fn: () => void): void {
+    const latency = this.s.links.latencyMs
+    if (latency === 0) fn()
+    else this.sim.at(this.sim.now + latency, fn)
+  }
+
   /** NODE's provider record for PACK has landed. */
   provide (pack: string, node: Node): void {
     let entry = this.providers.get(pack)
-    if (entry === undefined) this.providers.set(pack, entry = { nodes: new Set(), list: undefined })
-    entry.nodes.add(node)
-    entry.list = undefined
+    if (entry === undefined) this.providers.set(pack, entry = { nodes: [], index: new Map() })
+    if (entry.index.has(node)) return
+    entry.index.set(node, entry.nodes.length)
+    entry.nodes.push(node)
+  }
+
+  /** Whether SWARM (a walk's answer for PACK) lists NODE. */
+  lists (pack: string, swarm: Swarm, node: Node): boolean {
+    return (this.providers.get(pack)?.index.get(node) ?? Infinity) < swarm.count
   }
 
   /**
-   * What a lookup finds: every provider of PACK so far. Lookups between two
-   * landings share one array, so 10,000 nodes do not each keep a 10,000-long copy.
+   * What a walk finds: every provider of PACK so far, as the shared (append-only)
+   * array and how much of it is the answer, so 10,000 nodes do not each keep a
+   * 10,000-long copy.
    */
-  providersOf (pack: string): Node[] {
-    const entry = this.providers.get(pack)
-    if (entry === undefined) return []
-    entry.list ??= [...entry.nodes]
-    return entry.list
+  providersOf (pack: string): Swarm {
+    const nodes = this.providers.get(pack)?.nodes ?? []
+    return { nodes, count: nodes.length }
   }
 
-  chunk (c: { digest: string, pack: string, length: number, storedLength: number }, catalog = false): Chunk {
-    const chunk = { digest: c.digest, key: chunkKey(c.digest), pack: c.pack, length: c.length, storedLength: c.storedLength, catalog }
-    if (!this.packKeys.has(c.pack)) {
-      this.packKeys.set(c.pack, chunkKey(c.pack))
-      this.packChunks.set(c.pack, [])
-    }
-    this.packChunks.get(c.pack)!.push(chunk)
+  chunk (c: { digest: Digest, pack: Digest, packOffset: number, length: number, storedLength: number }, blob = false): Chunk {
+    const chunk: Chunk = { digest: c.digest, pack: c.pack, packOffset: c.packOffset, length: c.length, storedLength: c.storedLength, codec: Codec.none, blob }
+    let chunks = this.packChunks.get(c.pack)
+    if (chunks === undefined) this.packChunks.set(c.pack, chunks = [])
+    chunks.push(chunk)
     return chunk
+  }
+
+  /** A whole blob as a chunk of itself (the agent's wholeBlobChunk). */
+  blob (digest: Digest, size: number): Chunk {
+    return this.chunk({ digest, pack: digest, packOffset: 0, length: size, storedLength: size }, true)
   }
 }
 
-/** One agent (and its workload). Implements NodeKey, so the real rendezvous code ranks it directly. */
+/** A walk's answer: the first COUNT of NODES. */
+interface Swarm { nodes: readonly Node[], count: number }
+
+/** One agent (and its workload). Implements NodeKey, and stands in for its own PeerId. */
 class Node implements NodeKey {
   readonly id: string
   readonly a: number
@@ -152,25 +336,45 @@ class Node implements NodeKey {
   readonly down: Link
   readonly bad: boolean
   alive = true
-  mounted = false
-  readonly held = new Set<string>()
+  /** Whole blobs this node serves (Agent.wholeBlobs): each from the moment its own fetch starts. */
+  private readonly wholeBlobs = new Set<string>()
+  /** The image's catalogs are open (Agent.openServingCatalogs): its chunks may be served. */
+  private servingImage = false
+  /** Chunks held (verified), with how many peer hops from the origin they came (0: this node fetched it). */
+  readonly held = new Map<string, number>()
   readonly result: NodeResult
-  private readonly w: World
+  /** The real peer source (peers mode only). */
+  readonly source: PeerChunkSource | undefined
+  readonly router: SimRouter
+  readonly w: World
   private readonly cpu: Cpu
   private readonly flights = new Map<string, Promise<boolean>>()
-  private readonly announced = new Set<string>()
-  private readonly lookups = new Map<string, Lookup>()
-  private readonly availability = new Map<string, Map<string, Holding>>()
-  private readonly haveQueries = new Map<string, Promise<void>>()
-  private readonly suspects = new Map<string, { until: number, failures: number }>()
-  private readonly bans: PeerBans
-  private readonly everBanned = new Set<string>()
-  private readonly ownerFetches = new Map<string, number>()
-  private ownerFetchesInFlight = 0
-  private readonly serving = new Map<string, number>()
+  /** Depth of a chunk a peer has just sent us, until the resolver takes it. */
+  private readonly arriving = new Map<string, number>()
+  /** Calls this node made, and calls made to it, still in progress. */
+  private readonly outbound = new Set<Call>()
+  private readonly inbound = new Set<Call>()
+  /** Server side: requests in progress by peer, holder requests in progress by peer, fetches for children. */
+  private readonly active = new Map<Node, number>()
+  private readonly holderActive = new Map<Node, number>()
+  private fetchesForPeers = 0
+  /** Parent requests waiting for the mount to learn a digest (Agent.locatorWaiters). */
+  private readonly locatorWaiters = new Set<() => void>()
   private originSlots = HTTP.concurrency
   private readonly slotWaiters: Array<() => void> = []
   private thinking: Promise<void> = Promise.resolve()
+  /** Pack (or whole blob) → the DHT key its swarm announces under (Peering.swarmKeys). */
+  private readonly swarmKeys = new Map<Digest, Digest>()
+  /** Swarm keys this node announced (Peering.announced): what it JOINs to every peer it connects to. */
+  readonly announced = new Set<Digest>()
+  /** Peers this node has a connection to (libp2p's). */
+  readonly connections = new Set<Node>()
+  /** Swarm members heard of from peers (the real SwarmMembers), and the peers whose JOIN stream to us is open (ChunkServer.joined). */
+  private readonly members = new SwarmMembers()
+  private readonly joinedUs = new Set<Node>()
+  /** First walks listening for new members (see firstWalk). */
+  private readonly memberWatchers = new Map<Digest, Set<(member: Node) => void>>()
+  private readonly bans: PeerBans
 
   constructor (w: World, index: number, bad: boolean) {
     this.w = w
@@ -185,15 +389,34 @@ class Node implements NodeKey {
     this.up = new Link(w.sim, `${index} up`, rate)
     this.down = new Link(w.sim, `${index} down`, rate)
     this.cpu = w.cpu()
-    this.bans = new PeerBans({ now: () => w.sim.now })
     this.result = { index, arrivalMs: 0, outcome: 'not-started', sources: {}, uploadBytes: 0, receivedFrom: {}, peerId: this.id, verificationFailures: 0, bannedPeers: 0, unavailableChunks: 0 }
+    this.router = new SimRouter(w, this)
+    this.bans = new PeerBans({ now: w.clock.now })
+    w.nodesById.set(this.id, this)
+    if (w.peers && !bad) {
+      const source = new PeerChunkSource({
+        self: this.peerId,
+        router: this.router,
+        client: new SimClient(this),
+        bans: this.bans,
+        clock: w.clock,
+        verify,
+        swarmOf: pack => this.swarmOf(pack)
+      })
+      shareKeyCache(source, w.peerKeys)
+      this.source = source
+    }
   }
 
+  /** This node as the peer source sees it: PeerChunkSource only calls toString() on a PeerId and hands it back. */
+  get peerId (): PeerId { return this as unknown as PeerId }
+  toString (): string { return this.id }
+
   private get sim (): Simulator { return this.w.sim }
+  private get latency (): number { return this.w.s.links.latencyMs }
 
   /** MS of work on this node's CPU (the machine's, with shared cores). */
   cpuWork (ms: number): Promise<void> { return this.cpu.work(ms) }
-  private get latency (): number { return this.w.s.links.latencyMs }
 
   // --- the workload -------------------------------------------------------------
 
@@ -228,19 +451,120 @@ class Node implements NodeKey {
     }
   }
 
-  /** As Agent.mount: the image's small metadata from the origin, each catalog through the resolver, every pack announced, then the mount's own work. */
+  /**
+   * As Agent.mount (loadImage, openImageView): tag lookups from the origin; the
+   * metadata blobs (manifest, signature manifest and envelope, config) one after
+   * another and then every catalog at once, each through the resolver (peers,
+   * then origin); every pack announced; the catalogs opened for serving; then
+   * the mount's own work (FUSE mount, SQLite opens).
+   */
   private async mount (plan: MountPlan): Promise<void> {
     const signal = this.sim.timeout(120_000) // the agent's bound on setting up a mount
-    for (let i = 0; i < plan.requests; i++) {
-      if (!await this.originGet(plan.bytes / plan.requests, 'metadata', signal)) throw new Error('mount failed: metadata unavailable from the origin')
+    for (let i = 0; i < plan.tags; i++) {
+      if (!await this.originGet(plan.tagBytes, 'metadata', signal)) throw new Error('mount failed: a tag lookup at the origin failed')
     }
-    for (const catalog of plan.catalogs) {
-      if (this.w.peers) this.announce(catalog.pack)
-      if (!await this.resolve(catalog)) throw new Error('mount failed: a catalog was unavailable')
+    for (const blob of plan.metadata) {
+      if (!await this.fetchBlob(blob, plan.manifest)) throw new Error('mount failed: image metadata was unavailable')
     }
-    if (this.w.peers) for (const pack of plan.packs) this.announce(pack)
+    const catalogs = await Promise.all(plan.layers.map(async l => await this.fetchBlob(l.blob, l.catalog)))
+    if (catalogs.includes(false)) throw new Error('mount failed: a catalog was unavailable')
+    // A layer's packs share its catalog's swarm key (the catalog joined it when fetched).
+    for (const layer of plan.layers) this.join(layer.catalog, layer.packs)
+    this.servingImage = true
+    this.locatorChanged()
     await this.cpu.work(this.w.p.mountMs)
-    this.mounted = true
+  }
+
+  /** The agent's fetchBlob: name the blob as servable (a child asking for it makes us fetch it for both), join its group's swarm, resolve it. */
+  private async fetchBlob (blob: Chunk, group: Digest): Promise<boolean> {
+    this.wholeBlobs.add(blob.digest)
+    this.locatorChanged()
+    this.join(group, [blob.digest])
+    return await this.resolve(blob)
+  }
+
+  /** Peering.join: PACKS are in KEY's swarm; announce KEY. */
+  private join (key: Digest, packs: readonly Digest[]): void {
+    for (const pack of packs) if (!this.swarmKeys.has(pack)) this.swarmKeys.set(pack, key)
+    this.announce(key)
+  }
+
+  /** Peering.swarmOf: the DHT key of a pack's swarm. */
+  private swarmOf (pack: Digest): Digest {
+    return this.swarmKeys.get(pack) ?? pack
+  }
+
+  /** Peering.announce: the DHT provide (fire and forget), and a JOIN to every peer we are connected to. */
+  announce (key: Digest): void {
+    if (!this.w.peers || this.announced.has(key)) return
+    this.announced.add(key)
+    void this.router.announce(key, { signal: NEVER })
+    for (const peer of this.connections) this.w.join(this, peer, [key])
+  }
+
+  /**
+   * ChunkServer.join (peer exchange): PEER joined these swarms. It hears the
+   * members we know of each (MEMBERS, up to 32, the most recently heard first),
+   * and the first 8 of those that have a JOIN stream open to us hear of it.
+   * Bad peers (bad-peer.ts) ignore JOINs.
+   */
+  joined (peer: Node, keys: readonly Digest[]): void {
+    if (!this.alive || this.bad) return
+    this.joinedUs.add(peer)
+    for (const key of keys) {
+      const known = this.members.sample(key, MAX_MEMBERS, peer.id)
+      this.addMember(key, peer)
+      this.w.members(this, peer, key, known.map(m => m.id))
+      for (const member of known.slice(0, PASS_ON)) {
+        const other = this.w.node(member.id)
+        if (other !== undefined && this.joinedUs.has(other)) this.w.members(this, other, key, [peer.id])
+      }
+    }
+  }
+
+  /** Peering's onMembers: a peer told us of these members of KEY's swarm. */
+  heard (key: Digest, ids: readonly string[]): void {
+    if (!this.alive) return
+    for (const id of ids) {
+      const member = this.w.node(id)
+      if (member !== undefined && member !== this) this.addMember(key, member)
+    }
+  }
+
+  private addMember (key: Digest, member: Node): void {
+    if (this.members.add(key, member.peerId, [])) for (const watch of this.memberWatchers.get(key) ?? []) watch(member)
+  }
+
+  /** Calls FN with each member of KEY's swarm heard of from now on, until the returned function is called. */
+  watchMembers (key: Digest, fn: (member: Node) => void): () => void {
+    let watchers = this.memberWatchers.get(key)
+    if (watchers === undefined) this.memberWatchers.set(key, watchers = new Set())
+    watchers.add(fn)
+    return () => {
+      watchers.delete(fn)
+      if (watchers.size === 0) this.memberWatchers.delete(key)
+    }
+  }
+
+  /** SwarmMembers.of: the members of KEY's swarm we heard of from peers (the living and the dead). */
+  membersOf (key: Digest): Node[] {
+    return this.members.of(key) as unknown as Node[]
+  }
+
+  /** SwarmMembers.changed: resolves when we next hear of a member of KEY's swarm. */
+  membersChanged (key: Digest, signal: AbortSignal): Promise<void> {
+    return this.members.changed(key, signal)
+  }
+
+  /** The connection to PEER closed: its JOIN stream with it (members heard of stay listed, as in src). */
+  forget (peer: Node): void {
+    this.connections.delete(peer)
+    this.joinedUs.delete(peer)
+  }
+
+  /** Whether the connection gater lets PEER through (not banned). */
+  admits (peer: Node): boolean {
+    return !this.bans.isBanned(peer.id)
   }
 
   /** The application's own work between reads: one thread, so one think at a time. */
@@ -254,10 +578,27 @@ class Node implements NodeKey {
   kill (): void {
     this.alive = false
     this.result.outcome = 'killed'
-    for (const t of [...this.up.transfers, ...this.down.transfers]) t.abort(new PeerGone(`node ${this.index} died`))
+    const gone = new PeerGone(`node ${this.index} died`)
+    for (const t of [...this.up.transfers, ...this.down.transfers]) t.abort(gone)
+    // Its connections reset: every request to it or from it fails at once.
+    for (const call of [...this.inbound, ...this.outbound]) call.fail(new PeerUnavailableError(this.id, 'connection reset'))
+    for (const peer of this.connections) peer.forget(this)
+    this.connections.clear()
+    this.joinedUs.clear()
   }
 
-  // --- ChunkResolver ------------------------------------------------------------
+  /** The results that live in the peer source. */
+  finish (): void {
+    const stats = this.source?.stats
+    if (stats === undefined) return
+    this.result.receivedFrom = Object.fromEntries(stats.perPeerBytes)
+    this.result.verificationFailures = stats.verificationFailures
+    this.result.bannedPeers = stats.badPeers
+    const sum = this.w.diagnostics.source
+    for (const key of Object.keys(sum) as Array<keyof typeof sum>) sum[key] += stats[key]
+  }
+
+  // --- ChunkResolver (restated) -------------------------------------------------
 
   /** True once the chunk is held (verified), false when every pass failed or the chunk timeout ran out. */
   resolve (chunk: Chunk): Promise<boolean> {
@@ -272,11 +613,18 @@ class Node implements NodeKey {
 
   private async fetch (chunk: Chunk): Promise<boolean> {
     const signal = this.sim.timeout(this.w.s.timeouts.chunkMs)
+    let lastPeerTry: 'noParentAsked' | 'parentsFailed' | undefined
     try {
       for (let attempt = 0; attempt < RESOLVER.attempts; attempt++) {
         if (attempt > 0) await this.sim.sleep(RESOLVER.retryDelayMs * 2 ** (attempt - 1), signal)
-        if (this.w.peers && await this.peerGet(chunk, signal)) return this.landed(chunk, 'peers')
-        if (await this.originGet(chunk.storedLength, chunk.catalog ? 'metadata' : 'pack', signal)) return this.landed(chunk, 'origin')
+        if (this.source !== undefined) {
+          lastPeerTry = await this.fromPeers(this.source, chunk, signal)
+          if (lastPeerTry === undefined) return await this.landed(chunk, 'peers')
+        }
+        if (await this.originGet(chunk.storedLength, chunk.blob ? 'metadata' : 'pack', signal)) {
+          if (lastPeerTry !== undefined) this.w.diagnostics[chunk.blob ? 'originBlobs' : 'originChunks'][lastPeerTry]++
+          return await this.landed(chunk, 'origin')
+        }
       }
     } catch (err) {
       if (!(err instanceof TimeoutError)) throw err
@@ -285,18 +633,36 @@ class Node implements NodeKey {
     return false
   }
 
+  /** Peering's chunk source: announce the pack, then the real PeerChunkSource. Undefined when it got the chunk, else what its last try did. */
+  private async fromPeers (source: PeerChunkSource, chunk: Chunk, signal: AbortSignal): Promise<'noParentAsked' | 'parentsFailed' | undefined> {
+    this.announce(this.swarmOf(chunk.pack))
+    const parentRequests = source.stats.parentRequests
+    const started = this.sim.now
+    const bytes = await source.get(chunk, { signal })
+    if (!chunk.blob) (bytes !== undefined ? this.w.peerGetHits : this.w.peerGetMisses).push(this.sim.now - started)
+    if (bytes !== undefined) return undefined
+    // Approximate when other gets run on this node at the same time (fetches for children).
+    return source.stats.parentRequests === parentRequests ? 'noParentAsked' : 'parentsFailed'
+  }
+
   private async landed (chunk: Chunk, source: 'peers' | 'origin'): Promise<boolean> {
+    const depth = source === 'origin' ? 0 : this.arriving.get(chunk.digest) ?? 1
+    this.arriving.delete(chunk.digest)
     // Verifying (and, from the origin, decompressing) costs CPU before the bytes count as held.
     await this.cpu.work(this.w.p.cpuMsPerMB * chunk.length / 1e6)
-    this.held.add(chunk.digest)
-    if (chunk.catalog) return true // the agent's source stats count chunk reads, and so does the report
+    this.held.set(chunk.digest, depth)
+    if (chunk.blob) return true // the agent's source stats count chunk reads, and so does the report
+    if (source === 'peers') {
+      const h = this.w.diagnostics.depth.histogram
+      h[depth] = (h[depth] ?? 0) + 1
+    }
     const s = (this.result.sources[source] ??= { chunks: 0, bytes: 0 })
     s.chunks++
     s.bytes += chunk.length
     return true
   }
 
-  // --- HttpOrigin ---------------------------------------------------------------
+  // --- HttpOrigin (restated) ----------------------------------------------------
 
   /** BYTES from the origin with HttpOrigin's retries; false when it gave up. Rejects only when SIGNAL aborts. */
   private async originGet (bytes: number, kind: 'pack' | 'metadata', signal: AbortSignal): Promise<boolean> {
@@ -315,24 +681,32 @@ class Node implements NodeKey {
     }
   }
 
+  /** One attempt: it fails after requestTimeoutMs without progress (no response yet, or no more body bytes). */
   private async originAttempt (bytes: number, kind: 'pack' | 'metadata', signal: AbortSignal): Promise<void> {
     await this.acquireOriginSlot(signal)
-    const attempt = AbortSignal.any([signal, this.sim.timeout(HTTP.requestTimeoutMs)])
+    const stall = new Watchdog(this.sim, HTTP.requestTimeoutMs)
+    const attempt = AbortSignal.any([signal, stall.signal])
     try {
       this.w.originStats.requests++
       await this.request(this.w.s.origin.latencyMs + 2 * this.latency, attempt)
       if (!this.w.originAlive) throw new PeerGone('connection refused')
-      await this.receive(new Transfer(this.sim, this.w.origin, this.down, bytes, this.transferOptions()), attempt, true)
+      stall.started()
+      await this.receive(new Transfer(this.sim, this.w.origin, this.down, bytes, { ...this.transferOptions(), onProgress: stall.progress }), attempt, true)
       if (kind === 'pack') this.w.originStats.packBytes += bytes
       else {
         this.w.originStats.metadataBytes += bytes
         this.w.originStats.metadataRequests++
       }
     } catch (err) {
+      const o = this.w.diagnostics.originFailures
+      if (signal.aborted) o.cancelled++
+      else if (stall.signal.aborted) o.stalled++
+      else o.refused++
       if (signal.aborted) throw signal.reason
-      if (attempt.aborted) throw new TimeoutError(HTTP.requestTimeoutMs)
+      if (stall.signal.aborted) throw new TimeoutError(HTTP.requestTimeoutMs)
       throw err
     } finally {
+      stall.stop()
       this.releaseOriginSlot()
     }
   }
@@ -365,7 +739,7 @@ class Node implements NodeKey {
 
   /** A request on its way: LATENCYMS on the wire, then requestOverheadMs of CPU to handle it (which contends, with shared cores). */
   private async request (latencyMs: number, signal: AbortSignal): Promise<void> {
-    await this.sim.sleep(latencyMs, signal)
+    if (latencyMs > 0) await this.sim.sleep(latencyMs, signal)
     await abortable(this.cpu.work(this.w.p.requestOverheadMs), signal)
   }
 
@@ -389,289 +763,435 @@ class Node implements NodeKey {
     }
   }
 
-  // --- PeerChunkSource ----------------------------------------------------------
+  // --- the chunk protocol's transport (ChunkClient's job) ------------------------
 
-  private async peerGet (chunk: Chunk, signal: AbortSignal): Promise<boolean> {
-    const budget = AbortSignal.any([signal, this.sim.timeout(PEER.maxWaitMs)])
-    try {
-      return await this.find(chunk, budget)
-    } catch (err) {
-      if (signal.aborted) throw signal.reason
-      if (!budget.aborted) throw err
-      return false
-    }
-  }
-
-  private async find (chunk: Chunk, signal: AbortSignal): Promise<boolean> {
-    this.announce(chunk.pack)
-    const swarm = await this.swarm(chunk.pack, signal)
-    await this.refreshAvailability(chunk.pack, swarm, signal)
-    const selection = selectSources({
-      key: chunk.key,
-      self: this as Node,
-      swarm,
-      holders: this.holders(chunk),
-      excluded: id => this.excluded(id),
-      maxOwners: PEER.maxOwners,
-      maxHolders: PEER.maxHolders
-    })
-    if (selection.holders.length > 0 && await this.fromHolders(selection.holders, chunk, signal)) return true
-    if (selection.selfIsOwner || this.ownerFetches.has(chunk.digest)) return false
-    for (const owner of selection.owners) {
-      if (await this.fromOwner(owner, chunk, signal)) return true
-    }
-    return false
-  }
-
-  /** DhtPackRouter.announce: once per pack; visible to lookups once the provide's work is done. */
-  private announce (pack: string): void {
-    if (this.announced.has(pack)) return
-    this.announced.add(pack)
-    void this.cpu.work(this.w.p.announceMs + this.w.dhtRpcCost).then(() => {
-      if (!this.alive) return
-      this.w.provide(pack, this)
-    })
-  }
-
-  /** The pack's swarm (self included once announced): one lookup at a time, reused for lookupCacheMs after it ends, waited for at most 1.5 s. */
-  private async swarm (pack: string, signal: AbortSignal): Promise<Node[]> {
-    let lookup = this.lookups.get(pack)
-    if (lookup === undefined || (lookup.done && lookup.expires <= this.sim.now)) {
-      const walk = deferred<void>(this.sim)
-      const fresh: Lookup = { done: false, found: [], expires: Infinity, finished: walk.promise }
-      this.lookups.set(pack, fresh)
-      void this.cpu.work(this.w.p.lookupMs + this.w.dhtRpcCost).then(() => {
-        // Self is in it once its own announce has landed; selectSources accepts that (and adds self if not).
-        fresh.found = this.w.providersOf(pack)
-        fresh.done = true
-        fresh.expires = this.sim.now + this.w.p.lookupCacheMs
-        walk.resolve()
-      })
-      lookup = fresh
-    }
-    if (!lookup.done) {
-      const wait = AbortSignal.any([signal, this.sim.timeout(PEER.lookupWaitMs)])
-      await abortable(lookup.finished, wait).catch(() => {})
-      signal.throwIfAborted()
-    }
-    return lookup.done ? lookup.found : []
-  }
-
-  private async refreshAvailability (pack: string, swarm: Node[], signal: AbortSignal): Promise<void> {
-    const sample = topNodes(spreadKey(this.w.packKeys.get(pack)!, this), swarm, PEER.availabilitySample, p => p === this || this.excluded(p.id))
-    const queries = sample.filter(p => !this.fresh(pack, p.id)).map(p => this.queryHave(pack, p))
-    if (queries.length === 0) return
-    const wait = AbortSignal.any([signal, this.sim.timeout(PEER.timeoutMs)])
-    await abortable(Promise.allSettled(queries), wait).catch(() => {})
-    signal.throwIfAborted()
-  }
-
-  private queryHave (pack: string, peer: Node): Promise<void> {
-    const key = `${pack} ${peer.id}`
-    let query = this.haveQueries.get(key)
-    if (query === undefined) {
-      query = this.request(this.latency, this.sim.timeout(PEER.timeoutMs))
-        .then(async () => {
-          if (!peer.alive) throw new PeerGone('connection refused')
-          const chunks = peer.heldIn(pack)
-          await this.sim.sleep(this.latency)
-          this.healthy(peer)
-          this.setHolding(pack, { peer, chunks, expires: this.sim.now + PEER.availabilityTtlMs, complete: true })
-        })
-        .catch(() => this.failed(peer))
-        .finally(() => this.haveQueries.delete(key))
-      this.haveQueries.set(key, query)
-    }
-    return query
-  }
-
-  /** At most two holders in flight; the second starts when the first fails or is slower than the hedge delay. */
-  private async fromHolders (holders: Node[], chunk: Chunk, signal: AbortSignal): Promise<boolean> {
-    const done = new AbortController()
-    const scope = AbortSignal.any([signal, done.signal])
-    const running = new Map<Node, Promise<{ peer: Node, ok: boolean }>>()
-    let next = 0
-    const launch = (): void => {
-      const peer = holders[next++]!
-      running.set(peer, this.attempt(peer, chunk, { fetch: false, waitMs: 0 }, scope).then(result => ({ peer, ok: result === 'data' })))
-    }
-    try {
-      launch()
-      while (running.size > 0) {
-        const timer = new AbortController()
-        const contenders: Array<Promise<'hedge' | 'stop' | { peer: Node, ok: boolean }>> = [...running.values()]
-        if (next < holders.length && running.size < 2) {
-          contenders.push(this.sim.sleep(PEER.hedgeDelayMs, AbortSignal.any([timer.signal, scope])).then(() => 'hedge' as const, () => 'stop' as const))
-        }
-        const first = await Promise.race(contenders)
-        timer.abort()
-        if (first === 'stop') return false
-        if (first === 'hedge') {
-          launch()
-          continue
-        }
-        running.delete(first.peer)
-        if (first.ok) return true
-        if (next < holders.length && running.size < 2) launch()
+  /**
+   * WORK on TARGET on this node's behalf, as one request of the chunk protocol:
+   * rejects when SIGNAL aborts (the client forgets the request; WORK sees SIGNAL,
+   * as the server sees the CANCEL), when either node dies, or on disconnect.
+   */
+  call<T> (target: Node, work: (signal: AbortSignal) => Promise<T>, signal: AbortSignal): Promise<T> {
+    if (signal.aborted) return Promise.reject(signal.reason)
+    return new Promise<T>((resolve, reject) => {
+      let done = false
+      const settle = (fn: () => void): void => {
+        if (done) return
+        done = true
+        signal.removeEventListener('abort', onAbort)
+        this.outbound.delete(call)
+        target.inbound.delete(call)
+        fn()
       }
-      return false
-    } finally {
-      done.abort()
+      const call: Call = { target, fail: err => settle(() => reject(err)) }
+      const onAbort = (): void => settle(() => reject(signal.reason))
+      if (!this.alive) {
+        reject(new PeerUnavailableError(target.id, 'this node is dead'))
+        return
+      }
+      // A request needs a connection: a new one exchanges JOINs (Peering.onConnect, on both sides).
+      if (target.alive) this.w.connect(this, target)
+      signal.addEventListener('abort', onAbort, { once: true })
+      this.outbound.add(call)
+      target.inbound.add(call)
+      work(signal).then(value => settle(() => resolve(value)), (err: Error) => settle(() => reject(err)))
+    })
+  }
+
+  /** ChunkClient.disconnect: the session to PEER fails, and every request on it; the connection closes. */
+  hangUp (peer: Node): void {
+    for (const call of [...this.outbound]) if (call.target === peer) call.fail(new PeerUnavailableError(peer.id, 'disconnected by us'))
+    if (this.connections.has(peer)) {
+      this.forget(peer)
+      peer.forget(this)
     }
   }
 
-  private async fromOwner (owner: Node, chunk: Chunk, signal: AbortSignal): Promise<boolean> {
-    for (let round = 0; round < PEER.maxPendingRounds; round++) {
-      const result = await this.attempt(owner, chunk, { fetch: true, waitMs: PEER.ownerWaitMs }, signal)
-      if (result !== 'pending') return result === 'data'
-    }
-    return false
-  }
+  // --- ChunkServer and LocalChunks (restated) -----------------------------------
 
-  /** One request to one peer under its own deadline; every failure is booked here. */
-  private async attempt (peer: Node, chunk: Chunk, ask: { fetch: boolean, waitMs: number }, signal: AbortSignal): Promise<Reply | undefined> {
-    const deadline = this.sim.timeout(ask.waitMs + PEER.timeoutMs)
-    let reply: Reply
-    try {
-      reply = await peer.serve(this, chunk, ask, AbortSignal.any([signal, deadline]))
-    } catch {
-      if (!signal.aborted) this.failed(peer)
-      return undefined
-    }
-    this.healthy(peer)
-    switch (reply) {
-      case 'bad-data':
-        // The length is right, the SHA-256 is not: ban, forget what it claimed, try elsewhere.
-        this.result.verificationFailures++
-        this.ban(peer)
-        return undefined
-      case 'data':
-        this.result.receivedFrom[peer.id] = (this.result.receivedFrom[peer.id] ?? 0) + chunk.length
-        this.noteHolds(chunk, peer)
-        return 'data'
-      case 'dont-have':
-        this.availability.get(chunk.pack)?.delete(peer.id)
-        return reply
-      default:
-        return reply
-    }
-  }
-
-  private ban (peer: Node): void {
-    if (!this.bans.isBanned(peer.id)) {
-      this.bans.ban(peer.id, PEER.banMs)
-      this.everBanned.add(peer.id)
-      this.result.bannedPeers = this.everBanned.size
-    }
-    for (const holdings of this.availability.values()) holdings.delete(peer.id)
-  }
-
-  private failed (peer: Node): void {
-    const failures = (this.suspects.get(peer.id)?.failures ?? 0) + 1
-    this.suspects.set(peer.id, { until: this.sim.now + Math.min(PEER.banMs, PEER.suspectMs * 2 ** (failures - 1)), failures })
-  }
-
-  private healthy (peer: Node): void {
-    this.suspects.delete(peer.id)
-  }
-
-  private excluded (id: string): boolean {
-    return this.bans.isBanned(id) || (this.suspects.get(id)?.until ?? 0) > this.sim.now
-  }
-
-  // --- availability -------------------------------------------------------------
-
-  private fresh (pack: string, id: string): boolean {
-    const h = this.availability.get(pack)?.get(id)
-    return h !== undefined && h.complete && h.expires > this.sim.now
-  }
-
-  private setHolding (pack: string, holding: Holding): void {
-    let holdings = this.availability.get(pack)
-    if (holdings === undefined) this.availability.set(pack, holdings = new Map())
-    holdings.set(holding.peer.id, holding)
-  }
-
-  /** A peer just sent us this chunk: it holds it, whatever its last answer said. */
-  private noteHolds (chunk: Chunk, peer: Node): void {
-    const current = this.availability.get(chunk.pack)?.get(peer.id)
-    if (current !== undefined && current.expires > this.sim.now) {
-      current.chunks = new Set([...current.chunks, chunk.digest])
-    } else {
-      this.setHolding(chunk.pack, { peer, chunks: new Set([chunk.digest]), expires: this.sim.now + PEER.availabilityTtlMs, complete: false })
-    }
-  }
-
-  private holders (chunk: Chunk): Node[] {
-    const holdings = this.availability.get(chunk.pack)
-    if (holdings === undefined) return []
-    const found: Node[] = []
-    for (const [id, h] of holdings) {
-      if (h.expires <= this.sim.now) holdings.delete(id)
-      else if (h.chunks.has(chunk.digest)) found.push(h.peer)
-    }
-    return found
-  }
-
-  /** What this node would answer to HAVE? for a pack; a bad peer claims all of an image pack (it knows no catalogs). */
-  heldIn (pack: string): ReadonlySet<string> {
-    const chunks = this.w.packChunks.get(pack) ?? []
-    return new Set(chunks.filter(c => (this.bad && !c.catalog) || this.held.has(c.digest)).map(c => c.digest))
-  }
-
-  // --- ChunkServer --------------------------------------------------------------
-
-  /** Answers FROM's want: the request travels, the answer (or the chunk, uncompressed) comes back. */
-  async serve (from: Node, chunk: Chunk, ask: { fetch: boolean, waitMs: number }, signal: AbortSignal): Promise<Reply> {
+  /** A request reaches this node: the link latency, then its CPU; refused if this node is dead. */
+  private async arrive (signal: AbortSignal): Promise<void> {
     await this.request(this.latency, signal)
-    if (!this.alive) throw new PeerGone('connection refused')
-    const active = this.serving.get(from.id) ?? 0
-    if (active >= SERVER.maxConcurrentPerPeer) return await this.answer('busy', signal)
-    this.serving.set(from.id, active + 1)
-    try {
-      const found = (this.bad && !chunk.catalog) || this.held.has(chunk.digest) || (ask.fetch && await this.ownerFetch(chunk, Math.min(ask.waitMs, SERVER.maxWaitMs)))
-      // (ownerFetch says false when this node cannot or will not fetch it: dont-have, and the requester tries the next owner.)
-      if (found === 'pending') return await this.answer('pending', signal)
-      if (found !== true) return await this.answer('dont-have', signal)
-      void this.cpu.work(this.w.p.cpuMsPerMB * chunk.length / 1e6) // sending costs the sender CPU too, which slows its own reads
-      await from.receive(new Transfer(this.sim, this.up, from.down, chunk.length, this.transferOptions()), signal, false)
-      this.result.uploadBytes += chunk.length
-      return this.bad ? 'bad-data' : 'data'
-    } finally {
-      this.serving.set(from.id, (this.serving.get(from.id) ?? 1) - 1)
+    if (!this.alive) throw new PeerUnavailableError(this.id, 'connection refused')
+  }
+
+  /** An answer without data goes back over the link. */
+  private async reply<S extends 'dont-have' | 'busy' | 'pending'> (status: S, signal: AbortSignal): Promise<{ status: S }> {
+    if (this.latency > 0) await this.sim.sleep(this.latency, signal)
+    return { status }
+  }
+
+  /** Answers FROM's want (ChunkServer.answer with LocalChunks.get). */
+  async serve (from: Node, chunk: Chunk, ask: WantOptions, signal: AbortSignal): Promise<ChunkReply> {
+    const d = this.w.diagnostics.server
+    d.wants++
+    await this.arrive(signal)
+    if (this.bad) {
+      // simulations/lib/bad-peer.ts: every image chunk, with a bit flipped; no limits.
+      if (chunk.blob) return await this.reply('dont-have', signal)
+      await this.send(from, chunk, signal)
+      return { status: 'data', bytes: BAD_BYTES }
     }
+    const active = this.active.get(from) ?? 0
+    if (active >= SERVER.maxConcurrentPerPeer) {
+      d.busyPerPeer++
+      return await this.reply('busy', signal)
+    }
+    if (!ask.fetch && !this.holderActive.has(from) && this.holderActive.size >= SERVER.maxHolderPeers) {
+      d.busyHolderPeers++
+      return await this.reply('busy', signal)
+    }
+    increment(this.active, from, 1)
+    if (!ask.fetch) increment(this.holderActive, from, 1)
+    try {
+      let found: boolean | 'pending'
+      if (ask.fetch) {
+        d.parentRequests++
+        found = await abortable(this.forChild(chunk, Math.min(ask.waitMs, SERVER.maxWaitMs)), signal)
+      } else {
+        found = this.vouches(chunk) && this.held.has(chunk.digest)
+      }
+      if (found === 'pending') {
+        d.pending++
+        return await this.reply('pending', signal)
+      }
+      if (!found) {
+        d.dontHave++
+        if (!this.vouches(chunk)) {
+          d.dontHaveNotVouched++
+          if (!chunk.blob) d.dontHaveNotMounted++
+        }
+        else if (ask.fetch) d.dontHaveFetchFailed++
+        return await this.reply('dont-have', signal)
+      }
+      await this.send(from, chunk, signal)
+      d.served++
+      return { status: 'data', bytes: GOOD_BYTES }
+    } finally {
+      increment(this.active, from, -1)
+      if (!ask.fetch) increment(this.holderActive, from, -1)
+    }
+  }
+
+  /** A parent request (ChunkServer.lookup): LocalChunks.get with the fetch flag, or `pending` after WAITMS while it runs on. */
+  private async forChild (chunk: Chunk, waitMs: number): Promise<boolean | 'pending'> {
+    const expired = this.sim.sleep(waitMs).then(() => 'pending' as const)
+    return await Promise.race([this.fetchForChild(chunk), expired])
   }
 
   /**
-   * As the chunk's owner: fetch it through our own resolver (once for everybody),
-   * or say `pending` when the wait runs out. Only for chunks our catalogs vouch
-   * for, and at most 32 at a time (Peering's LocalChunks).
+   * Peering's LocalChunks.get(fetch): once our mount knows the chunk (waiting up
+   * to 5 s for it to learn it), the chunk if held, else fetched through our own
+   * resolver (once for everybody, our own reads included). False (dont-have)
+   * when the mount did not learn it in time, or beyond 32 fetches for peers.
+   * (The wait is not cut short when the child cancels, as src's would be.)
    */
-  private async ownerFetch (chunk: Chunk, waitMs: number): Promise<boolean | 'pending'> {
-    const vouched = chunk.catalog ? this.held.has(chunk.digest) : this.mounted
-    if (!vouched || this.ownerFetchesInFlight >= SERVER.maxOwnerFetches) return false
-    this.ownerFetchesInFlight++
-    this.ownerFetches.set(chunk.digest, (this.ownerFetches.get(chunk.digest) ?? 0) + 1)
-    const fetching = this.resolve(chunk)
-    void fetching.finally(() => {
-      this.ownerFetchesInFlight--
-      const n = (this.ownerFetches.get(chunk.digest) ?? 1) - 1
-      if (n === 0) this.ownerFetches.delete(chunk.digest)
-      else this.ownerFetches.set(chunk.digest, n)
-    })
-    const expired = this.sim.sleep(waitMs).then(() => 'pending' as const)
-    return await Promise.race([fetching, expired])
+  private async fetchForChild (chunk: Chunk): Promise<boolean> {
+    if (!await this.locateSoon(chunk, LOCATE_WAIT_MS)) return false
+    if (this.held.has(chunk.digest)) return true
+    if (this.fetchesForPeers >= SERVER.maxFetchesForPeers) {
+      this.w.diagnostics.server.fetchLimit++
+      return false
+    }
+    this.fetchesForPeers++
+    try {
+      return await this.resolve(chunk)
+    } finally {
+      this.fetchesForPeers--
+    }
   }
 
-  private async answer (reply: Reply, signal: AbortSignal): Promise<Reply> {
-    await this.sim.sleep(this.latency, signal)
-    return reply
+  /** Agent.locate: a whole blob once this node's own fetch of it started, an image chunk once its catalogs are open. */
+  private vouches (chunk: Chunk): boolean {
+    return chunk.blob ? this.wholeBlobs.has(chunk.digest) : this.servingImage
   }
+
+  /** Agent.locateSoon: whether we vouch for CHUNK, waiting up to MS for the mount to learn it. */
+  private async locateSoon (chunk: Chunk, ms: number): Promise<boolean> {
+    if (this.vouches(chunk)) return true
+    const until = this.sim.now + ms
+    while (!this.vouches(chunk) && this.sim.now < until) {
+      const learnt = deferred<void>(this.sim)
+      this.locatorWaiters.add(learnt.resolve)
+      await Promise.race([learnt.promise, this.sim.sleep(until - this.sim.now)])
+      this.locatorWaiters.delete(learnt.resolve)
+    }
+    return this.vouches(chunk)
+  }
+
+  /** Agent.locatorChanged: the mount learnt more digests. */
+  private locatorChanged (): void {
+    for (const wake of [...this.locatorWaiters]) wake()
+  }
+
+  /**
+   * Sends CHUNK to FROM: as stored (one zstd frame) when the image stored it
+   * compressed, else raw (whole blobs, and what a bad peer sends). Sending
+   * (compressing, encrypting) costs this node CPU too, which slows its own reads.
+   */
+  private async send (from: Node, chunk: Chunk, signal: AbortSignal): Promise<void> {
+    if (!this.alive) throw new PeerUnavailableError(this.id, 'connection reset')
+    const wire = this.bad ? chunk.length : wireBytes(chunk)
+    void this.cpu.work(this.w.p.cpuMsPerMB * chunk.length / 1e6)
+    await from.receive(new Transfer(this.sim, this.up, from.down, wire, this.transferOptions()), signal, false)
+    this.result.uploadBytes += wire
+    if (!this.bad) from.arriving.set(chunk.digest, (this.held.get(chunk.digest) ?? 0) + 1)
+  }
+
+  /** Answers FROM's HAVE: the byte ranges of PACK this node holds (LocalChunks.held); a bad peer claims every pack of the image whole. */
+  async answerHave (pack: Digest, signal: AbortSignal): Promise<ByteRange[]> {
+    this.w.diagnostics.server.haves++
+    await this.arrive(signal)
+    const chunks = this.w.packChunks.get(pack) ?? []
+    const ranges: ByteRange[] = []
+    if (this.bad) {
+      if (chunks.some(c => !c.blob)) ranges.push({ offset: 0, length: Math.max(...chunks.map(c => c.packOffset + c.storedLength)) })
+    } else {
+      for (const c of chunks) if (this.vouches(c) && this.held.has(c.digest)) ranges.push({ offset: c.packOffset, length: c.storedLength })
+    }
+    if (this.latency > 0) await this.sim.sleep(this.latency, signal)
+    return normalizeRanges(ranges) // as ChunkClient does with every HAVE
+  }
+}
+
+/** The requesting side of the chunk protocol for the real PeerChunkSource, over the model's links. */
+class SimClient implements ChunkRequester {
+  private readonly node: Node
+
+  constructor (node: Node) {
+    this.node = node
+  }
+
+  async want (peer: PeerId, chunk: { digest: Digest, length: number }, options: WantOptions): Promise<ChunkReply> {
+    const target = peer as unknown as Node
+    return await this.node.call(target, signal => target.serve(this.node, chunk as Chunk, options, signal), options.signal)
+  }
+
+  async have (peer: PeerId, pack: Digest, options: { signal: AbortSignal }): Promise<ByteRange[]> {
+    const target = peer as unknown as Node
+    return await this.node.call(target, signal => target.answerHave(pack, signal), options.signal)
+  }
+
+  async disconnect (peer: PeerId): Promise<void> {
+    this.node.hangUp(peer as unknown as Node)
+  }
+}
+
+/** DhtPackRouter over the model's cost model of kad-dht (see the header). */
+class SimRouter implements PackRouter {
+  private readonly w: World
+  private readonly node: Node
+  private readonly announced = new Map<string, Promise<void>>()
+  private readonly lookups = new Map<string, Lookup>()
+
+  constructor (w: World, node: Node) {
+    this.w = w
+    this.node = node
+  }
+
+  async announce (pack: Digest, options: { signal: AbortSignal }): Promise<void> {
+    let provide = this.announced.get(pack)
+    if (provide === undefined) {
+      // Peering delays a key's first provide by 5-15 s (peer exchange finds a burst's swarm first).
+      const delay = PROVIDE_DELAY_MS.min + this.w.random() * (PROVIDE_DELAY_MS.max - PROVIDE_DELAY_MS.min)
+      provide = this.w.sim.sleep(delay)
+        .then(async () => await this.node.cpuWork(this.w.p.announceMs + this.w.dhtRpcCost))
+        .then(() => { if (this.node.alive) this.w.provide(pack, this.node) })
+      this.announced.set(pack, provide)
+    }
+    await abortable(provide, options.signal)
+  }
+
+  /** The members peers told us of first, then the walk's answer (DhtPackRouter.holders). */
+  holders (key: Digest, options: { signal: AbortSignal }): AsyncIterable<PeerId> {
+    const heard = this.node.membersOf(key)
+    const lookup = this.lookup(key, heard.length > 0)
+    // Stale-while-revalidate: a read does not wait for a walk when the last one answered.
+    if (!lookup.done && lookup.previous !== undefined) {
+      this.w.diagnostics.dht.staleAnswers++
+      return peersOf(heard, lookup.previous, this.node)
+    }
+    if (lookup.done) return peersOf(heard, lookup.found, this.node)
+    return firstWalk(lookup, this.node, options.signal)
+  }
+
+  /** The key's current walk, or a new one when the last is stale (an empty one after 1 s, unless members told us of themselves). */
+  private lookup (pack: Digest, haveMembers: boolean): Lookup {
+    const cached = this.lookups.get(pack)
+    if (cached !== undefined && (cached.others > 0 || haveMembers ? cached.expires : cached.emptyExpires) > this.w.sim.now) return cached
+    const walk = deferred<void>(this.w.sim)
+    const lookup: Lookup = { key: pack, done: false, found: NOBODY, others: 0, previous: cached?.found, expires: Infinity, emptyExpires: Infinity, finished: walk.promise }
+    this.lookups.set(pack, lookup)
+    this.w.diagnostics.dht.walks++
+    void this.node.cpuWork(this.w.p.lookupMs + this.w.dhtRpcCost).then(() => {
+      lookup.found = this.w.providersOf(pack)
+      lookup.others = lookup.found.count - (this.w.lists(pack, lookup.found, this.node) ? 1 : 0)
+      lookup.done = true
+      lookup.expires = this.w.sim.now + this.w.p.lookupCacheMs
+      // An empty answer is retried sooner: in a burst the others' records may be a moment away.
+      lookup.emptyExpires = this.w.sim.now + Math.min(this.w.p.lookupCacheMs, EMPTY_ANSWER_TTL_MS)
+      walk.resolve()
+    })
+    return lookup
+  }
+}
+
+interface Lookup {
+  key: Digest
+  done: boolean
+  /** The walk's answer, and how many of it are not self. */
+  found: Swarm
+  others: number
+  previous: Swarm | undefined
+  expires: number
+  emptyExpires: number
+  finished: Promise<void>
+}
+
+/** DhtPackRouter: how long a walk that found nobody is reused (unless members told us of themselves). */
+const EMPTY_ANSWER_TTL_MS = 1000
+/** ChunkServer's peer exchange: members a JOIN is answered with (chunk-protocol's MAX_MEMBERS), and members told of a newcomer. */
+const PASS_ON = 8
+/** Peering's LOCATE_WAIT_MS: how long a parent waits for its mount to learn a digest it is asked for. */
+const LOCATE_WAIT_MS = 5000
+/** Peering's provideDelayMs: a key's first provide waits 5-15 s. */
+const PROVIDE_DELAY_MS = { min: 5000, max: 15_000 }
+const NOBODY: Swarm = { nodes: [], count: 0 }
+
+/**
+ * HEARD, then a walk's answer without them and without self, as
+ * DhtPackRouter.holders yields them: an iterator, not a generator, as this
+ * runs for every chunk a node gets, over every member of its swarm.
+ */
+function peersOf (heard: readonly Node[], swarm: Swarm, self: Node): AsyncIterable<PeerId> {
+  const skip = heard.length === 0 ? undefined : new Set(heard)
+  return {
+    [Symbol.asyncIterator]: () => {
+      let h = 0
+      let i = 0
+      return {
+        next: async () => {
+          if (h < heard.length) return { value: heard[h++]!.peerId, done: false }
+          while (i < swarm.count && (swarm.nodes[i] === self || skip?.has(swarm.nodes[i]!) === true)) i++
+          return i < swarm.count ? { value: swarm.nodes[i++]!.peerId, done: false } : { value: undefined, done: true }
+        }
+      }
+    }
+  }
+}
+
+/**
+ * A key's first walk: members as peers tell us of them while it runs, then its
+ * answer once it ends (the model's walk finds nothing before that); the caller
+ * stops listening when its signal aborts (the peer source's lookupWaitMs).
+ */
+async function * firstWalk (lookup: Lookup, self: Node, signal: AbortSignal): AsyncIterable<PeerId> {
+  // src re-reads every member at each change; the model takes the ones it has not seen from a
+  // watch instead (the same members, without rereading up to 1,024 of them each time).
+  const heard = self.membersOf(lookup.key)
+  const stop = self.watchMembers(lookup.key, member => heard.push(member))
+  const seen = new Set<Node>()
+  // One wait for the walk's end for all the rounds (a new one each round would pile up abort listeners).
+  const walked = abortable(lookup.finished, signal)
+  walked.catch(() => {})
+  try {
+    for (let next = 0; ; ) {
+      while (next < heard.length) {
+        const member = heard[next++]!
+        if (seen.has(member)) continue
+        seen.add(member)
+        yield member.peerId
+      }
+      if (lookup.done) {
+        self.w.diagnostics.dht.joinAnswers += seen.size > 0 ? 1 : 0
+        yield * peersOf([...seen], lookup.found, self)
+        return
+      }
+      await Promise.race([walked, self.membersChanged(lookup.key, signal)])
+    }
+  } finally {
+    stop()
+  }
+}
+
+/** Makes SOURCE use one peer-key cache shared by every node (see World.peerKeys). */
+function shareKeyCache (source: PeerChunkSource, cache: Map<string, unknown>): void {
+  const internals = source as unknown as { peers?: unknown }
+  if (!(internals.peers instanceof Map)) {
+    throw new Error('PeerChunkSource no longer keeps its peer keys in `peers`: update shareKeyCache in simulations/lib/model-world.ts (without a shared cache, memory grows with nodes squared)')
+  }
+  internals.peers = cache
+}
+
+/** A TCP segment: what a real response makes progress by. */
+const SEGMENT_BYTES = 1460
+
+/**
+ * HttpOrigin's no-progress timeout in simulated time: `signal` aborts when the
+ * response has not started `ms` after the request, or when its bytes come
+ * slower than one segment per `ms`. The model moves pieces of pieceBytes, so a
+ * piece that took a while stands for a trickle of segments over that time (a
+ * fair share of a busy origin); it is checked as each piece arrives.
+ */
+class Watchdog {
+  readonly signal: AbortSignal
+  private readonly controller = new AbortController()
+  private readonly sim: Simulator
+  private readonly ms: number
+  private last: number | undefined
+  private stopped = false
+
+  constructor (sim: Simulator, ms: number) {
+    this.sim = sim
+    this.ms = ms
+    this.signal = this.controller.signal
+    sim.at(sim.now + ms, () => { if (this.last === undefined) this.stall() })
+  }
+
+  /** The response started (headers). */
+  started (): void {
+    this.last ??= this.sim.now
+  }
+
+  /** BYTES of body arrived (called from a quiet piece event): as that many segments, evenly spread since the last piece. */
+  readonly progress = (bytes: number): void => {
+    const last = this.last ?? this.sim.now
+    this.last = this.sim.now
+    if (this.sim.now - last > this.ms * Math.ceil(bytes / SEGMENT_BYTES)) this.stall()
+  }
+
+  stop (): void { this.stopped = true }
+
+  private stall (): void {
+    if (this.stopped || this.signal.aborted) return
+    this.sim.wake()
+    this.controller.abort(new TimeoutError(this.ms))
+  }
+}
+
+/**
+ * What a chunk costs on the wire between peers: its stored bytes when the image
+ * stored it compressed (the catalog's codec is zstd; the converter keeps a chunk
+ * raw unless compression saves enough, so stored < length says zstd), else its
+ * bytes. Whole blobs travel raw.
+ */
+function wireBytes (chunk: Chunk): number {
+  return !chunk.blob && chunk.storedLength < chunk.length ? chunk.storedLength : chunk.length
+}
+
+/** A signal that never aborts. */
+const NEVER = new AbortController().signal
+
+/** Adds BY to a per-peer count, dropping the entry at zero (as ChunkServer does). */
+function increment (counts: Map<Node, number>, peer: Node, by: number): void {
+  const n = (counts.get(peer) ?? 0) + by
+  if (n <= 0) counts.delete(peer)
+  else counts.set(peer, n)
 }
 
 /** PROMISE, or a rejection with SIGNAL's reason as soon as it aborts. */
 function abortable<T> (promise: Promise<T>, signal: AbortSignal): Promise<T> {
   if (signal.aborted) return Promise.reject(signal.reason)
+  if (signal === NEVER) return promise
   return new Promise<T>((resolve, reject) => {
     const onAbort = (): void => reject(signal.reason)
     signal.addEventListener('abort', onAbort, { once: true })
@@ -679,11 +1199,74 @@ function abortable<T> (promise: Promise<T>, signal: AbortSignal): Promise<T> {
   })
 }
 
+function percentile (sorted: number[], q: number): number {
+  return sorted.length === 0 ? 0 : sorted[Math.min(sorted.length - 1, Math.floor(q * sorted.length))]!
+}
+
+/**
+ * The mount's fetches from the profile. A recorded profile has the metadata's
+ * total bytes and requests (besides the catalogs): two of those requests are the
+ * tag lookups (the image's and its signature's), which always go to the origin;
+ * the rest are the manifest, the signature manifest and envelope, and the config,
+ * which go through the resolver. The bytes are split evenly (the profile does
+ * not itemise them), and the blobs get digests of their own for the rendezvous.
+ */
+function mountPlan (w: World, profile: WorkloadProfile): MountPlan {
+  const { bytes, requests } = profile.metadata
+  const tags = Math.min(2, requests)
+  const each = requests > 0 ? bytes / requests : 0
+  const metadata = Array.from({ length: Math.max(1, requests - tags) }, (_, i) =>
+    w.blob(`sha256:${createHash('sha256').update(`${profile.key} metadata ${i}`).digest('hex')}`, Math.max(1, Math.round(each))))
+  // Which layer a pack is in: the profile does not say; in pack order, in equal shares. (In a
+  // burst every node joins every layer's key, so this changes which walk finds a swarm, not who is in it.)
+  const packs = profile.packs as Digest[]
+  const perLayer = Math.ceil(packs.length / Math.max(1, profile.catalogs.length))
+  return {
+    tags,
+    tagBytes: each,
+    manifest: metadata[0]!.digest,
+    metadata,
+    layers: profile.catalogs.map((c, i) => ({ catalog: c.digest, blob: w.blob(c.digest, c.size), packs: packs.slice(i * perLayer, (i + 1) * perLayer) }))
+  }
+}
+
+/** Connections to the DHT's closest peers a node makes once bootstrapped (kad-dht's self-walk: k = 20). */
+const DHT_NEIGHBOURS = 20
+
+/**
+ * The connections agents have before the burst: everyone bootstraps from nodes
+ * 0 and 1 (as cluster.ts starts them), and kad-dht's self-walk connects each
+ * node to about k others (here random ones: DHT closeness is unrelated to
+ * anything else in the model). Requests add connections as they go.
+ * libp2p's connection limit (300) is not modelled: the seeds keep all theirs.
+ */
+function connectCluster (w: World, nodes: Node[]): void {
+  const random = seededRandom(w.s.seed + 3)
+  const k = Math.min(DHT_NEIGHBOURS, nodes.length - 1)
+  for (const node of nodes) {
+    for (const seed of nodes.slice(0, 2)) w.connect(node, seed)
+    for (let i = 0; i < k; i++) w.connect(node, nodes[Math.floor(random() * nodes.length)]!)
+  }
+}
+
 export interface ModelRun {
   result: ClusterResult
   events: number
   /** Wall-clock seconds the simulation took. */
   seconds: number
+  /** JavaScript heap in use at the end, MB (before the run's garbage is collected). */
+  heapMB: number
+  /** How the peer policy behaved (peers runs only). */
+  diagnostics?: PolicyDiagnostics
+}
+
+/** The policy's settings the model ran with (the real ones: nothing here restates them). */
+export const POLICY_SETTINGS = {
+  peerSource: PEER_SOURCE_DEFAULTS,
+  server: SERVER,
+  peering: { locateWaitMs: LOCATE_WAIT_MS, provideDelayMs: PROVIDE_DELAY_MS, membersPerJoin: MAX_MEMBERS, passOn: PASS_ON, emptyAnswerTtlMs: EMPTY_ANSWER_TTL_MS },
+  resolver: RESOLVER,
+  http: HTTP
 }
 
 /** Runs one scenario in the model (peers, baseline, or a lone node) and reports it as a real run would be. */
@@ -694,17 +1277,20 @@ export async function simulate (options: ModelOptions): Promise<ModelRun> {
   const count = options.mode === 'lone' ? 1 : s.nodes
   const arrivals = options.mode === 'lone' ? [0] : arrivalTimes(s)
   const chunks = options.profile.chunks.map(c => w.chunk(c))
-  const plan: MountPlan = {
-    ...options.profile.metadata,
-    catalogs: options.profile.catalogs.map(c => w.chunk({ digest: c.digest, pack: c.digest, length: c.size, storedLength: c.size }, true)),
-    packs: options.profile.packs
-  }
+  const plan = mountPlan(w, options.profile)
   const nodes = Array.from({ length: count }, (_, i) => new Node(w, i, false))
   const bad = w.peers && s.faults.badPeers !== undefined
     ? Array.from({ length: countOf(s.faults.badPeers.share, s.nodes) }, (_, i) => new Node(w, count + i, true))
     : []
-  // Bad peers join before the burst and announce the image's packs (their records have landed when it starts).
-  for (const b of bad) for (const pack of options.profile.packs) w.provide(pack, b)
+  // Bad peers join before the burst, as simulations/lib/bad-peer.ts does: they announce the image's
+  // packs, its layers' keys and its manifest's (their records have landed when it starts), and JOIN
+  // every peer they are connected to with the last 32 of those keys.
+  const badKeys = [...options.profile.packs as Digest[], ...plan.layers.map(l => l.catalog), plan.manifest]
+  for (const b of bad) {
+    for (const key of badKeys) w.provide(key, b)
+    for (const key of badKeys.slice(-MAX_JOIN_KEYS)) b.announced.add(key)
+  }
+  if (w.peers) connectCluster(w, [...nodes, ...bad])
 
   const events: ClusterResult['events'] = []
   if (options.mode !== 'lone' && s.faults.kill !== undefined) {
@@ -755,9 +1341,22 @@ export async function simulate (options: ModelOptions): Promise<ModelRun> {
   sim.at(s.timeouts.runMs, () => sim.stop())
   await sim.run()
   for (const n of nodes) {
+    n.finish()
     if (n.result.startedMs === undefined || n.result.outcome !== 'not-started') continue
     n.result.outcome = 'failed'
     n.result.error = 'still running when the run bound (timeouts.runMs) passed'
+  }
+  let diagnostics: PolicyDiagnostics | undefined
+  if (w.peers) {
+    diagnostics = w.diagnostics
+    const h = diagnostics.depth.histogram
+    for (let i = 0; i < h.length; i++) h[i] ??= 0
+    const total = h.reduce((a, n) => a + n, 0)
+    diagnostics.depth.mean = total === 0 ? 0 : h.reduce((a, n, i) => a + n * i, 0) / total
+    diagnostics.depth.max = Math.max(0, h.length - 1)
+    const hits = w.peerGetHits.sort((a, b) => a - b)
+    const misses = w.peerGetMisses.sort((a, b) => a - b)
+    diagnostics.peerGetMs = { hits: hits.length, hitP50: percentile(hits, 0.5), hitP99: percentile(hits, 0.99), misses: misses.length, missP50: percentile(misses, 0.5), missP99: percentile(misses, 0.99) }
   }
   return {
     result: {
@@ -771,6 +1370,8 @@ export async function simulate (options: ModelOptions): Promise<ModelRun> {
       notes: []
     },
     events: sim.events,
-    seconds: (performance.now() - started) / 1000
+    seconds: (performance.now() - started) / 1000,
+    heapMB: Math.round(process.memoryUsage().heapUsed / 1e6),
+    ...(diagnostics !== undefined ? { diagnostics } : {})
   }
 }

@@ -44,7 +44,7 @@ export interface ModelParams {
   dhtRpcMs: number
   /** libp2p upkeep (DHT refresh, identify, pings, peer store): CPU ms per second per connected peer (up to 20). */
   upkeepMsPerPeer: number
-  /** How long a finished lookup is reused (DhtPackRouter's cacheTtlMs, 5 s in src): a knob for what-ifs. */
+  /** How long a finished lookup is fresh (DhtPackRouter's cacheTtlMs, 30 s in src): a knob for what-ifs. */
   lookupCacheMs: number
   /** Mount: the agent's own work besides fetching metadata (FUSE mount, SQLite opens). */
   mountMs: number
@@ -103,7 +103,7 @@ export const DEFAULT_MODEL: ModelParams = {
   lookupMs: 50,
   dhtRpcMs: 5,
   upkeepMsPerPeer: 2,
-  lookupCacheMs: 5000,
+  lookupCacheMs: 30_000,
   mountMs: 150,
   readWindow: 1,
   cpuMsPerMB: 10,
