@@ -72,8 +72,9 @@ export function packCid (pack: Digest): CID {
  *   finished, later walks run in the background and callers get the last
  *   answer at once.
  *
- * Note: kad-dht stops a walk after k (20) providers, so in a bigger swarm each
- * node sees a 20-peer sample of it.
+ * Note: kad-dht's findProviders stops once it has k (20) providers, but a remote
+ * record holder's answer lists every provider it holds, in one batch; only a
+ * node that holds the key's records itself answers from its own store, cut to 20.
  */
 export class DhtPackRouter implements PackRouter {
   readonly stats: DhtPackRouterStats = { provides: 0, provideFailures: 0, lookups: 0, lookupsShared: 0 }
@@ -237,6 +238,7 @@ interface Announcement {
 /** One findProviders walk, shared by every caller that asks while it runs or is cached. */
 class Lookup {
   readonly found: PeerId[] = []
+  private readonly ids = new Set<string>()
   /** The previous walk's answer, served while this one runs. */
   readonly previous: readonly PeerId[] | undefined
   done = false
@@ -251,7 +253,9 @@ class Lookup {
   }
 
   add (peer: PeerId): void {
-    if (this.found.some(p => p.equals(peer))) return
+    const id = peer.toString()
+    if (this.ids.has(id)) return
+    this.ids.add(id)
     this.found.push(peer)
     this.notify()
   }
