@@ -48,9 +48,10 @@ export interface PeeringStats {
 
 /**
  * The agent's place in the swarm: a libp2p node, a server for the chunks this
- * node holds (verified, from its caches) and a chunk source that asks peers. A
- * pack is announced the first time this node needs one of its chunks, so a burst
- * of nodes starting together finds itself at once.
+ * node holds (verified, from its caches) and a chunk source that asks peers. The
+ * agent joins an image's swarms (one per layer, one for its metadata) as its mount
+ * learns them, telling connected peers at once and the DHT a little later, so a
+ * burst of nodes starting together finds itself through peer exchange.
  */
 export class Peering {
   readonly node: PeerNode
@@ -87,7 +88,8 @@ export class Peering {
 
   /**
    * Joins the swarm of `key` (a layer's catalog digest, or an image's manifest digest)
-   * for these packs and blobs: tells the DHT this node wants (and will hold) them. The
+   * for these packs and blobs: tells the DHT and the connected peers (JOIN) that this
+   * node wants (and will hold) them. The
    * agent calls it at mount, before the first read: in a burst, every node's
    * announcement is then in the DHT by the time the others look for the swarm, so they
    * agree on each chunk's tree instead of each finding itself alone and going to the
