@@ -15,7 +15,8 @@ import { tempDir } from '../helpers/tmp.ts'
 
 const execFileAsync = promisify(execFile)
 
-it('a mount outlives the signal that bounded its set-up', async () => {
+/** An in-process agent (no p2p, no control socket) whose origin holds image `t`: one file, `hello`. */
+async function startAgentWithImage (): Promise<{ dir: string, agent: Agent }> {
   const dir = await tempDir()
   const keys = generateKeyPairSync('ed25519')
   const src = await buildSyntheticImage(join(dir, 'src'), 't', [[{ type: 'file', path: 'hello', content: 'world\n' }]])
@@ -23,7 +24,11 @@ it('a mount outlives the signal that bounded its set-up', async () => {
   const pub = join(dir, 'shoal.pub')
   await writeFile(pub, keys.publicKey.export({ type: 'spki', format: 'pem' }))
   const config = validateConfig({ ...defaultConfig(join(dir, 'state')), origins: [join(dir, 'images')], trust: [pub], metrics: '', p2p: { enabled: false, listen: [], peers: [] } })
-  const agent = await Agent.start(config, { control: false })
+  return { dir, agent: await Agent.start(config, { control: false }) }
+}
+
+it('a mount outlives the signal that bounded its set-up', async () => {
+  const { dir, agent } = await startAgentWithImage()
   const mnt = join(dir, 'mnt')
   try {
     await agent.mount('t', mnt, { signal: AbortSignal.timeout(300) })
@@ -38,14 +43,7 @@ it('a mount outlives the signal that bounded its set-up', async () => {
 })
 
 it('a chunk a peer asks for before this node knows it is located as soon as a mount learns it', async () => {
-  const dir = await tempDir()
-  const keys = generateKeyPairSync('ed25519')
-  const src = await buildSyntheticImage(join(dir, 'src'), 't', [[{ type: 'file', path: 'hello', content: 'world\n' }]])
-  await convertImage({ source: src.ref, dest: `oci:${join(dir, 'images')}:t`, signingKey: keys.privateKey })
-  const pub = join(dir, 'shoal.pub')
-  await writeFile(pub, keys.publicKey.export({ type: 'spki', format: 'pem' }))
-  const config = validateConfig({ ...defaultConfig(join(dir, 'state')), origins: [join(dir, 'images')], trust: [pub], metrics: '', p2p: { enabled: false, listen: [], peers: [] } })
-  const agent = await Agent.start(config, { control: false })
+  const { dir, agent } = await startAgentWithImage()
   const hello = sha256(Buffer.from('world\n'))
   try {
     assert.equal(agent.locate(hello), undefined)
