@@ -1,6 +1,5 @@
 import type { PeerId } from '@libp2p/interface'
 import type { Digest } from '../format/digest.ts'
-import { abortable } from '../origin/limit.ts'
 import type { SwarmMember } from './chunk-protocol.ts'
 
 /** Members kept per swarm key; the oldest heard are dropped beyond it. */
@@ -41,15 +40,30 @@ export class SwarmMembers {
     return !known
   }
 
-  /** Resolves at the next `add` for `key`. */
+  /** Resolves at the next `add` for `key`; rejects with the signal's reason, leaving no waiter behind. */
   changed (key: Digest, signal: AbortSignal): Promise<void> {
+    if (signal.aborted) return Promise.reject(signal.reason)
     let waiting = this.waiters.get(key)
     if (waiting === undefined) {
       waiting = []
       this.waiters.set(key, waiting)
     }
     const list = waiting
-    return abortable(new Promise<void>(resolve => list.push(resolve)), signal)
+    return new Promise<void>((resolve, reject) => {
+      const wake = (): void => {
+        signal.removeEventListener('abort', onAbort)
+        resolve()
+      }
+      // A key nobody else joins would otherwise keep every caller's waiter for the process's life.
+      const onAbort = (): void => {
+        const i = list.indexOf(wake)
+        if (i >= 0) list.splice(i, 1)
+        if (list.length === 0 && this.waiters.get(key) === list) this.waiters.delete(key)
+        reject(signal.reason)
+      }
+      signal.addEventListener('abort', onAbort, { once: true })
+      list.push(wake)
+    })
   }
 
   of (key: Digest): PeerId[] {
