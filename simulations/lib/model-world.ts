@@ -110,7 +110,7 @@ import { MAX_JOIN_KEYS, MAX_MEMBERS, normalizeRanges, type ByteRange } from '../
 import type { Clock } from '../../src/p2p/clock.ts'
 import { PeerUnavailableError } from '../../src/p2p/errors.ts'
 import type { PackRouter } from '../../src/p2p/pack-router.ts'
-import { PEER_SOURCE_DEFAULTS, PeerChunkSource, type PeerSourceStats } from '../../src/p2p/peer-source.ts'
+import { PEER_SOURCE_DEFAULTS, PeerChunkSource, PeerKeys, type PeerSourceStats } from '../../src/p2p/peer-source.ts'
 import { nodeKey, type NodeKey } from '../../src/p2p/rendezvous.ts'
 import { SwarmMembers } from '../../src/p2p/swarm-members.ts'
 import type { ClusterResult, NodeResult, OriginSample } from './cluster.ts'
@@ -214,12 +214,11 @@ class World {
   /** CPU of the RPCs in one DHT walk or provide: one per peer among the k = 20 closest. */
   readonly dhtRpcCost: number
   /**
-   * One peer-key cache for every node's PeerChunkSource. Each source caches the
-   * rendezvous key of every peer it has seen; all nodes derive the same key from
-   * the same id, so sharing it changes nothing but memory (10,000 nodes that each
-   * see a 10,000-node swarm would hold 10^8 entries).
+   * One peer-key cache for every node's PeerChunkSource: all nodes derive the
+   * same key from the same id, so sharing it changes nothing but memory (10,000
+   * nodes that each see a 10,000-node swarm would hold 10^8 entries).
    */
-  readonly peerKeys = new Map<string, unknown>()
+  readonly peerKeys = new PeerKeys()
   readonly nodesById = new Map<string, Node>()
   readonly diagnostics: PolicyDiagnostics = {
     source: { hits: 0, misses: 0, bytesFromPeers: 0, verificationFailures: 0, protocolViolations: 0, bans: 0, badPeers: 0, parentRequests: 0, hedges: 0, timeouts: 0, busy: 0, dontHave: 0, pending: 0 },
@@ -401,9 +400,9 @@ class Node implements NodeKey {
         bans: this.bans,
         clock: w.clock,
         verify,
-        swarmOf: pack => this.swarmOf(pack)
+        swarmOf: pack => this.swarmOf(pack),
+        keys: w.peerKeys
       })
-      shareKeyCache(source, w.peerKeys)
       this.source = source
     }
   }
@@ -547,8 +546,8 @@ class Node implements NodeKey {
   }
 
   /** SwarmMembers.of: the members of KEY's swarm we heard of from peers (the living and the dead). */
-  membersOf (key: Digest): Node[] {
-    return this.members.of(key) as unknown as Node[]
+  membersOf (key: Digest): readonly Node[] {
+    return this.members.of(key) as unknown as readonly Node[]
   }
 
   /** SwarmMembers.changed: resolves when we next hear of a member of KEY's swarm. */
@@ -982,6 +981,7 @@ class SimRouter implements PackRouter {
   private readonly node: Node
   private readonly announced = new Map<string, Promise<void>>()
   private readonly lookups = new Map<string, Lookup>()
+  private readonly answers = new Map<string, { heard: readonly Node[], walked: Swarm, peers: readonly PeerId[] }>()
 
   constructor (w: World, node: Node) {
     this.w = w
@@ -1003,15 +1003,39 @@ class SimRouter implements PackRouter {
 
   /** The members peers told us of first, then the walk's answer (DhtPackRouter.holders). */
   holders (key: Digest, options: { signal: AbortSignal }): AsyncIterable<PeerId> {
+    const { lookup, answer } = this.current(key)
+    if (answer !== undefined) return iterate(answer)
+    return firstWalk(lookup, this.node, options.signal)
+  }
+
+  answer (key: Digest): readonly PeerId[] | undefined {
+    return this.current(key).answer
+  }
+
+  /**
+   * As DhtPackRouter.current: the key's walk, and unless it is the first and
+   * still running, the answer: the members peers told us of, then the last
+   * finished walk's finds without them and without self (stale-while-revalidate).
+   * The same array until either input changes.
+   */
+  private current (key: Digest): { lookup: Lookup, answer: readonly PeerId[] | undefined } {
     const heard = this.node.membersOf(key)
     const lookup = this.lookup(key, heard.length > 0)
-    // Stale-while-revalidate: a read does not wait for a walk when the last one answered.
-    if (!lookup.done && lookup.previous !== undefined) {
-      this.w.diagnostics.dht.staleAnswers++
-      return peersOf(heard, lookup.previous, this.node)
+    const walked = lookup.done ? lookup.found : lookup.previous
+    if (walked === undefined) return { lookup, answer: undefined }
+    if (!lookup.done) this.w.diagnostics.dht.staleAnswers++
+    let memo = this.answers.get(key)
+    if (memo?.heard !== heard || memo.walked !== walked) {
+      const skip = new Set<Node>(heard)
+      const peers: PeerId[] = heard.map(n => n.peerId)
+      for (let i = 0; i < walked.count; i++) {
+        const n = walked.nodes[i]!
+        if (n !== this.node && !skip.has(n)) peers.push(n.peerId)
+      }
+      memo = { heard, walked, peers }
+      this.answers.set(key, memo)
     }
-    if (lookup.done) return peersOf(heard, lookup.found, this.node)
-    return firstWalk(lookup, this.node, options.signal)
+    return { lookup, answer: memo.peers }
   }
 
   /** The key's current walk, or a new one when the last is stale (an empty one after 1 s, unless members told us of themselves). */
@@ -1057,26 +1081,9 @@ const LOCATE_WAIT_MS = 5000
 const PROVIDE_DELAY_MS = { min: 5000, max: 15_000 }
 const NOBODY: Swarm = { nodes: [], count: 0 }
 
-/**
- * HEARD, then a walk's answer without them and without self, as
- * DhtPackRouter.holders yields them: an iterator, not a generator, as this
- * runs for every chunk a node gets, over every member of its swarm.
- */
-function peersOf (heard: readonly Node[], swarm: Swarm, self: Node): AsyncIterable<PeerId> {
-  const skip = heard.length === 0 ? undefined : new Set(heard)
-  return {
-    [Symbol.asyncIterator]: () => {
-      let h = 0
-      let i = 0
-      return {
-        next: async () => {
-          if (h < heard.length) return { value: heard[h++]!.peerId, done: false }
-          while (i < swarm.count && (swarm.nodes[i] === self || skip?.has(swarm.nodes[i]!) === true)) i++
-          return i < swarm.count ? { value: swarm.nodes[i++]!.peerId, done: false } : { value: undefined, done: true }
-        }
-      }
-    }
-  }
+/** An answer as holders() yields it. */
+async function * iterate (peers: readonly PeerId[]): AsyncIterable<PeerId> {
+  yield * peers
 }
 
 /**
@@ -1087,7 +1094,7 @@ function peersOf (heard: readonly Node[], swarm: Swarm, self: Node): AsyncIterab
 async function * firstWalk (lookup: Lookup, self: Node, signal: AbortSignal): AsyncIterable<PeerId> {
   // src re-reads every member at each change; the model takes the ones it has not seen from a
   // watch instead (the same members, without rereading up to 1,024 of them each time).
-  const heard = self.membersOf(lookup.key)
+  const heard = [...self.membersOf(lookup.key)]
   const stop = self.watchMembers(lookup.key, member => heard.push(member))
   const seen = new Set<Node>()
   // One wait for the walk's end for all the rounds (a new one each round would pile up abort listeners).
@@ -1103,7 +1110,10 @@ async function * firstWalk (lookup: Lookup, self: Node, signal: AbortSignal): As
       }
       if (lookup.done) {
         self.w.diagnostics.dht.joinAnswers += seen.size > 0 ? 1 : 0
-        yield * peersOf([...seen], lookup.found, self)
+        for (let i = 0; i < lookup.found.count; i++) {
+          const node = lookup.found.nodes[i]!
+          if (node !== self && !seen.has(node)) yield node.peerId
+        }
         return
       }
       await Promise.race([walked, self.membersChanged(lookup.key, signal)])
@@ -1111,15 +1121,6 @@ async function * firstWalk (lookup: Lookup, self: Node, signal: AbortSignal): As
   } finally {
     stop()
   }
-}
-
-/** Makes SOURCE use one peer-key cache shared by every node (see World.peerKeys). */
-function shareKeyCache (source: PeerChunkSource, cache: Map<string, unknown>): void {
-  const internals = source as unknown as { peers?: unknown }
-  if (!(internals.peers instanceof Map)) {
-    throw new Error('PeerChunkSource no longer keeps its peer keys in `peers`: update shareKeyCache in simulations/lib/model-world.ts (without a shared cache, memory grows with nodes squared)')
-  }
-  internals.peers = cache
 }
 
 /** A TCP segment: what a real response makes progress by. */

@@ -13,6 +13,13 @@ export interface PackRouter {
   announce (pack: Digest, options: { signal: AbortSignal }): Promise<void>
   /** Everyone else who announced the pack: holders and wanters. */
   holders (pack: Digest, options: { signal: AbortSignal }): AsyncIterable<PeerId>
+  /**
+   * What holders() would yield now without waiting, or undefined while it
+   * would wait (the pack's first lookup is running). The same array until the
+   * answer changes, so callers may cache what they derive from it: a peer
+   * source asks for every chunk, and a big swarm has a thousand members.
+   */
+  answer (pack: Digest): readonly PeerId[] | undefined
 }
 
 export interface DhtPackRouterOptions {
@@ -46,6 +53,8 @@ export interface DhtPackRouterStats {
 }
 
 type Routing = Pick<Libp2p, 'peerId' | 'contentRouting'>
+
+const NOBODY: readonly PeerId[] = Object.freeze([])
 
 /** How long a walk that found nobody is reused. */
 const EMPTY_ANSWER_TTL_MS = 1000
@@ -88,6 +97,7 @@ export class DhtPackRouter implements PackRouter {
   private readonly members: SwarmMembers | undefined
   private readonly held = new Map<Digest, Announcement>()
   private readonly lookups = new Map<Digest, Lookup>()
+  private readonly answers = new Map<Digest, { heard: readonly PeerId[], walked: readonly PeerId[], peers: readonly PeerId[] }>()
   private readonly stopping = new AbortController()
 
   constructor (routing: Routing, options: DhtPackRouterOptions = {}) {
@@ -133,8 +143,13 @@ export class DhtPackRouter implements PackRouter {
   }
 
   async * holders (pack: Digest, options: { signal: AbortSignal }): AsyncIterable<PeerId> {
-    const heard = (): PeerId[] => this.members?.of(pack) ?? []
-    const lookup = this.lookup(pack, heard().length > 0)
+    const { lookup, answer } = this.current(pack)
+    if (answer !== undefined) {
+      yield * answer
+      return
+    }
+    // The first walk for this pack: members as they tell us of themselves (a burst's peer
+    // exchange settles within round trips) and the walk's finds, until the walk ends.
     const seen = new Set<string>()
     const fresh = function * (peers: Iterable<PeerId>): Iterable<PeerId> {
       for (const peer of peers) {
@@ -145,23 +160,19 @@ export class DhtPackRouter implements PackRouter {
         }
       }
     }
-    if (!lookup.done && lookup.previous !== undefined) {
-      // Stale-while-revalidate: a read does not wait for a walk when the last one answered.
-      yield * fresh(heard())
-      yield * fresh(lookup.previous)
-      return
-    }
-    // The first walk for this pack: members as they tell us of themselves (a burst's peer
-    // exchange settles within round trips) and the walk's finds, until the walk ends.
     let next = 0
     while (true) {
-      yield * fresh(heard())
+      yield * fresh(this.members?.of(pack) ?? [])
       while (next < lookup.found.length) yield * fresh([lookup.found[next++]!])
       if (lookup.done) return
       const changes = [lookup.changed(options.signal)]
       if (this.members !== undefined) changes.push(this.members.changed(pack, options.signal))
       await Promise.race(changes)
     }
+  }
+
+  answer (pack: Digest): readonly PeerId[] | undefined {
+    return this.current(pack).answer
   }
 
   /** Ends background retries and walks in progress. */
@@ -196,6 +207,27 @@ export class DhtPackRouter implements PackRouter {
     }
   }
 
+  /**
+   * The pack's walk (see `lookup`), and unless it is the first and still running,
+   * the answer: members that told us of themselves, then the last finished walk's
+   * finds (stale-while-revalidate: a read does not wait for a walk when the last
+   * one answered). Memoised on its inputs, which are replaced, not changed.
+   */
+  private current (pack: Digest): { lookup: Lookup, answer: readonly PeerId[] | undefined } {
+    const heard = this.members?.of(pack) ?? NOBODY
+    const lookup = this.lookup(pack, heard.length > 0)
+    const walked = lookup.done ? lookup.found : lookup.previous
+    if (walked === undefined) return { lookup, answer: undefined }
+    let memo = this.answers.get(pack)
+    if (memo?.heard !== heard || memo.walked !== walked) {
+      const peers = new Map<string, PeerId>()
+      for (const peer of [...heard, ...walked]) if (!peers.has(peer.toString())) peers.set(peer.toString(), peer)
+      memo = { heard, walked, peers: [...peers.values()] }
+      this.answers.set(pack, memo)
+    }
+    return { lookup, answer: memo.peers }
+  }
+
   /** The pack's current walk, or a new one when the last is stale (an empty one soon, unless members told us of themselves). */
   private lookup (pack: Digest, haveMembers: boolean): Lookup {
     const cached = this.lookups.get(pack)
@@ -204,7 +236,12 @@ export class DhtPackRouter implements PackRouter {
       this.stats.lookupsShared++
       return cached
     }
-    for (const [key, old] of this.lookups) if (old.expires <= this.now()) this.lookups.delete(key)
+    for (const [key, old] of this.lookups) {
+      if (old.expires <= this.now()) {
+        this.lookups.delete(key)
+        this.answers.delete(key)
+      }
+    }
     const lookup = new Lookup(cached?.found)
     this.lookups.set(pack, lookup)
     this.stats.lookups++

@@ -56,6 +56,8 @@ export interface PeerChunkSourceOptions extends Partial<Record<keyof typeof PEER
   clock?: Clock
   /** Whether bytes a peer sent are the chunk. Default: length and SHA-256 (the model, which moves no bytes, swaps it). */
   verify?: (chunk: ChunkRef, bytes: Uint8Array) => boolean
+  /** Default: the source's own. The simulation model shares one among its thousands of sources. */
+  keys?: PeerKeys
 }
 
 export interface PeerSourceStats {
@@ -84,7 +86,36 @@ export interface PeerSourceStats {
 }
 
 /** A swarm member: its rendezvous hash words and its libp2p id. */
-interface Peer extends NodeKey { readonly peer: PeerId }
+export interface Peer extends NodeKey { readonly peer: PeerId }
+
+/**
+ * Peers' rendezvous keys, hashed once per peer, and router answers turned into
+ * keys once per answer (the router hands out the same array until the swarm
+ * changes; a source asks for every chunk, a big swarm has a thousand members).
+ */
+export class PeerKeys {
+  private readonly peers = new Map<string, Peer>()
+  private readonly answers = new WeakMap<readonly PeerId[], readonly Peer[]>()
+
+  of (peer: PeerId): Peer {
+    const id = peer.toString()
+    let key = this.peers.get(id)
+    if (key === undefined) {
+      key = { ...nodeKey(id), peer }
+      this.peers.set(id, key)
+    }
+    return key
+  }
+
+  ofAnswer (answer: readonly PeerId[]): readonly Peer[] {
+    let keys = this.answers.get(answer)
+    if (keys === undefined) {
+      keys = answer.map(peer => this.of(peer))
+      this.answers.set(answer, keys)
+    }
+    return keys
+  }
+}
 
 type Settings = { readonly [K in keyof typeof PEER_SOURCE_DEFAULTS]: number }
 
@@ -121,16 +152,17 @@ export class PeerChunkSource implements ChunkSource {
   private readonly swarmOf: (pack: Digest) => Digest
   private readonly settings: Settings
   private readonly availability: Availability
-  private readonly peers = new Map<string, Peer>()
+  private readonly keys: PeerKeys
   private readonly suspects = new Map<string, { until: number, failures: number }>()
   private readonly everBanned = new Set<string>()
   private readonly haveQueries = new Map<string, Promise<void>>()
 
   constructor (options: PeerChunkSourceOptions) {
-    const { self, router, client, bans, clock, verify, swarmOf, ...settings } = options
+    const { self, router, client, bans, clock, verify, swarmOf, keys, ...settings } = options
     this.settings = { ...PEER_SOURCE_DEFAULTS, ...settings }
     this.clock = clock ?? systemClock
-    this.self = this.peerKey(self)
+    this.keys = keys ?? new PeerKeys()
+    this.self = this.keys.of(self)
     this.router = router
     this.client = client
     this.bans = bans
@@ -179,7 +211,7 @@ export class PeerChunkSource implements ChunkSource {
     return undefined // the root, or every parent failed: the origin
   }
 
-  private select (chunk: ChunkRef, swarm: Peer[]): Selection<Peer> {
+  private select (chunk: ChunkRef, swarm: readonly Peer[]): Selection<Peer> {
     return selectSources({
       key: chunkKey(chunk.digest),
       self: this.self,
@@ -191,12 +223,17 @@ export class PeerChunkSource implements ChunkSource {
     })
   }
 
-  /** The swarm as far as the lookup got within `lookupWaitMs` (the router caches, shares and refreshes it). */
-  private async swarm (key: Digest, signal: AbortSignal): Promise<Peer[]> {
+  /**
+   * The router's answer, or while the pack's first lookup runs, as much of it as
+   * came within `lookupWaitMs` (the router caches, shares and refreshes it).
+   */
+  private async swarm (key: Digest, signal: AbortSignal): Promise<readonly Peer[]> {
+    const answer = this.router.answer(key)
+    if (answer !== undefined) return this.keys.ofAnswer(answer)
     const found: Peer[] = []
     try {
       for await (const peer of this.router.holders(key, { signal: AbortSignal.any([signal, this.clock.timeout(this.settings.lookupWaitMs)]) })) {
-        found.push(this.peerKey(peer))
+        found.push(this.keys.of(peer))
       }
     } catch (err) {
       if (signal.aborted) throw err
@@ -210,8 +247,8 @@ export class PeerChunkSource implements ChunkSource {
    * read wait (at most one peer deadline: a dead peer in the sample must not
    * stall reads); after that, stale answers serve while fresh ones come.
    */
-  private async refreshAvailability (pack: Digest, swarm: Peer[], signal: AbortSignal): Promise<void> {
-    const sample = topNodes(spreadKey(chunkKey(pack), this.self), swarm, this.settings.availabilitySample, p => this.excluded(p.id))
+  private async refreshAvailability (pack: Digest, swarm: readonly Peer[], signal: AbortSignal): Promise<void> {
+    const sample = topNodes(spreadKey(chunkKey(pack), this.self), swarm, this.settings.availabilitySample, p => p.id === this.self.id || this.excluded(p.id))
     const queries = sample.filter(p => !this.availability.fresh(pack, p.id)).map(p => this.queryHave(pack, p))
     if (queries.length === 0 || this.availability.answered(pack)) return
     const wait = AbortSignal.any([signal, this.clock.timeout(this.settings.peerTimeoutMs)])
@@ -370,16 +407,6 @@ export class PeerChunkSource implements ChunkSource {
 
   private excluded (id: string): boolean {
     return this.bans.isBanned(id) || (this.suspects.get(id)?.until ?? 0) > this.clock.now()
-  }
-
-  private peerKey (peer: PeerId): Peer {
-    const id = peer.toString()
-    let key = this.peers.get(id)
-    if (key === undefined) {
-      key = { ...nodeKey(id), peer }
-      this.peers.set(id, key)
-    }
-    return key
   }
 }
 

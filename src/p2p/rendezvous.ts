@@ -167,9 +167,14 @@ export interface Selection<N extends NodeKey> {
 export function selectSources<N extends NodeKey> (input: SelectionInput<N>): Selection<N> {
   const { key, self, excluded } = input
   const selfScore = score(self, key)
-  const above = input.swarm.filter(n => n.id !== self.id && !excluded(n.id) && outranks(n, score(n, key), self, selfScore))
   const spread = spreadKey(key, self)
-  const parents = topNodes(spread, above, input.maxParents)
+  // Runs for every chunk over swarms of a thousand: one pass, no copies, the cheap test first.
+  let isRoot = true
+  const parents = topNodes(spread, input.swarm, input.maxParents, n => {
+    if (!outranks(n, score(n, key), self, selfScore) || n.id === self.id || excluded(n.id)) return true
+    isRoot = false
+    return false
+  })
   const holders = topNodes(spread, input.holders, input.maxHolders, n => n.id === self.id || excluded(n.id))
-  return { isRoot: above.length === 0, parents, holders }
+  return { isRoot, parents, holders }
 }

@@ -108,8 +108,9 @@ export class MemoryChunks implements LocalChunks {
 
 /** A router with a fixed swarm, for tests about the exchange rather than the DHT. */
 export class StaticRouter implements PackRouter {
-  readonly peers: PeerId[]
-  constructor (peers: PeerId[]) { this.peers = peers }
+  readonly peers: readonly PeerId[]
+  constructor (peers: readonly PeerId[]) { this.peers = peers }
   async announce (): Promise<void> {}
   async * holders (): AsyncIterable<PeerId> { yield * this.peers }
+  answer (): readonly PeerId[] { return this.peers }
 }
