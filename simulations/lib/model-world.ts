@@ -44,15 +44,15 @@
  * numbers are not exported from src, so if they change there, change them here):
  *
  * - Peering and the chunk server's peer exchange: swarm keys (Peering.join):
- *   the image's metadata blobs are in the swarm of its manifest digest, a
- *   layer's catalog and packs in the swarm of the catalog's digest; a key is
+ *   the image's metadata blobs and its layers' catalogs are in the swarm of its
+ *   manifest digest, a layer's packs in the swarm of the catalog's digest; a key is
  *   announced when first joined (a DHT provide, and a JOIN to every connected
  *   peer), and a read announces its pack's key again (a no-op by then). A new
  *   connection JOINs each side to the other with every key it announced. A
- *   node that receives a JOIN answers with up to 32 members it knows of the
- *   swarm (MEMBERS, most recently heard first) and tells those of the first 8
- *   of them that have a JOIN stream open to it about the joiner. What a node hears is
- *   kept in a real SwarmMembers (src/p2p/swarm-members.ts; the dead stay listed).
+ *   node that receives a JOIN answers and passes it on as its real
+ *   SwarmMembers.exchange says (src/p2p/swarm-members.ts: the 32 most recently
+ *   heard and the core; 8 of those, if they have a JOIN stream open to it, hear
+ *   of the joiner); what a node hears is kept there too (the dead stay listed).
  *   Each message takes the link latency. Connections: before the burst each
  *   node is connected to nodes 0 and 1 (everyone bootstraps from them, as
  *   cluster.ts runs it) and to 20 others (kad-dht's self-walk; random ones
@@ -112,7 +112,7 @@ import { PeerUnavailableError } from '../../src/p2p/errors.ts'
 import type { PackRouter } from '../../src/p2p/pack-router.ts'
 import { PEER_SOURCE_DEFAULTS, PeerChunkSource, PeerKeys, type PeerSourceStats } from '../../src/p2p/peer-source.ts'
 import { nodeKey, type NodeKey } from '../../src/p2p/rendezvous.ts'
-import { SwarmMembers } from '../../src/p2p/swarm-members.ts'
+import { PEER_EXCHANGE, SwarmMembers } from '../../src/p2p/swarm-members.ts'
 import type { ClusterResult, NodeResult, OriginSample } from './cluster.ts'
 import { makeCpu, type Cpu } from './cpu.ts'
 import { deferred, Simulator, TimeoutError } from './des.ts'
@@ -150,8 +150,8 @@ interface Chunk extends ChunkRef {
 /**
  * What a mount fetches: TAGS tag lookups of TAGBYTES each from the origin, the
  * image's metadata blobs one after another (in the swarm of MANIFEST, the first
- * of them) and then its layers' catalogs all at once (each the swarm key of its
- * layer's packs), both through the resolver.
+ * of them) and then its layers' catalogs all at once (in the same swarm; each
+ * catalog's digest is the swarm key of its layer's packs), all through the resolver.
  */
 interface MountPlan { tags: number, tagBytes: number, manifest: Digest, metadata: Chunk[], layers: Array<{ catalog: Digest, blob: Chunk, packs: Digest[] }> }
 
@@ -465,9 +465,10 @@ class Node implements NodeKey {
     for (const blob of plan.metadata) {
       if (!await this.fetchBlob(blob, plan.manifest)) throw new Error('mount failed: image metadata was unavailable')
     }
-    const catalogs = await Promise.all(plan.layers.map(async l => await this.fetchBlob(l.blob, l.catalog)))
+    // Catalogs in the metadata's swarm (openImageView), not their layer's.
+    const catalogs = await Promise.all(plan.layers.map(async l => await this.fetchBlob(l.blob, plan.manifest)))
     if (catalogs.includes(false)) throw new Error('mount failed: a catalog was unavailable')
-    // A layer's packs share its catalog's swarm key (the catalog joined it when fetched).
+    // A layer's packs are in the swarm of its catalog's digest.
     for (const layer of plan.layers) this.join(layer.catalog, layer.packs)
     this.servingImage = true
     this.locatorChanged()
@@ -502,20 +503,20 @@ class Node implements NodeKey {
   }
 
   /**
-   * ChunkServer.join (peer exchange): PEER joined these swarms. It hears the
-   * members we know of each (MEMBERS, up to 32, the most recently heard first),
-   * and the first 8 of those that have a JOIN stream open to us hear of it.
+   * ChunkServer.join (peer exchange): PEER joined these swarms. It hears what
+   * SwarmMembers.exchange answers (MEMBERS: the most recently heard and the
+   * core), and those it names that have a JOIN stream open to us hear of it.
    * Bad peers (bad-peer.ts) ignore JOINs.
    */
   joined (peer: Node, keys: readonly Digest[]): void {
     if (!this.alive || this.bad) return
     this.joinedUs.add(peer)
     for (const key of keys) {
-      const known = this.members.sample(key, MAX_MEMBERS, peer.id)
-      this.addMember(key, peer)
-      this.w.members(this, peer, key, known.map(m => m.id))
-      for (const member of known.slice(0, PASS_ON)) {
-        const other = this.w.node(member.id)
+      const { answer, passOn } = this.members.exchange(key, peer.peerId, [])
+      this.memberAdded(key, peer)
+      this.w.members(this, peer, key, answer.map(m => m.id))
+      for (const id of passOn) {
+        const other = this.w.node(id)
         if (other !== undefined && this.joinedUs.has(other)) this.w.members(this, other, key, [peer.id])
       }
     }
@@ -531,7 +532,11 @@ class Node implements NodeKey {
   }
 
   private addMember (key: Digest, member: Node): void {
-    if (this.members.add(key, member.peerId, [])) for (const watch of this.memberWatchers.get(key) ?? []) watch(member)
+    if (this.members.add(key, member.peerId, [])) this.memberAdded(key, member)
+  }
+
+  private memberAdded (key: Digest, member: Node): void {
+    for (const watch of this.memberWatchers.get(key) ?? []) watch(member)
   }
 
   /** Calls FN with each member of KEY's swarm heard of from now on, until the returned function is called. */
@@ -1073,8 +1078,6 @@ interface Lookup {
 
 /** DhtPackRouter: how long a walk that found nobody is reused (unless members told us of themselves). */
 const EMPTY_ANSWER_TTL_MS = 1000
-/** ChunkServer's peer exchange: members a JOIN is answered with (chunk-protocol's MAX_MEMBERS), and members told of a newcomer. */
-const PASS_ON = 8
 /** Peering's LOCATE_WAIT_MS: how long a parent waits for its mount to learn a digest it is asked for. */
 const LOCATE_WAIT_MS = 5000
 /** Peering's provideDelayMs: a key's first provide waits 5-15 s. */
@@ -1265,7 +1268,7 @@ export interface ModelRun {
 export const POLICY_SETTINGS = {
   peerSource: PEER_SOURCE_DEFAULTS,
   server: SERVER,
-  peering: { locateWaitMs: LOCATE_WAIT_MS, provideDelayMs: PROVIDE_DELAY_MS, membersPerJoin: MAX_MEMBERS, passOn: PASS_ON, emptyAnswerTtlMs: EMPTY_ANSWER_TTL_MS },
+  peering: { locateWaitMs: LOCATE_WAIT_MS, provideDelayMs: PROVIDE_DELAY_MS, ...PEER_EXCHANGE, membersPerMessage: MAX_MEMBERS, emptyAnswerTtlMs: EMPTY_ANSWER_TTL_MS },
   resolver: RESOLVER,
   http: HTTP
 }

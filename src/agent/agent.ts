@@ -178,7 +178,7 @@ export class Agent implements ChunkLocator {
         },
         ...(options.signal !== undefined ? { signal: options.signal } : {})
       })
-      // A layer's packs share its catalog's swarm key (the catalog joined it when fetched).
+      // A layer's packs are in the swarm of its catalog's digest (shared by every image with the layer).
       for (const layer of view.image.config.layers) this.peering?.join(layer.catalog.digest, layer.packs.map(p => p.digest))
       // Before the FUSE mount: peers in the same burst may already ask us for this image's chunks.
       await this.openServingCatalogs()

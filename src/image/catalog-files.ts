@@ -19,7 +19,7 @@ const fetching = new Map<string, Promise<string>>()
  * uses it: the catalog is where chunk digests come from, so a damaged one must
  * never be trusted just because it is on disk.
  */
-export async function fetchCatalogFile (origin: Origin, catalog: { digest: Digest, size: number }, dir: string, signal?: AbortSignal, fetcher?: BlobFetcher): Promise<string> {
+export async function fetchCatalogFile (origin: Origin, catalog: { digest: Digest, size: number, group?: Digest }, dir: string, signal?: AbortSignal, fetcher?: BlobFetcher): Promise<string> {
   const path = join(dir, `${digestHex(catalog.digest)}.sqlite`)
   let pending = fetching.get(path)
   if (pending === undefined) {
@@ -31,7 +31,7 @@ export async function fetchCatalogFile (origin: Origin, catalog: { digest: Diges
       await mkdir(dir, { recursive: true })
       // A fetcher (the agent's: cache, peers, then origin) verifies what it returns; the origin path is checked here.
       const data = fetcher !== undefined
-        ? await fetcher({ ...catalog, group: catalog.digest }, signal)
+        ? await fetcher({ ...catalog, group: catalog.group ?? catalog.digest }, signal)
         : await fetchVerified(origin, catalog.digest, 'catalog', { size: catalog.size, maxBytes: catalog.size, ...(signal !== undefined ? { signal } : {}) })
       await writeAtomic(path, data)
       checked.add(path)

@@ -18,9 +18,11 @@ export interface ImageView {
 export async function openImageView (origin: Origin, ref: string, options: { trusted: KeyObject[] | 'skip', catalogDir: string, signal?: AbortSignal, fetchBlob?: BlobFetcher }): Promise<ImageView> {
   const so = options.signal !== undefined ? { signal: options.signal } : {}
   const image = await loadImage(origin, ref, { trusted: options.trusted, ...so, ...(options.fetchBlob !== undefined ? { fetchBlob: options.fetchBlob } : {}) })
-  // All layers at once: a mount waits for the slowest catalog, not for their sum.
+  // All layers at once: a mount waits for the slowest catalog, not for their sum. Catalogs are
+  // fetched in the swarm of the image's metadata (its manifest digest), not of their layer: in a
+  // burst that swarm has formed while the metadata came, and a new one formed too late to help.
   const opened = await Promise.allSettled(image.config.layers.map(async layer =>
-    new Catalog(await fetchCatalogFile(origin, layer.catalog, options.catalogDir, options.signal, options.fetchBlob))))
+    new Catalog(await fetchCatalogFile(origin, { ...layer.catalog, group: image.manifestDigest }, options.catalogDir, options.signal, options.fetchBlob))))
   const catalogs = opened.flatMap(r => r.status === 'fulfilled' ? [r.value] : [])
   const failed = opened.find(r => r.status === 'rejected')
   if (failed !== undefined) {

@@ -76,7 +76,7 @@ const MEMBERS = 0x83
 
 /** Keys in one JOIN. */
 export const MAX_JOIN_KEYS = 32
-/** Members in one MEMBERS message. */
+/** Members in one MEMBERS message (an answer to a JOIN may take several). */
 export const MAX_MEMBERS = 32
 /** Addresses per member (and in a JOIN). */
 export const MAX_ADDRESSES = 4

@@ -77,13 +77,6 @@ export interface ChunkServerStats {
 
 type Registrar = Pick<Libp2p, 'handle' | 'unhandle'>
 
-/**
- * Members told about each newcomer (the newcomer itself hears of up to MAX_MEMBERS).
- * Pushing to all was O(N^2) messages per swarm; with 8, a member still hears of most
- * newcomers through the several seeds and peers it is connected to.
- */
-const PASS_ON = 8
-
 interface StreamState {
   readonly stream: Stream
   readonly remote: PeerId
@@ -197,8 +190,9 @@ export class ChunkServer {
   }
 
   /**
-   * Peer exchange: the joiner hears whom we know in each swarm, and a few of
-   * those hear of the joiner, on the streams they opened to us. With everyone
+   * Peer exchange (SwarmMembers.exchange): the joiner hears whom we know in
+   * each swarm, and some of those hear of the joiner, on the streams they
+   * opened to us. With everyone
    * bootstrapping from the same seeds, a burst's nodes learn each other within
    * a round trip or two, however slow the DHT is.
    */
@@ -207,11 +201,12 @@ export class ChunkServer {
     this.joined.set(state.peer, state)
     const newcomer = [{ id: state.peer, addresses }]
     for (const key of keys) {
-      const known = this.members.sample(key, MAX_MEMBERS, state.peer)
-      this.members.add(key, state.remote, addresses)
-      void this.send(state.stream, encodeMembers(key, known), this.stopping.signal)
-      for (const member of known.slice(0, PASS_ON)) {
-        const other = this.joined.get(member.id)
+      const { answer, passOn } = this.members.exchange(key, state.remote, addresses)
+      for (let i = 0; i < answer.length; i += MAX_MEMBERS) {
+        void this.send(state.stream, encodeMembers(key, answer.slice(i, i + MAX_MEMBERS)), this.stopping.signal)
+      }
+      for (const id of passOn) {
+        const other = this.joined.get(id)
         if (other !== undefined) void this.send(other.stream, encodeMembers(key, newcomer), this.stopping.signal)
       }
     }

@@ -197,9 +197,10 @@ export class PeerChunkSource implements ChunkSource {
   }
 
   private async find (chunk: ChunkRef, signal: AbortSignal): Promise<Uint8Array | undefined> {
-    const swarm = await this.swarm(this.swarmOf(chunk.pack), signal)
+    const group = this.swarmOf(chunk.pack)
+    const swarm = await this.swarm(group, signal)
     await this.refreshAvailability(chunk.pack, swarm, signal)
-    const selection = this.select(chunk, swarm)
+    const selection = this.select(chunk, swarm, group)
     if (selection.holders.length > 0) {
       const bytes = await this.fromHolders(selection.holders, chunk, signal)
       if (bytes !== undefined) return bytes
@@ -211,7 +212,7 @@ export class PeerChunkSource implements ChunkSource {
     return undefined // the root, or every parent failed: the origin
   }
 
-  private select (chunk: ChunkRef, swarm: readonly Peer[]): Selection<Peer> {
+  private select (chunk: ChunkRef, swarm: readonly Peer[], group: Digest): Selection<Peer> {
     return selectSources({
       key: chunkKey(chunk.digest),
       self: this.self,
@@ -219,7 +220,8 @@ export class PeerChunkSource implements ChunkSource {
       holders: this.availability.holders(chunk),
       excluded: id => this.excluded(id),
       maxParents: this.settings.maxParents,
-      maxHolders: this.settings.maxHolders
+      maxHolders: this.settings.maxHolders,
+      group: chunkKey(group)
     })
   }
 

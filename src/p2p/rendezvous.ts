@@ -123,6 +123,18 @@ export function spreadKey (key: ChunkKey, requester: NodeKey): ChunkKey {
   return { a: fmix32(key.a ^ requester.b), b: fmix32(key.b ^ requester.a) }
 }
 
+/** One node in this many is in a swarm's core (see `inCore`). */
+export const CORE_SHARE = 32
+
+/**
+ * Whether NODE is in the core of the swarm whose key is GROUP: a fixed property
+ * of the pair (a hash below 2^32 / CORE_SHARE), so every node agrees on it
+ * whatever part of the swarm it knows. In a burst of N, about N / 32 nodes.
+ */
+export function inCore (node: NodeKey, group: ChunkKey): boolean {
+  return fmix32(node.a ^ group.a) < 2 ** 32 / CORE_SHARE
+}
+
 export interface SelectionInput<N extends NodeKey> {
   key: ChunkKey
   self: N
@@ -136,6 +148,8 @@ export interface SelectionInput<N extends NodeKey> {
   maxParents: number
   /** How many holders to consider. */
   maxHolders: number
+  /** The key of the swarm the chunk is shared in: with it, only its core may be roots. */
+  group?: ChunkKey
 }
 
 export interface Selection<N extends NodeKey> {
@@ -150,28 +164,43 @@ export interface Selection<N extends NodeKey> {
 /**
  * The burst policy: one distribution tree per chunk.
  *
- * Nodes are ranked by score(node, chunk). The top node of the swarm is the
- * chunk's root: the only one that fetches it from the origin. Every other node
- * asks a PARENT: a node that outranks it, picked in its own spread order, which
- * fetches the chunk the same way (from its own parent) if it lacks it. Scores
- * strictly increase along every request chain, so chains end at a root and
- * never loop, even when nodes see different samples of the swarm (kad-dht
- * returns at most 20 providers). Picking the parent at random among those that
- * outrank us makes each tree a random recursive tree: expected depth about
- * ln N and a root with about ln N children, so no node serves everybody (the
- * single-owner policy this replaces sent every requester to one node per
- * chunk), and as every node is a parent for some chunks and a leaf for others,
- * uploads even out. A dead or stalled parent is excluded; the requester moves
- * to another, and when nobody eligible outranks it, it becomes the root.
+ * Nodes are ranked per chunk: core nodes of the chunk's swarm (`inCore`, when
+ * `group` is given) above all others, and within each, by score(node, chunk).
+ * The top node of the swarm is the chunk's root: the only one that fetches it
+ * from the origin. Every other node asks a PARENT: a node that outranks it,
+ * picked in its own spread order, which fetches the chunk the same way (from
+ * its own parent) if it lacks it. Every node agrees on the order, so rank
+ * strictly increases along every request chain and chains end at a root and
+ * never loop, even when nodes see different samples of the swarm. Picking the
+ * parent at random among those that outrank us makes each tree a random
+ * recursive tree: expected depth about ln N and a root with about ln N
+ * children, so no node serves everybody, and as every node is a parent for
+ * some chunks and a leaf for others, uploads even out. A dead or stalled parent
+ * is excluded; the requester moves to another, and when nobody eligible
+ * outranks it, it becomes the root.
+ *
+ * Why the core: a node's view of a big swarm is a sample (peer exchange keeps
+ * about 1,024 members per key), and by score alone the top of a sample is often
+ * not the top of the swarm, so a chunk got several roots (2.3x the unique
+ * chunks from the origin at 2,000 modelled nodes). Above the core, only core
+ * nodes can be roots, and the core is small enough (1 in 32) for peer exchange
+ * to make every core node know every other (SwarmMembers). The price: a core
+ * node is near the top of every chunk's tree, so it serves a few times more
+ * than others.
  */
 export function selectSources<N extends NodeKey> (input: SelectionInput<N>): Selection<N> {
-  const { key, self, excluded } = input
+  const { key, self, excluded, group } = input
   const selfScore = score(self, key)
+  const selfInCore = group !== undefined && inCore(self, group)
+  const above = (n: N): boolean => {
+    if (group !== undefined && inCore(n, group) !== selfInCore) return !selfInCore
+    return outranks(n, score(n, key), self, selfScore)
+  }
   const spread = spreadKey(key, self)
   // Runs for every chunk over swarms of a thousand: one pass, no copies, the cheap test first.
   let isRoot = true
   const parents = topNodes(spread, input.swarm, input.maxParents, n => {
-    if (!outranks(n, score(n, key), self, selfScore) || n.id === self.id || excluded(n.id)) return true
+    if (!above(n) || n.id === self.id || excluded(n.id)) return true
     isRoot = false
     return false
   })

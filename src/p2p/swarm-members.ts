@@ -1,25 +1,44 @@
 import type { PeerId } from '@libp2p/interface'
 import type { Digest } from '../format/digest.ts'
 import type { SwarmMember } from './chunk-protocol.ts'
+import { chunkKey, inCore, nodeKey, type ChunkKey } from './rendezvous.ts'
 
 /** Members kept per swarm key; at a quarter more, the least recently heard are dropped down to it. */
 const MAX_MEMBERS_PER_KEY = 1024
 /** Ids heard last, per key, duplicates included: where `sample` looks first. */
 const RECENT = 128
+/** The most recently heard members a joiner hears of. */
+const RECENT_MEMBERS = 32
+/** Core members a joiner outside the core hears of (one in the core hears of all). */
+const CORE_MEMBERS = 32
+/**
+ * Members told about each newcomer. Pushing to all was O(N^2) messages per
+ * swarm; with 8, a member still hears of most newcomers through the several
+ * seeds and peers it is connected to.
+ */
+const PASS_ON = 8
+
+/** The peer exchange's numbers, for the simulation model's report. */
+export const PEER_EXCHANGE = { maxMembersPerKey: MAX_MEMBERS_PER_KEY, recentMembers: RECENT_MEMBERS, coreMembers: CORE_MEMBERS, passOn: PASS_ON } as const
 
 interface Entry { peer: PeerId, addresses: string[], heard: number }
 
 /** One swarm key's members. */
 class Swarm {
+  readonly group: ChunkKey
   readonly entries = new Map<string, Entry>()
   /** A ring of the ids heard last; `next` is where the next goes. */
   readonly recent: string[] = []
   next = 0
-  /** Bumped whenever the set of members changes (not on a re-heard one). */
-  version = 0
-  /** `of`'s answer for `version`. */
-  list: { version: number, peers: readonly PeerId[] } | undefined
+  /** `of`'s answer, until it is due for a rebuild (undefined). */
+  list: readonly PeerId[] | undefined
+  /** Members in the swarm's core (rendezvous.ts `inCore`), in the order heard: never pruned. */
+  readonly core = new Set<string>()
   waiters: Array<() => void> = []
+
+  constructor (key: Digest) {
+    this.group = chunkKey(key)
+  }
 }
 
 /**
@@ -53,7 +72,10 @@ export class SwarmMembers {
       if (addresses.length > 0) entry.addresses = [...addresses]
     } else {
       swarm.entries.set(id, { peer, addresses: [...addresses], heard })
-      swarm.version++
+      const core = inCore(nodeKey(id), swarm.group)
+      if (core) swarm.core.add(id)
+      // See `of`: a new core member shows at once, others once they are an eighth more.
+      if (core || swarm.entries.size >= (swarm.list?.length ?? 0) * 9 / 8) swarm.list = undefined
       if (swarm.entries.size > MAX_MEMBERS_PER_KEY * 1.25) this.prune(swarm)
     }
     swarm.recent[swarm.next] = id
@@ -84,14 +106,44 @@ export class SwarmMembers {
     })
   }
 
-  /** Every member of `key`'s swarm. The same array until the set of members changes, so callers may cache what they derive from it. */
+  /**
+   * The members of `key`'s swarm: the same array until it is rebuilt, so callers
+   * may cache what they derive from it. It is rebuilt when a core member
+   * arrives, and when the others have grown by an eighth since the last build,
+   * not for each newcomer: a node in a 10,000-node burst hears of thousands, and
+   * every caller deriving a view from each would be quadratic.
+   */
   of (key: Digest): readonly PeerId[] {
     const swarm = this.byKey.get(key)
     if (swarm === undefined) return NOBODY
-    if (swarm.list?.version !== swarm.version) {
-      swarm.list = { version: swarm.version, peers: Array.from(swarm.entries.values(), e => e.peer) }
+    swarm.list ??= Array.from(swarm.entries.values(), e => e.peer)
+    return swarm.list
+  }
+
+  /**
+   * Peer exchange, when JOINER joins `key`'s swarm through us: what it hears
+   * (MEMBERS) and whom we tell of it. It hears of the most recently heard and of
+   * the core; a few of the most recently heard hear of it. A joiner in the core
+   * hears of every core member we know, and they of it: roots are drawn from
+   * the core, and they agree only if core nodes know each other.
+   * Then records the joiner.
+   */
+  exchange (key: Digest, joiner: PeerId, addresses: readonly string[]): { answer: SwarmMember[], passOn: string[] } {
+    const swarm = this.swarm(key)
+    const except = joiner.toString()
+    const joinerInCore = inCore(nodeKey(except), swarm.group)
+    const recent = this.sample(key, RECENT_MEMBERS, except)
+    const answer = new Map(recent.map(m => [m.id, m]))
+    const passOn = recent.slice(0, PASS_ON).map(m => m.id)
+    let room = joinerInCore ? Infinity : CORE_MEMBERS
+    for (const id of swarm.core) {
+      if (id === except) continue
+      if (room-- <= 0) break
+      answer.set(id, { id, addresses: swarm.entries.get(id)!.addresses })
+      if (joinerInCore && !passOn.includes(id)) passOn.push(id)
     }
-    return swarm.list.peers
+    this.add(key, joiner, addresses)
+    return { answer: [...answer.values()], passOn }
   }
 
   /** Up to `limit` members to pass on, leaving out `except`: the most recently heard first, then any. */
@@ -116,18 +168,20 @@ export class SwarmMembers {
   private swarm (key: Digest): Swarm {
     let swarm = this.byKey.get(key)
     if (swarm === undefined) {
-      swarm = new Swarm()
+      swarm = new Swarm(key)
       this.byKey.set(key, swarm)
     }
     return swarm
   }
 
-  /** Drops the least recently heard beyond the cap, in one batch (a sort per 256 new members, not a scan per add). */
+  /** Drops the least recently heard beyond the cap but the core, in one batch (a sort per 256 new members, not a scan per add). */
   private prune (swarm: Swarm): void {
-    const keep = [...swarm.entries].sort((x, y) => y[1].heard - x[1].heard).slice(0, MAX_MEMBERS_PER_KEY)
+    const core = swarm.core
+    const keep = [...swarm.entries].filter(([id]) => !core.has(id)).sort((x, y) => y[1].heard - x[1].heard).slice(0, MAX_MEMBERS_PER_KEY)
+    for (const [id, entry] of swarm.entries) if (core.has(id)) keep.push([id, entry])
     swarm.entries.clear()
     for (const [id, entry] of keep) swarm.entries.set(id, entry)
-    swarm.version++
+    swarm.list = undefined
   }
 }
 

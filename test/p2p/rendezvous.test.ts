@@ -2,7 +2,7 @@ import assert from 'node:assert/strict'
 import { randomBytes } from 'node:crypto'
 import { test } from 'node:test'
 import { sha256 } from '../../src/format/digest.ts'
-import { chunkKey, nodeKey, rootOf, rankNodes, score, selectSources, topNodes, type NodeKey } from '../../src/p2p/rendezvous.ts'
+import { chunkKey, inCore, nodeKey, rootOf, rankNodes, score, selectSources, topNodes, type NodeKey } from '../../src/p2p/rendezvous.ts'
 
 /** Peer-id-like strings: a shared prefix, like real `12D3KooW…` ids. */
 const nodes = (n: number, tag = 'n'): NodeKey[] => Array.from({ length: n }, (_, i) => nodeKey(`12D3KooW${tag}${i.toString().padStart(5, '0')}`))
@@ -139,6 +139,38 @@ test('selectSources: request chains climb strictly and end at the root, even wit
     }
     assert.ok(seen.size <= 400)
     if (views.get(node.id)!.some(n => n.id === rootId)) assert.equal(node.id, rootId, 'a chain ends at the true root when it is in view')
+  }
+})
+
+test('selectSources with a swarm key: chains never loop, and views that hold the core agree on one root', () => {
+  const everyone = nodes(3000)
+  const group = chunkKey(sha256(Buffer.from('layer')))
+  const core = everyone.filter(n => inCore(n, group))
+  assert.ok(core.length > 50 && core.length < 150, `about 1 in 32 are core: ${core.length}`)
+  const random = seeded(11)
+  const sample = (k: number): typeof everyone => Array.from({ length: k }, () => everyone[Math.floor(random() * everyone.length)]!)
+  // Views of 300 random members, plus the whole core (what peer exchange aims at), or not.
+  const withCore = new Map(everyone.map(n => [n.id, [...sample(300), ...core]]))
+  const without = new Map(everyone.map(n => [n.id, sample(300)]))
+  for (const views of [withCore, without]) {
+    const roots = new Set<string>()
+    const key = chunkKey(sha256(randomBytes(32)))
+    for (let start = 0; start < 300; start++) {
+      let node = everyone[Math.floor(random() * everyone.length)]!
+      const seen = new Set<string>()
+      for (;;) {
+        assert.ok(!seen.has(node.id), 'no node appears twice in a chain')
+        seen.add(node.id)
+        const selection = selectSources({ key, self: node, swarm: views.get(node.id)!, holders: [], excluded: () => false, maxParents: 1, maxHolders: 0, group })
+        if (selection.isRoot) break
+        const parent = selection.parents[0]!
+        if (inCore(node, group)) assert.ok(inCore(parent, group), 'a core node asks only core nodes')
+        node = parent
+      }
+      roots.add(node.id)
+    }
+    if (views === withCore) assert.deepEqual([...roots], [rankNodes(key, core)[0]!.id], 'one root: the core\'s top')
+    else assert.ok(roots.size > 1, 'without the core in view, chains end at several roots (why peer exchange spreads it)')
   }
 })
 

@@ -4,6 +4,7 @@ import type { PeerId } from '@libp2p/interface'
 import assert from 'node:assert/strict'
 import { test } from 'node:test'
 import type { Digest } from '../../src/format/digest.ts'
+import { chunkKey, inCore, nodeKey } from '../../src/p2p/rendezvous.ts'
 import { SwarmMembers } from '../../src/p2p/swarm-members.ts'
 
 const KEY: Digest = `sha256:${'ab'.repeat(32)}`
@@ -11,6 +12,10 @@ const KEY: Digest = `sha256:${'ab'.repeat(32)}`
 async function peers (n: number): Promise<PeerId[]> {
   return await Promise.all(Array.from({ length: n }, async () => peerIdFromPrivateKey(await generateKeyPair('Ed25519'))))
 }
+
+// Ids only need toString(): thousands of real key pairs would take seconds.
+const fake = (i: number): PeerId => ({ toString: () => `peer-${i}` }) as unknown as PeerId
+const isCore = (p: PeerId): boolean => inCore(nodeKey(p.toString()), chunkKey(KEY))
 
 test('SwarmMembers: of() is the same array until a member is new, then lists it', async () => {
   const [a, b] = await peers(2)
@@ -38,8 +43,6 @@ test('SwarmMembers: sample is the most recently heard first, without the asker, 
 })
 
 test('SwarmMembers: a big swarm keeps the 1,024 most recently heard (pruned in batches)', async () => {
-  // Ids only need toString(): 1,300 real key pairs would take seconds.
-  const fake = (i: number): PeerId => ({ toString: () => `peer-${i}` }) as unknown as PeerId
   const members = new SwarmMembers()
   members.add(KEY, fake(0), [])
   for (let i = 1; i < 1300; i++) {
@@ -63,4 +66,45 @@ test('SwarmMembers: changed() wakes at the next add, rejects when its signal abo
   const aborted = members.changed(KEY, controller.signal)
   controller.abort(new Error('gave up'))
   await assert.rejects(aborted, /gave up/)
+})
+
+test('SwarmMembers: a big view is rebuilt when a core member arrives or the rest grew by an eighth', () => {
+  const members = new SwarmMembers()
+  const all = Array.from({ length: 2000 }, (_, i) => fake(i))
+  const others = all.filter(p => !isCore(p))
+  const core = all.filter(isCore)
+  assert.ok(core.length > 20 && core.length < 120, `about 1 in 32 are core: ${core.length}`)
+  for (const p of others.slice(0, 800)) members.add(KEY, p, [])
+  const view = members.of(KEY)
+  assert.equal(view.length, 800)
+  for (const p of others.slice(800, 850)) members.add(KEY, p, [])
+  assert.equal(members.of(KEY), view, '50 more of 800: not yet')
+  members.add(KEY, core[0]!, [])
+  assert.equal(members.of(KEY).length, 851, 'a core member: at once')
+  const after = members.of(KEY)
+  for (const p of others.slice(850, 960)) members.add(KEY, p, [])
+  assert.notEqual(members.of(KEY), after, 'an eighth more: rebuilt')
+  assert.equal(members.of(KEY).length, 961)
+})
+
+test('SwarmMembers: exchange tells a core joiner of the whole core and the core of it; others hear of part of it', () => {
+  const members = new SwarmMembers()
+  const all = Array.from({ length: 3000 }, (_, i) => fake(i))
+  for (const p of all.slice(0, 2900)) members.add(KEY, p, [])
+  const core = all.slice(0, 2900).filter(isCore).map(String)
+  assert.ok(core.length > 40, `core known: ${core.length}`)
+  const [coreJoiner] = all.slice(2900).filter(isCore)
+  const [joiner] = all.slice(2900).filter(p => !isCore(p))
+
+  const plain = members.exchange(KEY, joiner!, ['/ip4/10.0.0.1/tcp/1'])
+  const heard = new Set(plain.answer.map(m => m.id))
+  assert.ok(!heard.has(joiner!.toString()))
+  assert.equal(core.filter(id => heard.has(id)).length, 32, 'a share of the core')
+  assert.equal(plain.passOn.length, 8, 'a few recent members hear of a plain joiner')
+  assert.ok(members.of(KEY).some(p => p.toString() === joiner!.toString()), 'the joiner is recorded')
+
+  const special = members.exchange(KEY, coreJoiner!, [])
+  const told = new Set(special.answer.map(m => m.id))
+  assert.deepEqual(core.filter(id => !told.has(id)), [], 'a core joiner hears of every core member')
+  assert.deepEqual(core.filter(id => !special.passOn.includes(id)), [], 'and every core member hears of it')
 })
