@@ -48,7 +48,8 @@
  *   manifest digest, a layer's packs in the swarm of the catalog's digest; a key is
  *   announced when first joined (a DHT provide, and a JOIN to every connected
  *   peer), and a read announces its pack's key again (a no-op by then). A new
- *   connection JOINs each side to the other with every key it announced. A
+ *   connection JOINs each side to the other with every key it announced while
+ *   its view of that swarm is small (SwarmMembers.wantsMore). A
  *   node that receives a JOIN answers and passes it on as its real
  *   SwarmMembers.exchange says (src/p2p/swarm-members.ts: the 32 most recently
  *   heard and the core; 8 of those, if they have a JOIN stream open to it, hear
@@ -253,14 +254,17 @@ class World {
 
   /**
    * A connection between A and B (if the gaters let it): each side JOINs the
-   * other with every swarm it is in (Peering.onConnect; bad-peer.ts does too).
+   * other with the swarms it would hear more members of (Peering.onConnect;
+   * bad-peer.ts JOINs all it is in).
    */
   connect (a: Node, b: Node): void {
     if (a === b || a.connections.has(b) || !a.admits(b) || !b.admits(a)) return
     a.connections.add(b)
     b.connections.add(a)
-    if (a.announced.size > 0) this.join(a, b, [...a.announced])
-    if (b.announced.size > 0) this.join(b, a, [...b.announced])
+    for (const [from, to] of [[a, b], [b, a]] as const) {
+      const keys = from.joinOnConnect()
+      if (keys.length > 0) this.join(from, to, keys)
+    }
   }
 
   /** FROM tells TO it is in these swarms: a JOIN, one link latency on its way. */
@@ -548,6 +552,11 @@ class Node implements NodeKey {
       watchers.delete(fn)
       if (watchers.size === 0) this.memberWatchers.delete(key)
     }
+  }
+
+  /** Peering.onConnect: the swarms a new connection hears our JOIN for (bad peers JOIN all theirs). */
+  joinOnConnect (): Digest[] {
+    return [...this.announced].filter(key => this.bad || this.members.wantsMore(key))
   }
 
   /** SwarmMembers.of: the members of KEY's swarm we heard of from peers (the living and the dead). */

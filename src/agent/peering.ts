@@ -60,14 +60,16 @@ export class Peering {
   private readonly server: ChunkServer
   private readonly router: DhtPackRouter
   private readonly client: ChunkClient
+  private readonly members: SwarmMembers
   private readonly announced = new Set<Digest>()
   /** Pack (or whole blob) → the DHT key its swarm announces under. */
   private readonly swarmKeys: Map<Digest, Digest>
   private readonly lifetime = new AbortController()
   private readonly log: Logger
 
-  private constructor (parts: { node: PeerNode, peers: PeerChunkSource, server: ChunkServer, router: DhtPackRouter, client: ChunkClient, swarmKeys: Map<Digest, Digest> }, log: Logger) {
+  private constructor (parts: { node: PeerNode, peers: PeerChunkSource, server: ChunkServer, router: DhtPackRouter, client: ChunkClient, members: SwarmMembers, swarmKeys: Map<Digest, Digest> }, log: Logger) {
     this.node = parts.node
+    this.members = parts.members
     this.swarmKeys = parts.swarmKeys
     this.node.libp2p.addEventListener('peer:connect', this.onConnect)
     this.peers = parts.peers
@@ -116,9 +118,10 @@ export class Peering {
     if (added.length > 0) for (const peer of this.node.connectedPeers()) this.client.join(peer, added, this.node.multiaddrs())
   }
 
-  /** A new connection hears every swarm we are in. */
+  /** A new connection hears every swarm we are in whose members we would like to hear more of. */
   private readonly onConnect = (event: CustomEvent<PeerId>): void => {
-    if (this.announced.size > 0) this.client.join(event.detail, [...this.announced], this.node.multiaddrs())
+    const keys = [...this.announced].filter(key => this.members.wantsMore(key))
+    if (keys.length > 0) this.client.join(event.detail, keys, this.node.multiaddrs())
   }
 
   /**
@@ -197,7 +200,7 @@ export class Peering {
       swarmOf: pack => swarmKeys.get(pack) ?? pack
     })
     deps.log.info({ peerId: node.peerId.toString(), multiaddrs: node.multiaddrs() }, 'peer node started')
-    return new Peering({ node, peers, server, router, client, swarmKeys }, deps.log)
+    return new Peering({ node, peers, server, router, client, members, swarmKeys }, deps.log)
   }
 
   stats (): PeeringStats {

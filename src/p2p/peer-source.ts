@@ -8,7 +8,7 @@ import type { ChunkRequester } from './chunk-client.ts'
 import { MAX_CHUNK_BYTES, normalizeRanges, rangesCover, type ByteRange } from './chunk-protocol.ts'
 import { ProtocolViolationError } from './errors.ts'
 import type { PackRouter } from './pack-router.ts'
-import { chunkKey, nodeKey, selectSources, spreadKey, topNodes, type NodeKey, type Selection } from './rendezvous.ts'
+import { chunkKey, LARGE_SWARM, nodeKey, selectSources, spreadKey, topNodes, type NodeKey, type Selection } from './rendezvous.ts'
 
 /**
  * The peer source's timing and breadth. Exported so the simulation model and the
@@ -221,7 +221,7 @@ export class PeerChunkSource implements ChunkSource {
       excluded: id => this.excluded(id),
       maxParents: this.settings.maxParents,
       maxHolders: this.settings.maxHolders,
-      group: chunkKey(group)
+      ...(swarm.length + 1 >= LARGE_SWARM ? { group: chunkKey(group) } : {})
     })
   }
 

@@ -125,6 +125,17 @@ export function spreadKey (key: ChunkKey, requester: NodeKey): ChunkKey {
 
 /** One node in this many is in a swarm's core (see `inCore`). */
 export const CORE_SHARE = 32
+/**
+ * A node uses its swarm's core (passes `group` to selectSources) once it knows
+ * this many members: a core of 8 or more. In a smaller swarm the core is a node
+ * or two, and a real 20-node burst showed the cost: the one core node was the
+ * root of every chunk of its layer, its 8 origin requests at a time fell behind,
+ * and children gave up on it (chunk egress 5.6x instead of 1.0-1.3).
+ * Nodes whose views straddle the threshold rank differently, so while a big
+ * swarm forms a request chain can loop; it then ends at the peer source's
+ * budget (8 s) and the origin.
+ */
+export const LARGE_SWARM = 256
 
 /**
  * Whether NODE is in the core of the swarm whose key is GROUP: a fixed property
@@ -148,7 +159,7 @@ export interface SelectionInput<N extends NodeKey> {
   maxParents: number
   /** How many holders to consider. */
   maxHolders: number
-  /** The key of the swarm the chunk is shared in: with it, only its core may be roots. */
+  /** The key of the swarm the chunk is shared in, for a large swarm (LARGE_SWARM): with it, only its core may be roots. */
   group?: ChunkKey
 }
 
@@ -167,43 +178,42 @@ export interface Selection<N extends NodeKey> {
  * Nodes are ranked per chunk: core nodes of the chunk's swarm (`inCore`, when
  * `group` is given) above all others, and within each, by score(node, chunk).
  * The top node of the swarm is the chunk's root: the only one that fetches it
- * from the origin. Every other node asks a PARENT: a node that outranks it,
- * picked in its own spread order, which fetches the chunk the same way (from
- * its own parent) if it lacks it. Every node agrees on the order, so rank
- * strictly increases along every request chain and chains end at a root and
- * never loop, even when nodes see different samples of the swarm. Picking the
- * parent at random among those that outrank us makes each tree a random
- * recursive tree: expected depth about ln N and a root with about ln N
- * children, so no node serves everybody, and as every node is a parent for
- * some chunks and a leaf for others, uploads even out. A dead or stalled parent
- * is excluded; the requester moves to another, and when nobody eligible
- * outranks it, it becomes the root.
+ * from the origin. Every other node asks a PARENT that outranks it, which
+ * fetches the chunk the same way (from its own parent) if it lacks it: one of
+ * its own kind (core or not) with a higher score, picked in its own spread
+ * order, or, outside the core, when it knows no such node, a core node. Every
+ * node agrees on the order, so rank strictly increases along every request
+ * chain and chains end at a root and never loop, even when nodes see
+ * different samples of the swarm. Picking the parent at random among those
+ * that outrank us makes each tree a random recursive tree: expected depth about
+ * ln N and a root with about ln N children, so no node serves everybody, and
+ * as every node is a parent for some chunks and a leaf for others, uploads even
+ * out. A dead or stalled parent is excluded; the requester moves to another,
+ * and when nobody eligible outranks it, it becomes the root.
  *
  * Why the core: a node's view of a big swarm is a sample (peer exchange keeps
  * about 1,024 members per key), and by score alone the top of a sample is often
  * not the top of the swarm, so a chunk got several roots (2.3x the unique
- * chunks from the origin at 2,000 modelled nodes). Above the core, only core
- * nodes can be roots, and the core is small enough (1 in 32) for peer exchange
- * to make every core node know every other (SwarmMembers). The price: a core
- * node is near the top of every chunk's tree, so it serves a few times more
- * than others.
+ * chunks from the origin at 2,000 modelled nodes). With a core, only core nodes
+ * can be roots (a node outside it that knows a core node is never one), and the
+ * core is small enough (1 in 32) for peer exchange to make every core node know
+ * every other (SwarmMembers). Nodes outside the core ask the core only from the
+ * top of their own kind, so the core is not everybody's parent: in a real
+ * 20-node burst, where one node was the core, asking it first made it the
+ * parent of all and it fell behind (see also LARGE_SWARM).
  */
 export function selectSources<N extends NodeKey> (input: SelectionInput<N>): Selection<N> {
-  const { key, self, excluded, group } = input
+  const { key, self, excluded, group, maxParents } = input
   const selfScore = score(self, key)
   const selfInCore = group !== undefined && inCore(self, group)
-  const above = (n: N): boolean => {
-    if (group !== undefined && inCore(n, group) !== selfInCore) return !selfInCore
-    return outranks(n, score(n, key), self, selfScore)
-  }
   const spread = spreadKey(key, self)
+  const unusable = (n: N): boolean => n.id === self.id || excluded(n.id)
   // Runs for every chunk over swarms of a thousand: one pass, no copies, the cheap test first.
-  let isRoot = true
-  const parents = topNodes(spread, input.swarm, input.maxParents, n => {
-    if (!above(n) || n.id === self.id || excluded(n.id)) return true
-    isRoot = false
-    return false
-  })
-  const holders = topNodes(spread, input.holders, input.maxHolders, n => n.id === self.id || excluded(n.id))
-  return { isRoot, parents, holders }
+  const parents = topNodes(spread, input.swarm, maxParents, n =>
+    !outranks(n, score(n, key), self, selfScore) || (group !== undefined && inCore(n, group) !== selfInCore) || unusable(n))
+  if (group !== undefined && !selfInCore && parents.length < maxParents) {
+    parents.push(...topNodes(spread, input.swarm, maxParents - parents.length, n => !inCore(n, group) || unusable(n)))
+  }
+  const holders = topNodes(spread, input.holders, input.maxHolders, unusable)
+  return { isRoot: parents.length === 0, parents, holders }
 }
