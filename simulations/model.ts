@@ -53,7 +53,12 @@ const log = (line: string): void => { process.stderr.write(`model: ${line}\n`) }
 
 const runs: Partial<Record<ModelMode, ModelRun>> = {}
 for (const mode of ['lone', ...(scenario.peers ? ['peers'] as const : []), 'baseline'] as const) {
-  const run = await simulate({ scenario, profile, mode })
+  const run = await simulate({
+    scenario,
+    profile,
+    mode,
+    onProgress: p => log(`${mode}: ${(p.simulatedMs / 1000).toFixed(1)} simulated s, ${p.finished}/${p.nodes} nodes done, ${p.events} events in ${p.wallSeconds.toFixed(0)} s`)
+  })
   runs[mode] = run
   log(`${mode}: ${run.result.nodes.length} nodes, ${(run.result.wallMs / 1000).toFixed(1)} simulated s, ${run.events} events in ${run.seconds.toFixed(1)} s`)
   const d = run.diagnostics

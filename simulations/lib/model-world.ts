@@ -31,10 +31,10 @@
  *   key at a time, fresh for lookupCacheMs (1 s if it found nobody and no
  *   member told us of itself). An answer lists first the members peers told
  *   this node of (JOIN and MEMBERS, below), then the walk's. During a key's
- *   first walk a caller gets members as they are heard of, and the walk's
- *   answer at its end (no partial answers), for as long as it waits; after
- *   that it gets the last answer at once while a stale one is refreshed in the
- *   background (stale-while-revalidate, as src). Each walk and provide also costs dhtRpcMs
+ *   first walk the answer is the members heard of so far (the model's walk
+ *   finds nothing before it ends) and is not settled; after that a caller gets
+ *   the last answer at once while a stale one is refreshed in the background
+ *   (stale-while-revalidate, as src). Each walk and provide also costs dhtRpcMs
  *   of CPU per DHT peer it talks to (the k = 20 closest, or all nodes in a
  *   smaller cluster), and libp2p's upkeep costs each node upkeepMsPerPeer of CPU
  *   per second per connected peer (up to 20), so that on shared cores a DHT
@@ -110,7 +110,7 @@ import type { ChunkReply, ChunkRequester, WantOptions } from '../../src/p2p/chun
 import { MAX_JOIN_KEYS, MAX_MEMBERS, normalizeRanges, type ByteRange } from '../../src/p2p/chunk-protocol.ts'
 import type { Clock } from '../../src/p2p/clock.ts'
 import { PeerUnavailableError } from '../../src/p2p/errors.ts'
-import type { PackRouter } from '../../src/p2p/pack-router.ts'
+import type { PackRouter, SwarmAnswer } from '../../src/p2p/pack-router.ts'
 import { PEER_SOURCE_DEFAULTS, PeerChunkSource, PeerKeys, type PeerSourceStats } from '../../src/p2p/peer-source.ts'
 import { nodeKey, type NodeKey } from '../../src/p2p/rendezvous.ts'
 import { PEER_EXCHANGE, SwarmMembers } from '../../src/p2p/swarm-members.ts'
@@ -140,7 +140,11 @@ export interface ModelOptions {
   scenario: Scenario
   profile: WorkloadProfile
   mode: ModelMode
+  /** Called about every 10 s of wall time while a run lasts: a 10,000-node run takes minutes. */
+  onProgress?: (progress: ModelProgress) => void
 }
+
+export interface ModelProgress { simulatedMs: number, events: number, finished: number, nodes: number, wallSeconds: number }
 
 /** A chunk as the agent's catalogs describe it (what PeerChunkSource.get takes), plus what the model needs. */
 interface Chunk extends ChunkRef {
@@ -375,8 +379,6 @@ class Node implements NodeKey {
   /** Swarm members heard of from peers (the real SwarmMembers), and the peers whose JOIN stream to us is open (ChunkServer.joined). */
   private readonly members = new SwarmMembers()
   private readonly joinedUs = new Set<Node>()
-  /** First walks listening for new members (see firstWalk). */
-  private readonly memberWatchers = new Map<Digest, Set<(member: Node) => void>>()
   private readonly bans: PeerBans
 
   constructor (w: World, index: number, bad: boolean) {
@@ -517,7 +519,6 @@ class Node implements NodeKey {
     this.joinedUs.add(peer)
     for (const key of keys) {
       const { answer, passOn } = this.members.exchange(key, peer.peerId, [])
-      this.memberAdded(key, peer)
       this.w.members(this, peer, key, answer.map(m => m.id))
       for (const id of passOn) {
         const other = this.w.node(id)
@@ -536,22 +537,7 @@ class Node implements NodeKey {
   }
 
   private addMember (key: Digest, member: Node): void {
-    if (this.members.add(key, member.peerId, [])) this.memberAdded(key, member)
-  }
-
-  private memberAdded (key: Digest, member: Node): void {
-    for (const watch of this.memberWatchers.get(key) ?? []) watch(member)
-  }
-
-  /** Calls FN with each member of KEY's swarm heard of from now on, until the returned function is called. */
-  watchMembers (key: Digest, fn: (member: Node) => void): () => void {
-    let watchers = this.memberWatchers.get(key)
-    if (watchers === undefined) this.memberWatchers.set(key, watchers = new Set())
-    watchers.add(fn)
-    return () => {
-      watchers.delete(fn)
-      if (watchers.size === 0) this.memberWatchers.delete(key)
-    }
+    this.members.add(key, member.peerId, [])
   }
 
   /** Peering.onConnect: the swarms a new connection hears our JOIN for (bad peers JOIN all theirs). */
@@ -562,11 +548,6 @@ class Node implements NodeKey {
   /** SwarmMembers.of: the members of KEY's swarm we heard of from peers (the living and the dead). */
   membersOf (key: Digest): readonly Node[] {
     return this.members.of(key) as unknown as readonly Node[]
-  }
-
-  /** SwarmMembers.changed: resolves when we next hear of a member of KEY's swarm. */
-  membersChanged (key: Digest, signal: AbortSignal): Promise<void> {
-    return this.members.changed(key, signal)
   }
 
   /** The connection to PEER closed: its JOIN stream with it (members heard of stay listed, as in src). */
@@ -859,7 +840,10 @@ class Node implements NodeKey {
       let found: boolean | 'pending'
       if (ask.fetch) {
         d.parentRequests++
-        found = await abortable(this.forChild(chunk, Math.min(ask.waitMs, SERVER.maxWaitMs)), signal)
+        // Peering: a parent request from a peer we are asking for the same chunk is refused.
+        found = this.source?.isAsking(chunk.digest, from.id) === true && !this.held.has(chunk.digest)
+          ? false
+          : await abortable(this.forChild(chunk, Math.min(ask.waitMs, SERVER.maxWaitMs)), signal)
       } else {
         found = this.vouches(chunk) && this.held.has(chunk.digest)
       }
@@ -995,7 +979,7 @@ class SimRouter implements PackRouter {
   private readonly node: Node
   private readonly announced = new Map<string, Promise<void>>()
   private readonly lookups = new Map<string, Lookup>()
-  private readonly answers = new Map<string, { heard: readonly Node[], walked: Swarm, peers: readonly PeerId[] }>()
+  private readonly answers = new Map<string, { heard: readonly Node[], walked: Swarm, answer: SwarmAnswer }>()
 
   constructor (w: World, node: Node) {
     this.w = w
@@ -1015,41 +999,39 @@ class SimRouter implements PackRouter {
     await abortable(provide, options.signal)
   }
 
-  /** The members peers told us of first, then the walk's answer (DhtPackRouter.holders). */
-  holders (key: Digest, options: { signal: AbortSignal }): AsyncIterable<PeerId> {
-    const { lookup, answer } = this.current(key)
-    if (answer !== undefined) return iterate(answer)
-    return firstWalk(lookup, this.node, options.signal)
-  }
-
-  answer (key: Digest): readonly PeerId[] | undefined {
+  answer (key: Digest): SwarmAnswer {
     return this.current(key).answer
   }
 
+  async settled (key: Digest, options: { signal: AbortSignal }): Promise<void> {
+    const { lookup, answer } = this.current(key)
+    if (!answer.settled) await abortable(lookup.finished, options.signal)
+  }
+
   /**
-   * As DhtPackRouter.current: the key's walk, and unless it is the first and
-   * still running, the answer: the members peers told us of, then the last
-   * finished walk's finds without them and without self (stale-while-revalidate).
-   * The same array until either input changes.
+   * As DhtPackRouter.current: the key's walk and the answer: the members peers
+   * told us of, then the last finished walk's finds without them and without
+   * self (stale-while-revalidate); during the first walk, the members only (the
+   * model's walk finds nothing before it ends). The same array until an input changes.
    */
-  private current (key: Digest): { lookup: Lookup, answer: readonly PeerId[] | undefined } {
+  private current (key: Digest): { lookup: Lookup, answer: SwarmAnswer } {
     const heard = this.node.membersOf(key)
     const lookup = this.lookup(key, heard.length > 0)
-    const walked = lookup.done ? lookup.found : lookup.previous
-    if (walked === undefined) return { lookup, answer: undefined }
-    if (!lookup.done) this.w.diagnostics.dht.staleAnswers++
+    const settled = lookup.done || lookup.previous !== undefined
+    const walked = lookup.done ? lookup.found : lookup.previous ?? NOBODY
+    if (!lookup.done && lookup.previous !== undefined) this.w.diagnostics.dht.staleAnswers++
     let memo = this.answers.get(key)
-    if (memo?.heard !== heard || memo.walked !== walked) {
+    if (memo?.heard !== heard || memo.walked !== walked || memo.answer.settled !== settled) {
       const skip = new Set<Node>(heard)
       const peers: PeerId[] = heard.map(n => n.peerId)
       for (let i = 0; i < walked.count; i++) {
         const n = walked.nodes[i]!
         if (n !== this.node && !skip.has(n)) peers.push(n.peerId)
       }
-      memo = { heard, walked, peers }
+      memo = { heard, walked, answer: { peers, settled } }
       this.answers.set(key, memo)
     }
-    return { lookup, answer: memo.peers }
+    return { lookup, answer: memo.answer }
   }
 
   /** The key's current walk, or a new one when the last is stale (an empty one after 1 s, unless members told us of themselves). */
@@ -1062,6 +1044,7 @@ class SimRouter implements PackRouter {
     this.w.diagnostics.dht.walks++
     void this.node.cpuWork(this.w.p.lookupMs + this.w.dhtRpcCost).then(() => {
       lookup.found = this.w.providersOf(pack)
+      if (lookup.previous === undefined && this.node.membersOf(pack).length > 0) this.w.diagnostics.dht.joinAnswers++
       lookup.others = lookup.found.count - (this.w.lists(pack, lookup.found, this.node) ? 1 : 0)
       lookup.done = true
       lookup.expires = this.w.sim.now + this.w.p.lookupCacheMs
@@ -1092,48 +1075,6 @@ const LOCATE_WAIT_MS = 5000
 /** Peering's provideDelayMs: a key's first provide waits 5-15 s. */
 const PROVIDE_DELAY_MS = { min: 5000, max: 15_000 }
 const NOBODY: Swarm = { nodes: [], count: 0 }
-
-/** An answer as holders() yields it. */
-async function * iterate (peers: readonly PeerId[]): AsyncIterable<PeerId> {
-  yield * peers
-}
-
-/**
- * A key's first walk: members as peers tell us of them while it runs, then its
- * answer once it ends (the model's walk finds nothing before that); the caller
- * stops listening when its signal aborts (the peer source's lookupWaitMs).
- */
-async function * firstWalk (lookup: Lookup, self: Node, signal: AbortSignal): AsyncIterable<PeerId> {
-  // src re-reads every member at each change; the model takes the ones it has not seen from a
-  // watch instead (the same members, without rereading up to 1,024 of them each time).
-  const heard = [...self.membersOf(lookup.key)]
-  const stop = self.watchMembers(lookup.key, member => heard.push(member))
-  const seen = new Set<Node>()
-  // One wait for the walk's end for all the rounds (a new one each round would pile up abort listeners).
-  const walked = abortable(lookup.finished, signal)
-  walked.catch(() => {})
-  try {
-    for (let next = 0; ; ) {
-      while (next < heard.length) {
-        const member = heard[next++]!
-        if (seen.has(member)) continue
-        seen.add(member)
-        yield member.peerId
-      }
-      if (lookup.done) {
-        self.w.diagnostics.dht.joinAnswers += seen.size > 0 ? 1 : 0
-        for (let i = 0; i < lookup.found.count; i++) {
-          const node = lookup.found.nodes[i]!
-          if (node !== self && !seen.has(node)) yield node.peerId
-        }
-        return
-      }
-      await Promise.race([walked, self.membersChanged(lookup.key, signal)])
-    }
-  } finally {
-    stop()
-  }
-}
 
 /** A TCP segment: what a real response makes progress by. */
 const SEGMENT_BYTES = 1460
@@ -1352,7 +1293,14 @@ export async function simulate (options: ModelOptions): Promise<ModelRun> {
     })
   }
   sim.at(s.timeouts.runMs, () => sim.stop())
-  await sim.run()
+  const progress = options.onProgress === undefined
+    ? undefined
+    : setInterval(() => options.onProgress!({ simulatedMs: sim.now, events: sim.events, finished: count - running, nodes: count, wallSeconds: (performance.now() - started) / 1000 }), 10_000)
+  try {
+    await sim.run()
+  } finally {
+    clearInterval(progress)
+  }
   for (const n of nodes) {
     n.finish()
     if (n.result.startedMs === undefined || n.result.outcome !== 'not-started') continue

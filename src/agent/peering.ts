@@ -138,7 +138,7 @@ export class Peering {
     })
     let fetchesForPeers = 0
     const local: LocalChunks = {
-      get: async (digest, { signal, fetch }) => {
+      get: async (digest, { signal, fetch, from }) => {
         const ref = fetch
           ? await deps.locator.locateSoon(digest, AbortSignal.any([signal, AbortSignal.timeout(LOCATE_WAIT_MS)]))
           : deps.locator.locate(digest)
@@ -146,6 +146,8 @@ export class Peering {
         const resolver = deps.resolver()
         const held = resolver.memory.get(digest) ?? await deps.disk.get(ref, { signal })
         if (held !== undefined || !fetch) return held
+        // We are asking this very peer for the chunk: fetching for it would wait on ourselves.
+        if (peers.isAsking(digest, from)) return undefined
         // As a parent in the chunk's tree: fetch it once (singleflight: a read of our own joins),
         // through our own parent or, at the root, the origin. Bounded, so that peers cannot make
         // this node pull any amount; beyond it they are told dont-have and try another parent.

@@ -25,9 +25,10 @@ export interface LocalChunks {
    * chunk's distribution tree: the agent should fetch it (through its own
    * resolver, once: singleflight) and resolve when it lands. `signal` aborts when the requester cancels or the server stops; a
    * requester that merely stopped waiting (it got `pending`) does not abort, so
-   * the fetch carries on and its next ask finds the chunk.
+   * the fetch carries on and its next ask finds the chunk. `from` is the
+   * requester's peer id.
    */
-  get (digest: Digest, options: { signal: AbortSignal, fetch: boolean }): Promise<Uint8Array | undefined>
+  get (digest: Digest, options: { signal: AbortSignal, fetch: boolean, from: string }): Promise<Uint8Array | undefined>
   /** Byte ranges of the pack's stored bytes whose chunks this node holds, verified. */
   held (pack: Digest): Promise<readonly ByteRange[]>
   /** Whether the chunk is worth compressing for the wire (its image stored it compressed). Default: no. */
@@ -231,7 +232,7 @@ export class ChunkServer {
     state.items.set(item.id, controller)
     const signal = AbortSignal.any([controller.signal, this.stopping.signal])
     try {
-      const found = await this.lookup(item, signal)
+      const found = await this.lookup(item, state.peer, signal)
       if (signal.aborted) return // cancelled: the requester does not want an answer
       if (found === 'pending' || found === undefined) {
         await this.reply(state, item.id, found ?? 'dont-have')
@@ -263,10 +264,10 @@ export class ChunkServer {
   }
 
   /** Bytes, undefined (not held), or 'pending' (a fetch for a child still running when the wait ran out). */
-  private async lookup (item: WantItem, signal: AbortSignal): Promise<Uint8Array | undefined | 'pending'> {
-    if (!item.fetch) return await this.local.get(item.digest, { signal, fetch: false })
+  private async lookup (item: WantItem, from: string, signal: AbortSignal): Promise<Uint8Array | undefined | 'pending'> {
+    if (!item.fetch) return await this.local.get(item.digest, { signal, fetch: false, from })
     this.stats.parentRequests++
-    const fetching = this.local.get(item.digest, { signal, fetch: true })
+    const fetching = this.local.get(item.digest, { signal, fetch: true, from })
     const waitMs = Math.min(item.waitMs, this.maxWaitMs)
     let timer: NodeJS.Timeout | undefined
     const expired = new Promise<'pending'>(resolve => { timer = setTimeout(() => resolve('pending'), waitMs) })

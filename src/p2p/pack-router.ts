@@ -7,19 +7,27 @@ import { AnnounceError } from './errors.ts'
 import type { SwarmMembers } from './swarm-members.ts'
 import { abortable, sleep } from '../origin/limit.ts'
 
+/** A pack's swarm as a node knows it at a moment. */
+export interface SwarmAnswer {
+  /** Everyone else known to have announced the pack (holders and wanters): members that told us, then the DHT's finds. */
+  readonly peers: readonly PeerId[]
+  /** False while the pack's first lookup runs: `peers` is what is known so far. */
+  readonly settled: boolean
+}
+
 /** Who else is in a pack's swarm: DHT provider records plus live availability. */
 export interface PackRouter {
   /** Tell the swarm this node wants (and will soon hold) the pack. */
   announce (pack: Digest, options: { signal: AbortSignal }): Promise<void>
-  /** Everyone else who announced the pack: holders and wanters. */
-  holders (pack: Digest, options: { signal: AbortSignal }): AsyncIterable<PeerId>
   /**
-   * What holders() would yield now without waiting, or undefined while it
-   * would wait (the pack's first lookup is running). The same array until the
-   * answer changes, so callers may cache what they derive from it: a peer
-   * source asks for every chunk, and a big swarm has a thousand members.
+   * The swarm as known now, without waiting (a stale answer starts a new lookup
+   * in the background). The same `peers` array until it changes, so callers may
+   * cache what they derive from it: a peer source asks for every chunk, and a
+   * big swarm has a thousand members.
    */
-  answer (pack: Digest): readonly PeerId[] | undefined
+  answer (pack: Digest): SwarmAnswer
+  /** Resolves once the pack's answer is settled (its first lookup ended); rejects with the signal's reason. */
+  settled (pack: Digest, options: { signal: AbortSignal }): Promise<void>
 }
 
 export interface DhtPackRouterOptions {
@@ -97,7 +105,8 @@ export class DhtPackRouter implements PackRouter {
   private readonly members: SwarmMembers | undefined
   private readonly held = new Map<Digest, Announcement>()
   private readonly lookups = new Map<Digest, Lookup>()
-  private readonly answers = new Map<Digest, { heard: readonly PeerId[], walked: readonly PeerId[], peers: readonly PeerId[] }>()
+  /** The last answer per pack and what it was made of (a first walk's `found` grows in place, hence its size). */
+  private readonly answers = new Map<Digest, { heard: readonly PeerId[], walked: readonly PeerId[], size: number, answer: SwarmAnswer }>()
   private readonly stopping = new AbortController()
 
   constructor (routing: Routing, options: DhtPackRouterOptions = {}) {
@@ -142,14 +151,17 @@ export class DhtPackRouter implements PackRouter {
     await this.routing.contentRouting.cancelReprovide(packCid(pack), { signal })
   }
 
+  /**
+   * Everyone else who announced the pack, as a stream: during the pack's first
+   * walk, members as they tell us of themselves and the walk's finds as they
+   * come, until the walk ends; after it, the last answer at once.
+   */
   async * holders (pack: Digest, options: { signal: AbortSignal }): AsyncIterable<PeerId> {
     const { lookup, answer } = this.current(pack)
-    if (answer !== undefined) {
-      yield * answer
+    if (answer.settled) {
+      yield * answer.peers
       return
     }
-    // The first walk for this pack: members as they tell us of themselves (a burst's peer
-    // exchange settles within round trips) and the walk's finds, until the walk ends.
     const seen = new Set<string>()
     const fresh = function * (peers: Iterable<PeerId>): Iterable<PeerId> {
       for (const peer of peers) {
@@ -171,8 +183,14 @@ export class DhtPackRouter implements PackRouter {
     }
   }
 
-  answer (pack: Digest): readonly PeerId[] | undefined {
+  answer (pack: Digest): SwarmAnswer {
     return this.current(pack).answer
+  }
+
+  async settled (pack: Digest, options: { signal: AbortSignal }): Promise<void> {
+    const { lookup, answer } = this.current(pack)
+    if (answer.settled) return
+    while (!lookup.done) await lookup.changed(options.signal)
   }
 
   /** Ends background retries and walks in progress. */
@@ -208,24 +226,24 @@ export class DhtPackRouter implements PackRouter {
   }
 
   /**
-   * The pack's walk (see `lookup`), and unless it is the first and still running,
-   * the answer: members that told us of themselves, then the last finished walk's
-   * finds (stale-while-revalidate: a read does not wait for a walk when the last
-   * one answered). Memoised on its inputs, which are replaced, not changed.
+   * The pack's walk (see `lookup`) and the answer: members that told us of
+   * themselves, then the last finished walk's finds (stale-while-revalidate: a
+   * read does not wait for a walk when the last one answered), or during the
+   * first walk, what it found so far. Memoised on its inputs.
    */
-  private current (pack: Digest): { lookup: Lookup, answer: readonly PeerId[] | undefined } {
+  private current (pack: Digest): { lookup: Lookup, answer: SwarmAnswer } {
     const heard = this.members?.of(pack) ?? NOBODY
     const lookup = this.lookup(pack, heard.length > 0)
-    const walked = lookup.done ? lookup.found : lookup.previous
-    if (walked === undefined) return { lookup, answer: undefined }
+    const settled = lookup.done || lookup.previous !== undefined
+    const walked = lookup.done ? lookup.found : lookup.previous ?? lookup.found
     let memo = this.answers.get(pack)
-    if (memo?.heard !== heard || memo.walked !== walked) {
+    if (memo?.heard !== heard || memo.walked !== walked || memo.size !== walked.length || memo.answer.settled !== settled) {
       const peers = new Map<string, PeerId>()
       for (const peer of [...heard, ...walked]) if (!peers.has(peer.toString())) peers.set(peer.toString(), peer)
-      memo = { heard, walked, peers: [...peers.values()] }
+      memo = { heard, walked, size: walked.length, answer: { peers: [...peers.values()], settled } }
       this.answers.set(pack, memo)
     }
-    return { lookup, answer: memo.peers }
+    return { lookup, answer: memo.answer }
   }
 
   /** The pack's current walk, or a new one when the last is stale (an empty one soon, unless members told us of themselves). */

@@ -7,7 +7,7 @@ import type { PeerId } from '@libp2p/interface'
 import type { ByteRange } from '../../src/p2p/chunk-protocol.ts'
 import type { LocalChunks } from '../../src/p2p/chunk-server.ts'
 import { createPeerNode, type PeerNode, type PeerNodeOptions } from '../../src/p2p/node.ts'
-import type { PackRouter } from '../../src/p2p/pack-router.ts'
+import type { PackRouter, SwarmAnswer } from '../../src/p2p/pack-router.ts'
 import { tempDir } from '../helpers/tmp.ts'
 
 /**
@@ -111,6 +111,6 @@ export class StaticRouter implements PackRouter {
   readonly peers: readonly PeerId[]
   constructor (peers: readonly PeerId[]) { this.peers = peers }
   async announce (): Promise<void> {}
-  async * holders (): AsyncIterable<PeerId> { yield * this.peers }
-  answer (): readonly PeerId[] { return this.peers }
+  answer (): SwarmAnswer { return { peers: this.peers, settled: true } }
+  async settled (): Promise<void> {}
 }

@@ -170,3 +170,23 @@ test('peer source: a node without the swarm key cannot connect or fetch', async 
     assert.equal(outsider.connectedPeers().length, 0)
   }
 })
+
+test('peer source: isAsking names the parent a chunk is asked of, until it answers', async () => {
+  const [child, parent] = await startNodes(2)
+  const { chunks } = makePack(Array.from({ length: 16 }, () => 4096))
+  const [childKey, parentKey] = [child!, parent!].map(n => nodeKey(n.peerId.toString()))
+  // A chunk for which the parent outranks the child, so the child asks it to fetch.
+  const chunk = chunks.find(c => selectSources({ key: chunkKey(c.ref.digest), self: childKey!, swarm: [parentKey!], holders: [], excluded: () => false, maxParents: 1, maxHolders: 0 }).parents.length === 1)!
+  const local = await serve(parent!, [])
+  let release!: () => void
+  const released = new Promise<void>(resolve => { release = resolve })
+  local.fetch = async () => { await released; return chunk.bytes }
+  const peers = source(child!, [parent!])
+  const got = peers.get(chunk.ref, { signal: signal() })
+  await waitFor('the parent request to arrive', () => local.gets > 0 ? true : undefined)
+  assert.equal(peers.isAsking(chunk.ref.digest, parent!.peerId.toString()), true)
+  assert.equal(peers.isAsking(chunk.ref.digest, child!.peerId.toString()), false)
+  release()
+  assert.ok(Buffer.from((await got)!).equals(chunk.bytes))
+  assert.equal(peers.isAsking(chunk.ref.digest, parent!.peerId.toString()), false, 'forgotten once answered')
+})
