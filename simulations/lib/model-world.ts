@@ -76,7 +76,9 @@
  *   through its own resolver (so through its own parent, or the origin at the
  *   root), at most 32 such fetches at a time (each request holds one until the
  *   fetch ends), and answer data when it lands or `pending` after min(waitMs,
- *   5 s). HAVE answers the byte ranges of the pack it holds. Bad peers
+ *   5 s); from a peer it is itself asking for that chunk (the real
+ *   PeerChunkSource.isAsking), it answers dont-have at once. HAVE answers the
+ *   byte ranges of the pack it holds. Bad peers
  *   (simulations/lib/bad-peer.ts) announce the image's packs, layer keys and
  *   manifest key and JOIN the peers they meet, ignore JOINs, claim whole packs,
  *   and answer every want for an image chunk with bad bytes, with no limits.
@@ -377,7 +379,7 @@ class Node implements NodeKey {
   /** Peers this node has a connection to (libp2p's). */
   readonly connections = new Set<Node>()
   /** Swarm members heard of from peers (the real SwarmMembers), and the peers whose JOIN stream to us is open (ChunkServer.joined). */
-  private readonly members = new SwarmMembers()
+  private readonly members: SwarmMembers
   private readonly joinedUs = new Set<Node>()
   private readonly bans: PeerBans
 
@@ -397,6 +399,7 @@ class Node implements NodeKey {
     this.result = { index, arrivalMs: 0, outcome: 'not-started', sources: {}, uploadBytes: 0, receivedFrom: {}, peerId: this.id, verificationFailures: 0, bannedPeers: 0, unavailableChunks: 0 }
     this.router = new SimRouter(w, this)
     this.bans = new PeerBans({ now: w.clock.now })
+    this.members = new SwarmMembers({ keyOf: peer => w.peerKeys.of(peer) })
     w.nodesById.set(this.id, this)
     if (w.peers && !bad) {
       const source = new PeerChunkSource({

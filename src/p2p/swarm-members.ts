@@ -1,7 +1,7 @@
 import type { PeerId } from '@libp2p/interface'
 import type { Digest } from '../format/digest.ts'
 import type { SwarmMember } from './chunk-protocol.ts'
-import { chunkKey, inCore, nodeKey, type ChunkKey } from './rendezvous.ts'
+import { chunkKey, inCore, nodeKey, type ChunkKey, type NodeKey } from './rendezvous.ts'
 
 /** Members kept per swarm key; at a quarter more, the least recently heard are dropped down to it. */
 const MAX_MEMBERS_PER_KEY = 1024
@@ -24,17 +24,19 @@ const ENOUGH = 256
 /** The peer exchange's numbers, for the simulation model's report. */
 export const PEER_EXCHANGE = { maxMembersPerKey: MAX_MEMBERS_PER_KEY, recentMembers: RECENT_MEMBERS, coreMembers: CORE_MEMBERS, passOn: PASS_ON, enough: ENOUGH } as const
 
-interface Entry { peer: PeerId, addresses: string[], heard: number }
+interface Entry { peer: PeerId, addresses: string[] }
 
 /** One swarm key's members. */
 class Swarm {
   readonly group: ChunkKey
+  /** By id, least recently heard first (a re-heard member moves to the end). */
   readonly entries = new Map<string, Entry>()
   /** A ring of the ids heard last; `next` is where the next goes. */
   readonly recent: string[] = []
   next = 0
-  /** `of`'s answer, until it is due for a rebuild (undefined). */
+  /** `of`'s answer, until it is due for a rebuild (undefined), and how many core members it holds. */
   list: readonly PeerId[] | undefined
+  listCore = 0
   /** Members in the swarm's core (rendezvous.ts `inCore`), in the order heard: never pruned. */
   readonly core = new Set<string>()
   waiters: Array<() => void> = []
@@ -61,24 +63,31 @@ class Swarm {
  */
 export class SwarmMembers {
   private readonly byKey = new Map<Digest, Swarm>()
-  /** Orders hearings across keys: what `prune` keeps by. */
-  private heard = 0
+  private readonly keyOf: (peer: PeerId) => NodeKey
+
+  /** `keyOf`: a peer's rendezvous key; the simulation model passes its cache (PeerKeys) shared by 10,000 nodes. */
+  constructor (options: { keyOf?: (peer: PeerId) => NodeKey } = {}) {
+    this.keyOf = options.keyOf ?? (peer => nodeKey(peer.toString()))
+  }
 
   /** Records a member (keeping its last addresses if these are none); true if it was not known for this key before. */
   add (key: Digest, peer: PeerId, addresses: readonly string[]): boolean {
     const swarm = this.swarm(key)
     const id = peer.toString()
-    const heard = ++this.heard
     const entry = swarm.entries.get(id)
     if (entry !== undefined) {
-      entry.heard = heard
+      swarm.entries.delete(id) // to the end: the most recently heard
+      swarm.entries.set(id, entry)
       if (addresses.length > 0) entry.addresses = [...addresses]
     } else {
-      swarm.entries.set(id, { peer, addresses: addresses.length > 0 ? [...addresses] : NO_ADDRESSES, heard })
-      const core = inCore(nodeKey(id), swarm.group)
+      swarm.entries.set(id, { peer, addresses: addresses.length > 0 ? [...addresses] : NO_ADDRESSES })
+      const core = inCore(this.keyOf(peer), swarm.group)
       if (core) swarm.core.add(id)
-      // See `of`: a new core member shows at once, others once they are an eighth more.
-      if (core || swarm.entries.size >= (swarm.list?.length ?? 0) * 9 / 8) swarm.list = undefined
+      // See `of`: rebuilt once the core or the rest grew by an eighth (the first core members at once).
+      const grown = core
+        ? swarm.core.size >= Math.max(swarm.listCore + 1, swarm.listCore * 9 / 8)
+        : swarm.entries.size >= (swarm.list?.length ?? 0) * 9 / 8
+      if (grown) swarm.list = undefined
       if (swarm.entries.size > MAX_MEMBERS_PER_KEY * 1.25) this.prune(swarm)
     }
     swarm.recent[swarm.next] = id
@@ -111,15 +120,19 @@ export class SwarmMembers {
 
   /**
    * The members of `key`'s swarm: the same array until it is rebuilt, so callers
-   * may cache what they derive from it. It is rebuilt when a core member
-   * arrives, and when the others have grown by an eighth since the last build,
-   * not for each newcomer: a node in a 10,000-node burst hears of thousands, and
-   * every caller deriving a view from each would be quadratic.
+   * may cache what they derive from it. It is rebuilt when the core members, or
+   * the others, have grown by an eighth since the last build (the first eight
+   * core members one by one), not for each newcomer: a node in a 10,000-node
+   * burst hears of thousands (312 of them core per key), and every caller
+   * deriving a view from each would be quadratic.
    */
   of (key: Digest): readonly PeerId[] {
     const swarm = this.byKey.get(key)
     if (swarm === undefined) return NOBODY
-    swarm.list ??= Array.from(swarm.entries.values(), e => e.peer)
+    if (swarm.list === undefined) {
+      swarm.list = Array.from(swarm.entries.values(), e => e.peer)
+      swarm.listCore = swarm.core.size
+    }
     return swarm.list
   }
 
@@ -144,7 +157,7 @@ export class SwarmMembers {
   exchange (key: Digest, joiner: PeerId, addresses: readonly string[]): { answer: SwarmMember[], passOn: string[] } {
     const swarm = this.swarm(key)
     const except = joiner.toString()
-    const joinerInCore = inCore(nodeKey(except), swarm.group)
+    const joinerInCore = inCore(this.keyOf(joiner), swarm.group)
     const recent = this.sample(key, RECENT_MEMBERS, except)
     const answer = new Map(recent.map(m => [m.id, m]))
     const passOn = recent.slice(0, PASS_ON).map(m => m.id)
@@ -187,13 +200,15 @@ export class SwarmMembers {
     return swarm
   }
 
-  /** Drops the least recently heard beyond the cap but the core, in one batch (a sort per 256 new members, not a scan per add). */
+  /** Drops the least recently heard beyond the cap but the core, in one pass per 256 new members. */
   private prune (swarm: Swarm): void {
-    const core = swarm.core
-    const keep = [...swarm.entries].filter(([id]) => !core.has(id)).sort((x, y) => y[1].heard - x[1].heard).slice(0, MAX_MEMBERS_PER_KEY)
-    for (const [id, entry] of swarm.entries) if (core.has(id)) keep.push([id, entry])
-    swarm.entries.clear()
-    for (const [id, entry] of keep) swarm.entries.set(id, entry)
+    let excess = swarm.entries.size - MAX_MEMBERS_PER_KEY
+    for (const id of swarm.entries.keys()) {
+      if (excess <= 0) break
+      if (swarm.core.has(id)) continue
+      swarm.entries.delete(id)
+      excess--
+    }
     swarm.list = undefined
   }
 }
