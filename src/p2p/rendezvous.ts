@@ -81,15 +81,18 @@ function outranks (x: NodeKey, sx: number, y: NodeKey, sy: number): boolean {
 
 /**
  * The top `k` nodes for `key`, best first, skipping nodes for which `skip`
- * returns true. O(n·k), which beats sorting for the small k the policy uses.
+ * returns true. O(n·k), which beats sorting for the small k the policy uses;
+ * `skip` is asked only of nodes that would make the top k so far (it runs over
+ * swarms of a thousand for every chunk, and looks up bans and suspicions).
  */
 export function topNodes<N extends NodeKey> (key: ChunkKey, nodes: readonly N[], k: number, skip?: (node: N) => boolean): N[] {
   const best: N[] = []
   const scores: number[] = []
+  if (k <= 0) return best
   for (const node of nodes) {
-    if (skip?.(node) === true) continue
     const s = score(node, key)
     if (best.length === k && !outranks(node, s, best[k - 1]!, scores[k - 1]!)) continue
+    if (skip?.(node) === true) continue
     let i = best.length === k ? k - 1 : best.length
     // insertion into a sorted array of at most k entries
     while (i > 0 && outranks(node, s, best[i - 1]!, scores[i - 1]!)) {

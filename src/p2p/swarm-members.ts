@@ -176,19 +176,24 @@ export class SwarmMembers {
   sample (key: Digest, limit: number, except: string): SwarmMember[] {
     const swarm = this.byKey.get(key)
     if (swarm === undefined) return []
-    const found = new Map<string, SwarmMember>()
-    const take = (id: string): void => {
+    const found: SwarmMember[] = []
+    const seen = new Set<string>([except])
+    const ring = swarm.recent
+    for (let i = 1; i <= ring.length && found.length < limit; i++) {
+      const id = ring[(swarm.next - i + RECENT) % RECENT]!
+      if (seen.has(id)) continue
+      seen.add(id)
       const entry = swarm.entries.get(id)
-      if (id !== except && entry !== undefined && !found.has(id)) found.set(id, { id, addresses: entry.addresses })
+      if (entry !== undefined) found.push({ id, addresses: entry.addresses })
     }
-    for (let i = 1; i <= swarm.recent.length && found.size < limit; i++) {
-      take(swarm.recent[(swarm.next - i + RECENT) % RECENT]!)
+    if (found.length < limit) {
+      for (const [id, entry] of swarm.entries) {
+        if (found.length >= limit) break
+        if (seen.has(id)) continue
+        found.push({ id, addresses: entry.addresses })
+      }
     }
-    for (const id of swarm.entries.keys()) {
-      if (found.size >= limit) break
-      take(id)
-    }
-    return [...found.values()]
+    return found
   }
 
   private swarm (key: Digest): Swarm {
