@@ -160,16 +160,16 @@ export class SwarmMembers {
     const joinerInCore = inCore(this.keyOf(joiner), swarm.group)
     const recent = this.sample(key, RECENT_MEMBERS, except)
     const answer = new Map(recent.map(m => [m.id, m]))
-    const passOn = recent.slice(0, PASS_ON).map(m => m.id)
+    const passOn = new Set(recent.slice(0, PASS_ON).map(m => m.id))
     let room = joinerInCore ? Infinity : CORE_MEMBERS
     for (const id of swarm.core) {
       if (id === except) continue
       if (room-- <= 0) break
       answer.set(id, { id, addresses: swarm.entries.get(id)!.addresses })
-      if (joinerInCore && !passOn.includes(id)) passOn.push(id)
+      if (joinerInCore) passOn.add(id)
     }
     this.add(key, joiner, addresses)
-    return { answer: [...answer.values()], passOn }
+    return { answer: [...answer.values()], passOn: [...passOn] }
   }
 
   /** Up to `limit` members to pass on, leaving out `except`: the most recently heard first, then any. */
