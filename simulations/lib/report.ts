@@ -182,7 +182,7 @@ function summary (report: Report, lone: LoneReference, m: Record<string, RunMetr
     row('completion p50 / p90 / p99 / max', x => `${sec(x.completion.p50)} / ${sec(x.completion.p90)} / ${sec(x.completion.p99)} / ${sec(x.completion.max)}`),
     row('p99 / lone node', x => x.p99OverLone.toFixed(2)),
     row('mount ready, p50 (time to first byte, approx.)', x => sec(x.mountP50Ms)),
-    row('origin bytes (of which completed: packs + metadata)', x => `${mb(x.origin.bytes)} (${mb(x.origin.packBytes)} + ${mb(x.origin.metadataBytes)})`),
+    row('origin bytes (packs + metadata; the model splits completed transfers only)', x => `${mb(x.origin.bytes)} (${mb(x.origin.packBytes)} + ${mb(x.origin.metadataBytes)})`),
     row('origin requests', x => String(x.origin.requests)),
     row('origin egress factor (all bytes / lone node)', x => x.egressFactor.toFixed(2)),
     row('chunk egress factor (pack bytes / lone node)', x => x.chunkEgressFactor.toFixed(2)),
