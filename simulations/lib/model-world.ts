@@ -114,7 +114,7 @@ import type { Clock } from '../../src/p2p/clock.ts'
 import { PeerUnavailableError } from '../../src/p2p/errors.ts'
 import type { PackRouter, SwarmAnswer } from '../../src/p2p/pack-router.ts'
 import { PEER_SOURCE_DEFAULTS, PeerChunkSource, PeerKeys, type PeerSourceStats } from '../../src/p2p/peer-source.ts'
-import { nodeKey, type NodeKey } from '../../src/p2p/rendezvous.ts'
+import { CORE_SHARE, LARGE_SWARM, nodeKey, type NodeKey } from '../../src/p2p/rendezvous.ts'
 import { PEER_EXCHANGE, SwarmMembers } from '../../src/p2p/swarm-members.ts'
 import type { ClusterResult, NodeResult, OriginSample } from './cluster.ts'
 import { makeCpu, type Cpu } from './cpu.ts'
@@ -1220,6 +1220,7 @@ export interface ModelRun {
 /** The policy's settings the model ran with (the real ones: nothing here restates them). */
 export const POLICY_SETTINGS = {
   peerSource: PEER_SOURCE_DEFAULTS,
+  rendezvous: { largeSwarm: LARGE_SWARM, coreShare: CORE_SHARE },
   server: SERVER,
   peering: { locateWaitMs: LOCATE_WAIT_MS, provideDelayMs: PROVIDE_DELAY_MS, ...PEER_EXCHANGE, membersPerMessage: MAX_MEMBERS, emptyAnswerTtlMs: EMPTY_ANSWER_TTL_MS },
   resolver: RESOLVER,
