@@ -135,8 +135,9 @@ export const CORE_SHARE = 32
  * root of every chunk of its layer, its 8 origin requests at a time fell behind,
  * and children gave up on it (chunk egress 5.6x instead of 1.0-1.3).
  * Nodes whose views straddle the threshold rank differently, so while a big
- * swarm forms a request chain can loop; it then ends at the peer source's
- * budget (8 s) and the origin.
+ * swarm forms a request chain can loop: two nodes asking each other are
+ * refused at once (PeerChunkSource.isAsking); a longer loop ends at the peer
+ * source's budget and the origin.
  */
 export const LARGE_SWARM = 256
 
