@@ -122,7 +122,7 @@ export type ServerMessage =
   | { type: 'members', key: Digest, members: SwarmMember[] }
 
 /** A swarm member as peers pass it on: its peer id and where it listens. */
-export interface SwarmMember { id: string, addresses: string[] }
+export interface SwarmMember { id: string, addresses: readonly string[] }
 
 // --- encoding ---------------------------------------------------------------
 

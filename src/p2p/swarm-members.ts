@@ -24,7 +24,7 @@ const ENOUGH = 256
 /** The peer exchange's numbers, for the simulation model's report. */
 export const PEER_EXCHANGE = { maxMembersPerKey: MAX_MEMBERS_PER_KEY, recentMembers: RECENT_MEMBERS, coreMembers: CORE_MEMBERS, passOn: PASS_ON, enough: ENOUGH } as const
 
-interface Entry { peer: PeerId, addresses: string[] }
+interface Entry { peer: PeerId, addresses: readonly string[] }
 
 /** One swarm key's members. */
 class Swarm {
@@ -220,4 +220,4 @@ export class SwarmMembers {
 
 const NOBODY: readonly PeerId[] = Object.freeze([])
 /** Shared by every entry heard of without addresses (the simulation model's: a 10,000-node run holds millions). */
-const NO_ADDRESSES: string[] = []
+const NO_ADDRESSES: readonly string[] = Object.freeze([])
