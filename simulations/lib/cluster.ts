@@ -54,6 +54,8 @@ export interface NodeResult {
   bannedPeers: number
   unavailableChunks: number
   cpuSeconds?: number
+  /** How late the agent's event loop ran (its lifetime p99 and max, ms): how starved it was. */
+  eventLoop?: { p99Ms: number, maxMs: number }
   /** The agent's peer counters at the end (`shoal stats`: peer source, chunk server, DHT router), for diagnosis. */
   peer?: { source: Record<string, number>, server: Record<string, number>, router: Record<string, number>, connectedPeers: number }
   /** Only in the lone run: the same workload again with everything cached. */
@@ -433,6 +435,7 @@ class ClusterRun {
     // The peer source checks what peers send itself (and bans the sender); the resolver checks the rest.
     r.verificationFailures = Object.values(stats.verificationFailures).reduce((a, b) => a + b, 0) + (stats.peer?.source.verificationFailures ?? 0)
     r.unavailableChunks = stats.unavailable
+    r.eventLoop = { p99Ms: stats.eventLoop.p99Ms, maxMs: stats.eventLoop.maxMs }
     if (stats.peer !== undefined) {
       r.uploadBytes = stats.peer.server.bytesServed
       r.receivedFrom = stats.peer.source.perPeerBytes

@@ -228,7 +228,7 @@ class World {
   readonly peerKeys = new PeerKeys()
   readonly nodesById = new Map<string, Node>()
   readonly diagnostics: PolicyDiagnostics = {
-    source: { hits: 0, misses: 0, bytesFromPeers: 0, verificationFailures: 0, protocolViolations: 0, bans: 0, badPeers: 0, parentRequests: 0, hedges: 0, timeouts: 0, busy: 0, dontHave: 0, pending: 0 },
+    source: { hits: 0, misses: 0, roots: 0, bytesFromPeers: 0, verificationFailures: 0, protocolViolations: 0, bans: 0, badPeers: 0, parentRequests: 0, hedges: 0, timeouts: 0, parentTimeouts: 0, outOfTime: 0, busy: 0, dontHave: 0, pending: 0 },
     server: { wants: 0, haves: 0, parentRequests: 0, busyPerPeer: 0, busyHolderPeers: 0, pending: 0, served: 0, dontHave: 0, dontHaveNotVouched: 0, dontHaveNotMounted: 0, dontHaveFetchFailed: 0, fetchLimit: 0 },
     originChunks: { noParentAsked: 0, parentsFailed: 0 },
     originBlobs: { noParentAsked: 0, parentsFailed: 0 },

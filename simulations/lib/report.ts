@@ -201,7 +201,15 @@ function summary (report: Report, lone: LoneReference, m: Record<string, RunMetr
     const failures = run.nodes.filter(n => n.outcome === 'failed')
     if (failures.length > 0) lines.push(`Failures (${name}): ${failures.slice(0, 10).map(n => `node ${n.index}: ${n.error ?? `exit ${n.exitCode}`}`).join('; ')}`, '')
     for (const note of run.notes) lines.push(`Note (${name}): ${note}`, '')
-    if (run.cpuBusy > 0) lines.push(`CPU (${name}): the machine's cores were ${(run.cpuBusy * 100).toFixed(0)} % busy during the burst.`, '')
+    if (run.cpuBusy > 0) lines.push(`CPU (${name}): the machine's cores were ${(run.cpuBusy * 100).toFixed(0)} % busy during the burst.${loopLag(run.nodes)}`, '')
   }
   return lines.join('\n')
+}
+
+/** The agents' event-loop delay: the median node's p99 and the worst delay anywhere. */
+function loopLag (nodes: NodeResult[]): string {
+  const seen = nodes.flatMap(n => n.eventLoop !== undefined ? [n.eventLoop] : [])
+  if (seen.length === 0) return ''
+  const p99s = seen.map(l => l.p99Ms).sort((a, b) => a - b)
+  return ` Agents' event loops ran late by ${p99s[Math.floor(p99s.length / 2)]} ms at p99 (median node), ${Math.max(...seen.map(l => l.maxMs))} ms at worst.`
 }

@@ -22,6 +22,7 @@ import { controlSocketPath, type AgentConfig } from './config.ts'
 import { startControlServer } from './control.ts'
 import { AgentMetrics } from './metrics.ts'
 import { Peering, type ChunkLocator, type PeeringStats } from './peering.ts'
+import { EventLoopLag, type LoopLagSummary } from '../p2p/loop-lag.ts'
 import { Catalog, type ChunkRef } from '../format/catalog.ts'
 import { Codec } from '../format/codec.ts'
 import type { Digest } from '../format/digest.ts'
@@ -52,6 +53,8 @@ export interface AgentStats {
   mounts: MountInfo[]
   /** Present when peer-to-peer is on: this node's id, addresses, peers, and what it got from and served to them. */
   peer?: PeeringStats
+  /** How late the agent's event loop ran since start (a starved agent answers its peers late). */
+  eventLoop: LoopLagSummary
 }
 
 interface ActiveMount { info: Omit<MountInfo, 'fs' | 'prefetch' | 'sources'>, view: ImageView, mounted: MountedImage, prefetch: MountInfo['prefetch'], sources: MountInfo['sources'], lifetime: AbortController }
@@ -67,6 +70,7 @@ export class Agent implements ChunkLocator {
   private readonly disk: DiskCache
   private readonly trusted: KeyObject[]
   private readonly log: Logger
+  private readonly loop: EventLoopLag
   private readonly mounts = new Map<string, ActiveMount>()
   /** Mount points with a mount in progress: two requests for one path must not both mount it. */
   private readonly mounting = new Set<string>()
@@ -87,13 +91,14 @@ export class Agent implements ChunkLocator {
   metricsUrl: string | undefined
   peering: Peering | undefined
 
-  private constructor (config: AgentConfig, parts: { origin: Origin, disk: DiskCache, resolver: ChunkResolver, trusted: KeyObject[], log: Logger }) {
+  private constructor (config: AgentConfig, parts: { origin: Origin, disk: DiskCache, resolver: ChunkResolver, trusted: KeyObject[], log: Logger, loop: EventLoopLag }) {
     this.config = config
     this.origin = parts.origin
     this.disk = parts.disk
     this.resolver = parts.resolver
     this.trusted = parts.trusted
     this.log = parts.log
+    this.loop = parts.loop
   }
 
   /**
@@ -108,6 +113,7 @@ export class Agent implements ChunkLocator {
     const origin = origins.length === 1 ? origins[0]! : new FailoverOrigin(origins)
     const disk = await DiskCache.open({ dir: join(config.stateDir, 'cache'), maxBytes: config.cacheBytes, log })
     let agent: Agent | undefined
+    const loop = new EventLoopLag()
     const metrics = new AgentMetrics({
       cacheBytes: () => disk.stats.bytes,
       cacheChunks: () => disk.stats.chunks,
@@ -116,7 +122,7 @@ export class Agent implements ChunkLocator {
       peers: () => peering?.node.connectedPeers().length ?? 0
     })
     const peering = config.p2p.enabled
-      ? await Peering.start(config, { disk, resolver: () => resolver, locator: { locate: d => agent!.locate(d), locateSoon: async (d, s) => await agent!.locateSoon(d, s), packChunks: p => agent!.packChunks(p) }, log })
+      ? await Peering.start(config, { disk, resolver: () => resolver, locator: { locate: d => agent!.locate(d), locateSoon: async (d, s) => await agent!.locateSoon(d, s), packChunks: p => agent!.packChunks(p) }, log, lag: loop })
       : undefined
     const resolver: ChunkResolver = new ChunkResolver({
       disk,
@@ -126,7 +132,8 @@ export class Agent implements ChunkLocator {
       onEvent: metrics.onResolverEvent,
       log
     })
-    agent = new Agent(config, { origin, disk, resolver, trusted, log })
+    agent = new Agent(config, { origin, disk, resolver, trusted, log, loop })
+    agent.closers.push(async () => { loop.close() })
     agent.closers.push(async () => { await disk.close() })
     agent.closers.push(async () => { for (const c of agent!.servingCatalogs.values()) c.close() })
     if (peering !== undefined) {
@@ -325,6 +332,7 @@ export class Agent implements ChunkLocator {
       unavailable: r.unavailable,
       cache: { ...this.disk.stats, maxBytes: this.disk.maxBytes },
       mounts: this.list(),
+      eventLoop: this.loop.summary(),
       ...(this.peering !== undefined ? { peer: this.peering.stats() } : {})
     }
   }

@@ -15,6 +15,7 @@ import { createPeerNode, loadOrCreatePsk, type PeerNode } from '../p2p/node.ts'
 import { DhtPackRouter, type DhtPackRouterStats } from '../p2p/pack-router.ts'
 import { PeerChunkSource, type PeerSourceStats } from '../p2p/peer-source.ts'
 import { SwarmMembers } from '../p2p/swarm-members.ts'
+import type { EventLoopLag } from '../p2p/loop-lag.ts'
 import type { AgentConfig } from './config.ts'
 
 /** Fetches this node makes at once on peers' behalf, as their parent in a chunk's tree. */
@@ -128,7 +129,7 @@ export class Peering {
    * Starts the node and its server. `resolver` is read lazily: the resolver is built
    * with this node's chunk source, and the server needs the resolver for fetches on children's behalf.
    */
-  static async start (config: AgentConfig, deps: { disk: DiskCache, resolver: () => ChunkResolver, locator: ChunkLocator, log: Logger }): Promise<Peering> {
+  static async start (config: AgentConfig, deps: { disk: DiskCache, resolver: () => ChunkResolver, locator: ChunkLocator, log: Logger, lag: EventLoopLag }): Promise<Peering> {
     const psk = config.p2p.pskFile !== undefined ? await loadOrCreatePsk(config.p2p.pskFile) : undefined
     const node = await createPeerNode({
       stateDir: config.stateDir,
@@ -199,7 +200,8 @@ export class Peering {
       router,
       client,
       bans: node.bans,
-      swarmOf: pack => swarmKeys.get(pack) ?? pack
+      swarmOf: pack => swarmKeys.get(pack) ?? pack,
+      lag: () => deps.lag.recentMs()
     })
     deps.log.info({ peerId: node.peerId.toString(), multiaddrs: node.multiaddrs() }, 'peer node started')
     return new Peering({ node, peers, server, router, client, members, swarmKeys }, deps.log)

@@ -15,12 +15,28 @@ import { chunkKey, LARGE_SWARM, nodeKey, selectSources, spreadKey, topNodes, typ
  * docs read the same numbers the agent runs with.
  */
 export const PEER_SOURCE_DEFAULTS = {
-  /** Deadline for one peer's answer (on top of the parent wait, for parent requests). */
+  /** Deadline for one peer's answer (on top of the parent wait, for parent requests, and of the transfer time below). */
   peerTimeoutMs: 500,
+  /**
+   * The slowest transfer a peer's answer is allowed before it times out (and
+   * before a second holder is raced against it): a chunk's deadline grows by its
+   * stored size at this rate. Between agents starved of CPU (20 on 2 cores) a
+   * 2 MiB chunk took over a second, and a flat 500 ms timed out every big chunk
+   * and sent it to the origin: a few chunks, half the origin's bytes.
+   */
+  slowPeerBytesPerSecond: 1 << 20,
   /** A holder that has not answered by then gets a second holder raced against it. */
   hedgeDelayMs: 200,
   /** How long a parent may hold our request while it fetches; then it answers `pending` and we ask again. */
   parentWaitMs: 2000,
+  /**
+   * More time a parent's answer gets (on top of parentWaitMs, the peer deadline and
+   * the transfer). Leaving a slow parent gains nothing (the next one fetches the
+   * chunk through a chain of its own) and a dead one fails at once (its connection
+   * closes), while a starved parent answers `pending` late: at 20 agents on 2 cores
+   * its timer and its other replies delay it by seconds.
+   */
+  parentGraceMs: 2000,
   /** Bound on one `get` without progress: after this the resolver goes to the origin. */
   maxWaitMs: 8000,
   /**
@@ -43,7 +59,9 @@ export const PEER_SOURCE_DEFAULTS = {
   /** Parents to try before giving up to the origin. */
   maxParents: 3,
   /** Known holders to try. */
-  maxHolders: 4
+  maxHolders: 4,
+  /** At most this much of the event loop's delay is added to deadlines, and of it and the transfer time to a get's budget (which must leave the resolver's 20 s chunk timeout a try at the origin). */
+  maxLagAllowanceMs: 4000
 } as const
 
 export interface PeerChunkSourceOptions extends Partial<Record<keyof typeof PEER_SOURCE_DEFAULTS, number>> {
@@ -65,6 +83,12 @@ export interface PeerChunkSourceOptions extends Partial<Record<keyof typeof PEER
   verify?: (chunk: ChunkRef, bytes: Uint8Array) => boolean
   /** Default: the source's own. The simulation model shares one among its thousands of sources. */
   keys?: PeerKeys
+  /**
+   * How late this node's event loop runs now, in ms (EventLoopLag.recentMs), added
+   * to every peer deadline and to the get's budget: a CPU-starved node reads
+   * answers late and its peers, as starved, send them late. Default: 0.
+   */
+  lag?: () => number
 }
 
 export interface PeerSourceStats {
@@ -72,6 +96,8 @@ export interface PeerSourceStats {
   hits: number
   /** `get` calls that returned undefined (the resolver then goes to the origin). */
   misses: number
+  /** Misses where this node was the chunk's root (nobody but banned peers outranks it): the origin by design. */
+  roots: number
   bytesFromPeers: number
   /** Verified bytes received, by peer id. */
   perPeerBytes: Map<string, number>
@@ -86,7 +112,11 @@ export interface PeerSourceStats {
   /** Requests to a parent (which fetches the chunk if it lacks it). */
   parentRequests: number
   hedges: number
+  /** Requests that outlived their deadline: to holders, and to parents. */
   timeouts: number
+  parentTimeouts: number
+  /** Misses because the get's budget ran out (parents kept us waiting). */
+  outOfTime: number
   busy: number
   dontHave: number
   pending: number
@@ -146,8 +176,8 @@ type Settings = { readonly [K in keyof typeof PEER_SOURCE_DEFAULTS]: number }
 export class PeerChunkSource implements ChunkSource {
   readonly name = 'peers'
   readonly stats: PeerSourceStats = {
-    hits: 0, misses: 0, bytesFromPeers: 0, perPeerBytes: new Map(), verificationFailures: 0, protocolViolations: 0,
-    bans: 0, badPeers: 0, parentRequests: 0, hedges: 0, timeouts: 0, busy: 0, dontHave: 0, pending: 0
+    hits: 0, misses: 0, roots: 0, bytesFromPeers: 0, perPeerBytes: new Map(), verificationFailures: 0, protocolViolations: 0,
+    bans: 0, badPeers: 0, parentRequests: 0, hedges: 0, timeouts: 0, parentTimeouts: 0, outOfTime: 0, busy: 0, dontHave: 0, pending: 0
   }
 
   private readonly self: Peer
@@ -160,6 +190,7 @@ export class PeerChunkSource implements ChunkSource {
   private readonly settings: Settings
   private readonly availability: Availability
   private readonly keys: PeerKeys
+  private readonly lag: () => number
   private readonly suspects = new Map<string, { until: number, failures: number }>()
   private readonly everBanned = new Set<string>()
   private readonly haveQueries = new Map<string, Promise<void>>()
@@ -167,10 +198,12 @@ export class PeerChunkSource implements ChunkSource {
   private readonly asking = new Map<Digest, Set<string>>()
 
   constructor (options: PeerChunkSourceOptions) {
-    const { self, router, client, bans, clock, verify, swarmOf, keys, ...settings } = options
+    const { self, router, client, bans, clock, verify, swarmOf, keys, lag, ...settings } = options
     this.settings = { ...PEER_SOURCE_DEFAULTS, ...settings }
     this.clock = clock ?? systemClock
     this.keys = keys ?? new PeerKeys()
+    const allowance = this.settings.maxLagAllowanceMs
+    this.lag = lag !== undefined ? () => Math.min(allowance, lag()) : () => 0
     this.self = this.keys.of(self)
     this.router = router
     this.client = client
@@ -192,7 +225,9 @@ export class PeerChunkSource implements ChunkSource {
       this.stats.misses++
       return undefined
     }
-    const budget = new Budget(this.clock, this.settings.maxWaitMs, this.settings.maxPendingWaitMs)
+    // A starved node and a big chunk get more time, within the bound that leaves the origin its try.
+    const slack = Math.min(this.settings.maxLagAllowanceMs, this.lag() + this.transferMs(chunk))
+    const budget = new Budget(this.clock, this.settings.maxWaitMs + slack, this.settings.maxPendingWaitMs + slack)
     const signal = AbortSignal.any([options.signal, budget.signal])
     let bytes: Uint8Array | undefined
     try {
@@ -203,8 +238,11 @@ export class PeerChunkSource implements ChunkSource {
       budget.close()
     }
     options.signal.throwIfAborted()
-    if (bytes === undefined) this.stats.misses++
-    else this.stats.hits++
+    if (bytes !== undefined) this.stats.hits++
+    else {
+      this.stats.misses++
+      if (budget.signal.aborted) this.stats.outOfTime++
+    }
     return bytes
   }
 
@@ -217,11 +255,15 @@ export class PeerChunkSource implements ChunkSource {
       const bytes = await this.fromHolders(selection.holders, chunk, signal)
       if (bytes !== undefined) return bytes
     }
+    if (selection.isRoot) {
+      this.stats.roots++
+      return undefined
+    }
     for (const parent of selection.parents) {
       const bytes = await this.fromParent(parent, chunk, signal, budget)
       if (bytes !== undefined) return bytes
     }
-    return undefined // the root, or every parent failed: the origin
+    return undefined // every parent failed: the origin
   }
 
   private select (chunk: ChunkRef, swarm: readonly Peer[], group: Digest): Selection<Peer> {
@@ -230,7 +272,8 @@ export class PeerChunkSource implements ChunkSource {
       self: this.self,
       swarm,
       holders: this.availability.holders(chunk),
-      excluded: id => this.excluded(id),
+      excluded: id => this.bans.isBanned(id),
+      suspect: id => this.suspected(id),
       maxParents: this.settings.maxParents,
       maxHolders: this.settings.maxHolders,
       ...(swarm.length + 1 >= LARGE_SWARM ? { group: chunkKey(group) } : {})
@@ -257,10 +300,10 @@ export class PeerChunkSource implements ChunkSource {
    * stall reads); after that, stale answers serve while fresh ones come.
    */
   private async refreshAvailability (pack: Digest, swarm: readonly Peer[], signal: AbortSignal): Promise<void> {
-    const sample = topNodes(spreadKey(chunkKey(pack), this.self), swarm, this.settings.availabilitySample, p => p.id === this.self.id || this.excluded(p.id))
+    const sample = topNodes(spreadKey(chunkKey(pack), this.self), swarm, this.settings.availabilitySample, p => p.id === this.self.id || this.bans.isBanned(p.id) || this.suspected(p.id))
     const queries = sample.filter(p => !this.availability.fresh(pack, p.id)).map(p => this.queryHave(pack, p))
     if (queries.length === 0 || this.availability.answered(pack)) return
-    const wait = AbortSignal.any([signal, this.clock.timeout(this.settings.peerTimeoutMs)])
+    const wait = AbortSignal.any([signal, this.clock.timeout(this.peerDeadlineMs())])
     await new Promise<void>(resolve => {
       const stop = (): void => resolve()
       wait.addEventListener('abort', stop, { once: true })
@@ -277,11 +320,15 @@ export class PeerChunkSource implements ChunkSource {
     const key = `${pack} ${peer.id}`
     let query = this.haveQueries.get(key)
     if (query === undefined) {
-      query = this.client.have(peer.peer, pack, { signal: this.clock.timeout(this.settings.peerTimeoutMs) })
+      const deadline = this.clock.timeout(this.peerDeadlineMs())
+      query = this.client.have(peer.peer, pack, { signal: deadline })
         .then(ranges => {
           this.healthy(peer)
           this.availability.set(pack, peer, ranges)
-        }, err => this.failed(peer, err))
+        }, err => {
+          // A late availability answer is no sign of a dead peer (a starved one answers late); only failures are.
+          if (!deadline.aborted) this.failed(peer, err)
+        })
         .finally(() => this.haveQueries.delete(key))
       this.haveQueries.set(key, query)
     }
@@ -309,7 +356,7 @@ export class PeerChunkSource implements ChunkSource {
         const canHedge = next < holders.length && running.size < 2
         const timer = new AbortController()
         const hedge = canHedge
-          ? this.clock.sleep(this.settings.hedgeDelayMs, AbortSignal.any([timer.signal, scope])).then(() => 'hedge' as const, () => 'stop' as const)
+          ? this.clock.sleep(this.settings.hedgeDelayMs + this.lag() + this.transferMs(chunk), AbortSignal.any([timer.signal, scope])).then(() => 'hedge' as const, () => 'stop' as const)
           : undefined
         const contenders: Array<Promise<'hedge' | 'stop' | { peer: Peer, bytes: Uint8Array | undefined }>> = [...running.values()]
         if (hedge !== undefined) contenders.push(hedge)
@@ -345,7 +392,7 @@ export class PeerChunkSource implements ChunkSource {
       while (!signal.aborted) {
         const result = await this.attempt(parent, chunk, { fetch: true, waitMs: this.settings.parentWaitMs }, signal)
         if (result !== 'pending') return result
-        budget.extend(this.settings.parentWaitMs + this.settings.peerTimeoutMs)
+        budget.extend(this.settings.parentWaitMs + this.settings.parentGraceMs + this.peerDeadlineMs())
       }
       return undefined
     } finally {
@@ -367,13 +414,16 @@ export class PeerChunkSource implements ChunkSource {
 
   /** One request to one peer, with its own deadline. Never rejects: every failure is bookkept here. */
   private async attempt (peer: Peer, chunk: ChunkRef, ask: { fetch: boolean, waitMs: number }, signal: AbortSignal): Promise<Uint8Array | undefined | 'pending'> {
-    const deadline = this.clock.timeout(ask.waitMs + this.settings.peerTimeoutMs)
+    const deadline = this.clock.timeout(ask.waitMs + (ask.fetch ? this.settings.parentGraceMs : 0) + this.peerDeadlineMs() + this.transferMs(chunk))
     let reply
     try {
       reply = await this.client.want(peer.peer, chunk, { ...ask, signal: AbortSignal.any([signal, deadline]) })
     } catch (err) {
       if (signal.aborted) return undefined // we stopped waiting; not the peer's fault
-      if (deadline.aborted) this.stats.timeouts++
+      if (deadline.aborted) {
+        this.stats.timeouts++
+        if (ask.fetch) this.stats.parentTimeouts++
+      }
       this.failed(peer, err)
       return undefined
     }
@@ -430,12 +480,22 @@ export class PeerChunkSource implements ChunkSource {
     this.suspects.set(peer.id, { until: this.clock.now() + ms, failures })
   }
 
+  /** A peer's deadline for an answer, allowing for our own event loop's delay. */
+  private peerDeadlineMs (): number {
+    return this.settings.peerTimeoutMs + this.lag()
+  }
+
+  /** Time allowed for the chunk's bytes to arrive, at the slowest rate we accept. */
+  private transferMs (chunk: ChunkRef): number {
+    return Math.ceil(1000 * chunk.storedLength / this.settings.slowPeerBytesPerSecond)
+  }
+
   private healthy (peer: Peer): void {
     this.suspects.delete(peer.id)
   }
 
-  private excluded (id: string): boolean {
-    return this.bans.isBanned(id) || (this.suspects.get(id)?.until ?? 0) > this.clock.now()
+  private suspected (id: string): boolean {
+    return (this.suspects.get(id)?.until ?? 0) > this.clock.now()
   }
 }
 

@@ -157,8 +157,15 @@ export interface SelectionInput<N extends NodeKey> {
   swarm: readonly N[]
   /** Peers known to hold this chunk right now. */
   holders: readonly N[]
-  /** Banned, or suspected dead/stalled: neither parent nor holder for now. */
+  /** Banned: neither parent nor holder. */
   excluded: (id: string) => boolean
+  /**
+   * Slow or unreachable lately: not a holder, and a parent only when too few
+   * others outrank us (asked last). A suspect never makes us the root: in a
+   * real 20-node burst on 2 cores, starved peers answered late, and children
+   * that left them out took themselves for roots and went to the origin.
+   */
+  suspect?: (id: string) => boolean
   /** How many parents to try before fetching from the origin ourselves. */
   maxParents: number
   /** How many holders to consider. */
@@ -192,8 +199,8 @@ export interface Selection<N extends NodeKey> {
  * that outrank us makes each tree a random recursive tree: expected depth about
  * ln N and a root with about ln N children, so no node serves everybody, and
  * as every node is a parent for some chunks and a leaf for others, uploads even
- * out. A dead or stalled parent is excluded; the requester moves to another,
- * and when nobody eligible outranks it, it becomes the root.
+ * out. A dead or stalled parent is asked last; the requester moves to another,
+ * and when nobody (but banned peers) outranks it, it becomes the root.
  *
  * Why the core: a node's view of a big swarm is a sample (peer exchange keeps
  * about 1,024 members per key), and by score alone the top of a sample is often
@@ -208,16 +215,22 @@ export interface Selection<N extends NodeKey> {
  */
 export function selectSources<N extends NodeKey> (input: SelectionInput<N>): Selection<N> {
   const { key, self, excluded, group, maxParents } = input
+  const suspect = input.suspect ?? (() => false)
   const selfScore = score(self, key)
   const selfInCore = group !== undefined && inCore(self, group)
   const spread = spreadKey(key, self)
   const unusable = (n: N): boolean => n.id === self.id || excluded(n.id)
   // Runs for every chunk over swarms of a thousand: one pass, no copies, the cheap test first.
-  const parents = topNodes(spread, input.swarm, maxParents, n =>
-    !outranks(n, score(n, key), self, selfScore) || (group !== undefined && inCore(n, group) !== selfInCore) || unusable(n))
+  const above = (n: N): boolean => outranks(n, score(n, key), self, selfScore) && (group === undefined || inCore(n, group) === selfInCore)
+  // Outside the core of a large swarm, core nodes fill the parents when too few of our kind outrank us.
+  const coreFill = (n: N): boolean => group !== undefined && !selfInCore && inCore(n, group)
+  const parents = topNodes(spread, input.swarm, maxParents, n => !above(n) || unusable(n) || suspect(n.id))
   if (group !== undefined && !selfInCore && parents.length < maxParents) {
-    parents.push(...topNodes(spread, input.swarm, maxParents - parents.length, n => !inCore(n, group) || unusable(n)))
+    parents.push(...topNodes(spread, input.swarm, maxParents - parents.length, n => !coreFill(n) || unusable(n) || suspect(n.id)))
   }
-  const holders = topNodes(spread, input.holders, input.maxHolders, unusable)
+  if (parents.length < maxParents) {
+    parents.push(...topNodes(spread, input.swarm, maxParents - parents.length, n => !suspect(n.id) || !(above(n) || coreFill(n)) || unusable(n)))
+  }
+  const holders = topNodes(spread, input.holders, input.maxHolders, n => unusable(n) || suspect(n.id))
   return { isRoot: parents.length === 0, parents, holders }
 }

@@ -92,7 +92,7 @@ test('rendezvous: topNodes agrees with a full sort, skip excludes', () => {
   assert.throws(() => chunkKey('sha256:12'), RangeError)
 })
 
-test('selectSources: parents outrank self; the top node is the root; exclusions promote the next', () => {
+test('selectSources: parents outrank self; the top node is the root; bans promote the next, suspects are asked last', () => {
   const swarm = nodes(10)
   const digest = sha256(randomBytes(32))
   const key = chunkKey(digest)
@@ -108,7 +108,15 @@ test('selectSources: parents outrank self; the top node is the root; exclusions 
   assert.deepEqual(third.parents.map(n => n.id).sort(), [ranked[0]!.id, ranked[1]!.id].sort(), 'only nodes that outrank us')
 
   const rootDead = selectSources({ ...base, self: ranked[1]!, excluded: id => id === ranked[0]!.id })
-  assert.equal(rootDead.isRoot, true, 'when the root is excluded the runner-up takes over')
+  assert.equal(rootDead.isRoot, true, 'when the root is banned the runner-up takes over')
+
+  const rootSlow = selectSources({ ...base, self: ranked[1]!, suspect: id => id === ranked[0]!.id })
+  assert.equal(rootSlow.isRoot, false, 'a suspect root is still the root')
+  assert.deepEqual(rootSlow.parents.map(n => n.id), [ranked[0]!.id])
+  const slowFirst = selectSources({ ...base, self: ranked[3]!, maxParents: 2, suspect: id => id === ranked[0]!.id })
+  assert.deepEqual(slowFirst.parents.map(n => n.id).sort(), [ranked[1]!.id, ranked[2]!.id].sort(), 'suspects only when too few others outrank us')
+  const slowLast = selectSources({ ...base, self: ranked[3]!, suspect: id => id === ranked[0]!.id })
+  assert.equal(slowLast.parents.at(-1)!.id, ranked[0]!.id, 'and then last')
 
   const last = selectSources({ ...base, self: ranked[9]! })
   assert.equal(last.parents.length, 3, 'maxParents bounds the parents asked')
