@@ -34,6 +34,7 @@ if (positionals.length !== 1) {
 const scenario = await loadScenario(positionals[0]!)
 if (values.nodes !== undefined) scenario.nodes = Number(values.nodes)
 if (!('fixture' in scenario.image)) throw new Error(`${scenario.name}: a synthetic image exists only in the model (node simulations/model.ts)`)
+if (scenario.origin.kind === 'registry') throw new Error(`${scenario.name}: real runs serve the image as an OCI layout over HTTP; origin.kind "registry" exists only in the model (node simulations/model.ts)`)
 const stamp = new Date().toISOString().replace(/[:.]/g, '-').slice(0, 19)
 const out = resolve(values.out ?? join(REPO, 'results', 'sim', `${scenario.name}-${scenario.nodes}-${stamp}`))
 const work = join('/var/tmp/shoal-sim', `${scenario.name}-${stamp}-${process.pid}`)

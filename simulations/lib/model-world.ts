@@ -688,7 +688,7 @@ class Node implements NodeKey {
       await this.request(this.w.s.origin.latencyMs + 2 * this.latency, attempt)
       if (!this.w.originAlive) throw new PeerGone('connection refused')
       stall.started()
-      await this.receive(new Transfer(this.sim, this.w.origin, this.down, bytes, { ...this.transferOptions(), onProgress: stall.progress }), attempt, true)
+      if (bytes > 0) await this.receive(new Transfer(this.sim, this.w.origin, this.down, bytes, { ...this.transferOptions(), onProgress: stall.progress }), attempt, true)
       if (kind === 'pack') this.w.originStats.packBytes += bytes
       else {
         this.w.originStats.metadataBytes += bytes
@@ -1172,6 +1172,8 @@ function mountPlan (w: World, profile: WorkloadProfile): MountPlan {
   const { bytes, requests } = profile.metadata
   const tags = Math.min(2, requests)
   const each = requests > 0 ? bytes / requests : 0
+  // A registry answers a tag lookup (HEAD of the manifest) with headers only.
+  const tagBytes = w.s.origin.kind === 'registry' ? 0 : each
   const metadata = Array.from({ length: Math.max(1, requests - tags) }, (_, i) =>
     w.blob(`sha256:${createHash('sha256').update(`${profile.key} metadata ${i}`).digest('hex')}`, Math.max(1, Math.round(each))))
   // Which layer a pack is in: the profile does not say; in pack order, in equal shares. (In a
@@ -1180,7 +1182,7 @@ function mountPlan (w: World, profile: WorkloadProfile): MountPlan {
   const perLayer = Math.ceil(packs.length / Math.max(1, profile.catalogs.length))
   return {
     tags,
-    tagBytes: each,
+    tagBytes,
     manifest: metadata[0]!.digest,
     metadata,
     layers: profile.catalogs.map((c, i) => ({ catalog: c.digest, blob: w.blob(c.digest, c.size), packs: packs.slice(i * perLayer, (i + 1) * perLayer) }))

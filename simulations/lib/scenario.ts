@@ -71,8 +71,14 @@ export interface Scenario {
   workload: Workload
   /** Every node's link: shaped with tbf in both directions (real runs with netns). */
   links: { mbit: number, latencyMs: number }
-  /** The origin's bandwidth cap (its token bucket) and the delay before each response. */
-  origin: { mbit: number, latencyMs: number }
+  /**
+   * The origin's bandwidth cap (its token bucket) and the delay before each
+   * response, and what it is: `oci-layout` (default), an OCI layout over HTTP
+   * as `shoal origin serve` publishes it, where a tag lookup reads index.json;
+   * or `registry` (model only), where a tag lookup is a HEAD of the manifest,
+   * with no body, as RegistryOrigin and kubelet do it.
+   */
+  origin: { mbit: number, latencyMs: number, kind?: 'oci-layout' | 'registry' }
   peers: boolean
   /** Real runs: each agent in its own network namespace with shaped links. */
   netns: boolean
@@ -164,6 +170,7 @@ export function parseScenario (raw: unknown, fallbackName: string): Scenario {
   nonNegative(s.links.latencyMs, 'links.latencyMs')
   positive(s.origin.mbit, 'origin.mbit')
   nonNegative(s.origin.latencyMs, 'origin.latencyMs')
+  check(s.origin.kind === undefined || s.origin.kind === 'oci-layout' || s.origin.kind === 'registry', 'origin.kind must be "oci-layout" or "registry"')
   check(typeof s.peers === 'boolean' && typeof s.netns === 'boolean', 'peers and netns are true or false')
   checkFaults(s.faults)
   for (const [k, v] of Object.entries(s.timeouts)) positive(v, `timeouts.${k}`)

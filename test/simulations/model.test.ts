@@ -134,6 +134,14 @@ describe('model: 200 nodes, each running the real PeerChunkSource', () => {
     assert.equal(r.origin.requests, fetches, 'every fetch took exactly one attempt')
   })
 
+  it('against a registry, tag lookups are requests without bytes; against an OCI layout, each reads index.json', async () => {
+    const layout = await run(scenario({ nodes: 5 }), 'baseline')
+    const registry = await run(scenario({ nodes: 5, origin: { mbit: 2000, latencyMs: 1, kind: 'registry' } }), 'baseline')
+    assert.equal(registry.origin.requests, layout.origin.requests)
+    const tagBytes = 5 * 2 * profile.metadata.bytes / profile.metadata.requests
+    assert.ok(Math.abs(layout.origin.metadataBytes - registry.origin.metadataBytes - tagBytes) < 1, `${layout.origin.metadataBytes} - ${registry.origin.metadataBytes} != ${tagBytes}`)
+  })
+
   it('writes results.json, summary.md and charts that parse', async () => {
     const s = scenario({ nodes: 30 })
     const dir = await tempDir('shoal-sim-report-')

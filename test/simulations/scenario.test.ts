@@ -21,6 +21,7 @@ describe('simulation scenarios', () => {
     assert.throws(() => parseScenario({ links: { mbit: 0, latencyMs: 0 } }, 'x'), /links.mbit must be a positive number/)
     assert.throws(() => parseScenario({ faults: { kill: { share: 2, atMs: 0 } } }, 'x'), ScenarioError)
     assert.throws(() => parseScenario({ faults: { originOutage: { fromMs: 5, toMs: 1 } } }, 'x'), /toMs must be after fromMs/)
+    assert.throws(() => parseScenario({ origin: { mbit: 1, latencyMs: 0, kind: 'ftp' } }, 'x'), /origin.kind must be "oci-layout" or "registry"/)
   })
 
   it('arrivals and killed nodes are seeded: the model and a real run see the same ones', () => {
