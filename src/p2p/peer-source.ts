@@ -256,6 +256,9 @@ export class PeerChunkSource implements ChunkSource {
       if (bytes !== undefined) return bytes
     }
     if (selection.isRoot) {
+      // A swarm still forming changes its top: the root before us may have the chunk already.
+      const bytes = selection.runnersUp.length > 0 ? await this.fromHolders(selection.runnersUp, chunk, signal) : undefined
+      if (bytes !== undefined) return bytes
       this.stats.roots++
       return undefined
     }
@@ -300,9 +303,18 @@ export class PeerChunkSource implements ChunkSource {
    * stall reads); after that, stale answers serve while fresh ones come.
    */
   private async refreshAvailability (pack: Digest, swarm: readonly Peer[], signal: AbortSignal): Promise<void> {
-    const sample = topNodes(spreadKey(chunkKey(pack), this.self), swarm, this.settings.availabilitySample, p => p.id === this.self.id || this.bans.isBanned(p.id) || this.suspected(p.id))
-    const queries = sample.filter(p => !this.availability.fresh(pack, p.id)).map(p => this.queryHave(pack, p))
+    const queries = this.availabilitySample(pack, swarm).filter(p => !this.availability.fresh(pack, p.id)).map(p => this.queryHave(pack, p))
     if (queries.length === 0 || this.availability.answered(pack)) return
+    await this.answersOrDeadline(queries, signal)
+  }
+
+  /** The same few swarm peers for a pack, each time (spread order): whom we ask what they hold. */
+  private availabilitySample (pack: Digest, swarm: readonly Peer[]): Peer[] {
+    return topNodes(spreadKey(chunkKey(pack), this.self), swarm, this.settings.availabilitySample, p => p.id === this.self.id || this.bans.isBanned(p.id) || this.suspected(p.id))
+  }
+
+  /** Waits until every query settled or a peer deadline passed: a dead peer in the sample must not stall reads. */
+  private async answersOrDeadline (queries: Array<Promise<void>>, signal: AbortSignal): Promise<void> {
     const wait = AbortSignal.any([signal, this.clock.timeout(this.peerDeadlineMs())])
     await new Promise<void>(resolve => {
       const stop = (): void => resolve()

@@ -181,6 +181,12 @@ export interface Selection<N extends NodeKey> {
   parents: N[]
   /** Known holders in this requester's spread order. */
   holders: N[]
+  /**
+   * For a root: the two nodes ranked right below it, best first. While a swarm
+   * forms, a node that joins later can outrank the root that already fetched
+   * the chunk, which is then most often one of these.
+   */
+  runnersUp: N[]
 }
 
 /**
@@ -232,5 +238,7 @@ export function selectSources<N extends NodeKey> (input: SelectionInput<N>): Sel
     parents.push(...topNodes(spread, input.swarm, maxParents - parents.length, n => !suspect(n.id) || !(above(n) || coreFill(n)) || unusable(n)))
   }
   const holders = topNodes(spread, input.holders, input.maxHolders, n => unusable(n) || suspect(n.id))
-  return { isRoot: parents.length === 0, parents, holders }
+  const isRoot = parents.length === 0
+  const runnersUp = isRoot ? topNodes(key, input.swarm, 2, n => above(n) || (group !== undefined && inCore(n, group) !== selfInCore) || unusable(n)) : []
+  return { isRoot, parents, holders, runnersUp }
 }

@@ -102,9 +102,11 @@ test('selectSources: parents outrank self; the top node is the root; bans promot
   const root = selectSources({ ...base, self: ranked[0]! })
   assert.equal(root.isRoot, true)
   assert.deepEqual(root.parents, [], 'the root asks nobody')
+  assert.deepEqual(root.runnersUp.map(n => n.id), [ranked[1]!.id, ranked[2]!.id], 'a root looks first at the two ranked right below it')
 
   const third = selectSources({ ...base, self: ranked[2]! })
   assert.equal(third.isRoot, false)
+  assert.deepEqual(third.runnersUp, [])
   assert.deepEqual(third.parents.map(n => n.id).sort(), [ranked[0]!.id, ranked[1]!.id].sort(), 'only nodes that outrank us')
 
   const rootDead = selectSources({ ...base, self: ranked[1]!, excluded: id => id === ranked[0]!.id })
