@@ -1162,19 +1162,22 @@ function percentile (sorted: number[], q: number): number {
 
 /**
  * The mount's fetches from the profile. A recorded profile has the metadata's
- * total bytes and requests (besides the catalogs): two of those requests are the
- * tag lookups (the image's and its signature's), which always go to the origin;
- * the rest are the manifest, the signature manifest and envelope, and the config,
- * which go through the resolver. The bytes are split evenly (the profile does
- * not itemise them), and the blobs get digests of their own for the rendezvous.
+ * total bytes and requests (besides the catalogs): four blobs (the manifest, the
+ * signature manifest and envelope, the config), which go through the resolver,
+ * and the reads of index.json the lone agent made for its two tag lookups (the
+ * image's and its signature's; one since HttpOrigin reuses a read for 2 s), which
+ * always go to the origin. Against a registry the two lookups are HEADs: no
+ * body. The bytes are split evenly (the profile does not itemise them), and the
+ * blobs get digests of their own for the rendezvous.
  */
 function mountPlan (w: World, profile: WorkloadProfile): MountPlan {
   const { bytes, requests } = profile.metadata
-  const tags = Math.min(2, requests)
+  const blobs = Math.min(4, requests)
   const each = requests > 0 ? bytes / requests : 0
-  // A registry answers a tag lookup (HEAD of the manifest) with headers only.
-  const tagBytes = w.s.origin.kind === 'registry' ? 0 : each
-  const metadata = Array.from({ length: Math.max(1, requests - tags) }, (_, i) =>
+  const registry = w.s.origin.kind === 'registry'
+  const tags = registry ? 2 : requests - blobs
+  const tagBytes = registry ? 0 : each
+  const metadata = Array.from({ length: Math.max(1, blobs) }, (_, i) =>
     w.blob(`sha256:${createHash('sha256').update(`${profile.key} metadata ${i}`).digest('hex')}`, Math.max(1, Math.round(each))))
   // Which layer a pack is in: the profile does not say; in pack order, in equal shares. (In a
   // burst every node joins every layer's key, so this changes which walk finds a swarm, not who is in it.)

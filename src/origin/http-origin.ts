@@ -17,8 +17,13 @@ import type { Origin, OriginRequestOptions } from './origin.ts'
  * checked exactly; digests are the caller's job (see Origin).
  */
 
-/** Retries, backoff, per-attempt timeout and concurrency (see RetryingRequests). */
-export type HttpOriginOptions = RetryOptions
+/**
+ * Retries, backoff, per-attempt timeout and concurrency (see RetryingRequests);
+ * `indexTtlMs`: how long a read of index.json answers tag lookups (default 2 s:
+ * a mount looks up the image's tag, then its signature's, with one read, which
+ * halves what a burst of nodes asks the origin for tags; 0 reads it every time).
+ */
+export type HttpOriginOptions = RetryOptions & { indexTtlMs?: number }
 
 export type HttpOriginStats = RequestStats
 
@@ -30,6 +35,8 @@ export class HttpOrigin implements Origin {
   readonly stats: HttpOriginStats
   private readonly base: string
   private readonly requests: RetryingRequests
+  private readonly indexTtlMs: number
+  private recentIndex: { index: ImageIndex, at: number } | undefined
 
   constructor (baseUrl: string, options: HttpOriginOptions = {}) {
     let url: URL
@@ -41,6 +48,7 @@ export class HttpOrigin implements Origin {
     this.base = url.href.replace(/\/+$/, '')
     this.name = this.base
     this.requests = new RetryingRequests(options)
+    this.indexTtlMs = options.indexTtlMs ?? 2000
     this.stats = this.requests.stats
   }
 
@@ -99,6 +107,8 @@ export class HttpOrigin implements Origin {
 
   /** index.json, validated; with `optional`, undefined when the server has none (404). */
   private async readIndex (signal: AbortSignal | undefined, options: { optional?: boolean } = {}): Promise<ImageIndex | undefined> {
+    const recent = this.recentIndex
+    if (recent !== undefined && performance.now() - recent.at < this.indexTtlMs) return recent.index
     const url = `${this.base}/index.json`
     const text = await this.requests.run(url, signal, async attemptSignal => {
       const res = await fetch(url, { headers: REQUEST_HEADERS, signal: attemptSignal })
@@ -113,6 +123,7 @@ export class HttpOrigin implements Origin {
     }
     if (index === null || typeof index !== 'object' || !Array.isArray(index.manifests)) throw new FormatError(`${url} has no manifests list`)
     for (const m of index.manifests) m.digest = parseDigest(m.digest, `${url} entry`)
+    this.recentIndex = { index, at: performance.now() }
     return index
   }
 

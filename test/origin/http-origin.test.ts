@@ -51,6 +51,14 @@ describe('HttpOrigin against the origin server', () => {
     assert.deepEqual(synthesized, { mediaType: 'application/vnd.oci.image.manifest.v1+json', digest: fx.small.digest, size: 1000 })
   })
 
+  test('tag lookups within indexTtlMs share one read of index.json; with 0, each reads it', async () => {
+    for (const [ttl, reads] of [[60_000, 1], [0, 3]] as const) {
+      const fresh = new HttpOrigin(`${server.url}/`, { ...quick, indexTtlMs: ttl })
+      for (let i = 0; i < 3; i++) assert.equal((await fresh.resolve('v1')).digest, fx.manifest.digest)
+      assert.equal(fresh.stats.requests, reads)
+    }
+  })
+
   test('resolve failures: unknown tag, unknown digest, malformed digest', async () => {
     await assert.rejects(origin.resolve('v2'), (err: unknown) => err instanceof NotFoundError && /no image tagged "v2".*tags: v1/.test(err.message))
     const unknown = `sha256:${'0'.repeat(64)}` as Digest
