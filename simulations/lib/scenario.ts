@@ -102,9 +102,7 @@ export const DEFAULT_COMMAND = ['python3', '-c', 'import json, sqlite3; print(js
  * Model defaults: fitted to six real burst-20 runs at 10 and 20 nodes
  * (docs/BENCHMARKS.md, "Simulation: calibration"; `node simulations/calibrate.ts
  * ... --fit`), except sharedCores (those runs share this machine's 2 cores;
- * a modelled cluster does not), mountMs and pieceBytes (not fitted), and
- * readWindow: 4 of 1, 2, 4 and 8 against four later runs (a lone node's reads
- * overlap through readahead: with 1 the model's lone node took 60 % longer).
+ * a modelled cluster does not), mountMs and pieceBytes (not fitted).
  */
 export const DEFAULT_MODEL: ModelParams = {
   announceMs: 50,
@@ -113,7 +111,7 @@ export const DEFAULT_MODEL: ModelParams = {
   upkeepMsPerPeer: 2,
   lookupCacheMs: 30_000,
   mountMs: 150,
-  readWindow: 4,
+  readWindow: 1,
   cpuMsPerMB: 10,
   sharedCores: 0,
   requestOverheadMs: 5,
