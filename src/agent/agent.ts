@@ -121,9 +121,16 @@ export class Agent implements ChunkLocator {
       mounts: () => agent?.mounts.size ?? 0,
       peers: () => peering?.node.connectedPeers().length ?? 0
     })
-    const peering = config.p2p.enabled
-      ? await Peering.start(config, { disk, resolver: () => resolver, locator: { locate: d => agent!.locate(d), locateSoon: async (d, s) => await agent!.locateSoon(d, s), packChunks: p => agent!.packChunks(p) }, log, lag: loop })
-      : undefined
+    let peering: Peering | undefined
+    try {
+      peering = config.p2p.enabled
+        ? await Peering.start(config, { disk, resolver: () => resolver, locator: { locate: d => agent!.locate(d), locateSoon: async (d, s) => await agent!.locateSoon(d, s), packChunks: p => agent!.packChunks(p) }, log, lag: loop })
+        : undefined
+    } catch (err) {
+      loop.close()
+      await disk.close()
+      throw err
+    }
     const resolver: ChunkResolver = new ChunkResolver({
       disk,
       memory: new MemoryCache(config.memoryBytes),
