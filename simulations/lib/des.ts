@@ -110,14 +110,24 @@ export class Simulator {
 
   /** A signal that aborts MS simulated milliseconds from now (AbortSignal.timeout in simulated time). */
   timeout (ms: number): AbortSignal {
+    return this.deadline(ms).signal
+  }
+
+  /**
+   * Like `timeout`, with `cancel()` for a deadline whose work is done: a deadline that
+   * fires late still aborts every signal derived from it (AbortSignal.any), and a
+   * 3 GB read leaves millions of them behind.
+   */
+  deadline (ms: number): { signal: AbortSignal, cancel: () => void } {
     const controller = new AbortController()
+    let cancelled = false
     // Quiet unless it fires: most deadlines are never reached (the answer came first).
     this.atQuiet(this.now + ms, () => {
-      if (controller.signal.aborted) return
+      if (cancelled || controller.signal.aborted) return
       this.wake()
-      controller.abort(new TimeoutError(ms))
+      controller.abort(timeoutError(ms))
     })
-    return controller.signal
+    return { signal: controller.signal, cancel: () => { cancelled = true } }
   }
 
   /** Processes events until none are left, `until` passes, or stop() is called. */
@@ -150,6 +160,14 @@ export class TimeoutError extends Error {
     super(`timed out after ${ms} simulated ms`)
     this.name = 'TimeoutError'
   }
+}
+
+/** One error per duration: building one (a stack trace) for each of millions of deadlines showed in profiles. */
+const timeoutErrors = new Map<number, TimeoutError>()
+function timeoutError (ms: number): TimeoutError {
+  let err = timeoutErrors.get(ms)
+  if (err === undefined) timeoutErrors.set(ms, err = new TimeoutError(ms))
+  return err
 }
 
 /** A promise with its resolve and reject exposed; settling it wakes the simulator. */

@@ -609,7 +609,8 @@ class Node implements NodeKey {
   }
 
   private async fetch (chunk: Chunk): Promise<boolean> {
-    const signal = this.sim.timeout(this.w.s.timeouts.chunkMs)
+    const deadline = this.sim.deadline(this.w.s.timeouts.chunkMs)
+    const signal = deadline.signal
     let lastPeerTry: 'noParentAsked' | 'parentsFailed' | undefined
     try {
       for (let attempt = 0; attempt < RESOLVER.attempts; attempt++) {
@@ -625,6 +626,8 @@ class Node implements NodeKey {
       }
     } catch (err) {
       if (!(err instanceof TimeoutError)) throw err
+    } finally {
+      deadline.cancel()
     }
     if (this.alive) this.result.unavailableChunks++
     return false
