@@ -182,9 +182,10 @@ export interface Selection<N extends NodeKey> {
   /** Known holders in this requester's spread order. */
   holders: N[]
   /**
-   * For a root: the two nodes ranked right below it, best first. While a swarm
-   * forms, a node that joins later can outrank the root that already fetched
-   * the chunk, which is then most often one of these.
+   * For a root: the two nodes ranked right below it, best first (suspects left
+   * out, as from the holders). While a swarm forms, a node that joins later can
+   * outrank the root that already fetched the chunk, which is then most often
+   * one of these.
    */
   runnersUp: N[]
 }
@@ -239,6 +240,6 @@ export function selectSources<N extends NodeKey> (input: SelectionInput<N>): Sel
   }
   const holders = topNodes(spread, input.holders, input.maxHolders, n => unusable(n) || suspect(n.id))
   const isRoot = parents.length === 0
-  const runnersUp = isRoot ? topNodes(key, input.swarm, 2, n => above(n) || (group !== undefined && inCore(n, group) !== selfInCore) || unusable(n)) : []
+  const runnersUp = isRoot ? topNodes(key, input.swarm, 2, n => above(n) || (group !== undefined && inCore(n, group) !== selfInCore) || unusable(n) || suspect(n.id)) : []
   return { isRoot, parents, holders, runnersUp }
 }

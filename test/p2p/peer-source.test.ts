@@ -103,6 +103,23 @@ test('peer source: a slow holder is hedged; the loser is cancelled at the server
   assert.equal(peers.stats.timeouts, 0, 'losing a hedge is not a failure')
 })
 
+test('peer source: a holder slower than the peer deadline is waited for while our own event loop runs that late', async () => {
+  const [requester, holder] = await startNodes(2)
+  const { chunks } = makePack([2048, 2048])
+  const local = await serve(holder!, chunks)
+  local.delayMs = 700
+  // Only the holder path: no hedge partner, no parent, a budget far above the delay.
+  const options = { hedgeDelayMs: 60_000, peerTimeoutMs: 300, maxParents: 0, maxWaitMs: 30_000 }
+  const starved = source(requester!, [holder!], { ...options, lag: () => 1500 })
+  const bytes = await starved.get(chunks[0]!.ref, { signal: signal() })
+  assert.ok(bytes !== undefined && Buffer.from(bytes).equals(chunks[0]!.bytes))
+  assert.equal(starved.stats.timeouts, 0)
+
+  const unaware = source(requester!, [holder!], options)
+  assert.equal(await unaware.get(chunks[1]!.ref, { signal: signal() }), undefined)
+  assert.ok(unaware.stats.timeouts >= 1, 'without the allowance the same answer is late')
+})
+
 test('peer source: a holder killed mid-request is replaced at once by the next holder', async () => {
   const [requester, doomed, survivor] = await startNodes(3)
   const { chunks } = makePack(Array.from({ length: 40 }, () => 300_000))
