@@ -303,18 +303,9 @@ export class PeerChunkSource implements ChunkSource {
    * stall reads); after that, stale answers serve while fresh ones come.
    */
   private async refreshAvailability (pack: Digest, swarm: readonly Peer[], signal: AbortSignal): Promise<void> {
-    const queries = this.availabilitySample(pack, swarm).filter(p => !this.availability.fresh(pack, p.id)).map(p => this.queryHave(pack, p))
+    const sample = topNodes(spreadKey(chunkKey(pack), this.self), swarm, this.settings.availabilitySample, p => p.id === this.self.id || this.bans.isBanned(p.id) || this.suspected(p.id))
+    const queries = sample.filter(p => !this.availability.fresh(pack, p.id)).map(p => this.queryHave(pack, p))
     if (queries.length === 0 || this.availability.answered(pack)) return
-    await this.answersOrDeadline(queries, signal)
-  }
-
-  /** The same few swarm peers for a pack, each time (spread order): whom we ask what they hold. */
-  private availabilitySample (pack: Digest, swarm: readonly Peer[]): Peer[] {
-    return topNodes(spreadKey(chunkKey(pack), this.self), swarm, this.settings.availabilitySample, p => p.id === this.self.id || this.bans.isBanned(p.id) || this.suspected(p.id))
-  }
-
-  /** Waits until every query settled or a peer deadline passed: a dead peer in the sample must not stall reads. */
-  private async answersOrDeadline (queries: Array<Promise<void>>, signal: AbortSignal): Promise<void> {
     const wait = AbortSignal.any([signal, this.clock.timeout(this.peerDeadlineMs())])
     await new Promise<void>(resolve => {
       const stop = (): void => resolve()

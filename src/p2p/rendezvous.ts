@@ -228,7 +228,8 @@ export function selectSources<N extends NodeKey> (input: SelectionInput<N>): Sel
   const spread = spreadKey(key, self)
   const unusable = (n: N): boolean => n.id === self.id || excluded(n.id)
   // Runs for every chunk over swarms of a thousand: one pass, no copies, the cheap test first.
-  const above = (n: N): boolean => outranks(n, score(n, key), self, selfScore) && (group === undefined || inCore(n, group) === selfInCore)
+  const sameKind = (n: N): boolean => group === undefined || inCore(n, group) === selfInCore
+  const above = (n: N): boolean => outranks(n, score(n, key), self, selfScore) && sameKind(n)
   // Outside the core of a large swarm, core nodes fill the parents when too few of our kind outrank us.
   const coreFill = (n: N): boolean => group !== undefined && !selfInCore && inCore(n, group)
   const parents = topNodes(spread, input.swarm, maxParents, n => !above(n) || unusable(n) || suspect(n.id))
@@ -240,6 +241,6 @@ export function selectSources<N extends NodeKey> (input: SelectionInput<N>): Sel
   }
   const holders = topNodes(spread, input.holders, input.maxHolders, n => unusable(n) || suspect(n.id))
   const isRoot = parents.length === 0
-  const runnersUp = isRoot ? topNodes(key, input.swarm, 2, n => above(n) || (group !== undefined && inCore(n, group) !== selfInCore) || unusable(n) || suspect(n.id)) : []
+  const runnersUp = isRoot ? topNodes(key, input.swarm, 2, n => above(n) || !sameKind(n) || unusable(n) || suspect(n.id)) : []
   return { isRoot, parents, holders, runnersUp }
 }
