@@ -11,7 +11,7 @@ log() { printf 'setup: %s\n' "$*" >&2; }
 # tests, the fixture builder and the benchmarks use.
 packages=(fuse libfuse2 runc ca-certificates)
 if [ "${SHOAL_SETUP:-full}" != runtime ]; then
-  packages+=(skopeo umoci debootstrap docker-registry squashfuse squashfs-tools fio strace zstd attr apache2-utils openssl iproute2)
+  packages+=(containerd skopeo umoci debootstrap docker-registry squashfuse squashfs-tools fio strace zstd attr apache2-utils openssl iproute2)
 fi
 missing=()
 for p in "${packages[@]}"; do
