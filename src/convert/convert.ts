@@ -16,6 +16,7 @@ import { formatReference, parseReference } from '../oci/reference.ts'
 import { openSourceImage, type Platform, type SourceImage } from '../oci/source-image.ts'
 import { MediaType, type Descriptor, type ImageManifest } from '../oci/types.ts'
 import type { RegistryAccess } from '../registry/client.ts'
+import { conversionTag } from '../oci/conversion-tags.ts'
 import { pushToRegistry, type PushReport } from '../registry/push.ts'
 import { CatalogWriter, normalizeMemberPath } from './catalog-writer.ts'
 import { ChunkIndex, PackWriter, type SealedPack } from './pack-writer.ts'
@@ -67,6 +68,8 @@ export interface LayerReport {
 
 export interface ConvertReport {
   source: string
+  /** The source's (platform) manifest, which a registry destination also tags the conversion by. */
+  sourceManifestDigest: Digest
   dest: string
   manifestDigest: Digest
   layers: LayerReport[]
@@ -133,6 +136,7 @@ export async function convertImage (options: ConvertOptions): Promise<ConvertRep
     const manifestDesc = await writeSignedImage(dest, destRef.tag, config, options.signingKey)
     return {
       source: source.reference,
+      sourceManifestDigest: source.manifestDigest,
       dest: formatReference(destRef),
       manifestDigest: manifestDesc.digest,
       layers: reports,
@@ -146,7 +150,9 @@ export async function convertImage (options: ConvertOptions): Promise<ConvertRep
 
 /**
  * A registry destination: the image is converted into a temporary layout (under
- * $TMPDIR; about the size of the converted image), then pushed, tag last. Chunks
+ * $TMPDIR; about the size of the converted image), then pushed, tag last, and also
+ * tagged `sha256-<source manifest hex>.shoal`: what an agent serving containerd
+ * looks for beside the original image (src/oci/conversion-tags.ts). Chunks
  * are not deduplicated against images already in the registry, but blobs that
  * convert to the same bytes (a shared base layer) are not uploaded twice.
  */
@@ -155,6 +161,7 @@ async function convertToRegistry (options: ConvertOptions): Promise<ConvertRepor
   try {
     const report = await convertImage({ ...options, dest: `oci:${staging}:image` })
     const push = await pushToRegistry(await OciLayout.open(staging), 'image', options.dest, {
+      extraTags: [conversionTag(report.sourceManifestDigest)],
       ...(options.destRegistry !== undefined ? { access: options.destRegistry } : {}),
       ...(options.mountFrom !== undefined ? { mountFrom: options.mountFrom } : {}),
       ...(options.signal !== undefined ? { signal: options.signal } : {})

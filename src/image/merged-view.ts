@@ -1,5 +1,5 @@
 import { posix } from 'node:path'
-import { isDir, type Catalog, type Extent, type Inode } from '../format/catalog.ts'
+import { isDir, S_IFCHR, type Catalog, type Extent, type Inode } from '../format/catalog.ts'
 
 /** A file or directory as the merged image shows it. */
 export interface MergedNode {
@@ -21,10 +21,23 @@ export interface MergedNode {
  */
 export class MergedView {
   readonly catalogs: readonly Catalog[]
+  /** Whiteouts and opaque markers shown as overlayfs reads them in a lower directory, not applied. */
+  readonly overlayLower: boolean
+  private readonly whiteout: Inode | undefined
 
-  constructor (catalogs: readonly Catalog[]) {
+  /**
+   * With `overlayLower` (one layer only) the view is that layer as an overlayfs lower
+   * directory: containerd stacks it with the image's other layers, so whiteouts are
+   * 0/0 character devices and opaque directories carry `trusted.overlay.opaque=y`,
+   * as in a layer containerd extracted itself.
+   */
+  constructor (catalogs: readonly Catalog[], options: { overlayLower?: boolean } = {}) {
     if (catalogs.length === 0) throw new Error('a merged view needs at least one layer')
+    if (options.overlayLower === true && catalogs.length !== 1) throw new Error('an overlay lower view shows one layer')
     this.catalogs = catalogs
+    this.overlayLower = options.overlayLower === true
+    // One inode number past the catalog's for every whiteout: overlayfs reads only their type and rdev.
+    if (this.overlayLower) this.whiteout = { ino: catalogs[0]!.maxIno() + 1, mode: S_IFCHR, uid: 0, gid: 0, size: 0, mtime: 0, nlink: 1, rdev: 0, target: null, opaque: 0, implicit: 0 }
   }
 
   root (): MergedNode {
@@ -45,7 +58,10 @@ export class MergedView {
       const catalog = this.catalogs[layer]!
       const entry = catalog.entry(ino, name)
       if (entry === undefined) continue
-      if (entry.whiteout === 1 || entry.ino === null) break
+      if (entry.whiteout === 1 || entry.ino === null) {
+        if (this.whiteout !== undefined) found = { layer, ino: this.whiteout.ino, inode: this.whiteout, dirs: [] }
+        break
+      }
       const inode = catalog.inode(entry.ino)!
       if (found === undefined) {
         found = { layer, ino: entry.ino, inode, dirs: isDir(inode.mode) ? [{ layer, ino: entry.ino }] : [] }
@@ -81,7 +97,7 @@ export class MergedView {
       for (const entry of this.catalogs[layer]!.children(ino)) {
         if (seen.has(entry.name)) continue
         seen.add(entry.name)
-        if (entry.whiteout === 0) names.push(entry.name)
+        if (entry.whiteout === 0 || this.overlayLower) names.push(entry.name)
       }
     }
     names.sort()
@@ -122,6 +138,12 @@ export class MergedView {
     }
   }
 
-  xattrs (node: MergedNode): Map<string, Buffer> { return this.catalogs[node.layer]!.xattrs(node.ino) }
-  extents (node: MergedNode): Extent[] { return this.catalogs[node.layer]!.extents(node.ino) }
+  xattrs (node: MergedNode): Map<string, Buffer> {
+    if (node.inode === this.whiteout) return new Map()
+    const xattrs = this.catalogs[node.layer]!.xattrs(node.ino)
+    if (this.overlayLower && node.inode.opaque === 1 && isDir(node.inode.mode)) xattrs.set('trusted.overlay.opaque', Buffer.from('y'))
+    return xattrs
+  }
+
+  extents (node: MergedNode): Extent[] { return node.inode === this.whiteout ? [] : this.catalogs[node.layer]!.extents(node.ino) }
 }

@@ -64,3 +64,18 @@ export function formatReference (ref: ImageReference): string {
     case 'docker': return `docker://${ref.registry}/${ref.repository}${ref.tag !== undefined ? ':' + ref.tag : ''}${ref.digest !== undefined ? '@' + ref.digest : ''}`
   }
 }
+
+/**
+ * An image name as containerd and kubelet write it (`python:3`, `library/python`,
+ * `127.0.0.1:5000/team/app@sha256:…`), normalized as docker does: no registry means
+ * Docker Hub, a Hub name without a slash is under `library/`.
+ */
+export function parseImageName (name: string): ImageReference & { transport: 'docker' } {
+  const slash = name.indexOf('/')
+  const first = slash < 0 ? '' : name.slice(0, slash)
+  const hasRegistry = first !== '' && (first.includes('.') || first.includes(':') || first === 'localhost')
+  let rest = hasRegistry ? name.slice(slash + 1) : name
+  const registry = hasRegistry ? first : 'docker.io'
+  if (registry === 'docker.io' && !rest.includes('/')) rest = `library/${rest}`
+  return parseReference(`docker://${registry}/${rest}`) as ImageReference & { transport: 'docker' }
+}

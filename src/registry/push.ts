@@ -19,7 +19,7 @@ import { openRegistryClient, type PushOutcome, type RegistryAccess, type Registr
  *      mounted when another repository named in `mountFrom` has them, else uploaded;
  *   2. the image manifest by its digest (untagged);
  *   3. the signature manifest, tagged sha256-<hex>.sig;
- *   4. the image manifest again, under the tag.
+ *   4. the image manifest again, under the tag (and any extra tags).
  */
 
 export interface PushOptions {
@@ -27,6 +27,8 @@ export interface PushOptions {
   access?: RegistryAccess
   /** Other repositories on the same registry to mount blobs from (cross-repository mount). */
   mountFrom?: readonly string[]
+  /** More tags for the image, set after the main one. */
+  extraTags?: readonly string[]
   signal?: AbortSignal
 }
 
@@ -96,7 +98,7 @@ async function pushImage (layout: OciLayout, tag: string, client: RegistryClient
   const so = signal !== undefined ? { signal } : {}
   await client.putManifest(repository, imageDesc.digest, imageBytes, imageDesc.mediaType, so)
   await client.putManifest(repository, signatureTag(imageDesc.digest), sigBytes, sigDesc.mediaType, so)
-  await client.putManifest(repository, destTag, imageBytes, imageDesc.mediaType, so)
+  for (const t of [destTag, ...options.extraTags ?? []]) await client.putManifest(repository, t, imageBytes, imageDesc.mediaType, so)
   return { dest: `${client.nameOf(repository)}:${destTag}`, manifestDigest: imageDesc.digest, blobs: counts, uploadedBytes }
 }
 
