@@ -21,8 +21,9 @@ export interface AgentProcess {
 /**
  * Starts `shoal agent --state STATE ARGS...` as a child process and waits (bounded)
  * until it reports ready. Used by the demo, the tests and the simulation harness.
+ * Its log (stderr) goes to the caller's stderr, nowhere, or an open file descriptor.
  */
-export async function startAgentProcess (stateDir: string, args: string[], options: { timeoutMs?: number, stderr?: 'inherit' | 'ignore', command?: string[] } = {}): Promise<AgentProcess> {
+export async function startAgentProcess (stateDir: string, args: string[], options: { timeoutMs?: number, stderr?: 'inherit' | 'ignore' | number, command?: string[] } = {}): Promise<AgentProcess> {
   const [cmd, ...prefix] = options.command ?? [SHOAL_BIN]
   const child = spawn(cmd!, [...prefix, 'agent', '--state', stateDir, ...args], { stdio: ['ignore', 'pipe', options.stderr ?? 'inherit'] })
   const exited = new Promise<void>(resolve => child.once('exit', () => resolve()))

@@ -18,6 +18,11 @@ import { FailoverOrigin, openOrigin } from '../origin/open-origin.ts'
 import type { Origin } from '../origin/origin.ts'
 import type { RuntimeConfig } from '../oci/types.ts'
 import { RangeReader } from '../origin/range-reader.ts'
+import { RoutedOrigin } from '../origin/routed-origin.ts'
+import { Snapshotter } from '../snapshotter/snapshotter.ts'
+import { serveSnapshotter } from '../snapshotter/service.ts'
+import { LazyLayers, type LazyLayerStats } from './lazy-layers.ts'
+import type { SharedBlob } from '../image/load-image.ts'
 import { controlSocketPath, type AgentConfig } from './config.ts'
 import { startControlServer } from './control.ts'
 import { AgentMetrics } from './metrics.ts'
@@ -55,6 +60,8 @@ export interface AgentStats {
   peer?: PeeringStats
   /** How late the agent's event loop ran since start (a starved agent answers its peers late). */
   eventLoop: LoopLagSummary
+  /** Present when the agent serves containerd: layers mounted lazily, and those left to containerd, by reason. */
+  snapshotter?: LazyLayerStats
 }
 
 interface ActiveMount { info: Omit<MountInfo, 'fs' | 'prefetch' | 'sources'>, view: ImageView, mounted: MountedImage, prefetch: MountInfo['prefetch'], sources: MountInfo['sources'], lifetime: AbortController }
@@ -90,6 +97,7 @@ export class Agent implements ChunkLocator {
   private closers: Array<() => Promise<void>> = []
   metricsUrl: string | undefined
   peering: Peering | undefined
+  lazyLayers: LazyLayers | undefined
 
   private constructor (config: AgentConfig, parts: { origin: Origin, disk: DiskCache, resolver: ChunkResolver, trusted: KeyObject[], log: Logger, loop: EventLoopLag }) {
     this.config = config
@@ -110,7 +118,9 @@ export class Agent implements ChunkLocator {
     await mkdir(config.stateDir, { recursive: true, mode: 0o700 })
     const trusted = await Promise.all(config.trust.map(loadPublicKey))
     const origins = await Promise.all(config.origins.map(o => openOrigin(o, { registry: config.registry })))
-    const origin = origins.length === 1 ? origins[0]! : new FailoverOrigin(origins)
+    const configured = origins.length === 0 ? undefined : origins.length === 1 ? origins[0]! : new FailoverOrigin(origins)
+    // Serving containerd, each image comes from the registry its pod names: blobs are routed per image.
+    const origin = config.snapshotterSocket !== '' ? new RoutedOrigin(configured) : configured!
     const disk = await DiskCache.open({ dir: join(config.stateDir, 'cache'), maxBytes: config.cacheBytes, log })
     let agent: Agent | undefined
     const loop = new EventLoopLag()
@@ -159,12 +169,48 @@ export class Agent implements ChunkLocator {
         const control = await startControlServer(controlSocketPath(config.stateDir), (method, path, body) => agent!.handleControl(method, path, body))
         agent.closers.push(control.close)
       }
+      if (config.snapshotterSocket !== '' && origin instanceof RoutedOrigin) await agent.serveContainerd(origin, metrics)
     } catch (err) {
       await agent.stop()
       throw err
     }
     log.info({ stateDir: config.stateDir, origins: config.origins, metrics: agent.metricsUrl }, 'agent started')
     return agent
+  }
+
+  /**
+   * Serves containerd's Snapshots API on the configured socket, with layers of converted
+   * images mounted lazily (src/agent/lazy-layers.ts) from this agent's resolver.
+   */
+  private async serveContainerd (origin: RoutedOrigin, metrics: AgentMetrics): Promise<void> {
+    const lazy = new LazyLayers({
+      trusted: this.trusted,
+      catalogDir: join(this.config.stateDir, 'catalogs'),
+      registry: this.config.registry,
+      origin,
+      resolver: this.resolver,
+      fetchBlob: async (blob, signal) => await this.fetchShared(blob, signal),
+      joinSwarm: (key, packs) => this.peering?.join(key, packs),
+      catalogAdded: async () => await this.openServingCatalogs(),
+      onOutcome: metrics.onLayerOutcome,
+      log: this.log
+    })
+    this.lazyLayers = lazy
+    const snapshotter = await Snapshotter.open({ root: join(this.config.stateDir, 'snapshotter'), remote: lazy, log: this.log })
+    this.closers.push(async () => { await snapshotter.close() })
+    const service = await serveSnapshotter(snapshotter, this.config.snapshotterSocket, { log: this.log })
+    this.closers.push(async () => { await service.close() })
+  }
+
+  /**
+   * A whole blob (metadata, catalogs) through the resolver like a chunk, verified by its
+   * digest: in a burst, peers share them too, instead of every node asking the origin.
+   */
+  private async fetchShared (blob: SharedBlob, signal?: AbortSignal): Promise<Uint8Array> {
+    this.wholeBlobs.set(blob.digest, blob.size)
+    this.locatorChanged()
+    this.peering?.join(blob.group, [blob.digest])
+    return await this.resolver.get(wholeBlobChunk(blob), { signal: signal ?? AbortSignal.timeout(this.config.chunkTimeoutMs) })
   }
 
   /**
@@ -182,14 +228,7 @@ export class Agent implements ChunkLocator {
       const view = await openImageView(this.origin, image, {
         trusted: this.trusted,
         catalogDir: join(this.config.stateDir, 'catalogs'),
-        // Metadata and catalogs go through the resolver like chunks (each blob one "chunk" of
-        // itself): in a burst, peers share them too, instead of every node asking the origin.
-        fetchBlob: async (blob, signal) => {
-          this.wholeBlobs.set(blob.digest, blob.size)
-          this.locatorChanged()
-          this.peering?.join(blob.group, [blob.digest])
-          return await this.resolver.get(wholeBlobChunk(blob), { signal: signal ?? AbortSignal.timeout(this.config.chunkTimeoutMs) })
-        },
+        fetchBlob: async (blob, signal) => await this.fetchShared(blob, signal),
         ...(options.signal !== undefined ? { signal: options.signal } : {})
       })
       // A layer's packs are in the swarm of its catalog's digest (shared by every image with the layer).
@@ -340,7 +379,8 @@ export class Agent implements ChunkLocator {
       cache: { ...this.disk.stats, maxBytes: this.disk.maxBytes },
       mounts: this.list(),
       eventLoop: this.loop.summary(),
-      ...(this.peering !== undefined ? { peer: this.peering.stats() } : {})
+      ...(this.peering !== undefined ? { peer: this.peering.stats() } : {}),
+      ...(this.lazyLayers !== undefined ? { snapshotter: this.lazyLayers.stats() } : {})
     }
   }
 

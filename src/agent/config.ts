@@ -21,6 +21,8 @@ export interface AgentConfig {
   metrics: string
   /** Upper bound on resolving one chunk (all sources and retries): a read fails with EIO after it. */
   chunkTimeoutMs: number
+  /** Serve containerd's Snapshots API (a proxy snapshotter) on this unix socket; '' = off. */
+  snapshotterSocket: string
   /** Peer-to-peer settings; `enabled: false` makes the agent use only its cache and the origin. */
   p2p: {
     enabled: boolean
@@ -44,6 +46,7 @@ export function defaultConfig (stateDir = DEFAULT_STATE_DIR): AgentConfig {
     memoryBytes: 64 * 2 ** 20,
     metrics: '127.0.0.1:0',
     chunkTimeoutMs: 20_000,
+    snapshotterSocket: '',
     p2p: { enabled: true, listen: ['/ip4/127.0.0.1/tcp/0'], peers: [] }
   }
 }
@@ -64,7 +67,8 @@ export async function loadConfigFile (path: string): Promise<Partial<AgentConfig
 
 /** Checks a finished config and makes paths absolute. */
 export function validateConfig (config: AgentConfig): AgentConfig {
-  if (config.origins.length === 0) throw new UsageError('no origin configured: pass --origin URL (a `shoal origin serve` address) or --origin DIR (an OCI layout)')
+  // A snapshotter finds each image in the registry its pod names, so it needs no origin of its own.
+  if (config.origins.length === 0 && config.snapshotterSocket === '') throw new UsageError('no origin configured: pass --origin URL (a `shoal origin serve` address) or --origin DIR (an OCI layout), or --snapshotter-socket SOCK to serve containerd')
   if (config.trust.length === 0) throw new UsageError('no trusted key configured: pass --trust shoal.pub (unsigned images are always refused)')
   if (!Number.isSafeInteger(config.cacheBytes) || config.cacheBytes < 16 * 2 ** 20) throw new UsageError(`cache size ${config.cacheBytes} is too small (at least 16 MiB)`)
   if (!Number.isSafeInteger(config.memoryBytes) || config.memoryBytes < 2 ** 20) throw new UsageError(`memory cache size ${config.memoryBytes} is too small (at least 1 MiB)`)
@@ -74,6 +78,7 @@ export function validateConfig (config: AgentConfig): AgentConfig {
   return {
     ...config,
     stateDir: resolve(config.stateDir),
+    snapshotterSocket: config.snapshotterSocket === '' ? '' : resolve(config.snapshotterSocket),
     trust: config.trust.map(p => resolve(p)),
     origins: config.origins.map(o => /^(https?|docker):\/\//.test(o) ? o.replace(/\/+$/, '') : resolve(o)),
     registry: { ...config.registry, ...(config.registry.caFile !== undefined ? { caFile: resolve(config.registry.caFile) } : {}) }

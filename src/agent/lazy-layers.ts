@@ -29,6 +29,8 @@ export type FallbackReason = 'no-image-labels' | 'no-conversion' | 'signature' |
 export interface LazyLayerStats {
   /** Layers mounted lazily now. */
   mounted: number
+  /** Bytes read through the lazy layers' FUSE mounts since start. */
+  bytesRead: number
   /** Layers served lazily since start (restores included). */
   lazy: number
   /** Layers left to containerd, by reason. */
@@ -77,7 +79,7 @@ export interface LazyLayerParts {
  * layer as usual, and the reason is logged and counted.
  */
 export class LazyLayers implements RemoteLayers {
-  readonly stats: LazyLayerStats = { mounted: 0, lazy: 0, fallbacks: {} }
+  private readonly counts = { lazy: 0, fallbacks: {} as LazyLayerStats['fallbacks'], releasedBytesRead: 0 }
   private readonly parts: LazyLayerParts
   private readonly mounts = new Map<string, { mounted: MountedImage, catalog: Catalog }>()
   /** Conversions looked up lately, by `HOST/REPO@manifest`: the layers of one pull share one lookup. */
@@ -86,6 +88,12 @@ export class LazyLayers implements RemoteLayers {
 
   constructor (parts: LazyLayerParts) {
     this.parts = parts
+  }
+
+  stats (): LazyLayerStats {
+    let bytesRead = this.counts.releasedBytesRead
+    for (const m of this.mounts.values()) bytesRead += m.mounted.stats.bytesRead
+    return { mounted: this.mounts.size, bytesRead, lazy: this.counts.lazy, fallbacks: { ...this.counts.fallbacks } }
   }
 
   async prepare (request: { key: string, parent: string, target: string, labels: Record<string, string>, dir: string }, options: AbortOptions = {}): Promise<RemoteLayer | undefined> {
@@ -115,7 +123,7 @@ export class LazyLayers implements RemoteLayers {
     } catch (err) {
       return this.fallback(signal.aborted ? 'timeout' : 'mount-failed', request, errorText(err))
     }
-    this.stats.lazy++
+    this.counts.lazy++
     this.parts.onOutcome?.('lazy')
     this.parts.log.info({ image: imageName, layer: layerDigest, chainId: request.target, conversion: found.image.manifestDigest, dir: request.dir }, 'layer mounted lazily')
     return { state, size: layer.contentBytes, inodes: layer.files }
@@ -124,7 +132,7 @@ export class LazyLayers implements RemoteLayers {
   async restore (state: RemoteLayerState, dir: string, options: AbortOptions = {}): Promise<void> {
     const s = parseState(state)
     await this.mount(s, dir, await this.registryOrigin(s.repository), options.signal)
-    this.stats.lazy++
+    this.counts.lazy++
     this.parts.onOutcome?.('lazy')
   }
 
@@ -134,7 +142,7 @@ export class LazyLayers implements RemoteLayers {
     await m.mounted.unmount()
     m.catalog.close()
     this.mounts.delete(dir)
-    this.stats.mounted = this.mounts.size
+    this.counts.releasedBytesRead += m.mounted.stats.bytesRead
   }
 
   /** Unmounts every layer (agent shutdown; the snapshotter mounts them again on start). */
@@ -157,7 +165,6 @@ export class LazyLayers implements RemoteLayers {
       // No signal for the mount itself: it lives until release, not until this request ends.
       const mounted = await mountImage({ mountpoint: dir, view: new MergedView([catalog], { overlayLower: true }), resolver: p.resolver, log: p.log })
       this.mounts.set(dir, { mounted, catalog })
-      this.stats.mounted = this.mounts.size
     } catch (err) {
       catalog.close()
       throw err
@@ -172,7 +179,12 @@ export class LazyLayers implements RemoteLayers {
     if (cached !== undefined && Date.now() - cached.at < LAZY_LAYER_DEFAULTS.conversionTtlMs) return await cached.found
     const found = (async () => {
       const origin = await this.registryOrigin(`docker://${ref.registry}/${ref.repository}`)
-      const image = await loadImage(origin, conversionTag(manifest), { trusted: this.parts.trusted, signal, fetchBlob: this.parts.fetchBlob })
+      // Metadata goes through the agent's shared fetch (peers first), routed to this registry.
+      const fetchBlob: BlobFetcher = async (blob, s) => {
+        this.parts.origin.route([blob.digest], origin)
+        return await this.parts.fetchBlob(blob, s)
+      }
+      const image = await loadImage(origin, conversionTag(manifest), { trusted: this.parts.trusted, signal, fetchBlob })
       // The tag is the registry's word; the signed config is the converter's: it must name this very manifest.
       if (image.config.source.manifestDigest !== manifest) {
         throw new IntegrityError(`conversion ${image.manifestDigest}`, `was made from ${image.config.source.manifestDigest}, not ${manifest} (tag ${conversionTag(manifest)} points to the wrong image)`)
@@ -201,7 +213,7 @@ export class LazyLayers implements RemoteLayers {
   }
 
   private fallback (reason: FallbackReason, request: { target: string, labels: Record<string, string> }, why: string): undefined {
-    this.stats.fallbacks[reason] = (this.stats.fallbacks[reason] ?? 0) + 1
+    this.counts.fallbacks[reason] = (this.counts.fallbacks[reason] ?? 0) + 1
     this.parts.onOutcome?.('fallback', reason)
     this.parts.log.warn({ reason, image: request.labels[CRI_LABELS.imageRef], layer: request.labels[CRI_LABELS.layerDigest], chainId: request.target, why }, 'layer not lazy: containerd downloads it')
     return undefined

@@ -18,6 +18,7 @@ export class AgentMetrics {
   })
   private readonly verificationFailures = new Counter({ name: 'shoal_verification_failures_total', help: 'Chunks that failed length or SHA-256 checks, by source', labelNames: ['source'], registers: [this.registry] })
   private readonly unavailable = new Counter({ name: 'shoal_chunk_unavailable_total', help: 'Chunk resolutions that failed for good (a read got EIO)', registers: [this.registry] })
+  private readonly layers = new Counter({ name: 'shoal_snapshotter_layers_total', help: 'Layers containerd asked the snapshotter for: mounted lazily, or left to containerd to download (by reason)', labelNames: ['outcome', 'reason'], registers: [this.registry] })
 
   constructor (gauges: { cacheBytes: () => number, cacheChunks: () => number, evictions: () => number, mounts: () => number, peers: () => number }) {
     const gauge = (name: string, help: string, read: () => number): void => {
@@ -45,6 +46,11 @@ export class AgentMetrics {
         this.unavailable.inc()
         break
     }
+  }
+
+  /** The lazy layers' hook. */
+  onLayerOutcome = (outcome: 'lazy' | 'fallback', reason?: string): void => {
+    this.layers.inc({ outcome, reason: reason ?? '' })
   }
 
   /** Serves GET /metrics on HOST:PORT (loopback by default); returns the bound address. */

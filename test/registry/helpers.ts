@@ -30,7 +30,12 @@ export interface RegistryOptions {
   htpasswd?: string
   /** Blob GETs and HEADs answer 307 to this base URL (scheme and host only: the middleware drops any path). */
   redirectTo?: string
+  /** Keep the registry's access log (what `requests()` returns). */
+  accessLog?: boolean
 }
+
+/** One line of the registry's access log. */
+export interface RegistryRequest { method: string, path: string, status: number, userAgent: string }
 
 export interface TestRegistry {
   /** 127.0.0.1:PORT, as in docker://HOST/REPO. */
@@ -38,6 +43,8 @@ export interface TestRegistry {
   url: string
   /** The storage root (what a redirect target must serve). */
   storageDir: string
+  /** The requests served so far (with `accessLog`; else none). */
+  requests: () => RegistryRequest[]
   stop: () => Promise<void>
 }
 
@@ -46,7 +53,7 @@ export async function startRegistry (options: RegistryOptions): Promise<TestRegi
   const storageDir = join(options.dir, 'storage')
   const lines = [
     'version: 0.1',
-    'log: { level: error, accesslog: { disabled: true } }',
+    `log: { level: error, accesslog: { disabled: ${options.accessLog !== true} } }`,
     'storage:',
     `  filesystem: { rootdirectory: ${JSON.stringify(storageDir)} }`,
     '  maintenance: { uploadpurging: { enabled: false } }',
@@ -62,9 +69,16 @@ export async function startRegistry (options: RegistryOptions): Promise<TestRegi
   await mkdir(options.dir, { recursive: true })
   await writeFile(config, lines.join('\n') + '\n')
 
-  const child = spawn('/usr/bin/docker-registry', ['serve', config], { stdio: ['ignore', 'ignore', 'pipe'] })
+  const child = spawn('/usr/bin/docker-registry', ['serve', config], { stdio: ['ignore', options.accessLog === true ? 'pipe' : 'ignore', 'pipe'] })
   let stderr = ''
   child.stderr!.on('data', (c: Buffer) => { stderr += c.toString() })
+  // Combined log format on stdout: HOST - - [TIME] "METHOD PATH HTTP/1.1" STATUS BYTES "REFERER" "AGENT"
+  let accessLog = ''
+  child.stdout?.on('data', (c: Buffer) => { accessLog += c.toString() })
+  const requests = (): RegistryRequest[] => accessLog.split('\n').flatMap(line => {
+    const m = /"(\w+) (\S+) HTTP\/[\d.]+" (\d+) \S+ "[^"]*" "([^"]*)"/.exec(line)
+    return m === null ? [] : [{ method: m[1]!, path: m[2]!, status: Number(m[3]), userAgent: m[4]! }]
+  })
   const url = `${options.tls !== undefined ? 'https' : 'http'}://127.0.0.1:${port}`
   const stop = (): Promise<void> => stopChild(child)
   try {
@@ -73,7 +87,7 @@ export async function startRegistry (options: RegistryOptions): Promise<TestRegi
     await stop()
     throw err
   }
-  return { host: `127.0.0.1:${port}`, url, storageDir, stop }
+  return { host: `127.0.0.1:${port}`, url, storageDir, requests, stop }
 }
 
 /** Polls /v2/ until the registry answers at all (200, or 401 with auth on). */

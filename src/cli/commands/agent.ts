@@ -22,6 +22,7 @@ interface AgentFlags {
   cacheSize?: string
   metrics?: string
   chunkTimeout?: string
+  snapshotterSocket?: string
   listen: string[]
   peer: string[]
   psk?: string
@@ -45,6 +46,7 @@ function agentOptions (cmd: Command): Command {
     .option('--cache-size <size>', 'disk cache limit, e.g. 10G')
     .option('--metrics <host:port>', 'Prometheus metrics address, or "off" (default 127.0.0.1:0)')
     .option('--chunk-timeout <ms>', 'a read fails with EIO when a chunk cannot be had within this time')
+    .option('--snapshotter-socket <path>', 'serve containerd\'s Snapshots API on this unix socket (proxy_plugins; see docs/USER-GUIDE.md)')
     .option('--listen <multiaddr>', 'peer-to-peer listen address (repeatable)', collect, [])
     .option('--peer <multiaddr>', 'bootstrap peer (repeatable)', collect, [])
     .option('--psk <file>', 'pre-shared key file: only peers with the same key can connect')
@@ -71,6 +73,7 @@ async function buildConfig (flags: AgentFlags): Promise<AgentConfig> {
     cacheBytes: flags.cacheSize !== undefined ? parseSize(flags.cacheSize, '--cache-size') : base.cacheBytes,
     metrics: flags.metrics === 'off' ? '' : flags.metrics ?? base.metrics,
     chunkTimeoutMs: flags.chunkTimeout !== undefined ? Number(flags.chunkTimeout) : base.chunkTimeoutMs,
+    snapshotterSocket: flags.snapshotterSocket ?? base.snapshotterSocket,
     p2p: {
       ...base.p2p,
       enabled: flags.p2p !== false && base.p2p.enabled,
@@ -94,7 +97,7 @@ export function registerAgentCommands (program: Command): void {
       const agent = await Agent.start(config, { log })
       const stats = agent.stats()
       // One line that tells scripts (the demo, the simulator) the agent is ready and where to find it.
-      console.log(JSON.stringify({ socket: controlSocketPath(config.stateDir), metrics: stats.metricsUrl, peerId: stats.peer?.peerId, multiaddrs: stats.peer?.multiaddrs }))
+      console.log(JSON.stringify({ socket: controlSocketPath(config.stateDir), metrics: stats.metricsUrl, peerId: stats.peer?.peerId, multiaddrs: stats.peer?.multiaddrs, ...(config.snapshotterSocket !== '' ? { snapshotterSocket: config.snapshotterSocket } : {}) }))
       await new Promise<void>(resolve => {
         for (const sig of ['SIGINT', 'SIGTERM'] as const) process.once(sig, () => resolve())
       })
