@@ -29,7 +29,11 @@ export interface RemoteLayers {
    * an ordinary one and containerd downloads the layer.
    */
   prepare (request: { key: string, parent: string, target: string, labels: Record<string, string>, dir: string }, options?: AbortOptions): Promise<RemoteLayer | undefined>
-  /** Mounts a layer again at `dir` from what `prepare` returned (agent restart). */
+  /**
+   * Mounts a layer again at `dir` from what `prepare` returned (agent restart). After a
+   * crash `dir` may still hold the previous process's dead mount (ENOTCONN on every
+   * access): the implementation clears it first.
+   */
   restore (state: RemoteLayerState, dir: string, options?: AbortOptions): Promise<void>
   /** Unmounts what `prepare` or `restore` mounted at `dir` (snapshot removed, or shutdown). Idempotent. */
   release (dir: string): Promise<void>

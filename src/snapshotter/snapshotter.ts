@@ -10,7 +10,7 @@
  * directory is made before its record and removed after it, so a crash leaves at
  * most a directory without a record, which Cleanup removes.
  */
-import { access, mkdir, stat } from 'node:fs/promises'
+import { access, stat } from 'node:fs/promises'
 import { join } from 'node:path'
 import { ShoalError } from '../errors.ts'
 import { errorText, silentLogger, type Logger } from '../fetch/log.ts'
@@ -331,7 +331,7 @@ export class Snapshotter {
       const dir = this.dirs.fsDir(record.id)
       try {
         if (this.remote === undefined) throw new Error('no remote layer provider is configured')
-        await mkdir(dir, { recursive: true })
+        // No mkdir here: after a crash DIR is the dead mount of the previous process, which restore clears.
         await this.remote.restore(record.remote!, dir, { signal })
       } catch (err) {
         signal?.throwIfAborted()

@@ -139,7 +139,7 @@ describe('containerd with the shoal snapshotter', () => {
     assert.ok(origin <= 1.5 * read, `origin bytes ${origin} > 1.5 x the ${read} bytes the command read`)
   })
 
-  test('perl after python: the shared base layer is neither downloaded nor fetched again', { timeout: 300_000 }, async () => {
+  test('perl after python: the shared base layer is neither downloaded nor mounted again, only read further', { timeout: 300_000 }, async () => {
     const a = nodes[0]!
     const before = await stats(a)
     const base = await shoalConfig(registry, 'python', '3-shoal').then(c => c.layers[0]!)
@@ -147,8 +147,10 @@ describe('containerd with the shoal snapshotter', () => {
     assert.equal(stdout, '{"answer":42}\n')
     const after = await stats(a)
     assert.equal(after.snapshotter!.lazy - before.snapshotter!.lazy, 1, 'only perl\'s own layer is new')
+    assert.equal(after.snapshotter!.mounted - before.snapshotter!.mounted, 1)
+    // Chunks of the base layer that perl reads first come from its packs (range reads); its catalog is not fetched again.
     const gets = blobGets(requests)
-    for (const blob of [base.catalog.digest, ...base.packs.map(p => p.digest), ...(await originalLayers(fixtures, 'perl')).blobs]) {
+    for (const blob of [base.catalog.digest, ...(await originalLayers(fixtures, 'perl')).blobs]) {
       assert.ok(!gets.some(p => p.endsWith(blob)), `${blob} was fetched again: ${gets.join(', ')}`)
     }
   })
@@ -185,6 +187,8 @@ describe('containerd with the shoal snapshotter', () => {
     a.agent.child.kill('SIGKILL')
     await new Promise(resolve => a.agent.child.once('exit', resolve))
     const restarted = await startNode('a')
+    // containerd's client reconnects to the new socket on its own (with backoff); kubelet would retry a pull meanwhile.
+    await waitFor(async () => await snapshotNames(restarted).then(() => true, () => false), 'containerd to reach the restarted snapshotter')
     const { stdout, requests } = await runIn(restarted, `${registry.host}/python:3`, ['python3', '-c', 'import hashlib, email.mime.text; print(hashlib.sha256(open("/usr/bin/python3", "rb").read()).hexdigest()[:12])'])
     assert.match(stdout, /^[0-9a-f]{12}\n$/)
     const gets = blobGets(requests)
@@ -195,21 +199,22 @@ describe('containerd with the shoal snapshotter', () => {
   })
 
   test('a conversion signed by an unknown key: the pod runs from the ordinary download, and the agent says why', { timeout: 300_000 }, async () => {
-    const a = nodes[0]!
-    const before = (await stats(a)).snapshotter!.fallbacks.signature ?? 0
-    const { stdout, requests } = await runIn(a, `${registry.host}/untrusted/perl:5`, PERL)
+    // Node b has python's layers, not perl's own (node a has it from perl:5, the same chainID).
+    const b = nodes[1]!
+    const before = (await stats(b)).snapshotter!.fallbacks.signature ?? 0
+    const { stdout, requests } = await runIn(b, `${registry.host}/untrusted/perl:5`, PERL)
     assert.equal(stdout, '{"answer":42}\n')
     const perlLayer = (await originalLayers(fixtures, 'perl')).blobs.at(-1)!
     assert.ok(blobGets(requests).some(p => p.endsWith(perlLayer)), 'perl\'s layer was downloaded')
-    assert.ok(((await stats(a)).snapshotter!.fallbacks.signature ?? 0) > before)
-    assert.match(await readFile(a.log, 'utf8'), /"reason":"signature".*layer not lazy: containerd downloads it/)
+    assert.ok(((await stats(b)).snapshotter!.fallbacks.signature ?? 0) > before)
+    assert.match(await readFile(b.log, 'utf8'), /"reason":"signature".*layer not lazy: containerd downloads it/)
   })
 
   test('removing the images and running containerd\'s GC removes the lazy snapshots and unmounts them', { timeout: 300_000 }, async () => {
     const a = nodes[0]!
     const lazyDirs = (await readFile('/proc/self/mountinfo', 'utf8')).split('\n').filter(l => l.includes(join(a.state, 'snapshotter')) && l.includes('fuse')).length
     assert.ok(lazyDirs >= 3, `${lazyDirs} lazy mounts before`)
-    for (const image of ['python:3', 'perl:5', 'untrusted/perl:5']) await a.containerd.criClient.removeImage(`${registry.host}/${image}`)
+    for (const image of ['python:3', 'perl:5']) await a.containerd.criClient.removeImage(`${registry.host}/${image}`)
     await waitFor(async () => (await stats(a)).snapshotter!.mounted === 0, 'every lazy layer to be unmounted')
     const left = (await readFile('/proc/self/mountinfo', 'utf8')).split('\n').filter(l => l.includes(join(a.state, 'snapshotter')) && l.includes('fuse'))
     assert.deepEqual(left, [])
