@@ -145,13 +145,6 @@ export class LazyLayers implements RemoteLayers {
     this.counts.releasedBytesRead += m.mounted.stats.bytesRead
   }
 
-  /** Unmounts every layer (agent shutdown; the snapshotter mounts them again on start). */
-  async close (): Promise<void> {
-    for (const dir of [...this.mounts.keys()]) {
-      await this.release(dir).catch((err: unknown) => this.parts.log.error({ dir, err: errorText(err) }, 'unmount failed'))
-    }
-  }
-
   private async mount (state: LayerState, dir: string, origin: RegistryOrigin, signal?: AbortSignal): Promise<void> {
     if (this.mounts.has(dir)) return
     const p = this.parts

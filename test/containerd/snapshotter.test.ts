@@ -26,6 +26,7 @@ import type { ImageConfig, ImageManifest } from '../../src/oci/types.ts'
 import { startContainerd, type Containerd } from '../helpers/containerd/containerd.ts'
 import { pushSandboxImage } from '../helpers/containerd/sandbox-image.ts'
 import { runTool } from '../helpers/exec.ts'
+import { openedFiles, sumSizes } from '../helpers/opened-files.ts'
 import { tempDir } from '../helpers/tmp.ts'
 import { skopeoCopy, startRegistry, type RegistryRequest, type TestRegistry } from '../registry/helpers.ts'
 
@@ -135,8 +136,10 @@ describe('containerd with the shoal snapshotter', () => {
     assert.equal(after.snapshotter!.lazy - before.snapshotter!.lazy, original.blobs.length, `lazy layers; fallbacks ${JSON.stringify(after.snapshotter!.fallbacks)}`)
     const read = after.snapshotter!.bytesRead
     const origin = after.sources.origin!.bytes - (before.sources.origin?.bytes ?? 0)
-    process.stderr.write(`# python through the snapshotter: ${read} bytes read through FUSE, ${origin} bytes from the registry (chunks, catalogs, metadata), ${gets.length} blob GETs\n`)
-    assert.ok(origin <= 1.5 * read, `origin bytes ${origin} > 1.5 x the ${read} bytes the command read`)
+    const opened = sumSizes(await openedFiles(fixtures.unpacked.python, ['/usr/bin/env', 'PYTHONDONTWRITEBYTECODE=1', ...PYTHON]))
+    process.stderr.write(`# python through the snapshotter: the command opens ${opened} bytes of files, ${read} bytes read through FUSE, ${origin} bytes from the registry (chunks, catalogs, metadata), ${gets.length} blob GETs\n`)
+    assert.ok(opened > 1e6, `strace saw ${opened} bytes of opened files`)
+    assert.ok(origin <= 1.5 * opened, `origin bytes ${origin} > 1.5 x the ${opened} bytes of files the command opens`)
   })
 
   test('perl after python: the shared base layer is neither downloaded nor mounted again, only read further', { timeout: 300_000 }, async () => {

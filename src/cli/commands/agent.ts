@@ -158,6 +158,7 @@ export function registerAgentCommands (program: Command): void {
         throw err
       })
       let agent: Agent | undefined
+      if (flags.snapshotterSocket !== undefined) throw new UsageError('--snapshotter-socket belongs to shoal agent: containerd needs a snapshotter that outlives one command')
       if (!useDaemon) {
         if (flags.origin.length === 0 && flags.config === undefined) throw new UsageError(`no agent runs at ${socket}; start one (shoal agent), or give --origin and --trust to run one for this command`)
         const config = await buildConfig({ ...flags, metrics: flags.metrics ?? 'off' })
@@ -196,6 +197,10 @@ function printStats (s: AgentStats): void {
   console.log(table([['source', 'chunks', 'bytes', 'verification failures'],
     ...Object.entries(s.sources).map(([name, v]) => [name, String(v.chunks), mib(v.bytes), String(s.verificationFailures[name] ?? '')])]))
   console.log(`cache: ${mib(s.cache.bytes)} of ${mib(s.cache.maxBytes)} in ${s.cache.chunks} chunks, ${s.cache.evictions} evictions; unavailable chunks: ${s.unavailable}`)
+  if (s.snapshotter !== undefined) {
+    const fallbacks = Object.entries(s.snapshotter.fallbacks).map(([reason, n]) => `${reason} ${n}`).join(', ')
+    console.log(`snapshotter: ${s.snapshotter.mounted} lazy layers mounted, ${s.snapshotter.lazy} served lazily since start, ${mib(s.snapshotter.bytesRead)} read; left to containerd: ${fallbacks === '' ? 'none' : fallbacks}`)
+  }
   for (const m of s.mounts) console.log(`mount ${m.mountpoint}: ${m.image} ${m.manifestDigest.slice(0, 19)}, ${mib(m.fs.bytesRead)} read, ${m.fs.readErrors} read errors`)
   if (s.metricsUrl !== undefined) console.log(`metrics: ${s.metricsUrl}`)
 }

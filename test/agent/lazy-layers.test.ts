@@ -1,0 +1,130 @@
+/**
+ * LazyLayers against a real registry (docker-registry): a synthetic image pushed with
+ * skopeo and converted registry to registry, then asked for its layers the way the
+ * snapshotter asks on containerd's Prepare. Every way a layer cannot go lazy must be
+ * a fallback with its reason, never an error; the right labels mount the layer.
+ */
+import assert from 'node:assert/strict'
+import { execFile } from 'node:child_process'
+import { readFile } from 'node:fs/promises'
+import { join } from 'node:path'
+import { after, before, describe, it } from 'node:test'
+import { promisify } from 'node:util'
+import { SHOAL_BIN } from '../../src/agent/agent-process.ts'
+import { chainId, CRI_LABELS, LazyLayers } from '../../src/agent/lazy-layers.ts'
+import { DiskCache } from '../../src/cache/disk-cache.ts'
+import { OriginChunkSource } from '../../src/fetch/chunk-source.ts'
+import { ChunkResolver } from '../../src/fetch/resolver.ts'
+import type { Digest } from '../../src/format/digest.ts'
+import { generateKeys, loadPublicKey } from '../../src/format/signing.ts'
+import { conversionTag } from '../../src/oci/conversion-tags.ts'
+import { RangeReader } from '../../src/origin/range-reader.ts'
+import { RoutedOrigin } from '../../src/origin/routed-origin.ts'
+import { standardSyntheticLayers } from '../helpers/standard-layers.ts'
+import { buildSyntheticImage, type SyntheticImage } from '../helpers/synthetic.ts'
+import { tempDir } from '../helpers/tmp.ts'
+import { freePort, skopeoCopy, startRegistry, type TestRegistry } from '../registry/helpers.ts'
+
+const execFileAsync = promisify(execFile)
+const dir = await tempDir('shoal-lazy-')
+
+describe('LazyLayers (the snapshotter\'s remote layers)', () => {
+  let registry: TestRegistry
+  let image: SyntheticImage
+  let lazy: LazyLayers
+  let disk: DiskCache
+
+  before(async () => {
+    registry = await startRegistry({ dir: join(dir, 'registry') })
+    image = await buildSyntheticImage(join(dir, 'src'), 'app', standardSyntheticLayers())
+    await skopeoCopy(image.ref, `docker://${registry.host}/team/app:1`)
+    await generateKeys(join(dir, 'keys'))
+    await execFileAsync(SHOAL_BIN, ['convert', `docker://${registry.host}/team/app:1`, `docker://${registry.host}/team/app:1-shoal`, '--key', join(dir, 'keys', 'shoal.key'), '--plain-http'])
+    const origin = new RoutedOrigin()
+    disk = await DiskCache.open({ dir: join(dir, 'cache'), maxBytes: 1 << 30 })
+    const resolver = new ChunkResolver({ disk, remote: [new OriginChunkSource(new RangeReader({ origin }))], timeoutMs: 10_000 })
+    lazy = new LazyLayers({
+      trusted: [await loadPublicKey(join(dir, 'keys', 'shoal.pub'))],
+      catalogDir: join(dir, 'catalogs'),
+      registry: {},
+      origin,
+      resolver,
+      fetchBlob: async (blob, signal) => await resolver.get({ digest: blob.digest, length: blob.size, pack: blob.digest, packOffset: 0, storedLength: blob.size, codec: 0 }, { signal: signal ?? AbortSignal.timeout(10_000) }),
+      joinSwarm: () => {},
+      catalogAdded: async () => {},
+      log: { debug () {}, info () {}, warn () {}, error () {} }
+    })
+  })
+  after(async () => {
+    await disk?.close()
+    await registry?.stop()
+  })
+
+  /** What containerd's CRI plugin asks for layer I of the image. */
+  const request = (i: number, overrides: Partial<Record<'image' | 'manifest' | 'layer' | 'target', string>> = {}): Parameters<LazyLayers['prepare']>[0] => ({
+    key: `k8s.io/1/extract-${i}`,
+    parent: '',
+    target: overrides.target ?? chainId(image.diffIds.slice(0, i + 1)),
+    dir: join(dir, `layer-${i}-${Math.random().toString(36).slice(2)}`),
+    labels: {
+      'containerd.io/snapshot.ref': overrides.target ?? chainId(image.diffIds.slice(0, i + 1)),
+      [CRI_LABELS.imageRef]: overrides.image ?? `${registry.host}/team/app:1`,
+      [CRI_LABELS.manifestDigest]: overrides.manifest ?? image.manifestDigest,
+      [CRI_LABELS.layerDigest]: overrides.layer ?? image.layerDigests[i]!
+    }
+  })
+
+  async function fallsBack (req: Parameters<LazyLayers['prepare']>[0], reason: string): Promise<void> {
+    const before = lazy.stats().fallbacks[reason as 'error'] ?? 0
+    assert.equal(await lazy.prepare(req), undefined)
+    assert.equal(lazy.stats().fallbacks[reason as 'error'], before + 1, JSON.stringify(lazy.stats()))
+  }
+
+  it('mounts a layer found by the digest tag, as an overlay lower directory', async () => {
+    const req = request(1)
+    const layer = await lazy.prepare(req)
+    assert.ok(layer !== undefined, JSON.stringify(lazy.stats()))
+    try {
+      assert.equal(await readFile(join(req.dir, 'opt', 'app', 'new.txt'), 'utf8').then(t => t.length > 0), true)
+      assert.equal(lazy.stats().mounted, 1)
+    } finally {
+      await lazy.release(req.dir)
+    }
+    assert.equal(lazy.stats().mounted, 0)
+  })
+
+  it('falls back without CRI labels', async () => {
+    const req = request(0)
+    req.labels = { 'containerd.io/snapshot.ref': req.target }
+    await fallsBack(req, 'no-image-labels')
+  })
+
+  it('falls back when the image has no conversion', async () => {
+    await fallsBack(request(0, { manifest: `sha256:${'ab'.repeat(32)}` }), 'no-conversion')
+  })
+
+  it('falls back when the chainID containerd asks for is not the conversion\'s', async () => {
+    await fallsBack(request(1, { target: image.diffIds[1]! }), 'chain-mismatch')
+  })
+
+  it('falls back when the conversion has no layer made from that blob', async () => {
+    await fallsBack(request(0, { layer: `sha256:${'cd'.repeat(32)}` }), 'layer-not-converted')
+  })
+
+  it('refuses a digest tag that points to the conversion of another image (tag substitution)', async () => {
+    // Someone with push access tags the app's conversion as the conversion of another manifest.
+    const other = `sha256:${'ef'.repeat(32)}` as Digest
+    const accept = { accept: 'application/vnd.oci.image.manifest.v1+json' }
+    const res = await fetch(`${registry.url}/v2/team/app/manifests/1-shoal`, { headers: accept })
+    const body = Buffer.from(await res.arrayBuffer())
+    const put = await fetch(`${registry.url}/v2/team/app/manifests/${conversionTag(other)}`, { method: 'PUT', headers: { 'content-type': res.headers.get('content-type')! }, body })
+    assert.equal(put.status, 201)
+    await fallsBack(request(0, { manifest: other }), 'invalid-conversion')
+  })
+
+  it('falls back, within its bound, when the registry is unreachable', async () => {
+    const started = Date.now()
+    await fallsBack(request(0, { image: `127.0.0.1:${await freePort()}/team/app:1` }), 'unreachable')
+    assert.ok(Date.now() - started < 30_000)
+  })
+})
