@@ -5,7 +5,7 @@
  * registry behind one proxy capped at --mbit for both, in the same run.
  *
  *   node benchmarks/containerd-cold.ts [--runs 3] [--mbit 100] [--workloads python,gcc]
- *     [--agent-log-level info] [--trace] [--keep-logs DIR] [--rerun]
+ *     [--agent-log-level info] [--trace] [--keep-logs DIR] [--rerun] [--prefetch]
  *
  * Workloads: `python` (the python fixture image, `python3 -c 'import json, sqlite3;
  * print(42)'`), `gcc` (benchmarks/lib/gcc-image.ts: the base fixture + gcc and libc6-dev;
@@ -26,6 +26,9 @@
  * their directories removed. Within a run the two snapshotters alternate (their order
  * flips every run). Prints a Markdown table; writes results/containerd-cold.json.
  *
+ * --prefetch converts with a prefetch list: into a local layout, `shoal trace` of the
+ * workload's own command (runc), then `shoal push` (which also writes the digest tag); the
+ * agent then fetches the list in the background from the first layer's Prepare on.
  * --trace puts a request recorder (benchmarks/lib/request-tap.ts) in front of the proxy
  * and writes every sample's registry requests with their timing into the JSON.
  * --rerun, for analysis: after each sample, the same pod again on the same containerd
@@ -112,7 +115,8 @@ const { values } = parseArgs({
     'agent-log-level': { type: 'string', default: 'info' },
     trace: { type: 'boolean', default: false },
     'keep-logs': { type: 'string' },
-    rerun: { type: 'boolean', default: false }
+    rerun: { type: 'boolean', default: false },
+    prefetch: { type: 'boolean', default: false }
   }
 })
 const runs = Number(values.runs)
@@ -176,8 +180,19 @@ try {
   // repository is the same whichever address names it), push the sandbox image.
   for (const w of workloads) {
     await run('skopeo', ['copy', '-q', '--dest-tls-verify=false', w.source, `docker://${registry.address}/${w.repoTag}`], { timeoutMs: 600_000 })
-    const converted = await run(SHOAL, ['convert', `docker://${registry.address}/${w.repoTag}`, `docker://${registry.address}/${w.repoTag}-shoal`, '--key', join(work, 'keys', 'shoal.key'), '--plain-http', '--json'], { timeoutMs: 900_000 })
-    say(`${w.name}: pushed and converted (${converted.seconds.toFixed(1)} s)`)
+    const key = join(work, 'keys', 'shoal.key')
+    if (values.prefetch) {
+      // The conversion with a prefetch list: into a layout, `shoal trace` of the workload's
+      // own command, then pushed (push also writes the sha256-<source>.shoal tag).
+      const layout = `oci:${join(work, 'traced', w.name)}:${w.name}`
+      await run(SHOAL, ['convert', `docker://${registry.address}/${w.repoTag}`, layout, '--key', key, '--plain-http'], { timeoutMs: 900_000 })
+      await run(SHOAL, ['trace', layout, '--key', key, '--runtime', 'runc', '--', ...w.command], { timeoutMs: 600_000 })
+      await run(SHOAL, ['push', layout, `docker://${registry.address}/${w.repoTag}-shoal`, '--plain-http'], { timeoutMs: 600_000 })
+      say(`${w.name}: pushed, converted, traced and pushed with its prefetch list`)
+    } else {
+      const converted = await run(SHOAL, ['convert', `docker://${registry.address}/${w.repoTag}`, `docker://${registry.address}/${w.repoTag}-shoal`, '--key', key, '--plain-http', '--json'], { timeoutMs: 900_000 })
+      say(`${w.name}: pushed and converted (${converted.seconds.toFixed(1)} s)`)
+    }
   }
   const pushedPause = await pushSandboxImage(registry.address, join(work, 'pause'))
   const sandboxImage = pushedPause.replace(registry.address, host)

@@ -8,6 +8,8 @@ export const LAZY_LAYER_DEFAULTS = {
    * hold a pull for longer than a download would take.
    */
   prepareTimeoutMs: 30_000,
+  /** Fetching a conversion's prefetch list in the background gives up after this long. */
+  prefetchTimeoutMs: 300_000,
   /** A conversion looked up is reused this long by the other layers of the pull (and the next pull). */
   conversionTtlMs: 60_000,
   /** Registry requests on the Prepare path: fail over to the ordinary download soon rather than retry for long. */

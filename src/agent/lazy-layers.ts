@@ -8,6 +8,7 @@ import { mountImage, type MountedImage } from '../fs/mount.ts'
 import { fetchCatalogFile } from '../image/catalog-files.ts'
 import { loadImage, type BlobFetcher, type LoadedImage } from '../image/load-image.ts'
 import { MergedView } from '../image/merged-view.ts'
+import { prefetchChunks } from '../image/prefetch-list.ts'
 import { conversionTag } from '../oci/conversion-tags.ts'
 import { parseImageName } from '../oci/reference.ts'
 import { RegistryOrigin } from '../origin/registry-origin.ts'
@@ -182,11 +183,39 @@ export class LazyLayers implements RemoteLayers {
       if (image.config.source.manifestDigest !== manifest) {
         throw new IntegrityError(`conversion ${image.manifestDigest}`, `was made from ${image.config.source.manifestDigest}, not ${manifest} (tag ${conversionTag(manifest)} points to the wrong image)`)
       }
+      this.prefetch(origin, image)
       return { origin, image }
     })()
     this.conversions.set(key, { at: Date.now(), found })
     found.catch(() => this.conversions.delete(key))
     return await found
+  }
+
+  /**
+   * A conversion's recorded start-up reads (`shoal trace`), fetched in the background
+   * from the first Prepare of its image on: containerd still prepares the other layers,
+   * the sandbox and the container, and the container's first reads then find them
+   * cached instead of going to the registry one miss at a time.
+   */
+  private prefetch (origin: RegistryOrigin, image: LoadedImage): void {
+    const entries = image.config.prefetch
+    if (entries.length === 0) return
+    const p = this.parts
+    const signal = AbortSignal.timeout(LAZY_LAYER_DEFAULTS.prefetchTimeoutMs)
+    void (async () => {
+      const layers = image.config.layers
+      for (const l of layers) p.origin.route([l.catalog.digest, ...l.packs.map(pack => pack.digest)], origin)
+      // The list names paths of the merged image, so every layer's catalog is needed (each layer's Prepare fetches it anyway).
+      const paths = await Promise.all(layers.map(async l => await fetchCatalogFile(origin, { ...l.catalog, group: image.manifestDigest }, p.catalogDir, signal, p.fetchBlob)))
+      const catalogs = paths.map(path => new Catalog(path))
+      try {
+        const chunks = prefetchChunks(new MergedView(catalogs), entries)
+        const result = await p.resolver.prefetch(chunks, { signal })
+        p.log.info({ image: image.manifestDigest, ...result }, 'prefetch list fetched')
+      } finally {
+        for (const c of catalogs) c.close()
+      }
+    })().catch((err: unknown) => p.log.warn({ image: image.manifestDigest, err: errorText(err) }, 'prefetch list not fetched'))
   }
 
   private async registryOrigin (repository: string): Promise<RegistryOrigin> {

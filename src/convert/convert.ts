@@ -16,7 +16,6 @@ import { formatReference, parseReference } from '../oci/reference.ts'
 import { openSourceImage, type Platform, type SourceImage } from '../oci/source-image.ts'
 import { MediaType, type Descriptor, type ImageManifest } from '../oci/types.ts'
 import type { RegistryAccess } from '../registry/client.ts'
-import { conversionTag } from '../oci/conversion-tags.ts'
 import { pushToRegistry, type PushReport } from '../registry/push.ts'
 import { CatalogWriter, normalizeMemberPath } from './catalog-writer.ts'
 import { ChunkIndex, PackWriter, type SealedPack } from './pack-writer.ts'
@@ -150,9 +149,8 @@ export async function convertImage (options: ConvertOptions): Promise<ConvertRep
 
 /**
  * A registry destination: the image is converted into a temporary layout (under
- * $TMPDIR; about the size of the converted image), then pushed, tag last, and also
- * tagged `sha256-<source manifest hex>.shoal`: what an agent serving containerd
- * looks for beside the original image (src/oci/conversion-tags.ts). Chunks
+ * $TMPDIR; about the size of the converted image), then pushed, tag last (and the
+ * digest tag agents serving containerd look for, see pushToRegistry). Chunks
  * are not deduplicated against images already in the registry, but blobs that
  * convert to the same bytes (a shared base layer) are not uploaded twice.
  */
@@ -161,7 +159,6 @@ async function convertToRegistry (options: ConvertOptions): Promise<ConvertRepor
   try {
     const report = await convertImage({ ...options, dest: `oci:${staging}:image` })
     const push = await pushToRegistry(await OciLayout.open(staging), 'image', options.dest, {
-      extraTags: [conversionTag(report.sourceManifestDigest)],
       ...(options.destRegistry !== undefined ? { access: options.destRegistry } : {}),
       ...(options.mountFrom !== undefined ? { mountFrom: options.mountFrom } : {}),
       ...(options.signal !== undefined ? { signal: options.signal } : {})

@@ -2,7 +2,9 @@ import { createReadStream } from 'node:fs'
 import { Readable } from 'node:stream'
 import { FormatError, UsageError } from '../errors.ts'
 import type { Digest } from '../format/digest.ts'
+import { parseShoalConfig } from '../format/image-config.ts'
 import { signatureTag } from '../format/signing.ts'
+import { conversionTag } from '../oci/conversion-tags.ts'
 import { Semaphore } from '../origin/limit.ts'
 import type { OciLayout } from '../oci/layout.ts'
 import { parseReference } from '../oci/reference.ts'
@@ -19,7 +21,9 @@ import { openRegistryClient, type PushOutcome, type RegistryAccess, type Registr
  *      mounted when another repository named in `mountFrom` has them, else uploaded;
  *   2. the image manifest by its digest (untagged);
  *   3. the signature manifest, tagged sha256-<hex>.sig;
- *   4. the image manifest again, under the tag (and any extra tags).
+ *   4. the image manifest again, under the tag, and under `sha256-<source manifest
+ *      hex>.shoal`: how agents serving containerd find the conversion of an image
+ *      (src/oci/conversion-tags.ts), whether it came from convert or from a trace.
  */
 
 export interface PushOptions {
@@ -27,8 +31,6 @@ export interface PushOptions {
   access?: RegistryAccess
   /** Other repositories on the same registry to mount blobs from (cross-repository mount). */
   mountFrom?: readonly string[]
-  /** More tags for the image, set after the main one. */
-  extraTags?: readonly string[]
   signal?: AbortSignal
 }
 
@@ -98,7 +100,8 @@ async function pushImage (layout: OciLayout, tag: string, client: RegistryClient
   const so = signal !== undefined ? { signal } : {}
   await client.putManifest(repository, imageDesc.digest, imageBytes, imageDesc.mediaType, so)
   await client.putManifest(repository, signatureTag(imageDesc.digest), sigBytes, sigDesc.mediaType, so)
-  for (const t of [destTag, ...options.extraTags ?? []]) await client.putManifest(repository, t, imageBytes, imageDesc.mediaType, so)
+  const source = parseShoalConfig(await layout.readBlob(image.config.digest, 'config'), `config ${image.config.digest}`).source.manifestDigest
+  for (const t of [destTag, conversionTag(source)]) await client.putManifest(repository, t, imageBytes, imageDesc.mediaType, so)
   return { dest: `${client.nameOf(repository)}:${destTag}`, manifestDigest: imageDesc.digest, blobs: counts, uploadedBytes }
 }
 

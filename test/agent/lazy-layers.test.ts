@@ -16,8 +16,15 @@ import { DiskCache } from '../../src/cache/disk-cache.ts'
 import { OriginChunkSource } from '../../src/fetch/chunk-source.ts'
 import { ChunkResolver } from '../../src/fetch/resolver.ts'
 import type { Digest } from '../../src/format/digest.ts'
-import { generateKeys, loadPublicKey } from '../../src/format/signing.ts'
+import { generateKeys, loadPrivateKey, loadPublicKey } from '../../src/format/signing.ts'
+import { convertImage } from '../../src/convert/convert.ts'
+import { sha256 } from '../../src/format/digest.ts'
+import { parseShoalConfig } from '../../src/format/image-config.ts'
+import { writeSignedImage } from '../../src/image/write-image.ts'
 import { conversionTag } from '../../src/oci/conversion-tags.ts'
+import { OciLayout } from '../../src/oci/layout.ts'
+import type { ImageManifest } from '../../src/oci/types.ts'
+import { pushToRegistry } from '../../src/registry/push.ts'
 import { RangeReader } from '../../src/origin/range-reader.ts'
 import { RoutedOrigin } from '../../src/origin/routed-origin.ts'
 import { standardSyntheticLayers } from '../helpers/standard-layers.ts'
@@ -120,6 +127,34 @@ describe('LazyLayers (the snapshotter\'s remote layers)', () => {
     const put = await fetch(`${registry.url}/v2/team/app/manifests/${conversionTag(other)}`, { method: 'PUT', headers: { 'content-type': res.headers.get('content-type')! }, body })
     assert.equal(put.status, 201)
     await fallsBack(request(0, { manifest: other }), 'invalid-conversion')
+  })
+
+  it('fetches a traced conversion\'s prefetch list, for every layer, from the first Prepare on', async () => {
+    // A conversion with a prefetch list, as `shoal trace` writes it, pushed beside its own copy of the image.
+    await skopeoCopy(image.ref, `docker://${registry.host}/team/traced:1`)
+    const layout = join(dir, 'traced')
+    await convertImage({ source: image.ref, dest: `oci:${layout}:app`, signingKey: await loadPrivateKey(join(dir, 'keys', 'shoal.key')) })
+    const oci = await OciLayout.open(layout)
+    const manifest = await oci.readJson<ImageManifest>((await oci.resolveTag('app')).digest, 'manifest')
+    const config = parseShoalConfig(await oci.readBlob(manifest.config.digest, 'config'))
+    await writeSignedImage(oci, 'app', { ...config, prefetch: [{ path: '/var/cache/old/fresh.txt' }, { path: '/etc/os-release' }] }, await loadPrivateKey(join(dir, 'keys', 'shoal.key')))
+    await pushToRegistry(oci, 'app', `docker://${registry.host}/team/traced:1-shoal`, { access: { plainHttp: true } })
+
+    // Layer 3's file, though only layer 0 is prepared: the list names paths of the whole image.
+    const wanted = [sha256(Buffer.from('recreated after the whiteout\n'))]
+    assert.ok(!disk.has(wanted[0]!))
+    const req = request(0, { image: `${registry.host}/team/traced:1` })
+    const layer = await lazy.prepare(req)
+    assert.ok(layer !== undefined, JSON.stringify(lazy.stats()))
+    try {
+      const deadline = Date.now() + 10_000
+      while (!wanted.every(d => disk.has(d))) {
+        assert.ok(Date.now() < deadline, 'the prefetch list was not fetched within 10 s')
+        await new Promise(resolve => setTimeout(resolve, 50))
+      }
+    } finally {
+      await lazy.release(req.dir)
+    }
   })
 
   it('falls back, within its bound, when the registry is unreachable', async () => {
