@@ -64,7 +64,8 @@ export class CatalogWriter {
       nlink: this.db.prepare('UPDATE inodes SET nlink = nlink + ? WHERE ino = ?'),
       deleteInode: this.db.prepare('DELETE FROM inodes WHERE ino = ?'),
       entry: this.db.prepare('SELECT ino, whiteout FROM entries WHERE parent = ? AND name = ?'),
-      children: this.db.prepare('SELECT name FROM entries WHERE parent = ?'),
+      children: this.db.prepare('SELECT name, ino FROM entries WHERE parent = ?'),
+      deleteChildren: this.db.prepare('DELETE FROM entries WHERE parent = ?'),
       insertEntry: this.db.prepare('INSERT INTO entries (parent, name, ino, whiteout) VALUES (?, ?, ?, ?)'),
       deleteEntry: this.db.prepare('DELETE FROM entries WHERE parent = ? AND name = ?'),
       insertXattr: this.db.prepare('INSERT OR REPLACE INTO xattrs (ino, name, value) VALUES (?, ?, ?)'),
@@ -218,38 +219,68 @@ export class CatalogWriter {
   private ensureDir (path: string): number {
     const known = this.dirs.get(path)
     if (known !== undefined) return known
-    const parentPath = posix.dirname(path) === '.' ? '' : posix.dirname(path)
-    const parent = this.ensureDir(parentPath)
-    const name = posix.basename(path)
+    // Iterative, not recursive: a member may be thousands of directories deep. Find the
+    // deepest ancestor already known (the root is), then make or adopt each level below it.
+    const slashes: number[] = []
+    for (let i = path.indexOf('/'); i >= 0; i = path.indexOf('/', i + 1)) slashes.push(i)
+    slashes.push(path.length)
+    let level = slashes.length - 1
+    let ino = ROOT_INO
+    for (; level > 0; level--) {
+      const found = this.dirs.get(path.slice(0, slashes[level - 1]))
+      if (found !== undefined) { ino = found; break }
+    }
+    for (; level < slashes.length; level++) {
+      const parentPath = level === 0 ? '' : path.slice(0, slashes[level - 1])
+      const name = path.slice(level === 0 ? 0 : slashes[level - 1]! + 1, slashes[level])
+      ino = this.ensureChildDir(ino, parentPath, name)
+      this.dirs.set(path.slice(0, slashes[level]), ino)
+    }
+    return ino
+  }
+
+  /** The directory NAME in PARENT (at PARENT_PATH), made (implicit) if missing or not a directory. */
+  private ensureChildDir (parent: number, parentPath: string, name: string): number {
     const existing = this.s.entry!.get(parent, name) as { ino: number | null, whiteout: number } | undefined
-    if (existing?.ino != null && this.isDirIno(existing.ino)) { this.dirs.set(path, existing.ino); return existing.ino }
+    if (existing?.ino != null && this.isDirIno(existing.ino)) return existing.ino
     if (existing !== undefined) this.unlink(parent, parentPath, name)
     const ino = this.nextIno++
     this.s.insertImplicitDir!.run(ino)
     this.s.insertEntry!.run(parent, name, ino, 0)
     if (existing?.whiteout === 1) this.s.setOpaque!.run(ino)
-    this.dirs.set(path, ino)
     return ino
   }
 
-  /** Removes the name PARENT/NAME; a directory goes with everything below it. */
+  /** Removes the name PARENT/NAME; a directory goes with everything below it (iteratively: trees may be deep). */
   private unlink (parent: number, parentPath: string, name: string): void {
     const e = this.s.entry!.get(parent, name) as { ino: number | null } | undefined
     if (e === undefined) return
     this.s.deleteEntry!.run(parent, name)
     if (e.ino === null) return
-    const path = parentPath === '' ? name : `${parentPath}/${name}`
-    if (this.isDirIno(e.ino)) {
-      for (const child of this.s.children!.all(e.ino) as Array<{ name: string }>) this.unlink(e.ino, path, child.name)
-      this.dirs.delete(path)
+    // Depth first: every removed directory's children are unlinked before the next sibling.
+    const work: Array<{ ino: number, path: string }> = [{ ino: e.ino, path: parentPath === '' ? name : `${parentPath}/${name}` }]
+    while (work.length > 0) {
+      const { ino, path } = work.pop()!
+      if (this.isDirIno(ino)) {
+        for (const child of this.s.children!.all(ino) as Array<{ name: string, ino: number | null }>) {
+          if (child.ino !== null) work.push({ ino: child.ino, path: `${path}/${child.name}` })
+        }
+        this.s.deleteChildren!.run(ino)
+        this.dirs.delete(path)
+      }
+      this.dropInode(ino)
     }
-    const row = this.s.inode!.get(e.ino) as { mode: number, nlink: number }
+  }
+
+  /** Removes one name's hold on INO: the inode goes with its last name. */
+  private dropInode (ino: number): void {
+    const row = this.s.inode!.get(ino) as { mode: number, nlink: number }
     if (row.nlink <= 1) {
-      this.s.deleteInode!.run(e.ino)
-      this.s.deleteXattrs!.run(e.ino)
-      this.s.deleteExtents!.run(e.ino)
+      this.s.deleteInode!.run(ino)
+      this.s.deleteXattrs!.run(ino)
+      this.s.deleteExtents!.run(ino)
     } else {
-      this.s.nlink!.run(-1, e.ino)
+      this.s.nlink!.run(-1, ino)
     }
   }
 }

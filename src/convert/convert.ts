@@ -19,7 +19,7 @@ import type { RegistryAccess } from '../registry/client.ts'
 import { pushToRegistry, type PushReport } from '../registry/push.ts'
 import { CatalogWriter, normalizeMemberPath } from './catalog-writer.ts'
 import { ChunkIndex, PackWriter, type SealedPack } from './pack-writer.ts'
-import { tarStream, xattrsOf, type TarHeader } from './tar.ts'
+import { endingNotes, layerExtract, memberNames, xattrsOf, type TarHeader } from './tar.ts'
 
 export const DEFAULT_CHUNK_SIZE = 1 << 20
 export const DEFAULT_PACK_SIZE = 16 << 20
@@ -102,6 +102,8 @@ export async function convertImage (options: ConvertOptions): Promise<ConvertRep
     const index = await loadChunkIndex(dest)
     const packs = new PackWriter(dest, { targetSize: packSize })
     const packDigests = new Map<string, { digest: Digest, size: number }>()
+    // Blobs this conversion added to the destination: taken back if it fails.
+    const created: Digest[] = []
     const layers: ShoalLayer[] = []
     const reports: LayerReport[] = []
     let inputBytes = 0
@@ -110,7 +112,7 @@ export async function convertImage (options: ConvertOptions): Promise<ConvertRep
       let bytesBefore = 0
       for (const [i, layerDesc] of source.manifest.layers.entries()) {
         const onBytes = (n: number): void => options.onProgress?.({ layer: i, layers: source.manifest.layers.length, bytesRead: bytesBefore + n, bytesTotal })
-        const result = await convertLayer({ source, layerIndex: i, layerDesc, dest, index, packs, packDigests, chunkSize, compression, onBytes, signal: options.signal })
+        const result = await convertLayer({ source, layerIndex: i, layerDesc, dest, index, packs, packDigests, created, chunkSize, compression, onBytes, signal: options.signal })
         bytesBefore += layerDesc.size
         inputBytes += result.inputBytes
         layers.push(result.layer)
@@ -118,6 +120,8 @@ export async function convertImage (options: ConvertOptions): Promise<ConvertRep
       }
     } catch (err) {
       await packs.abort()
+      // Only blobs that were not in the destination before: what other images use stays.
+      for (const digest of new Set(created)) await dest.removeBlob(digest).catch(() => {})
       throw err
     }
 
@@ -201,6 +205,8 @@ interface LayerJob {
   index: ChunkIndex
   packs: PackWriter
   packDigests: Map<string, { digest: Digest, size: number }>
+  /** Where the layer records each blob it adds to the destination (packs, catalog). */
+  created: Digest[]
   chunkSize: number
   compression: Compression
   onBytes: (n: number) => void
@@ -255,6 +261,7 @@ async function convertLayer (job: LayerJob): Promise<{ layer: ShoalLayer, report
     while (queue.length > MAX_CHUNKS_IN_FLIGHT) await settle()
   }
   const recordSealed = (sealed: SealedPack): void => {
+    if (sealed.created) job.created.push(sealed.digest)
     packDigests.set(sealed.key, { digest: sealed.digest, size: sealed.size })
     for (const c of sealed.chunks) index.add({ ...c, packSize: sealed.size, from: 'converted' })
   }
@@ -263,10 +270,10 @@ async function convertLayer (job: LayerJob): Promise<{ layer: ShoalLayer, report
   const diffHash = createHash('sha256')
   let compressedBytes = 0
   let inputBytes = 0
-  const extract = tarStream.extract()
+  const { extract, ending } = layerExtract()
   const streamDone = pipeline(
     source.openLayer(layerDesc, job.signal),
-    tap(chunk => { compressedHash.update(chunk); compressedBytes += chunk.length; job.onBytes(compressedBytes) }),
+    sizeChecked(layerDesc.size, `source ${what}`, chunk => { compressedHash.update(chunk); compressedBytes += chunk.length; job.onBytes(compressedBytes) }),
     decompressorFor(layerDesc.mediaType, what),
     tap(chunk => { diffHash.update(chunk); inputBytes += chunk.length }),
     extract,
@@ -278,10 +285,11 @@ async function convertLayer (job: LayerJob): Promise<{ layer: ShoalLayer, report
   try {
     for await (const entry of extract) {
       const header = entry.header
-      const path = normalizeMemberPath(header.name)
+      const names = memberNames(header)
+      const path = normalizeMemberPath(names.name)
       const type = header.type
       if (type === 'link') {
-        catalog.link(path, normalizeMemberPath(header.linkname ?? ''))
+        catalog.link(path, normalizeMemberPath(names.linkname ?? ''))
         entry.resume()
         continue
       }
@@ -296,10 +304,10 @@ async function convertLayer (job: LayerJob): Promise<{ layer: ShoalLayer, report
         uid: header.uid ?? 0,
         gid: header.gid ?? 0,
         mtime: header.mtime?.getTime() ?? 0,
-        size: mode === S_IFREG ? header.size ?? 0 : mode === S_IFLNK ? Buffer.byteLength(header.linkname ?? '') : 0,
+        size: mode === S_IFREG ? header.size ?? 0 : mode === S_IFLNK ? Buffer.byteLength(names.linkname ?? '') : 0,
         rdev: mode === S_IFCHR || mode === S_IFBLK ? makedev(header.devmajor ?? 0, header.devminor ?? 0) : 0,
-        ...(mode === S_IFLNK ? { target: header.linkname ?? '' } : {}),
-        xattrs: xattrsOf(header)
+        ...(mode === S_IFLNK ? { target: names.linkname ?? '' } : {}),
+        xattrs: xattrsOf(header, names.name)
       })
       if (mode === S_IFREG && ino !== undefined) {
         await chunkStream(entry as AsyncIterable<Buffer>, job.chunkSize, header.size ?? 0, (offset, data) => addChunk(ino, offset, data))
@@ -316,8 +324,9 @@ async function convertLayer (job: LayerJob): Promise<{ layer: ShoalLayer, report
     catalog.close()
     await rm(tmpCatalog, { force: true })
     extract.destroy()
-    await streamFailed
-    throw layerError(err, what, job.signal)
+    // A size or digest mismatch of the blob explains whatever the tar reader then met.
+    const failure = await streamFailed
+    throw layerError(failure instanceof IntegrityError ? failure : err, what, job.signal)
   }
 
   const compressedDigest: Digest = `sha256:${compressedHash.digest('hex')}`
@@ -334,14 +343,18 @@ async function convertLayer (job: LayerJob): Promise<{ layer: ShoalLayer, report
   }
 
   const { files, contentBytes } = catalog.fileStats()
-  const notes = [...catalog.notes]
+  const notes = [...endingNotes(ending()), ...catalog.notes]
   const packKeys = catalog.packKeys()
   try {
     catalog.finish(packDigests, finalCatalog)
+  } catch (err) {
+    await rm(finalCatalog, { force: true })
+    throw err
   } finally {
     await rm(tmpCatalog, { force: true })
   }
-  const { digest: catalogDigest, size: catalogSize } = await dest.importFile(finalCatalog)
+  const { digest: catalogDigest, size: catalogSize, created } = await dest.importFile(finalCatalog)
+  if (created) job.created.push(catalogDigest)
   const layerPacks = packKeys.map(k => packDigests.get(k)!)
   return {
     inputBytes,
@@ -380,6 +393,26 @@ async function chunkStream (source: AsyncIterable<Buffer>, chunkSize: number, fi
     }
   }
   if (fill > 0 || offset !== fileSize) throw new FormatError(`file content ended after ${offset + fill} of ${fileSize} bytes`)
+}
+
+/**
+ * Passes a source blob through, calling FN on each piece, and fails with an
+ * IntegrityError (naming WHAT) as soon as the blob is longer than SIZE, the size its
+ * descriptor gives, or when it ends shorter.
+ */
+function sizeChecked (size: number, what: string, fn: (chunk: Buffer) => void): Transform {
+  let seen = 0
+  return new Transform({
+    transform (chunk: Buffer, _enc: BufferEncoding, cb: TransformCallback) {
+      seen += chunk.length
+      if (seen > size) { cb(new IntegrityError(what, `the blob is longer than the ${size} bytes the manifest gives as its size; the source image is corrupt`)); return }
+      fn(chunk)
+      cb(null, chunk)
+    },
+    flush (cb: TransformCallback) {
+      cb(seen === size ? null : new IntegrityError(what, `the blob is ${seen} bytes, but the manifest gives its size as ${size}; the source image is corrupt`))
+    }
+  })
 }
 
 function tap (fn: (chunk: Buffer) => void): Transform {

@@ -24,7 +24,8 @@ export class ChunkIndex {
 /** A chunk placed in a pack that may still be open: `packKey` names the pack until it is sealed. */
 export interface PlacedChunk extends Omit<ChunkRef, 'pack'> { packKey: string }
 
-export interface SealedPack { key: string, digest: Digest, size: number, chunks: ChunkRef[] }
+/** `created`: false when the destination already held a pack with these exact bytes. */
+export interface SealedPack { key: string, digest: Digest, size: number, created: boolean, chunks: ChunkRef[] }
 
 /**
  * Appends chunks to pack blobs of about `targetSize` bytes. A pack's digest is known
@@ -59,15 +60,17 @@ export class PackWriter {
   /** Closes the open pack, if any. */
   async seal (): Promise<SealedPack | undefined> {
     if (this.writer === undefined) return undefined
-    const { digest, size } = await this.writer.commit()
+    const { digest, size, created } = await this.writer.commit()
     this.writer = undefined
     const chunks = this.pending.map(({ packKey: _, ...c }) => ({ ...c, pack: digest }))
     this.pending = []
-    return { key: this.key, digest, size, chunks }
+    return { key: this.key, digest, size, created, chunks }
   }
 
+  /** Drops the open pack, if any (its temp file); sealed packs are the caller's to remove. */
   async abort (): Promise<void> {
     await this.writer?.abort()
     this.writer = undefined
+    this.pending = []
   }
 }

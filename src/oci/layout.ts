@@ -108,19 +108,30 @@ export class OciLayout {
     return new BlobWriter(this, this.tempPath())
   }
 
-  /** Moves a finished file (e.g. a SQLite catalog) into the store under its digest. */
-  async importFile (path: string): Promise<{ digest: Digest, size: number }> {
+  /**
+   * Moves a finished file (e.g. a SQLite catalog) into the store under its digest.
+   * `created` is false when the store already held that blob.
+   */
+  async importFile (path: string): Promise<{ digest: Digest, size: number, created: boolean }> {
     const hash = createHash('sha256')
     let size = 0
     for await (const chunk of createReadStream(path)) { hash.update(chunk as Buffer); size += (chunk as Buffer).length }
     const digest: Digest = `sha256:${hash.digest('hex')}`
     if (await this.hasBlob(digest)) {
       await rm(path, { force: true })
-    } else {
-      await fsyncPath(path)
-      await rename(path, this.blobPath(digest))
+      return { digest, size, created: false }
     }
-    return { digest, size }
+    await fsyncPath(path)
+    await rename(path, this.blobPath(digest))
+    return { digest, size, created: true }
+  }
+
+  /**
+   * Removes a blob. Only for blobs the caller itself just added (a conversion that
+   * failed takes back what it wrote); a missing one is fine.
+   */
+  async removeBlob (digest: Digest): Promise<void> {
+    await rm(this.blobPath(digest), { force: true })
   }
 
   tempPath (): string {
@@ -193,14 +204,16 @@ export class BlobWriter {
     this.size += data.length
   }
 
-  async commit (): Promise<{ digest: Digest, size: number }> {
+  /** Stores the blob under its digest; `created` is false when the store already held it. */
+  async commit (): Promise<{ digest: Digest, size: number, created: boolean }> {
     this.handle ??= await open(this.path, 'w')
     await this.handle.sync()
     await this.handle.close()
     const digest: Digest = `sha256:${this.hash.digest('hex')}`
-    if (await this.layout.hasBlob(digest)) await rm(this.path, { force: true })
-    else await rename(this.path, this.layout.blobPath(digest))
-    return { digest, size: this.size }
+    const created = !await this.layout.hasBlob(digest)
+    if (created) await rename(this.path, this.layout.blobPath(digest))
+    else await rm(this.path, { force: true })
+    return { digest, size: this.size, created }
   }
 
   async abort (): Promise<void> {

@@ -121,6 +121,8 @@ async function resolveImage (store: ImageStore, descriptor: Descriptor, referenc
   }
   for (const [i, layer] of manifest.layers.entries()) {
     layer.digest = parseDigest(layer.digest, `layer ${i} digest`)
+    // The converter holds each layer blob to this size, as to its digest.
+    if (!Number.isSafeInteger(layer.size) || layer.size < 0) throw new FormatError(`${reference}: layer ${i} has size ${JSON.stringify(layer.size)}, which is not a byte count`)
     config.rootfs.diff_ids[i] = parseDigest(diffIds[i], `layer ${i} diff_id`)
   }
   return { reference, manifestDigest: desc.digest, manifest, configDigest, config, openLayer: store.openLayer, close }
