@@ -21,11 +21,13 @@ export interface AgentProcess {
 /**
  * Starts `shoal agent --state STATE ARGS...` as a child process and waits (bounded)
  * until it reports ready. Used by the demo, the tests and the simulation harness.
- * Its log (stderr) goes to the caller's stderr, nowhere, or an open file descriptor.
+ * Its log (stderr) goes to the caller's stderr, nowhere, an open file descriptor, or
+ * a pipe (`'pipe'`: the caller must read `child.stderr`, or a full pipe blocks the agent).
+ * `env` replaces the environment (tests put fakes first on PATH).
  */
-export async function startAgentProcess (stateDir: string, args: string[], options: { timeoutMs?: number, stderr?: 'inherit' | 'ignore' | number, command?: string[] } = {}): Promise<AgentProcess> {
+export async function startAgentProcess (stateDir: string, args: string[], options: { timeoutMs?: number, stderr?: 'inherit' | 'ignore' | 'pipe' | number, command?: string[], env?: NodeJS.ProcessEnv } = {}): Promise<AgentProcess> {
   const [cmd, ...prefix] = options.command ?? [SHOAL_BIN]
-  const child = spawn(cmd!, [...prefix, 'agent', '--state', stateDir, ...args], { stdio: ['ignore', 'pipe', options.stderr ?? 'inherit'] })
+  const child = spawn(cmd!, [...prefix, 'agent', '--state', stateDir, ...args], { stdio: ['ignore', 'pipe', options.stderr ?? 'inherit'], ...(options.env !== undefined ? { env: options.env } : {}) })
   const exited = new Promise<void>(resolve => child.once('exit', () => resolve()))
   const stop = async (graceMs = 10_000): Promise<void> => {
     if (child.exitCode !== null || child.signalCode !== null) return

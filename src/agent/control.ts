@@ -42,6 +42,15 @@ export async function startControlServer (socketPath: string, handler: ControlHa
   }
 }
 
+export const CONTROL_CLIENT_DEFAULTS = {
+  /**
+   * How long a CLI call waits for the agent's answer. A mount fetches and verifies the
+   * image's metadata and catalogs (the agent bounds that at 120 s itself), so the
+   * client waits a little longer than the agent would work on it.
+   */
+  timeoutMs: 125_000
+} as const
+
 /** Thrown by the client when no agent listens on the socket. */
 export class AgentNotRunningError extends ShoalError {
   constructor (socketPath: string) {
@@ -49,20 +58,57 @@ export class AgentNotRunningError extends ShoalError {
   }
 }
 
-/** Calls the agent's control API; errors the agent reports come back as ShoalErrors. */
+/**
+ * Thrown by the client when talking to the agent fails other than by a refusal: the
+ * agent closed the connection before answering (it crashed, or was stopped, mid-call),
+ * did not answer in time, or the socket is not ours to use.
+ */
+export class AgentConnectionError extends ShoalError {
+  constructor (message: string, options?: { cause?: unknown }) {
+    super('EAGENT', message, options)
+  }
+}
+
+/** The one-line error for a failure of the connection to the agent (node's errno codes). */
+function connectionFailure (socketPath: string, method: string, path: string, err: NodeJS.ErrnoException, midAnswer: boolean): ShoalError {
+  const code = err.code
+  if (!midAnswer && (code === 'ENOENT' || code === 'ECONNREFUSED')) return new AgentNotRunningError(socketPath)
+  if (code === 'EACCES' || code === 'EPERM') {
+    return new AgentConnectionError(`permission denied on the agent's control socket ${socketPath}: it is for root only (the agent's user); run this command as root`, { cause: err })
+  }
+  if (err.name === 'TimeoutError' || code === 'ABORT_ERR' || err.name === 'AbortError') {
+    return new AgentConnectionError(`the agent at ${socketPath} did not answer ${method} ${path} in time; it may be overloaded or stuck: check its log, and restart it if it stays so`, { cause: err })
+  }
+  if (code === 'ECONNRESET' || code === 'EPIPE' || err.message === 'aborted' || err.message === 'socket hang up') {
+    const outcome = method === 'GET' ? '' : ' (whether the change was made is unknown: check with shoal ls once it runs)'
+    return new AgentConnectionError(`the agent at ${socketPath} closed the connection ${midAnswer ? 'in the middle of its answer' : 'before answering'}: it has probably crashed or been stopped${outcome}; check its log (journalctl, kubectl logs), restart it with shoal agent, and try again`, { cause: err })
+  }
+  return new AgentConnectionError(`cannot talk to the agent at ${socketPath}: ${code ?? err.message}; check that the path is the agent's state directory and that the agent runs`, { cause: err })
+}
+
+/** Calls the agent's control API; errors the agent reports come back as ShoalErrors, and so do connection failures. */
 export async function callAgent<T> (socketPath: string, method: string, path: string, body?: unknown, options: { signal?: AbortSignal } = {}): Promise<T> {
-  const signal = options.signal ?? AbortSignal.timeout(120_000)
+  const signal = options.signal ?? AbortSignal.timeout(CONTROL_CLIENT_DEFAULTS.timeoutMs)
   // An explicit length: Node sends a DELETE body neither chunked nor sized otherwise.
   const payload = body === undefined ? undefined : Buffer.from(JSON.stringify(body))
   return await new Promise<T>((resolve, reject) => {
     const headers = { 'content-type': 'application/json', 'content-length': String(payload?.length ?? 0) }
+    let answered = false
+    const fail = (err: NodeJS.ErrnoException): void => {
+      // An abort reports the signal's reason (a TimeoutError for the default deadline).
+      const reason = signal.aborted ? (signal.reason as NodeJS.ErrnoException) : err
+      reject(reason instanceof ShoalError ? reason : connectionFailure(socketPath, method, path, reason, answered))
+    }
     const req = request({ socketPath, method, path, headers, signal }, res => {
+      answered = true
       const chunks: Buffer[] = []
       res.on('data', (c: Buffer) => chunks.push(c))
       res.on('end', () => {
+        // 'end' after 'aborted' is not a complete answer; the 'error' that follows says so.
+        if (!res.complete) return
         let value: unknown
         try { value = JSON.parse(Buffer.concat(chunks).toString('utf8')) } catch {
-          reject(new ShoalError('EAGENT', `the agent at ${socketPath} answered with something that is not JSON`)); return
+          reject(new AgentConnectionError(`the agent at ${socketPath} answered with something that is not JSON; is another program listening on its control socket?`)); return
         }
         if (res.statusCode !== 200) {
           const e = value as { error?: string, code?: string }
@@ -70,12 +116,9 @@ export async function callAgent<T> (socketPath: string, method: string, path: st
         }
         resolve(value as T)
       })
-      res.on('error', reject)
+      res.on('error', fail)
     })
-    req.on('error', (err: NodeJS.ErrnoException) => {
-      if (err.code === 'ENOENT' || err.code === 'ECONNREFUSED') reject(new AgentNotRunningError(socketPath))
-      else reject(err)
-    })
+    req.on('error', fail)
     req.end(payload)
   })
 }

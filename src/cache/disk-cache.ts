@@ -1,5 +1,5 @@
 import { randomBytes } from 'node:crypto'
-import { lstat, mkdir, open, readdir, readFile, rename, rm, unlink } from 'node:fs/promises'
+import { chmod, lstat, mkdir, open, readdir, readFile, rename, rm, unlink } from 'node:fs/promises'
 import { join } from 'node:path'
 import type { ChunkSource } from '../fetch/chunk-source.ts'
 import { errorText, silentLogger, type Logger } from '../fetch/log.ts'
@@ -32,6 +32,12 @@ import { Semaphore } from '../origin/limit.ts'
  *
  * One process owns a cache directory at a time (the agent); the open-time
  * cleanup of DIR/tmp would otherwise delete another process's half-written files.
+ *
+ * Permissions: chunks are pieces of image files, /etc/shadow included, which FUSE
+ * shows only to those the image's modes allow. So the cache is its owner's alone:
+ * directories 0700, chunk files 0600 (CACHE_MODES), and open tightens what an older
+ * version left looser (issue 15: `head -c 60 state/cache/chunks/3f/...` printed an
+ * image's /etc/shadow to any local user).
  */
 
 export interface DiskCacheOptions {
@@ -61,6 +67,9 @@ export interface DiskCacheStats {
 }
 
 interface IndexEntry { size: number }
+
+/** Who may read the cache: its owner only (see the class comment). */
+export const CACHE_MODES = { dir: 0o700, file: 0o600 } as const
 
 const CHUNK_NAME_RE = /^[0-9a-f]{64}$/
 /** Bound the stat calls of the startup scan and the unlinks of an eviction (file descriptors, thread pool). */
@@ -160,7 +169,7 @@ export class DiskCache implements ChunkSource {
   private async write (hex: string, data: Uint8Array): Promise<void> {
     const tmp = join(this.dir, 'tmp', `${hex}.${randomBytes(6).toString('hex')}`)
     try {
-      const handle = await open(tmp, 'wx')
+      const handle = await open(tmp, 'wx', CACHE_MODES.file)
       try {
         await handle.writeFile(data)
         // Data must be on disk before the rename makes the name visible,
@@ -230,13 +239,14 @@ export class DiskCache implements ChunkSource {
   private async scan (signal: AbortSignal | undefined): Promise<void> {
     const tmpDir = join(this.dir, 'tmp')
     const chunksDir = join(this.dir, 'chunks')
-    await mkdir(tmpDir, { recursive: true })
+    const prefixes = Array.from({ length: 256 }, (_, i) => i.toString(16).padStart(2, '0'))
+    // Created 0700, and tightened if an older version made them 0755 (mkdir leaves an existing dir's mode).
+    for (const d of [this.dir, tmpDir, chunksDir]) await ownerOnlyDir(d)
+    await Promise.all(prefixes.map(p => ownerOnlyDir(join(chunksDir, p))))
     const stale = await readdir(tmpDir)
     await Promise.all(stale.map(name => rm(join(tmpDir, name), { recursive: true, force: true })))
     this.stats.staleTempFiles = stale.length
 
-    const prefixes = Array.from({ length: 256 }, (_, i) => i.toString(16).padStart(2, '0'))
-    await Promise.all(prefixes.map(p => mkdir(join(chunksDir, p), { recursive: true })))
     const found: Array<{ hex: string, size: number, mtimeMs: number }> = []
     const limit = new Semaphore(SCAN_CONCURRENCY)
     await Promise.all(prefixes.map(prefix => limit.run(async () => {
@@ -249,6 +259,8 @@ export class DiskCache implements ChunkSource {
           await rm(path, { recursive: true, force: true })
           continue
         }
+        // Chunks an older version wrote 0644; only those cost a chmod, once.
+        if ((st.mode & 0o077) !== 0) await chmod(path, CACHE_MODES.file)
         found.push({ hex: name, size: st.size, mtimeMs: st.mtimeMs })
       }
     }, signal)))
@@ -256,4 +268,10 @@ export class DiskCache implements ChunkSource {
     for (const f of found) this.add(f.hex, f.size)
     this.maybeEvict()
   }
+}
+
+/** Makes directory PATH (and its parents) if needed, and leaves it readable by its owner only. */
+async function ownerOnlyDir (path: string): Promise<void> {
+  await mkdir(path, { recursive: true, mode: CACHE_MODES.dir })
+  await chmod(path, CACHE_MODES.dir)
 }

@@ -1,12 +1,14 @@
 import Fuse from 'fuse-native'
+import { execFile } from 'node:child_process'
 import { mkdir } from 'node:fs/promises'
-import { resolve } from 'node:path'
+import { createRequire } from 'node:module'
+import { dirname, resolve } from 'node:path'
 import { errorText, silentLogger, type Logger } from '../fetch/log.ts'
 import type { ChunkResolver, ServedHook } from '../fetch/resolver.ts'
 import type { MergedView } from '../image/merged-view.ts'
 import { MountError } from './errors.ts'
 import { ImageFs, type ImageFsStats } from './image-fs.ts'
-import { cleanStaleMount } from './stale-mount.ts'
+import { cleanStaleMount, isFuseMount } from './stale-mount.ts'
 
 /**
  * Mounts an image read-only with FUSE (fuse-native over libfuse2's high-level
@@ -49,7 +51,13 @@ export interface MountImageOptions {
 export interface MountedImage {
   readonly mountpoint: string
   readonly stats: ImageFsStats
-  /** Lazily unmounts (processes with open files keep them until they close them) and fails pending reads. Idempotent. */
+  /**
+   * Lazily unmounts (processes with open files keep them until they close them) and
+   * fails pending reads. Idempotent. A mount that someone else already unmounted
+   * (`fusermount -u`, `umount -l`) counts as unmounted: fusermount's complaint about it
+   * is logged, and the FUSE session's handle is released either way, so it cannot
+   * keep the process alive.
+   */
   unmount (): Promise<void>
 }
 
@@ -57,7 +65,11 @@ export interface MountedImage {
 const MOUNT_TIMEOUT_MS = 10_000
 /** The kernel (and `stat`) cache entries, attributes and negative lookups this long (s). */
 const CACHE_TIMEOUT_S = 3600
-/** fuse-native runs `fusermount -uz "PATH"` through a shell on unmount: keep PATH free of what a shell expands inside double quotes. */
+/**
+ * fuse-native's own unmount runs `fusermount -uz "PATH"` through a shell. ImageFuse
+ * replaces it with a shell-free one; the check stays for fuse-native's other shell
+ * call (its forced-open cleanup): keep PATH free of what a shell expands inside double quotes.
+ */
 const SHELL_UNSAFE_RE = /["$`\\]/
 
 export async function mountImage (options: MountImageOptions): Promise<MountedImage> {
@@ -104,8 +116,9 @@ export async function mountImage (options: MountImageOptions): Promise<MountedIm
       try {
         await callbackWithDeadline(cb => fuse.unmount(cb), MOUNT_TIMEOUT_MS)
       } catch (err) {
-        throw new MountError(`cannot unmount ${mountpoint}: ${errorText(err)}`, { cause: err })
+        throw new MountError(`cannot unmount ${mountpoint}: ${errorText(err)} (unmount it by hand: fusermount -uz ${mountpoint})`, { cause: err })
       }
+      if (fuse.goneBefore !== undefined) log.warn({ mountpoint, fusermount: fuse.goneBefore }, 'the mount had already been unmounted by someone else')
       log.info({ mountpoint, ...fs.stats }, 'image unmounted')
     })()
     return unmounting
@@ -125,6 +138,29 @@ export async function mountImage (options: MountImageOptions): Promise<MountedIm
  * buffer) gets the exact size, and a small buffer gets ERANGE, as xattr(7) says.
  */
 class ImageFuse extends Fuse {
+  /** Set when the unmount found the mount already gone: what fusermount said about it. */
+  goneBefore: string | undefined
+
+  /**
+   * Replaces fuse-native's `_close` (nanoresource's close hook), which runs fusermount
+   * through a shell and, when that fails, returns the error without releasing the
+   * session's uv_async handle. When someone else unmounted the path first, fusermount
+   * always fails ("Invalid argument"), and that ref'd handle kept the agent alive
+   * after SIGTERM until kill -9 (issue 15). Here fusermount runs without a shell, and a
+   * failure is an error only while the path is still a FUSE mount.
+   */
+  _close (cb: (err: Error | null) => void): void {
+    void (async () => {
+      const said = await fusermountUnmount(this.mnt)
+      if (said !== undefined) {
+        if (await isFuseMount(this.mnt).catch(() => true)) throw new Error(said)
+        this.goneBefore = said
+      }
+      // What fuse-native does after a successful fusermount: unref the session's handle.
+      fuseBinding().fuse_native_unmount(this.mnt, (this as unknown as { _thread: Buffer })._thread)
+    })().then(() => cb(null), (err: unknown) => cb(err instanceof Error ? err : new Error(String(err))))
+  }
+
   protected override _op_getxattr (reply: (code: number, buffer: ArrayBuffer) => void, path: string, name: string, buffer: Buffer, position: number): void {
     const raw = buffer.buffer as ArrayBuffer
     this.ops.getxattr!(path, name, position, (code, value) => {
@@ -148,6 +184,27 @@ class ImageFuse extends Fuse {
       reply(list.length, raw)
     })
   }
+}
+
+/** `fusermount -uz PATH` without a shell; undefined on success, else what it said. */
+async function fusermountUnmount (path: string): Promise<string | undefined> {
+  return await new Promise(resolve => {
+    execFile('fusermount', ['-uz', path], { timeout: MOUNT_TIMEOUT_MS }, (err, _stdout, stderr) => {
+      if (err === null) resolve(undefined)
+      else resolve(stderr.trim() !== '' ? stderr.trim() : err.message)
+    })
+  })
+}
+
+interface FuseBinding { fuse_native_unmount: (mnt: string, thread: Buffer) => void }
+let binding: FuseBinding | undefined
+/** fuse-native's native addon (the very module instance fuse-native loaded: require caches it). */
+function fuseBinding (): FuseBinding {
+  if (binding === undefined) {
+    const entry = createRequire(import.meta.url).resolve('fuse-native')
+    binding = (createRequire(entry)('node-gyp-build') as (dir: string) => FuseBinding)(dirname(entry))
+  }
+  return binding
 }
 
 /** Runs a node-style callback API, failing after MS or when SIGNAL aborts. */

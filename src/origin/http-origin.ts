@@ -21,9 +21,23 @@ import type { Origin, OriginRequestOptions } from './origin.ts'
  * Retries, backoff, per-attempt timeout and concurrency (see RetryingRequests);
  * `indexTtlMs`: how long a read of index.json answers tag lookups (default 2 s:
  * a mount looks up the image's tag, then its signature's, with one read, which
- * halves what a burst of nodes asks the origin for tags; 0 reads it every time).
+ * halves what a burst of nodes asks the origin for tags; 0 reads it every time);
+ * `redirectHosts`: hosts (`host` or `host:port`, the port defaulting to the scheme's)
+ * that redirects may lead to besides the origin's own scheme, host and port, e.g. a
+ * CDN or object store the origin hands blobs off to. Default none.
  */
-export type HttpOriginOptions = RetryOptions & { indexTtlMs?: number }
+export type HttpOriginOptions = RetryOptions & { indexTtlMs?: number, redirectHosts?: readonly string[] }
+
+export const HTTP_ORIGIN_DEFAULTS = {
+  /**
+   * Redirects followed per request. A static origin that hands off to a CDN or an
+   * object store needs one or two; more is a loop or a misconfiguration (browsers
+   * and undici allow 20, which only makes a loop cost more requests).
+   */
+  maxRedirects: 5
+} as const
+
+const REDIRECT_STATUSES = new Set([301, 302, 303, 307, 308])
 
 export type HttpOriginStats = RequestStats
 
@@ -36,6 +50,8 @@ export class HttpOrigin implements Origin {
   private readonly base: string
   private readonly requests: RetryingRequests
   private readonly indexTtlMs: number
+  /** Where redirects may lead: the base's origin and the configured hosts, as `scheme://host:port`. */
+  private readonly redirectOrigins: ReadonlySet<string>
   private recentIndex: { index: ImageIndex, at: number } | undefined
 
   constructor (baseUrl: string, options: HttpOriginOptions = {}) {
@@ -50,6 +66,41 @@ export class HttpOrigin implements Origin {
     this.requests = new RetryingRequests(options)
     this.indexTtlMs = options.indexTtlMs ?? 2000
     this.stats = this.requests.stats
+    const origins = new Set([url.origin])
+    for (const host of options.redirectHosts ?? []) {
+      if (!/^[^/?#@\s]+$/.test(host)) throw new UsageError(`redirectHosts entry "${host}" must be a host or host:port, e.g. cdn.example.com or 10.0.0.5:9000`)
+      // Same scheme as the origin: a redirect never downgrades https to http.
+      let allowed: URL
+      try { allowed = new URL(`${url.protocol}//${host}`) } catch { throw new UsageError(`redirectHosts entry "${host}" must be a host or host:port, e.g. cdn.example.com or 10.0.0.5:9000`) }
+      origins.add(allowed.origin)
+    }
+    this.redirectOrigins = origins
+  }
+
+  /**
+   * fetch, following redirects only to trusted origins (the base's, or redirectHosts):
+   * left to itself, fetch follows any redirect to any host and port, so a compromised
+   * or misconfigured origin could point agents at internal services. Digests protect
+   * the bytes either way; this keeps the requests themselves where they were meant to go.
+   */
+  private async fetch (url: string, init: { method?: string, headers: Record<string, string>, signal: AbortSignal }): Promise<Response> {
+    let target = url
+    for (let redirects = 0; ; redirects++) {
+      const res = await fetch(target, { ...init, redirect: 'manual' })
+      if (!REDIRECT_STATUSES.has(res.status)) return res
+      await discard(res)
+      const location = res.headers.get('location')
+      if (location === null) throw new OriginError(`${target} answered ${res.status} without a Location`, { status: res.status, retryable: false })
+      if (redirects >= HTTP_ORIGIN_DEFAULTS.maxRedirects) throw new OriginError(`${url}: more than ${HTTP_ORIGIN_DEFAULTS.maxRedirects} redirects; fix the server's redirect loop`, { status: res.status, retryable: false })
+      let next: URL
+      try { next = new URL(location, target) } catch {
+        throw new OriginError(`${target} redirected to "${location}", which is not a URL`, { status: res.status, retryable: false })
+      }
+      if (!this.redirectOrigins.has(next.origin)) {
+        throw new OriginError(`${target} redirected to ${next.href}, which this origin does not trust: it follows redirects only within ${this.base}; serve the blobs from there, or trust that host with the origin's redirectHosts option (${next.host})`, { status: res.status, retryable: false })
+      }
+      target = next.href
+    }
   }
 
   async resolve (ref: string, options: OriginRequestOptions = {}): Promise<Descriptor> {
@@ -77,7 +128,7 @@ export class HttpOrigin implements Origin {
     const url = this.blobUrl(blob)
     const what = `blob ${blob}`
     const data = await this.requests.run(url, options.signal, async (signal, progress) => {
-      const res = await fetch(url, { headers: REQUEST_HEADERS, signal })
+      const res = await this.fetch(url, { headers: { ...REQUEST_HEADERS }, signal })
       if (res.status !== 200) throw await failure(res, what, url)
       return await readBody(res, { max: options.maxBytes ?? DEFAULT_MAX_BLOB_BYTES }, what, url, progress)
     })
@@ -92,7 +143,7 @@ export class HttpOrigin implements Origin {
     const last = offset + length - 1
     const what = `blob ${blob} bytes ${offset}-${last}`
     const data = await this.requests.run(url, options.signal, async (signal, progress) => {
-      const res = await fetch(url, { headers: { ...REQUEST_HEADERS, Range: `bytes=${offset}-${last}` }, signal })
+      const res = await this.fetch(url, { headers: { ...REQUEST_HEADERS, Range: `bytes=${offset}-${last}` }, signal })
       const range = await readRangeResponse(res, offset, length, what, url, progress)
       if (range === undefined) throw await failure(res, `blob ${blob}`, url)
       return range
@@ -111,7 +162,7 @@ export class HttpOrigin implements Origin {
     if (recent !== undefined && performance.now() - recent.at < this.indexTtlMs) return recent.index
     const url = `${this.base}/index.json`
     const text = await this.requests.run(url, signal, async attemptSignal => {
-      const res = await fetch(url, { headers: REQUEST_HEADERS, signal: attemptSignal })
+      const res = await this.fetch(url, { headers: { ...REQUEST_HEADERS }, signal: attemptSignal })
       if (res.status === 404 && options.optional === true) { await discard(res); return undefined }
       if (res.status !== 200) throw await failure(res, 'index.json', url)
       return new TextDecoder().decode(await readBody(res, { max: MAX_INDEX_BYTES }, 'index.json', url))
@@ -130,7 +181,7 @@ export class HttpOrigin implements Origin {
   private async headBlob (blob: Digest, signal: AbortSignal | undefined): Promise<number> {
     const url = this.blobUrl(blob)
     return await this.requests.run(url, signal, async attemptSignal => {
-      const res = await fetch(url, { method: 'HEAD', headers: REQUEST_HEADERS, signal: attemptSignal })
+      const res = await this.fetch(url, { method: 'HEAD', headers: { ...REQUEST_HEADERS }, signal: attemptSignal })
       await discard(res)
       if (res.status !== 200) throw await failure(res, `blob ${blob}`, url)
       const size = contentLength(res)

@@ -1,9 +1,9 @@
 import { createHash } from 'node:crypto'
-import { open, realpath, type FileHandle } from 'node:fs/promises'
+import { constants } from 'node:fs'
+import { open, realpath, stat, type FileHandle } from 'node:fs/promises'
 import { createServer, type IncomingMessage, type ServerResponse } from 'node:http'
-import type { AddressInfo } from 'node:net'
+import type { AddressInfo, Socket } from 'node:net'
 import { join, sep } from 'node:path'
-import { Readable, Transform, pipeline, type TransformCallback } from 'node:stream'
 import { MediaType } from '../oci/types.ts'
 import { errorText } from '../fetch/log.ts'
 import { sleep } from './limit.ts'
@@ -26,16 +26,82 @@ import { sleep } from './limit.ts'
  * RFC 9110 allows (a server MAY ignore Range); shoal clients never send them.
  * HEAD ignores Range, as RFC 9110 requires (range handling is defined only for GET).
  *
- * Bodies are streamed from an open file handle (never read whole into memory),
+ * Only regular files are served: a FIFO, device or directory under a blob name is a
+ * 404 (files are opened non-blocking, so a FIFO cannot hang the open either).
+ *
+ * Bodies are sent from an open file handle in pieces (never read whole into memory),
  * through an optional token bucket that caps the bytes/s of all responses
  * together, so simulations can stand up a slow origin.
+ *
+ * Clients that stop reading (issue 15: 500 of them pinned 1,025 descriptors, ~210 MB
+ * of memory and 1.7 GB of kernel TCP buffers for minutes, and a normal request waited
+ * 6 s) are bounded by ORIGIN_SERVER_DEFAULTS:
+ * - a send timeout: a response whose client takes no bytes for `sendTimeoutMs` is
+ *   reset (RST, so the kernel drops its buffers at once), releasing its file too;
+ * - fair sending: pieces are read and written a few at a time (`activePieces`), taken
+ *   round-robin by client address, so a new client's request waits for a handful of
+ *   pieces, not behind every open response, however many there are;
+ * - connection caps (startOriginServer only): `maxConnections` in all (more are closed
+ *   at accept) and `maxConnectionsPerClient` per address (more get 503 with Retry-After),
+ *   and `headersTimeoutMs` for connections that never send a request.
  */
+
+/** The server's limits; each is an option of startOriginServer / createOriginHandler. */
+export const ORIGIN_SERVER_DEFAULTS = {
+  /**
+   * A response whose client takes no more bytes for this long is reset. Twice the
+   * shoal client's own no-progress deadline (10 s, RetryOptions.requestTimeoutMs), so
+   * a live agent always gives up first; a stalled client holds a descriptor, a file
+   * and its kernel buffers (about 4 MB on Linux) for at most this long. Progress is
+   * counted per piece, so a client slower than a piece per timeout (about 3 KB/s) is cut.
+   */
+  sendTimeoutMs: 20_000,
+  /**
+   * Open connections in all; more are closed as they are accepted (clients retry
+   * with backoff). A burst of 512 agents at their default 8 connections; each costs
+   * two descriptors (socket and blob file), ~8 k in all, well below the limit Node
+   * raises itself to (the hard RLIMIT_NOFILE: 524288 under systemd, 1048576 in docker).
+   */
+  maxConnections: 4096,
+  /**
+   * Open connections per client address, an eighth of maxConnections: one address (a
+   * misbehaving client, or a NAT in front of 64 agents at 8 connections each) cannot
+   * take the whole server. Its further connections are answered 503 with Retry-After.
+   */
+  maxConnectionsPerClient: 512,
+  /**
+   * Pieces being read and written at once, over all responses. Enough to keep libuv's
+   * 4 file threads and the sockets busy; few enough that a new request's own file
+   * operations queue behind at most this many reads, not one per open response.
+   */
+  activePieces: 16,
+  /** A piece: fs.ReadStream's default chunk; also the send timeout's unit of progress. */
+  pieceBytes: 64 * 1024,
+  /**
+   * Time for a connection to send its request headers (Node's default is 60 s). A
+   * GET's headers are one packet; this bounds connections that never send a request.
+   */
+  headersTimeoutMs: 10_000,
+  /** Agents hold connections across bursts of range requests; Node's default of 5 s is short. */
+  keepAliveTimeoutMs: 30_000,
+  /** Retry-After (s) of the 503 a client over its connection cap gets. */
+  retryAfterS: 1
+} as const
+
 
 export interface OriginServerStats {
   /** Requests received (any method, path or outcome). */
   requests: number
   /** Body bytes handed to sockets. */
   bytesSent: number
+  /** Responses reset because their client took no bytes for sendTimeoutMs. */
+  sendTimeouts: number
+  /** Open connections (startOriginServer only). */
+  connections: number
+  /** Connections closed at accept because maxConnections were open (startOriginServer only). */
+  refusedConnections: number
+  /** Requests answered 503 because their client had maxConnectionsPerClient open (startOriginServer only). */
+  refusedPerClient: number
 }
 
 export interface OriginRequestLog {
@@ -56,6 +122,10 @@ export interface OriginHandlerOptions {
   rate?: number
   /** Called once per request when its response is finished or aborted. */
   log?: (entry: OriginRequestLog) => void
+  /** See ORIGIN_SERVER_DEFAULTS. */
+  sendTimeoutMs?: number
+  /** See ORIGIN_SERVER_DEFAULTS. */
+  activePieces?: number
 }
 
 export interface OriginServerOptions extends OriginHandlerOptions {
@@ -65,6 +135,12 @@ export interface OriginServerOptions extends OriginHandlerOptions {
   port?: number
   /** Aborting it closes the server. */
   signal?: AbortSignal
+  /** See ORIGIN_SERVER_DEFAULTS. */
+  maxConnections?: number
+  /** See ORIGIN_SERVER_DEFAULTS. */
+  maxConnectionsPerClient?: number
+  /** See ORIGIN_SERVER_DEFAULTS. */
+  headersTimeoutMs?: number
 }
 
 export interface OriginServer {
@@ -89,13 +165,42 @@ const METADATA_FILES = new Map<string, string>([
   ['/index.json', MediaType.ociIndex]
 ])
 const IMMUTABLE = 'public, max-age=31536000, immutable'
-/** Agents hold connections across bursts of range requests; Node's default of 5 s is short. */
-const KEEP_ALIVE_TIMEOUT_MS = 30_000
 
 export async function startOriginServer (options: OriginServerOptions): Promise<OriginServer> {
+  const maxConnections = positiveInteger(options.maxConnections ?? ORIGIN_SERVER_DEFAULTS.maxConnections, 'maxConnections')
+  const perClient = positiveInteger(options.maxConnectionsPerClient ?? ORIGIN_SERVER_DEFAULTS.maxConnectionsPerClient, 'maxConnectionsPerClient')
   const handler = await createOriginHandler(options)
-  const server = createServer(handler.handle)
-  server.keepAliveTimeout = KEEP_ALIVE_TIMEOUT_MS
+  const stats = handler.stats
+  /** Admitted connections per client address; a connection over its client's cap is in `overCap` instead. */
+  const perAddress = new Map<string, number>()
+  const overCap = new WeakSet<Socket>()
+  const server = createServer({ connectionsCheckingInterval: Math.min(30_000, Math.max(100, Math.floor((options.headersTimeoutMs ?? ORIGIN_SERVER_DEFAULTS.headersTimeoutMs) / 4))) }, (req, res) => {
+    if (!overCap.has(req.socket)) { handler.handle(req, res); return }
+    stats.requests++
+    stats.refusedPerClient++
+    const body = `503 too many connections from ${req.socket.remoteAddress ?? 'your address'}: at most ${perClient} at once; use fewer parallel connections, or retry later\n`
+    res.writeHead(503, { 'Content-Type': 'text/plain; charset=utf-8', 'Content-Length': Buffer.byteLength(body), 'Retry-After': String(ORIGIN_SERVER_DEFAULTS.retryAfterS), Connection: 'close' })
+    res.end(body)
+    options.log?.({ method: req.method ?? '', path: pathOf(req.url ?? ''), status: 503, bytes: 0, ms: 0, error: `refused: more than ${perClient} connections from ${req.socket.remoteAddress}` })
+  })
+  server.keepAliveTimeout = ORIGIN_SERVER_DEFAULTS.keepAliveTimeoutMs
+  server.headersTimeout = positiveInteger(options.headersTimeoutMs ?? ORIGIN_SERVER_DEFAULTS.headersTimeoutMs, 'headersTimeoutMs')
+  server.maxConnections = maxConnections
+  server.on('drop', () => { stats.refusedConnections++ })
+  server.on('connection', (socket: Socket) => {
+    const address = socket.remoteAddress ?? ''
+    stats.connections++
+    const n = perAddress.get(address) ?? 0
+    if (n >= perClient) overCap.add(socket)
+    else perAddress.set(address, n + 1)
+    socket.once('close', () => {
+      stats.connections--
+      if (overCap.has(socket)) return
+      const left = (perAddress.get(address) ?? 1) - 1
+      if (left === 0) perAddress.delete(address)
+      else perAddress.set(address, left)
+    })
+  })
 
   const host = options.host ?? '127.0.0.1'
   await new Promise<void>((resolve, reject) => {
@@ -133,8 +238,13 @@ export async function createOriginHandler (options: OriginHandlerOptions): Promi
   // Resolve DIR once: the symlink check compares every blob's realpath with it.
   const root = await realpath(options.dir)
   const blobDir = join(root, 'blobs', 'sha256')
-  const stats: OriginServerStats = { requests: 0, bytesSent: 0 }
+  const stats: OriginServerStats = { requests: 0, bytesSent: 0, sendTimeouts: 0, connections: 0, refusedConnections: 0, refusedPerClient: 0 }
   const bucket = options.rate === undefined ? undefined : new TokenBucket(options.rate)
+  const sendTimeoutMs = positiveInteger(options.sendTimeoutMs ?? ORIGIN_SERVER_DEFAULTS.sendTimeoutMs, 'sendTimeoutMs')
+  const turns = new FairTurns(positiveInteger(options.activePieces ?? ORIGIN_SERVER_DEFAULTS.activePieces, 'activePieces'))
+  // With a bucket, pieces no larger than a burst, so a slow origin trickles evenly
+  // instead of sending 64 KiB and then pausing for seconds.
+  const pieceBytes = bucket === undefined ? ORIGIN_SERVER_DEFAULTS.pieceBytes : Math.min(ORIGIN_SERVER_DEFAULTS.pieceBytes, Math.max(1024, Math.floor(bucket.burst)))
 
   const handle = (req: IncomingMessage, res: ServerResponse): void => {
     const started = performance.now()
@@ -169,7 +279,7 @@ export async function createOriginHandler (options: OriginHandlerOptions): Promi
         size: data.length,
         headers: { 'Content-Type': contentType, 'Cache-Control': 'no-cache', ETag: etag },
         etag,
-        body: (start, end) => Readable.from([data.subarray(start, end + 1)]),
+        read: async (position, length) => data.subarray(position, position + length),
         close: () => {}
       }, entry)
       return
@@ -184,15 +294,21 @@ export async function createOriginHandler (options: OriginHandlerOptions): Promi
       size: file.size,
       headers: { 'Content-Type': 'application/octet-stream', 'Cache-Control': IMMUTABLE, ETag: etag },
       etag,
-      // autoClose: the stream closes the handle when it ends, fails or is destroyed.
-      body: (start, end) => file.handle.createReadStream({ start, end, autoClose: true }),
+      read: async (position, length) => {
+        const piece = Buffer.allocUnsafe(length)
+        const { bytesRead } = await file.handle.read(piece, 0, length, position)
+        if (bytesRead !== length) throw new Error(`${entry.path}: the file ended at byte ${position + bytesRead} of ${file.size} (changed while being served)`)
+        return piece
+      },
       close: () => { file.handle.close().catch(() => {}) }
     }, entry)
   }
 
   /**
    * Opens PATH if it is a regular file whose realpath is inside the served
-   * directory; undefined (→ 404) when it is missing or escapes via a symlink.
+   * directory; undefined (→ 404) when it is missing, escapes via a symlink, or is
+   * not a regular file. O_NONBLOCK: opening a FIFO for reading would otherwise wait
+   * for a writer, holding the request and one of libuv's 4 file threads for good.
    */
   async function openInside (path: string, entry: OriginRequestLog): Promise<{ handle: FileHandle, size: number } | undefined> {
     let real: string
@@ -206,9 +322,20 @@ export async function createOriginHandler (options: OriginHandlerOptions): Promi
       entry.error = `refused: ${entry.path} resolves outside the served directory`
       return undefined
     }
+    // Not even opened unless regular (opening a device can have effects); checked again
+    // on the handle, in case the name was replaced in between.
+    try {
+      if (!(await stat(real)).isFile()) {
+        entry.error = `refused: ${entry.path} is not a regular file`
+        return undefined
+      }
+    } catch (err) {
+      if (missingFileError(err)) return undefined
+      throw err
+    }
     let handle: FileHandle
     try {
-      handle = await open(real, 'r')
+      handle = await open(real, constants.O_RDONLY | constants.O_NONBLOCK | constants.O_NOCTTY)
     } catch (err) {
       if (missingFileError(err)) return undefined
       throw err
@@ -221,6 +348,7 @@ export async function createOriginHandler (options: OriginHandlerOptions): Promi
       throw err
     }
     await handle.close()
+    entry.error = `refused: ${entry.path} is not a regular file`
     return undefined
   }
 
@@ -251,10 +379,86 @@ export async function createOriginHandler (options: OriginHandlerOptions): Promi
       res.end()
       return
     }
-    const meter = new Meter(bucket, n => { stats.bytesSent += n; entry.bytes += n })
-    pipeline(entity.body(start, end), meter, res, err => {
+    sendBody(req, res, entity, start, end, entry).catch((err: unknown) => {
       // A client that hangs up mid-body is normal (aborted reads, closed agents).
-      if (err !== undefined && err !== null && (err as NodeJS.ErrnoException).code !== 'ERR_STREAM_PREMATURE_CLOSE') entry.error = errorText(err)
+      if (!res.destroyed) entry.error = errorText(err)
+      res.destroy()
+    })
+  }
+
+  /**
+   * Sends bytes START..END of ENTITY a piece at a time: each piece waits for its
+   * client's turn (FairTurns), is read, paced by the bucket, and handed to the
+   * socket; when the socket's buffer is full, the next piece waits for the client
+   * to read (`drained`), at most sendTimeoutMs without progress.
+   */
+  async function sendBody (req: IncomingMessage, res: ServerResponse, entity: Entity, start: number, end: number, entry: OriginRequestLog): Promise<void> {
+    const gone = new AbortController()
+    const onClose = (): void => gone.abort()
+    res.once('close', onClose)
+    const client = req.socket.remoteAddress ?? ''
+    try {
+      for (let position = start; position <= end && !res.destroyed;) {
+        const length = Math.min(pieceBytes, end + 1 - position)
+        const release = await turns.turn(client, gone.signal)
+        let piece: Uint8Array
+        try {
+          piece = await entity.read(position, length)
+          await bucket?.take(length, gone.signal)
+        } finally {
+          release()
+        }
+        if (res.destroyed) return
+        stats.bytesSent += length
+        entry.bytes += length
+        position += length
+        if (!res.write(piece)) await drained(res, entry, 'drain')
+      }
+      if (res.destroyed) return
+      // The tail may still sit in Node's buffer (the kernel's is full): watched until it is flushed.
+      res.end()
+      if (res.writableLength > 0) await drained(res, entry, 'finish')
+    } catch (err) {
+      if (gone.signal.aborted) return // the client went away while we waited
+      throw err
+    } finally {
+      res.off('close', onClose)
+      entity.close()
+    }
+  }
+
+  /**
+   * Resolves on RES's EVENT ('drain': it can take more; 'finish': all of it is flushed
+   * to the kernel) or when it is gone; resets the connection after sendTimeoutMs
+   * without progress.
+   */
+  async function drained (res: ServerResponse, entry: OriginRequestLog, event: 'drain' | 'finish'): Promise<void> {
+    await new Promise<void>(resolve => {
+      let buffered = res.writableLength
+      let progressAt = performance.now()
+      const check = setInterval(() => {
+        if (res.writableLength < buffered) {
+          buffered = res.writableLength
+          progressAt = performance.now()
+          return
+        }
+        if (performance.now() - progressAt < sendTimeoutMs) return
+        stats.sendTimeouts++
+        entry.error = `send timeout: the client took no bytes for ${sendTimeoutMs} ms; connection reset`
+        // RST rather than FIN: the kernel frees the unsent buffers now instead of probing a closed window.
+        const socket = res.socket
+        if (socket !== null && typeof socket.resetAndDestroy === 'function') socket.resetAndDestroy()
+        else res.destroy()
+        done()
+      }, Math.max(10, Math.min(1000, Math.floor(sendTimeoutMs / 4))))
+      const done = (): void => {
+        clearInterval(check)
+        res.off(event, done)
+        res.off('close', done)
+        resolve()
+      }
+      res.once(event, done)
+      res.once('close', done)
     })
   }
 
@@ -265,10 +469,75 @@ interface Entity {
   size: number
   headers: Record<string, string>
   etag: string
-  /** The bytes start..end inclusive, as HTTP ranges count them. */
-  body: (start: number, end: number) => Readable
-  /** Releases the file when no body will be sent (HEAD, 304, 416). */
+  /** Exactly LENGTH bytes from POSITION (a piece of the body). */
+  read: (position: number, length: number) => Promise<Uint8Array>
+  /** Releases the file: after the body, or when none will be sent (HEAD, 304, 416). */
   close: () => void
+}
+
+/**
+ * Turns to send a piece, at most `limit` at once, granted round-robin by client
+ * (then in request order within a client): a client with one request waits for
+ * about one piece per other client, however many responses those have open.
+ */
+export class FairTurns {
+  readonly limit: number
+  private active = 0
+  /** Waiters by client; Map order is the ring (a client served goes to the back). */
+  private readonly waiting = new Map<string, Array<() => void>>()
+
+  constructor (limit: number) {
+    this.limit = limit
+  }
+
+  /** Waits for a turn; call the returned function when the piece is handed over. */
+  async turn (client: string, signal?: AbortSignal): Promise<() => void> {
+    signal?.throwIfAborted()
+    if (this.active < this.limit && this.waiting.size === 0) {
+      this.active++
+      return this.releaser()
+    }
+    return await new Promise((resolve, reject) => {
+      const grant = (): void => {
+        signal?.removeEventListener('abort', onAbort)
+        resolve(this.releaser())
+      }
+      const onAbort = (): void => {
+        const queue = this.waiting.get(client)
+        const at = queue?.indexOf(grant) ?? -1
+        if (at >= 0) {
+          queue!.splice(at, 1)
+          if (queue!.length === 0) this.waiting.delete(client)
+        }
+        reject(signal!.reason)
+      }
+      signal?.addEventListener('abort', onAbort, { once: true })
+      const queue = this.waiting.get(client)
+      if (queue === undefined) this.waiting.set(client, [grant])
+      else queue.push(grant)
+    })
+  }
+
+  private releaser (): () => void {
+    let released = false
+    return () => {
+      if (released) return
+      released = true
+      this.active--
+      this.next()
+    }
+  }
+
+  private next (): void {
+    while (this.active < this.limit && this.waiting.size > 0) {
+      const [client, queue] = this.waiting.entries().next().value as [string, Array<() => void>]
+      const grant = queue.shift()!
+      this.waiting.delete(client)
+      if (queue.length > 0) this.waiting.set(client, queue) // to the back of the ring
+      this.active++
+      grant()
+    }
+  }
 }
 
 /**
@@ -361,42 +630,7 @@ export class TokenBucket {
   }
 }
 
-/** Counts the bytes passing through and, with a bucket, paces them. */
-class Meter extends Transform {
-  private readonly bucket: TokenBucket | undefined
-  private readonly count: (n: number) => void
-  private readonly pieceSize: number
-  private readonly abort = new AbortController()
-
-  constructor (bucket: TokenBucket | undefined, count: (n: number) => void) {
-    super()
-    this.bucket = bucket
-    this.count = count
-    // Pace in pieces no larger than a burst, so a slow origin trickles evenly
-    // instead of sending 64 KiB read buffers and then pausing for seconds.
-    this.pieceSize = bucket === undefined ? Infinity : Math.min(64 * 1024, Math.max(1024, Math.floor(bucket.burst)))
-  }
-
-  override _transform (chunk: Buffer, _encoding: BufferEncoding, callback: TransformCallback): void {
-    if (this.bucket === undefined) {
-      this.count(chunk.length)
-      callback(null, chunk)
-      return
-    }
-    this.pace(chunk, this.bucket).then(() => callback(), callback)
-  }
-
-  private async pace (chunk: Buffer, bucket: TokenBucket): Promise<void> {
-    for (let at = 0; at < chunk.length; at += this.pieceSize) {
-      const piece = chunk.subarray(at, at + this.pieceSize)
-      await bucket.take(piece.length, this.abort.signal)
-      this.count(piece.length)
-      this.push(piece)
-    }
-  }
-
-  override _destroy (error: Error | null, callback: (error?: Error | null) => void): void {
-    this.abort.abort() // stop waiting for tokens once the client is gone
-    callback(error)
-  }
+function positiveInteger (value: number, name: string): number {
+  if (!Number.isSafeInteger(value) || value <= 0) throw new RangeError(`${name} must be a positive integer, got ${value}`)
+  return value
 }

@@ -33,6 +33,17 @@ interface AgentFlags {
 
 const collect = (value: string, previous: string[]): string[] => [...previous, value]
 
+export const AGENT_SHUTDOWN_DEFAULTS = {
+  /**
+   * How long `shoal agent` may take to stop after SIGINT/SIGTERM before it exits anyway.
+   * A clean stop takes well under a second (lazy unmounts, closing the cache and the
+   * sockets); 5 s leaves room for a busy node and stays far below Kubernetes' default
+   * 30 s termination grace, so the kubelet never needs its SIGKILL. A second signal
+   * exits at once.
+   */
+  graceMs: 5_000
+} as const
+
 /** The flags `shoal agent` and `shoal run` share. */
 function agentOptions (cmd: Command): Command {
   return cmd
@@ -94,15 +105,35 @@ export function registerAgentCommands (program: Command): void {
     .action(async (flags: AgentFlags) => {
       const config = await buildConfig(flags)
       const log = pino({ name: 'shoal-agent', level: flags.logLevel }, pino.destination(2))
+      // The agent exits within the grace period of the first SIGINT/SIGTERM whatever its
+      // mounts, peers or sockets do (also when the signal comes while it starts): an
+      // unmount that fails or hangs must not keep a node's agent up until kill -9.
+      // Mounts left behind are recorded in mounts.json, and the next start cleans them.
+      // The handlers go in before the ready line: a signal sent as soon as it is read must find them.
+      const giveUp = (why: string): void => {
+        log.error({ graceMs: AGENT_SHUTDOWN_DEFAULTS.graceMs }, `${why}; exiting without finishing the stop (mounts left behind are cleaned up by the next start)`)
+        process.exit(1)
+      }
+      let timer: NodeJS.Timeout | undefined
+      const stopSignal = new Promise<NodeJS.Signals>(resolve => {
+        const onSignal = (sig: NodeJS.Signals): void => {
+          if (timer !== undefined) { giveUp(`${sig} again while stopping`); return }
+          timer = setTimeout(() => giveUp(`the agent did not stop within ${AGENT_SHUTDOWN_DEFAULTS.graceMs} ms`), AGENT_SHUTDOWN_DEFAULTS.graceMs)
+          resolve(sig)
+        }
+        for (const sig of ['SIGINT', 'SIGTERM'] as const) process.on(sig, onSignal)
+      })
       const agent = await Agent.start(config, { log })
       const stats = agent.stats()
       // One line that tells scripts (the demo, the simulator) the agent is ready and where to find it.
       console.log(JSON.stringify({ socket: controlSocketPath(config.stateDir), metrics: stats.metricsUrl, peerId: stats.peer?.peerId, multiaddrs: stats.peer?.multiaddrs, ...(config.snapshotterSocket !== '' ? { snapshotterSocket: config.snapshotterSocket } : {}) }))
-      await new Promise<void>(resolve => {
-        for (const sig of ['SIGINT', 'SIGTERM'] as const) process.once(sig, () => resolve())
-      })
-      log.info('stopping')
+      const signal = await stopSignal
+      log.info({ signal }, 'stopping')
       await agent.stop()
+      clearTimeout(timer)
+      log.info('stopped')
+      // Whatever handle a library may still hold (a FUSE session, a socket), the agent is done.
+      process.exit(0)
     })
 
   program.command('mount')
