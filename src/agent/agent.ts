@@ -1,5 +1,5 @@
 import type { KeyObject } from 'node:crypto'
-import { mkdir, readdir, readFile, stat } from 'node:fs/promises'
+import { chmod, lstat, mkdir, readdir, readFile, stat } from 'node:fs/promises'
 import { join, resolve } from 'node:path'
 import { NotFoundError, UsageError } from '../errors.ts'
 import { DiskCache, type DiskCacheStats } from '../cache/disk-cache.ts'
@@ -13,6 +13,7 @@ import { cleanStaleMount } from '../fs/stale-mount.ts'
 import { fileHasDigest } from '../image/catalog-files.ts'
 import { openImageView, type ImageView } from '../image/image-view.ts'
 import { prefetchChunks } from '../image/prefetch-list.ts'
+import { isTagName, mountName, RollbackGuard } from '../image/rollback-guard.ts'
 import { writeAtomic } from '../oci/layout.ts'
 import { FailoverOrigin, openOrigin } from '../origin/open-origin.ts'
 import type { Origin } from '../origin/origin.ts'
@@ -115,7 +116,7 @@ export class Agent implements ChunkLocator {
    */
   static async start (config: AgentConfig, options: { log?: Logger, control?: boolean } = {}): Promise<Agent> {
     const log = options.log ?? silentLogger
-    await mkdir(config.stateDir, { recursive: true, mode: 0o700 })
+    await ownerOnlyStateDir(config.stateDir)
     const trusted = await Promise.all(config.trust.map(loadPublicKey))
     const origins = await Promise.all(config.origins.map(o => openOrigin(o, { registry: config.registry })))
     const configured = origins.length === 0 ? undefined : origins.length === 1 ? origins[0]! : new FailoverOrigin(origins)
@@ -159,6 +160,7 @@ export class Agent implements ChunkLocator {
     }
     try {
       await agent.cleanUpAfterCrash()
+      await tightenStateFiles(config.stateDir)
       await agent.openServingCatalogs()
       if (config.metrics !== '') {
         const server = await metrics.listen(config.metrics)
@@ -190,6 +192,7 @@ export class Agent implements ChunkLocator {
       origin,
       resolver: this.resolver,
       fetchBlob: async (blob, signal) => await this.fetchShared(blob, signal),
+      guard: RollbackGuard.forStateDir(this.config.stateDir),
       joinSwarm: (key, packs) => this.peering?.join(key, packs),
       catalogAdded: async () => await this.openServingCatalogs(),
       onOutcome: metrics.onLayerOutcome,
@@ -225,10 +228,14 @@ export class Agent implements ChunkLocator {
     if (this.mounting.has(path)) throw new UsageError(`${path} is being mounted by another request`)
     this.mounting.add(path)
     try {
+      // Signed for the name asked (REPO:TAG of the registry origin, or the tag), and no older than what this agent saw for it.
+      const name = mountName(this.config.origins, image)
       const view = await openImageView(this.origin, image, {
         trusted: this.trusted,
         catalogDir: join(this.config.stateDir, 'catalogs'),
         fetchBlob: async (blob, signal) => await this.fetchShared(blob, signal),
+        expectName: name,
+        accept: async loaded => { if (isTagName(name)) await RollbackGuard.forStateDir(this.config.stateDir).accept(name, loaded.signature!.version, loaded.manifestDigest) },
         ...(options.signal !== undefined ? { signal: options.signal } : {})
       })
       // A layer's packs are in the swarm of its catalog's digest (shared by every image with the layer).
@@ -342,7 +349,8 @@ export class Agent implements ChunkLocator {
       const seen = new Map<Digest, ChunkRef>()
       for (const catalog of this.servingCatalogs.values()) for (const c of catalog.packChunks(pack)) seen.set(c.digest, c)
       chunks = [...seen.values()]
-      this.packChunkLists.set(pack, chunks)
+      // Not for packs we know nothing of: peers choose the digests they ask about.
+      if (chunks.length > 0) this.packChunkLists.set(pack, chunks)
     }
     return chunks
   }
@@ -421,6 +429,39 @@ export class Agent implements ChunkLocator {
       if (await cleanStaleMount(path)) this.log.warn({ mountpoint: path }, 'cleaned a mount left by a previous agent')
     }
     await writeAtomic(file, '[]')
+  }
+}
+
+/**
+ * The state dir holds image contents (the chunk cache, catalogs, the snapshotter's
+ * layers), the peer key and the control socket: its owner's alone (issue 15: an
+ * existing dir was left 0755, so any local user could read cached image files).
+ * Created 0700, tightened to 0700 if it exists, and refused if another user owns
+ * it (they could loosen it again).
+ */
+async function ownerOnlyStateDir (dir: string): Promise<void> {
+  await mkdir(dir, { recursive: true, mode: 0o700 })
+  const st = await stat(dir)
+  if (!st.isDirectory()) throw new UsageError(`state dir ${dir} is not a directory; pass --state with a directory (default /var/lib/shoal)`)
+  const uid = process.getuid?.()
+  if (uid !== undefined && st.uid !== uid) throw new UsageError(`state dir ${dir} belongs to uid ${st.uid}, not to the agent's uid ${uid}; chown it to the agent's user or pass another --state`)
+  await chmod(dir, 0o700)
+}
+
+/**
+ * What this agent keeps directly in the state dir, made root-only when an older
+ * version left it looser: the catalogs dir (0700) and its files, mounts.json and the
+ * peer key (0600). The 0700 state dir already keeps everyone else out; this is in
+ * case it is ever opened up (a hostPath recreated by kubelet as 0755, a careless chmod).
+ */
+async function tightenStateFiles (dir: string): Promise<void> {
+  const catalogs = join(dir, 'catalogs')
+  await mkdir(catalogs, { recursive: true, mode: 0o700 })
+  await chmod(catalogs, 0o700)
+  const files = [join(dir, 'mounts.json'), join(dir, 'peer.key'), ...(await readdir(catalogs)).map(name => join(catalogs, name))]
+  for (const file of files) {
+    const st = await lstat(file).catch(() => undefined)
+    if (st?.isFile() === true && (st.mode & 0o077) !== 0) await chmod(file, 0o600)
   }
 }
 

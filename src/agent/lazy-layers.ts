@@ -5,10 +5,12 @@ import type { ChunkResolver } from '../fetch/resolver.ts'
 import { Catalog } from '../format/catalog.ts'
 import { parseDigest, sha256, type Digest } from '../format/digest.ts'
 import { mountImage, type MountedImage } from '../fs/mount.ts'
+import { imageName as signedName } from '../format/signing.ts'
 import { fetchCatalogFile } from '../image/catalog-files.ts'
 import { loadImage, type BlobFetcher, type LoadedImage } from '../image/load-image.ts'
 import { MergedView } from '../image/merged-view.ts'
 import { prefetchChunks } from '../image/prefetch-list.ts'
+import { isTagName, RollbackError, type RollbackGuard } from '../image/rollback-guard.ts'
 import { conversionTag } from '../oci/conversion-tags.ts'
 import { parseImageName } from '../oci/reference.ts'
 import { RegistryOrigin } from '../origin/registry-origin.ts'
@@ -25,7 +27,7 @@ export const CRI_LABELS = {
 } as const
 
 /** Why a layer was left to containerd to download. */
-export type FallbackReason = 'no-image-labels' | 'no-conversion' | 'signature' | 'invalid-conversion' | 'layer-not-converted' | 'chain-mismatch' | 'unauthorized' | 'unreachable' | 'timeout' | 'mount-failed' | 'error'
+export type FallbackReason = 'no-image-labels' | 'no-conversion' | 'signature' | 'rollback' | 'invalid-conversion' | 'layer-not-converted' | 'chain-mismatch' | 'unauthorized' | 'unreachable' | 'timeout' | 'mount-failed' | 'error'
 
 export interface LazyLayerStats {
   /** Layers mounted lazily now. */
@@ -59,6 +61,8 @@ export interface LazyLayerParts {
   resolver: ChunkResolver
   /** The agent's shared fetch of whole blobs (cache, peers, origin), verified. */
   fetchBlob: BlobFetcher
+  /** The agent's record of the highest signed version seen per image name; without it, no rollback check. */
+  guard?: RollbackGuard
   /** Joins the layer's swarm (its catalog digest) for its packs. */
   joinSwarm: (key: Digest, packs: Digest[]) => void
   /** A new catalog is on disk: serve peers from it. */
@@ -83,7 +87,7 @@ export class LazyLayers implements RemoteLayers {
   private readonly counts = { lazy: 0, fallbacks: {} as LazyLayerStats['fallbacks'], releasedBytesRead: 0 }
   private readonly parts: LazyLayerParts
   private readonly mounts = new Map<string, { mounted: MountedImage, catalog: Catalog }>()
-  /** Conversions looked up lately, by `HOST/REPO@manifest`: the layers of one pull share one lookup. */
+  /** Conversions looked up lately, by `HOST/NAME@manifest`: the layers of one pull share one lookup. */
   private readonly conversions = new Map<string, { at: number, found: Promise<{ origin: RegistryOrigin, image: LoadedImage }> }>()
   private readonly origins = new Map<string, Promise<RegistryOrigin>>()
 
@@ -168,7 +172,10 @@ export class LazyLayers implements RemoteLayers {
   /** The signed conversion of IMAGE's manifest MANIFEST, from IMAGE's own repository. */
   private async conversion (imageName: string, manifest: Digest, signal: AbortSignal): Promise<{ origin: RegistryOrigin, image: LoadedImage }> {
     const ref = parseImageName(imageName)
-    const key = `${ref.registry}/${ref.repository}@${manifest}`
+    // The name the pod asked for, as the signature must name it: REPO:TAG (no registry host, so a
+    // mirror host is the same name), or REPO@DIGEST for a pinned digest (repository checked only).
+    const name = ref.digest !== undefined ? `${ref.repository}@${ref.digest}` : signedName(ref.repository, ref.tag ?? 'latest', ref.registry)
+    const key = `${ref.registry}/${name}@${manifest}`
     const cached = this.conversions.get(key)
     if (cached !== undefined && Date.now() - cached.at < LAZY_LAYER_DEFAULTS.conversionTtlMs) return await cached.found
     const found = (async () => {
@@ -178,11 +185,12 @@ export class LazyLayers implements RemoteLayers {
         this.parts.origin.route([blob.digest], origin)
         return await this.parts.fetchBlob(blob, s)
       }
-      const image = await loadImage(origin, conversionTag(manifest), { trusted: this.parts.trusted, signal, fetchBlob })
+      const image = await loadImage(origin, conversionTag(manifest), { trusted: this.parts.trusted, signal, fetchBlob, expectName: name, image: `docker://${ref.registry}/${ref.repository}:${conversionTag(manifest)}` })
       // The tag is the registry's word; the signed config is the converter's: it must name this very manifest.
       if (image.config.source.manifestDigest !== manifest) {
         throw new IntegrityError(`conversion ${image.manifestDigest}`, `was made from ${image.config.source.manifestDigest}, not ${manifest} (tag ${conversionTag(manifest)} points to the wrong image)`)
       }
+      if (this.parts.guard !== undefined && isTagName(name)) await this.parts.guard.accept(name, image.signature!.version, image.manifestDigest)
       this.prefetch(origin, image)
       return { origin, image }
     })()
@@ -251,6 +259,7 @@ export function chainId (diffIds: Digest[]): Digest {
 
 function classify (err: unknown): FallbackReason {
   if (err instanceof NotFoundError) return 'no-conversion'
+  if (err instanceof RollbackError) return 'rollback'
   if (err instanceof SignatureError) return 'signature'
   if (err instanceof IntegrityError || err instanceof FormatError) return 'invalid-conversion'
   if (err instanceof OriginError) return err.status === 401 || err.status === 403 ? 'unauthorized' : 'unreachable'

@@ -10,7 +10,7 @@ import { Catalog, S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFREG } from '.
 import { encodeChunkAsync, type CodecId, type Compression } from '../format/codec.ts'
 import { sha256, type Digest } from '../format/digest.ts'
 import { parseShoalConfig, type ChunkingParams, type ShoalImageConfig, type ShoalLayer } from '../format/image-config.ts'
-import { writeSignedImage } from '../image/write-image.ts'
+import { defaultSignedNames, writeSignedImage, type SigningParams } from '../image/write-image.ts'
 import { OciLayout } from '../oci/layout.ts'
 import { formatReference, parseReference } from '../oci/reference.ts'
 import { openSourceImage, type Platform, type SourceImage } from '../oci/source-image.ts'
@@ -30,6 +30,8 @@ export interface ConvertOptions {
   source: string
   dest: string
   signingKey: KeyObject
+  /** Names, version and lifetime of the signature (default names: defaultSignedNames). */
+  signing?: Partial<SigningParams>
   chunkSize?: number
   compression?: Compression
   packSize?: number
@@ -136,7 +138,7 @@ export async function convertImage (options: ConvertOptions): Promise<ConvertRep
       prefetch: [],
       layers
     }
-    const manifestDesc = await writeSignedImage(dest, destRef.tag, config, options.signingKey)
+    const manifestDesc = await writeSignedImage(dest, destRef.tag, config, options.signingKey, { ...options.signing, names: options.signing?.names ?? defaultSignedNames(options.source, options.dest) })
     return {
       source: source.reference,
       sourceManifestDigest: source.manifestDigest,
@@ -161,7 +163,7 @@ export async function convertImage (options: ConvertOptions): Promise<ConvertRep
 async function convertToRegistry (options: ConvertOptions): Promise<ConvertReport> {
   const staging = await mkdtemp(join(tmpdir(), 'shoal-convert-'))
   try {
-    const report = await convertImage({ ...options, dest: `oci:${staging}:image` })
+    const report = await convertImage({ ...options, signing: { ...options.signing, names: options.signing?.names ?? defaultSignedNames(options.source, options.dest) }, dest: `oci:${staging}:image` })
     const push = await pushToRegistry(await OciLayout.open(staging), 'image', options.dest, {
       ...(options.destRegistry !== undefined ? { access: options.destRegistry } : {}),
       ...(options.mountFrom !== undefined ? { mountFrom: options.mountFrom } : {}),

@@ -15,9 +15,11 @@ export interface ImageView {
  * Loads an image, fetches its verified catalogs into CATALOG_DIR, and opens the
  * merged view. `fetchBlob`, when given, fetches the metadata and catalogs.
  */
-export async function openImageView (origin: Origin, ref: string, options: { trusted: KeyObject[] | 'skip', catalogDir: string, signal?: AbortSignal, fetchBlob?: BlobFetcher }): Promise<ImageView> {
+export async function openImageView (origin: Origin, ref: string, options: { trusted: KeyObject[] | 'skip', catalogDir: string, signal?: AbortSignal, fetchBlob?: BlobFetcher, expectName?: string, accept?: (image: LoadedImage) => Promise<void> }): Promise<ImageView> {
   const so = options.signal !== undefined ? { signal: options.signal } : {}
-  const image = await loadImage(origin, ref, { trusted: options.trusted, ...so, ...(options.fetchBlob !== undefined ? { fetchBlob: options.fetchBlob } : {}) })
+  const image = await loadImage(origin, ref, { trusted: options.trusted, ...so, ...(options.fetchBlob !== undefined ? { fetchBlob: options.fetchBlob } : {}), ...(options.expectName !== undefined ? { expectName: options.expectName } : {}) })
+  // E.g. the rollback guard: refused before any catalog is fetched.
+  await options.accept?.(image)
   // All layers at once: a mount waits for the slowest catalog, not for their sum. Catalogs are
   // fetched in the swarm of the image's metadata (its manifest digest), not of their layer: in a
   // burst that swarm has formed while the metadata came, and a new one formed too late to help.

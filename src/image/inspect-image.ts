@@ -2,6 +2,8 @@ import type { KeyObject } from 'node:crypto'
 import { Catalog } from '../format/catalog.ts'
 import type { Digest } from '../format/digest.ts'
 import type { ShoalImageConfig } from '../format/image-config.ts'
+import { SIGNATURE_PAYLOAD_TYPE, signatureTag, type DsseEnvelope, type SignaturePayload } from '../format/signing.ts'
+import type { ImageManifest } from '../oci/types.ts'
 import type { Origin } from '../origin/origin.ts'
 import { fetchCatalogFile } from './catalog-files.ts'
 import { loadImage } from './load-image.ts'
@@ -27,6 +29,8 @@ export interface LayerSummary {
 export interface ImageSummary {
   manifestDigest: Digest
   signature: string
+  /** Names, version, signedAt, expires: checked when --trust was given, else as the envelope says, unchecked. */
+  signed?: { names: string[], version: number, signedAt: string, expires: string | null, verified: boolean }
   source: ShoalImageConfig['source']
   platform: string
   runtime: ShoalImageConfig['runtime']
@@ -37,9 +41,10 @@ export interface ImageSummary {
 }
 
 /** Summarizes an image: layers, files, chunks, sizes and dedup within and across layers. */
-export async function inspectImage (origin: Origin, ref: string, options: { trusted: KeyObject[] | 'skip', workDir: string, signal?: AbortSignal }): Promise<ImageSummary> {
+export async function inspectImage (origin: Origin, ref: string, options: { trusted: KeyObject[] | 'skip', workDir: string, signal?: AbortSignal, image?: string }): Promise<ImageSummary> {
   const so = options.signal !== undefined ? { signal: options.signal } : {}
-  const image = await loadImage(origin, ref, { trusted: options.trusted, ...so })
+  const image = await loadImage(origin, ref, { trusted: options.trusted, ...so, ...(options.image !== undefined ? { image: options.image } : {}) })
+  const signed = image.signature !== undefined ? { names: image.signature.names, version: image.signature.version, signedAt: image.signature.signedAt, expires: image.signature.expires, verified: true } : await unverifiedSignature(origin, image.manifestDigest, so)
   const seenChunks = new Set<string>()
   const seenPacks = new Map<Digest, number>()
   const layers: LayerSummary[] = []
@@ -84,6 +89,7 @@ export async function inspectImage (origin: Origin, ref: string, options: { trus
   return {
     manifestDigest: image.manifestDigest,
     signature: image.signedBy !== undefined ? `verified, key id ${image.signedBy}` : 'not checked (pass --trust PUBKEY)',
+    ...(signed !== undefined ? { signed } : {}),
     source: image.config.source,
     platform: `${image.config.os}/${image.config.architecture}`,
     runtime: image.config.runtime,
@@ -91,5 +97,19 @@ export async function inspectImage (origin: Origin, ref: string, options: { trus
     compression: image.config.compression,
     layers,
     totals: { files, contentBytes, uniqueChunks: seenChunks.size, uniqueChunkBytes, storedBytes: [...seenPacks.values()].reduce((a, b) => a + b, 0) }
+  }
+}
+
+/** What the envelope says without checking it (inspect without --trust); undefined for none, v1 or unreadable. */
+async function unverifiedSignature (origin: Origin, manifest: Digest, so: { signal?: AbortSignal }): Promise<ImageSummary['signed']> {
+  try {
+    const sigDesc = await origin.resolve(signatureTag(manifest), so)
+    const sig = JSON.parse(Buffer.from(await origin.getBlob(sigDesc.digest, { maxBytes: 1 << 20, ...so })).toString('utf8')) as ImageManifest
+    const envelope = JSON.parse(Buffer.from(await origin.getBlob(sig.layers[0]!.digest, { maxBytes: 1 << 20, ...so })).toString('utf8')) as DsseEnvelope
+    if (envelope.payloadType !== SIGNATURE_PAYLOAD_TYPE) return undefined
+    const p = JSON.parse(Buffer.from(envelope.payload, 'base64').toString('utf8')) as SignaturePayload
+    return { names: p.names, version: p.version, signedAt: p.signedAt, expires: p.expires, verified: false }
+  } catch {
+    return undefined
   }
 }

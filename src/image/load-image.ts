@@ -2,7 +2,7 @@ import type { KeyObject } from 'node:crypto'
 import { FormatError, IntegrityError, NotFoundError, SignatureError } from '../errors.ts'
 import { sha256, type Digest } from '../format/digest.ts'
 import { parseShoalConfig, type ShoalImageConfig } from '../format/image-config.ts'
-import { signatureTag, verifyEnvelope, type DsseEnvelope } from '../format/signing.ts'
+import { signatureTag, verifyEnvelope, type DsseEnvelope, type SignatureInfo } from '../format/signing.ts'
 import type { Origin } from '../origin/origin.ts'
 import { MediaType, type Descriptor, type ImageManifest } from '../oci/types.ts'
 
@@ -12,6 +12,8 @@ export interface LoadedImage {
   config: ShoalImageConfig
   /** Key id that signed the image; undefined when loaded without checking. */
   signedBy: string | undefined
+  /** What the verified signature says: names, version, signedAt, expires (undefined when not checked). */
+  signature: SignatureInfo | undefined
 }
 
 /**
@@ -34,6 +36,15 @@ export interface LoadOptions {
   signal?: AbortSignal
   /** How digest-addressed metadata (manifest, signature, config) is fetched. Default: straight from the origin. */
   fetchBlob?: BlobFetcher
+  /**
+   * The name the image was asked for (`REPO:TAG`, a bare `TAG` for a layout, or
+   * `REPO@DIGEST`): refused unless the signature names it. Undefined: any name.
+   */
+  expectName?: string
+  /** The image as the user wrote it (oci:DIR:TAG, docker://HOST/REPO:TAG), for the re-sign hints in signature errors; default IMAGE. */
+  image?: string
+  /** For tests: the time expiry is checked against (ms since the epoch). */
+  now?: number
 }
 
 /** Small blobs (manifests, configs, envelopes) never need more than this. */
@@ -80,7 +91,7 @@ export async function loadImage (origin: Origin, ref: string, options: LoadOptio
     throw new FormatError(`${ref} at ${origin.name} is not a shoal image (artifactType ${manifest.artifactType ?? 'none'}); convert it first: shoal convert SRC DEST --key KEY`)
   }
 
-  let signedBy: string | undefined
+  let signature: SignatureInfo | undefined
   if (options.trusted !== 'skip') {
     let sigDesc: Descriptor
     try {
@@ -95,7 +106,11 @@ export async function loadImage (origin: Origin, ref: string, options: LoadOptio
     }
     const envelopeDesc = sigManifest.layers[0]!
     const envelope = parseJson<DsseEnvelope>(await fetchMetadata(origin, envelopeDesc, 'signature envelope', fo), 'signature envelope')
-    signedBy = verifyEnvelope(envelope, desc.digest, options.trusted)
+    signature = verifyEnvelope(envelope, desc.digest, options.trusted, {
+      ...(options.expectName !== undefined ? { expectName: options.expectName } : {}),
+      ...(options.now !== undefined ? { now: options.now } : {}),
+      image: options.image ?? 'IMAGE'
+    })
   }
 
   const config = parseShoalConfig(await fetchMetadata(origin, manifest.config, 'config', fo), `config ${manifest.config.digest}`)
@@ -106,5 +121,5 @@ export async function loadImage (origin: Origin, ref: string, options: LoadOptio
       if (listed.get(blob.digest) !== blob.size) throw new IntegrityError(`config ${manifest.config.digest}`, `layer ${i} refers to ${blob.digest} (${blob.size} bytes), which the manifest does not list with that size`)
     }
   }
-  return { manifestDigest: desc.digest, manifest, config, signedBy }
+  return { manifestDigest: desc.digest, manifest, config, signedBy: signature?.signedBy, signature }
 }

@@ -5,11 +5,14 @@ import { decodeChunk } from '../format/codec.ts'
 import { sha256, type Digest } from '../format/digest.ts'
 import type { Origin } from '../origin/origin.ts'
 import { fetchCatalogFile } from './catalog-files.ts'
+import type { SignatureInfo } from '../format/signing.ts'
 import { loadImage } from './load-image.ts'
 
 export interface VerifyReport {
   manifestDigest: Digest
   signedBy: string
+  /** Names, version, signedAt, expires of the verified signature. */
+  signature: SignatureInfo
   catalogs: number
   packs: number
   chunks: number
@@ -22,6 +25,10 @@ export interface VerifyOptions {
   /** Where catalogs are written to be opened (a temp dir the caller removes). */
   workDir: string
   signal?: AbortSignal
+  /** Refused unless the signature names it (see loadImage). */
+  expectName?: string
+  /** The image as the user wrote it, for hints. */
+  image?: string
   onProgress?: (done: number, total: number) => void
 }
 
@@ -33,7 +40,7 @@ export interface VerifyOptions {
  */
 export async function verifyImage (origin: Origin, ref: string, options: VerifyOptions): Promise<VerifyReport> {
   const so = options.signal !== undefined ? { signal: options.signal } : {}
-  const image = await loadImage(origin, ref, { trusted: options.trusted, ...so })
+  const image = await loadImage(origin, ref, { trusted: options.trusted, ...so, ...(options.expectName !== undefined ? { expectName: options.expectName } : {}), ...(options.image !== undefined ? { image: options.image } : {}) })
   const packs = new Map<Digest, number>()
   const chunksByPack = new Map<Digest, Map<number, { digest: Digest, length: number, storedLength: number, codec: number }>>()
   let files = 0
@@ -98,5 +105,5 @@ export async function verifyImage (origin: Origin, ref: string, options: VerifyO
     }
     options.onProgress?.(++done, packs.size)
   }
-  return { manifestDigest: image.manifestDigest, signedBy: image.signedBy!, catalogs: image.config.layers.length, packs: packs.size, chunks: chunkCount, files, bytes }
+  return { manifestDigest: image.manifestDigest, signedBy: image.signedBy!, signature: image.signature!, catalogs: image.config.layers.length, packs: packs.size, chunks: chunkCount, files, bytes }
 }

@@ -6,12 +6,12 @@
  */
 import assert from 'node:assert/strict'
 import { execFile } from 'node:child_process'
-import { readFile } from 'node:fs/promises'
+import { readFile, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import { after, before, describe, it } from 'node:test'
 import { promisify } from 'node:util'
 import { SHOAL_BIN } from '../../src/agent/agent-process.ts'
-import { chainId, CRI_LABELS, LazyLayers } from '../../src/agent/lazy-layers.ts'
+import { chainId, CRI_LABELS, LazyLayers, type LazyLayerParts } from '../../src/agent/lazy-layers.ts'
 import { DiskCache } from '../../src/cache/disk-cache.ts'
 import { OriginChunkSource } from '../../src/fetch/chunk-source.ts'
 import { ChunkResolver } from '../../src/fetch/resolver.ts'
@@ -20,7 +20,10 @@ import { generateKeys, loadPrivateKey, loadPublicKey } from '../../src/format/si
 import { convertImage } from '../../src/convert/convert.ts'
 import { sha256 } from '../../src/format/digest.ts'
 import { parseShoalConfig } from '../../src/format/image-config.ts'
+import { loadImage } from '../../src/image/load-image.ts'
+import { RollbackGuard } from '../../src/image/rollback-guard.ts'
 import { writeSignedImage } from '../../src/image/write-image.ts'
+import { RegistryOrigin } from '../../src/origin/registry-origin.ts'
 import { conversionTag } from '../../src/oci/conversion-tags.ts'
 import { OciLayout } from '../../src/oci/layout.ts'
 import type { ImageManifest } from '../../src/oci/types.ts'
@@ -39,6 +42,7 @@ describe('LazyLayers (the snapshotter\'s remote layers)', () => {
   let registry: TestRegistry
   let image: SyntheticImage
   let lazy: LazyLayers
+  let parts: LazyLayerParts
   let disk: DiskCache
 
   before(async () => {
@@ -50,7 +54,7 @@ describe('LazyLayers (the snapshotter\'s remote layers)', () => {
     const origin = new RoutedOrigin()
     disk = await DiskCache.open({ dir: join(dir, 'cache'), maxBytes: 1 << 30 })
     const resolver = new ChunkResolver({ disk, remote: [new OriginChunkSource(new RangeReader({ origin }))], timeoutMs: 10_000 })
-    lazy = new LazyLayers({
+    parts = {
       trusted: [await loadPublicKey(join(dir, 'keys', 'shoal.pub'))],
       catalogDir: join(dir, 'catalogs'),
       registry: {},
@@ -60,7 +64,8 @@ describe('LazyLayers (the snapshotter\'s remote layers)', () => {
       joinSwarm: () => {},
       catalogAdded: async () => {},
       log: { debug () {}, info () {}, warn () {}, error () {} }
-    })
+    }
+    lazy = new LazyLayers(parts)
   })
   after(async () => {
     await disk?.close()
@@ -137,7 +142,8 @@ describe('LazyLayers (the snapshotter\'s remote layers)', () => {
     const oci = await OciLayout.open(layout)
     const manifest = await oci.readJson<ImageManifest>((await oci.resolveTag('app')).digest, 'manifest')
     const config = parseShoalConfig(await oci.readBlob(manifest.config.digest, 'config'))
-    await writeSignedImage(oci, 'app', { ...config, prefetch: [{ path: '/var/cache/old/fresh.txt' }, { path: '/etc/os-release' }] }, await loadPrivateKey(join(dir, 'keys', 'shoal.key')))
+    // Signed for the name the pods use (as `shoal convert --name team/traced:1`, then `shoal trace`, would).
+    await writeSignedImage(oci, 'app', { ...config, prefetch: [{ path: '/var/cache/old/fresh.txt' }, { path: '/etc/os-release' }] }, await loadPrivateKey(join(dir, 'keys', 'shoal.key')), { names: ['team/traced:1'] })
     await pushToRegistry(oci, 'app', `docker://${registry.host}/team/traced:1-shoal`, { access: { plainHttp: true } })
 
     // Layer 3's file, though only layer 0 is prepared: the list names paths of the whole image.
@@ -155,6 +161,33 @@ describe('LazyLayers (the snapshotter\'s remote layers)', () => {
     } finally {
       await lazy.release(req.dir)
     }
+  })
+
+  it('falls back when the conversion is signed for another repository:tag than the pod\'s image (tag substitution)', async () => {
+    // team/app:2 (or any name) pointed at app:1's manifest: the conversion is signed for team/app:1 and team/app:1-shoal only.
+    await fallsBack(request(0, { image: `${registry.host}/team/app:2` }), 'signature')
+    // team/traced holds a conversion of the same manifest (the test above), signed for team/traced:1 only.
+    await fallsBack(request(0, { image: `${registry.host}/team/traced:2` }), 'signature')
+    // The same request under the name it was signed for, through another registry host name (a mirror): lazy.
+    const req = request(0, { image: `localhost:${registry.host.split(':')[1]!}/team/app:1` })
+    assert.ok(await lazy.prepare(req) !== undefined, JSON.stringify(lazy.stats()))
+    await lazy.release(req.dir)
+  })
+
+  it('falls back with reason rollback when the node saw a newer version of the name', async () => {
+    const guard = new RollbackGuard(join(dir, 'versions.json'))
+    const guarded = new LazyLayers({ ...parts, guard })
+    const conversion = await loadImage(await RegistryOrigin.open(`docker://${registry.host}/team/app`, { plainHttp: true }), '1-shoal', { trusted: parts.trusted })
+    // Unseen: accepted, and recorded.
+    const first = request(0)
+    assert.ok(await guarded.prepare(first) !== undefined)
+    await guarded.release(first.dir)
+    assert.equal((await guard.seen('team/app:1'))?.version, conversion.signature!.version)
+    // This node has since seen a newer version of team/app:1: the tag now pointing back at this one is a rollback.
+    const newer = new LazyLayers({ ...parts, guard })
+    await writeFile(guard.path, JSON.stringify({ schemaVersion: 1, names: { 'team/app:1': { version: conversion.signature!.version + 1, manifest: `sha256:${'9'.repeat(64)}`, seenAt: new Date().toISOString() } } }))
+    assert.equal(await newer.prepare(request(0)), undefined)
+    assert.equal(newer.stats().fallbacks.rollback, 1, JSON.stringify(newer.stats()))
   })
 
   it('falls back, within its bound, when the registry is unreachable', async () => {

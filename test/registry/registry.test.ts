@@ -11,6 +11,8 @@ import { sha256 } from '../../src/format/digest.ts'
 import { parseShoalConfig } from '../../src/format/image-config.ts'
 import { signatureTag } from '../../src/format/signing.ts'
 import { openImageView } from '../../src/image/image-view.ts'
+import { loadImage } from '../../src/image/load-image.ts'
+import { signImage } from '../../src/image/sign-image.ts'
 import { verifyImage } from '../../src/image/verify-image.ts'
 import { OciLayout } from '../../src/oci/layout.ts'
 import { MediaType, type ImageManifest } from '../../src/oci/types.ts'
@@ -35,6 +37,8 @@ import { makeHtpasswd, skopeoCopy, startRegistry, startStorageServer, type TestR
 
 const keys = generateKeyPairSync('ed25519')
 const plain = { plainHttp: true }
+/** One signing time and name for the conversions whose pushes are compared blob for blob. */
+const sameSignature = { now: Date.now(), names: ['shoal/synthetic:v1'] }
 
 // At the top level: removed when the file's tests are done (in a hook it would go when the hook does).
 const dir = await tempDir()
@@ -91,7 +95,7 @@ describe('against a real registry (docker-registry, plain HTTP)', () => {
 
   test('convert to docker://: blobs, signature, tag; verified and read through a RegistryOrigin', async () => {
     const dest = `docker://${registry.host}/shoal/synthetic:v1`
-    const report = await convertImage({ source: `oci:${src}:gzip`, dest, signingKey: keys.privateKey, destRegistry: plain })
+    const report = await convertImage({ source: `oci:${src}:gzip`, dest, signingKey: keys.privateKey, destRegistry: plain, signing: sameSignature })
     assert.equal(report.dest, dest)
     const manifestBlobs = report.layers.length + new Set(report.layers.flatMap(l => [l.catalog])).size
     assert.ok(report.push!.blobs.uploaded >= manifestBlobs, JSON.stringify(report.push))
@@ -124,12 +128,13 @@ describe('against a real registry (docker-registry, plain HTTP)', () => {
 
   test('pushing again skips every blob; another repository mounts them instead of uploading', async () => {
     const dest = `docker://${registry.host}/shoal/synthetic:v1`
-    const again = await convertImage({ source: `oci:${src}:gzip`, dest, signingKey: keys.privateKey, destRegistry: plain })
+    // Signed at the same time for the same name: the signature is the same bytes too (ed25519 is deterministic).
+    const again = await convertImage({ source: `oci:${src}:gzip`, dest, signingKey: keys.privateKey, destRegistry: plain, signing: sameSignature })
     const total = again.push!.blobs.present
     assert.deepEqual(again.push!.blobs, { present: total, mounted: 0, uploaded: 0 })
     assert.equal(again.push!.uploadedBytes, 0)
 
-    await convertImage({ source: `oci:${src}:gzip`, dest: `oci:${join(dir, 'to-push')}:v1`, signingKey: keys.privateKey })
+    await convertImage({ source: `oci:${src}:gzip`, dest: `oci:${join(dir, 'to-push')}:v1`, signingKey: keys.privateKey, signing: sameSignature })
     const layout = await OciLayout.open(join(dir, 'to-push'))
     const mounted = await pushToRegistry(layout, 'v1', `docker://${registry.host}/team/copy:v1`, { access: plain, mountFrom: ['library/absent', 'shoal/synthetic'] })
     assert.deepEqual(mounted.blobs, { present: 0, mounted: total, uploaded: 0 })
@@ -142,6 +147,20 @@ describe('against a real registry (docker-registry, plain HTTP)', () => {
       assert.equal((await verifyImage(origin, tag, { trusted: [keys.publicKey], workDir: join(dir, `verify-${repo.replace('/', '-')}`) })).manifestDigest, mounted.manifestDigest)
     }
     await assert.rejects(pushToRegistry(layout, 'v1', `docker://${registry.host}/team/x@${mounted.manifestDigest}`, { access: plain }), /name a tag, not a digest/)
+  })
+
+  test('shoal sign re-signs an image in a registry in place: only the signature changes', async () => {
+    const origin = await RegistryOrigin.open(`docker://${registry.host}/shoal/synthetic`, plain)
+    const before = await loadImage(origin, 'v1', { trusted: [keys.publicKey] })
+    const report = await signImage(`docker://${registry.host}/shoal/synthetic:v1`, keys.privateKey, { lifetimeMs: 7 * 86_400_000, access: plain })
+    assert.equal(report.replaced, 'v2')
+    assert.deepEqual(report.names, ['shoal/synthetic:v1'])
+    assert.ok(report.version > before.signature!.version)
+    const after = await loadImage(origin, 'v1', { trusted: [keys.publicKey], expectName: 'shoal/synthetic:v1' })
+    assert.equal(after.manifestDigest, before.manifestDigest)
+    assert.equal(after.manifest.config.digest, before.manifest.config.digest)
+    assert.equal(after.signature!.version, report.version)
+    assert.ok(Math.abs(Date.parse(after.signature!.expires!) - Date.now() - 7 * 86_400_000) < 60_000)
   })
 
   test('chunked uploads, exact ranges, and HTTPS unless told otherwise', async () => {

@@ -5,11 +5,14 @@ import type { Command } from 'commander'
 import { UsageError } from '../../errors.ts'
 import { convertImage, DEFAULT_CHUNK_SIZE, DEFAULT_PACK_SIZE, type ConvertReport } from '../../convert/convert.ts'
 import { parseCompression } from '../../format/codec.ts'
-import { generateKeys, loadPrivateKey, loadPublicKey } from '../../format/signing.ts'
+import type { Digest } from '../../format/digest.ts'
+import { DEFAULT_SIGNATURE_LIFETIME, generateKeys, imageName, loadPrivateKey, loadPublicKey, parseLifetime, SIGNATURE_PAYLOAD_TYPE, signatureTag, type DsseEnvelope, type SignatureInfo, type SignaturePayload } from '../../format/signing.ts'
 import { inspectImage, type ImageSummary } from '../../image/inspect-image.ts'
+import { signImage } from '../../image/sign-image.ts'
 import { verifyImage } from '../../image/verify-image.ts'
 import { OciLayout } from '../../oci/layout.ts'
 import { parseReference } from '../../oci/reference.ts'
+import type { ImageManifest } from '../../oci/types.ts'
 import type { Platform } from '../../oci/source-image.ts'
 import type { RegistryAccess } from '../../registry/client.ts'
 import { pushToRegistry, type PushReport } from '../../registry/push.ts'
@@ -38,9 +41,13 @@ export function registerImageCommands (program: Command): void {
     .option('--pack-size <bytes>', 'target size of pack blobs', String(DEFAULT_PACK_SIZE))
     .option('--platform <os/arch[/variant]>', 'image to take from a multi-platform source (default: this host\'s)')
     .option('--src-creds <user:password>', 'credentials for a docker:// source (default: the docker/podman login files)'))
+    .option('--name <repo:tag>', 'name to sign the image for, REPO:TAG without the registry host (repeatable; default: the destination\'s REPO:TAG, or its TAG for oci:, and a docker:// source\'s REPO:TAG)', collect)
+    .option('--signed-version <n>', 'signed version, an integer agents never let go down per name (default: the time in seconds)')
+    .option('--expires <duration>', `signature lifetime: 90d, 12h, 2w, ... or never (default ${DEFAULT_SIGNATURE_LIFETIME}); renew with shoal sign`)
     .option('--json', 'print the report as JSON')
-    .action(async (source: string, dest: string, opts: RegistryFlags & { key: string, chunkSize: string, compression: string, packSize: string, platform?: string, srcCreds?: string, json?: boolean }) => {
+    .action(async (source: string, dest: string, opts: RegistryFlags & SignFlags & { key: string, chunkSize: string, compression: string, packSize: string, platform?: string, srcCreds?: string, json?: boolean }) => {
       const signingKey = await loadPrivateKey(opts.key)
+      const signing = signFlags(opts)
       const bar = progressBar('converting', 'bytes')
       let report: ConvertReport
       try {
@@ -48,6 +55,7 @@ export function registerImageCommands (program: Command): void {
           source,
           dest,
           signingKey,
+          signing,
           chunkSize: parseSize(opts.chunkSize, '--chunk-size'),
           packSize: parseSize(opts.packSize, '--pack-size'),
           compression: parseCompression(opts.compression),
@@ -73,23 +81,44 @@ export function registerImageCommands (program: Command): void {
     .action(async (image: string, dest: string, opts: RegistryFlags & { json?: boolean }) => {
       const ref = parseReference(image)
       if (ref.transport !== 'oci') throw new UsageError(`${image}: name the shoal image to push as oci:DIR:TAG`)
-      const report = await pushToRegistry(await OciLayout.open(ref.dir), ref.tag, dest, { access: registryAccess(opts, opts.destCreds), mountFrom: opts.mountFrom })
+      const layout = await OciLayout.open(ref.dir)
+      const report = await pushToRegistry(layout, ref.tag, dest, { access: registryAccess(opts, opts.destCreds), mountFrom: opts.mountFrom })
       console.log(opts.json === true ? JSON.stringify(report, null, 2) : pushSummary(report))
+      await warnUnsignedName(layout, report.manifestDigest, dest)
+    })
+
+  readOptions(program.command('sign'))
+    .description('(re-)sign a shoal image in place, without converting it again: renew its expiry, raise its version, change its names, or move a v1 signature to v2')
+    .argument('<image>', 'oci:DIR:TAG or docker://HOST/REPO:TAG')
+    .requiredOption('--key <file>', 'ed25519 private key from shoal keygen')
+    .option('--name <repo:tag>', 'name to sign the image for (repeatable; default: the names of its current signature by this key, else its own REPO:TAG or TAG and its source\'s)', collect)
+    .option('--signed-version <n>', 'signed version (default: the time in seconds, and above the current signature\'s)')
+    .option('--expires <duration>', `signature lifetime: 90d, 12h, 2w, ... or never (default ${DEFAULT_SIGNATURE_LIFETIME})`)
+    .option('--json', 'print the result as JSON')
+    .action(async (image: string, opts: ReadFlags & SignFlags & { key: string, json?: boolean }) => {
+      const key = await loadPrivateKey(opts.key)
+      const r = await signImage(image, key, { ...signFlags(opts), access: registryAccess({ ...opts, mountFrom: [] }, opts.creds) })
+      if (opts.json === true) { console.log(JSON.stringify(r, null, 2)); return }
+      const was = r.replaced === 'v1' ? ' (replaced a v1 signature)' : r.previous !== undefined ? ` (was version ${r.previous.version}, expiring ${r.previous.expires ?? 'never'})` : ''
+      console.log(`signed ${image} ${r.manifestDigest}${was}`)
+      console.log(signatureLines(r).map(l => `  ${l}`).join('\n'))
     })
 
   readOptions(program.command('verify'))
     .description('check the signature and every digest of a shoal image, down to every chunk')
     .argument('<image>', 'oci:DIR:TAG or docker://HOST/REPO:TAG')
     .requiredOption('--trust <pubkey>', 'trusted public key, shoal.pub (repeatable)', (v: string, prev: string[] = []) => [...prev, v])
-    .action(async (image: string, opts: { trust: string[] } & ReadFlags) => {
+    .option('--name <repo:tag>', 'also require the signature to name this REPO:TAG (or TAG), as an agent mounting it under that name does')
+    .action(async (image: string, opts: { trust: string[], name?: string } & ReadFlags) => {
       const { origin, tag } = await openShoalImage(image, opts)
       const trusted = await Promise.all(opts.trust.map(loadPublicKey))
       await withTempDir(async workDir => {
         const bar = progressBar('verifying packs', 'items')
         try {
-          const r = await verifyImage(origin, tag, { trusted, workDir, onProgress: (d, t) => bar.update(d, t) })
+          const r = await verifyImage(origin, tag, { trusted, workDir, image, ...(opts.name !== undefined ? { expectName: opts.name } : {}), onProgress: (d, t) => bar.update(d, t) })
           bar.stop()
           console.log(`OK ${image} ${r.manifestDigest}: signed by key ${r.signedBy}; ${r.catalogs} catalogs, ${r.files} files, ${r.packs} packs, ${r.chunks} chunks (${mib(r.bytes)}) verified`)
+          console.log(signatureLines(r.signature).map(l => `  ${l}`).join('\n'))
         } finally {
           bar.stop()
         }
@@ -104,10 +133,50 @@ export function registerImageCommands (program: Command): void {
     .action(async (image: string, opts: { trust?: string[], json?: boolean } & ReadFlags) => {
       const { origin, tag } = await openShoalImage(image, opts)
       const trusted = opts.trust !== undefined ? await Promise.all(opts.trust.map(loadPublicKey)) : 'skip' as const
-      const summary = await withTempDir(workDir => inspectImage(origin, tag, { trusted, workDir }))
+      const summary = await withTempDir(workDir => inspectImage(origin, tag, { trusted, workDir, image }))
       if (opts.json === true) console.log(JSON.stringify(summary, null, 2))
       else printSummary(image, summary)
     })
+}
+
+/** Tells whoever pushes an image under a name its signature does not carry that agents mounting that name will refuse it. */
+async function warnUnsignedName (layout: OciLayout, manifest: Digest, dest: string): Promise<void> {
+  const d = parseReference(dest)
+  if (d.transport !== 'docker') return
+  const name = imageName(d.repository, d.tag ?? 'latest', d.registry)
+  try {
+    const sig = await layout.readJson<ImageManifest>((await layout.resolveTag(signatureTag(manifest))).digest, 'signature')
+    const envelope = await layout.readJson<DsseEnvelope>(sig.layers[0]!.digest, 'envelope')
+    const names = envelope.payloadType === SIGNATURE_PAYLOAD_TYPE ? (JSON.parse(Buffer.from(envelope.payload, 'base64').toString('utf8')) as SignaturePayload).names : []
+    if (!names.includes(name)) console.error(`note: the image is signed for ${names.length > 0 ? names.join(', ') : 'no name (a v1 signature)'}, not for ${name}: agents mounting ${name} refuse it (pods naming the source image still work if it is among them). To add it: shoal sign ${dest} --key KEY --name ${name}${names.map(n => ` --name ${n}`).join('')}`)
+  } catch {}
+}
+
+interface SignFlags { name?: string[], signedVersion?: string, expires?: string }
+
+function collect (v: string, prev: string[] = []): string[] { return [...prev, v] }
+
+/** --name, --signed-version, --expires as signing parameters (absent ones left to the defaults). */
+function signFlags (flags: SignFlags): { names?: string[], version?: number, lifetimeMs?: number | null } {
+  let version: number | undefined
+  if (flags.signedVersion !== undefined) {
+    version = Number(flags.signedVersion)
+    if (!/^\d+$/.test(flags.signedVersion.trim()) || !Number.isSafeInteger(version)) throw new UsageError(`--signed-version ${flags.signedVersion}: write a non-negative integer`)
+  }
+  for (const n of flags.name ?? []) {
+    const first = n.includes('/') ? n.split('/')[0]! : ''
+    if (n.includes('@') || first.includes('.') || first.includes(':') || first === 'localhost') throw new UsageError(`--name ${n}: write REPO:TAG without the registry host (e.g. team/app:1.2), or a bare TAG for a layout`)
+  }
+  return {
+    ...(flags.name !== undefined ? { names: flags.name } : {}),
+    ...(version !== undefined ? { version } : {}),
+    ...(flags.expires !== undefined ? { lifetimeMs: parseLifetime(flags.expires) } : {})
+  }
+}
+
+/** The lines verify, sign and inspect print about a signature. */
+function signatureLines (s: Pick<SignatureInfo, 'names' | 'version' | 'signedAt' | 'expires'>): string[] {
+  return [`names:     ${s.names.join(', ')}`, `version:   ${s.version}`, `signed at: ${s.signedAt}`, `expires:   ${s.expires ?? 'never'}`]
 }
 
 interface RegistryFlags { destCreds?: string, ca?: string, plainHttp?: boolean, mountFrom: string[] }
@@ -191,6 +260,7 @@ function printConvertReport (r: ConvertReport): void {
 function printSummary (image: string, s: ImageSummary): void {
   console.log(`${image} ${s.manifestDigest}`)
   console.log(`  signature: ${s.signature}`)
+  if (s.signed !== undefined) for (const l of signatureLines(s.signed)) console.log(`  ${l}${s.signed.verified ? '' : ' (unchecked)'}`)
   console.log(`  source:    ${s.source.reference} ${s.source.manifestDigest}`)
   console.log(`  platform:  ${s.platform}; chunking ${JSON.stringify(s.chunking)}; compression ${s.compression}`)
   console.log(`  command:   ${JSON.stringify([...(s.runtime.Entrypoint ?? []), ...(s.runtime.Cmd ?? [])])}`)

@@ -8,7 +8,9 @@ import { Agent } from '../../agent/agent.ts'
 import { defaultConfig, validateConfig } from '../../agent/config.ts'
 import { UsageError } from '../../errors.ts'
 import { parseShoalConfig } from '../../format/image-config.ts'
-import { loadPrivateKey } from '../../format/signing.ts'
+import { DEFAULT_SIGNATURE_LIFETIME, loadPrivateKey, parseLifetime } from '../../format/signing.ts'
+import { loadImage } from '../../image/load-image.ts'
+import { DirOrigin } from '../../origin/dir-origin.ts'
 import { ReadRecorder } from '../../image/prefetch-list.ts'
 import { writeSignedImage } from '../../image/write-image.ts'
 import { OciLayout } from '../../oci/layout.ts'
@@ -30,7 +32,9 @@ export function registerTraceCommand (program: Command): void {
     .requiredOption('--key <file>', 'signing key for the new version (shoal.key)')
     .option('--tag <tag>', 'tag for the new version (default: the same tag, replaced)')
     .option('--runtime <name>', 'runc, crun or chroot (default: the first one installed)')
-    .action(async (image: string, command: string[], flags: { key: string, tag?: string, runtime?: RuntimeName }) => {
+    .option('--expires <duration>', `lifetime of the new version's signature: 90d, 12h, 2w, ... or never (default ${DEFAULT_SIGNATURE_LIFETIME})`)
+    .action(async (image: string, command: string[], flags: { key: string, tag?: string, runtime?: RuntimeName, expires?: string }) => {
+      const lifetimeMs = flags.expires !== undefined ? parseLifetime(flags.expires) : undefined
       const ref = parseReference(image)
       if (ref.transport !== 'oci') throw new UsageError(`${image}: trace works on a local layout, oci:DIR:TAG`)
       const key = await loadPrivateKey(flags.key)
@@ -65,7 +69,11 @@ export function registerTraceCommand (program: Command): void {
       const manifest = await layout.readJson<ImageManifest>((await layout.resolveTag(ref.tag)).digest, 'manifest')
       const entries = recorder.entries()
       const newConfig = { ...parseShoalConfig(await layout.readBlob(manifest.config.digest, 'config')), prefetch: entries }
-      const desc = await writeSignedImage(layout, flags.tag ?? ref.tag, newConfig, key)
+      // The new version is signed for the same names (and the new tag), with a higher version.
+      const old = (await loadImage(await DirOrigin.open(ref.dir), ref.tag, { trusted: [createPublicKey(key)], image })).signature!
+      const names = [...old.names, ...(flags.tag !== undefined ? [flags.tag] : [])]
+      const version = Math.max(Math.floor(Date.now() / 1000), old.version + 1)
+      const desc = await writeSignedImage(layout, flags.tag ?? ref.tag, newConfig, key, { names, version, ...(lifetimeMs !== undefined ? { lifetimeMs } : {}) })
       const bytes = entries.reduce((n, e) => n + (e.ranges ?? []).reduce((m, [, len]) => m + len, 0), 0)
       console.log(`recorded ${entries.length} files, ${mib(bytes)} read; oci:${ref.dir}:${flags.tag ?? ref.tag} is now ${desc.digest}`)
     })
