@@ -112,6 +112,8 @@ export class Peering {
     for (const key of keys) {
       if (this.announced.has(key)) continue
       this.announced.add(key)
+      // Kept for good; swarms heard of for others are a bounded, expiring few (SwarmMembers).
+      this.members.own(key)
       added.push(key)
       this.router.announce(key, { signal: this.lifetime.signal }).catch((err: Error) => this.log.debug({ key, err: err.message }, 'announce failed (retried while held)'))
     }
@@ -179,6 +181,8 @@ export class Peering {
     const client = new ChunkClient(node.libp2p, {
       // Members a peer passed on: remember where they listen, so that asking one dials it.
       onMembers: (key, heard) => {
+        // Only swarms we joined: a peer pushing members of any key would grow our members and peer store without bound.
+        if (!members.isOwn(key)) return
         for (const member of heard) {
           if (member.id === self) continue
           try {

@@ -248,6 +248,17 @@ export function encodeHave (id: number, pack: Digest, ranges: readonly ByteRange
   return frame(body)
 }
 
+/**
+ * A copy of an encoded CHUNK or HAVE frame with another request id: the server
+ * encodes a pack's availability once and answers every query for it with this.
+ */
+export function withRequestId (frame: Uint8Array, id: number): Uint8Array {
+  checkId(id)
+  const copy = frame.slice()
+  new DataView(copy.buffer).setUint32(PREFIX_BYTES + 1, id)
+  return copy
+}
+
 // --- decoding ---------------------------------------------------------------
 
 /** Reads a frame's fields, turning every out-of-bounds read into a protocol violation. */
@@ -314,6 +325,12 @@ class Reader {
 
 function contiguous (frame: Uint8Array | Uint8ArrayList): Uint8Array {
   return frame instanceof Uint8Array ? frame : frame.subarray()
+}
+
+/** A client frame's type, read without decoding it (the server holds HAVE? and JOIN to its sender's rate before it decodes them). */
+export function clientMessageType (frame: Uint8Array | Uint8ArrayList): ClientMessage['type'] | undefined {
+  const type = frame.byteLength > 0 ? (frame instanceof Uint8Array ? frame[0] : frame.get(0)) : undefined
+  return type === WANT ? 'want' : type === CANCEL ? 'cancel' : type === HAVE_QUERY ? 'have-query' : type === JOIN ? 'join' : undefined
 }
 
 /** Decodes one frame body (without its length prefix) sent by a client. */
@@ -424,7 +441,9 @@ export function frameDecoder (maxFrame: number): (source: AsyncIterable<Uint8Arr
       maxBufferSize: 2 * maxFrame + 16 * 1024 * 1024,
       lengthDecoder: (data: Uint8ArrayList | Uint8Array) => {
         if (data.byteLength < PREFIX_BYTES) throw new RangeError('length prefix not complete yet')
-        return data instanceof Uint8Array ? new DataView(data.buffer, data.byteOffset).getUint32(0) : data.getUint32(0)
+        if (data instanceof Uint8Array) return new DataView(data.buffer, data.byteOffset).getUint32(0)
+        // Byte by byte: Uint8ArrayList.getUint32 copies, once per frame (a flood of small frames spent most of its time here).
+        return (data.get(0) * 0x1000000) + ((data.get(1) << 16) | (data.get(2) << 8) | data.get(3))
       },
       encodingLength: () => PREFIX_BYTES
     })

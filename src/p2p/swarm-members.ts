@@ -24,6 +24,21 @@ const ENOUGH = 256
 /** The peer exchange's numbers, for the simulation model's report. */
 export const PEER_EXCHANGE = { maxMembersPerKey: MAX_MEMBERS_PER_KEY, recentMembers: RECENT_MEMBERS, coreMembers: CORE_MEMBERS, passOn: PASS_ON, enough: ENOUGH } as const
 
+/**
+ * Bounds on the swarms a node keeps for others: keys it has not joined itself
+ * (`own`), heard of in peers' JOINs and MEMBERS. A seed passes members on for
+ * swarms it is not in, so these are kept, but keys cost an attacker nothing:
+ * 960k random keys in 30,000 JOINs took an agent from 542 to 1,434 MB, for good.
+ */
+export const FOREIGN_SWARM_LIMITS = {
+  /** Foreign keys kept; beyond, the least recently heard of is forgotten. An image has a key per layer and one for its metadata. */
+  maxKeys: 1024,
+  /** Members kept over all foreign keys together (up to ~1 KB each with addresses): 50 swarms of the per-key maximum. */
+  maxMembers: 65_536,
+  /** A foreign key nobody mentioned for this long is forgotten (its burst is long over). */
+  ttlMs: 10 * 60_000
+} as const
+
 interface Entry { peer: PeerId, addresses: readonly string[] }
 
 /** One swarm key's members. */
@@ -40,6 +55,9 @@ class Swarm {
   /** Members in the swarm's core (rendezvous.ts `inCore`), in the order heard: never pruned. */
   readonly core = new Set<string>()
   waiters: Array<() => void> = []
+  /** Whether this node joined the swarm itself (never forgotten), and when a foreign one was last mentioned. */
+  own = false
+  heardAt = 0
 
   constructor (key: Digest) {
     this.group = chunkKey(key)
@@ -63,11 +81,39 @@ class Swarm {
  */
 export class SwarmMembers {
   private readonly byKey = new Map<Digest, Swarm>()
+  /** The foreign swarms, least recently mentioned first, and their members in all. */
+  private readonly foreign = new Map<Digest, Swarm>()
+  private foreignMembers = 0
+  private readonly limits: { readonly [K in keyof typeof FOREIGN_SWARM_LIMITS]: number }
   private readonly keyOf: (peer: PeerId) => NodeKey
+  private readonly now: () => number
 
-  /** `keyOf`: a peer's rendezvous key; the simulation model passes its cache (PeerKeys) shared by 10,000 nodes. */
-  constructor (options: { keyOf?: (peer: PeerId) => NodeKey } = {}) {
+  /**
+   * `keyOf`: a peer's rendezvous key; the simulation model passes its cache (PeerKeys) shared by 10,000 nodes.
+   * `foreign`: FOREIGN_SWARM_LIMITS overrides.
+   */
+  constructor (options: { keyOf?: (peer: PeerId) => NodeKey, foreign?: Partial<Record<keyof typeof FOREIGN_SWARM_LIMITS, number>>, now?: () => number } = {}) {
     this.keyOf = options.keyOf ?? (peer => nodeKey(peer.toString()))
+    this.limits = { ...FOREIGN_SWARM_LIMITS, ...options.foreign }
+    this.now = options.now ?? Date.now
+  }
+
+  /** This node joined `key`'s swarm: its members are kept for good (within the per-key cap). */
+  own (key: Digest): void {
+    const swarm = this.swarm(key)
+    if (swarm.own) return
+    swarm.own = true
+    this.foreign.delete(key)
+    this.foreignMembers -= swarm.entries.size
+  }
+
+  isOwn (key: Digest): boolean {
+    return this.byKey.get(key)?.own === true
+  }
+
+  /** Swarm keys kept, own and foreign. */
+  keyCount (): number {
+    return this.byKey.size
   }
 
   /** Records a member (keeping its last addresses if these are none); true if it was not known for this key before. */
@@ -81,6 +127,7 @@ export class SwarmMembers {
       if (addresses.length > 0) entry.addresses = [...addresses]
     } else {
       swarm.entries.set(id, { peer, addresses: addresses.length > 0 ? [...addresses] : NO_ADDRESSES })
+      if (!swarm.own && ++this.foreignMembers > this.limits.maxMembers) this.shed(swarm)
       const core = inCore(this.keyOf(peer), swarm.group)
       if (core) swarm.core.add(id)
       // See `of`: rebuilt once the core or the rest grew by an eighth (the first core members at once).
@@ -129,6 +176,8 @@ export class SwarmMembers {
   of (key: Digest): readonly PeerId[] {
     const swarm = this.byKey.get(key)
     if (swarm === undefined) return NOBODY
+    // In use: not expired (the simulation model marks no key as its own). Not moved in the LRU: that is for writes.
+    if (!swarm.own) swarm.heardAt = this.now()
     if (swarm.list === undefined) {
       swarm.list = Array.from(swarm.entries.values(), e => e.peer)
       swarm.listCore = swarm.core.size
@@ -196,13 +245,40 @@ export class SwarmMembers {
     return found
   }
 
+  /** The swarm of `key`, created if new; a foreign one counts as mentioned now. */
   private swarm (key: Digest): Swarm {
     let swarm = this.byKey.get(key)
     if (swarm === undefined) {
       swarm = new Swarm(key)
       this.byKey.set(key, swarm)
     }
+    if (!swarm.own) {
+      swarm.heardAt = this.now()
+      this.foreign.delete(key) // to the end: the most recently mentioned
+      this.foreign.set(key, swarm)
+      this.shed(swarm)
+    }
     return swarm
+  }
+
+  /**
+   * Forgets foreign swarms, the least recently mentioned first: those not
+   * mentioned for ttlMs, then while over maxKeys or maxMembers (never `keep`,
+   * the one in use; over the per-key cap it prunes itself).
+   */
+  private shed (keep: Swarm): void {
+    const expired = this.now() - this.limits.ttlMs
+    for (const [key, swarm] of this.foreign) {
+      if (swarm === keep) break
+      if (swarm.heardAt > expired && this.foreign.size <= this.limits.maxKeys && this.foreignMembers <= this.limits.maxMembers) break
+      this.foreign.delete(key)
+      this.byKey.delete(key)
+      this.foreignMembers -= swarm.entries.size
+      // Whoever waits on it looks again, and finds a swarm of its own.
+      const waiting = swarm.waiters
+      swarm.waiters = []
+      for (const wake of waiting) wake()
+    }
   }
 
   /** Drops the least recently heard beyond the cap but the core, in one pass per 256 new members. */
@@ -212,6 +288,7 @@ export class SwarmMembers {
       if (excess <= 0) break
       if (swarm.core.has(id)) continue
       swarm.entries.delete(id)
+      if (!swarm.own) this.foreignMembers--
       excess--
     }
     swarm.list = undefined

@@ -27,11 +27,22 @@ export class TokenBucket {
   /** Charges `bytes` if the bucket is not empty; false means "over the limit right now". */
   tryTake (bytes: number): boolean {
     if (this.bytesPerSecond === Infinity) return true
-    const now = this.now()
-    this.tokens = Math.min(this.capacity, this.tokens + (now - this.last) / 1000 * this.bytesPerSecond)
-    this.last = now
+    this.refill()
     if (this.tokens <= 0) return false
     this.tokens -= bytes
     return true
+  }
+
+  /** How long until `tryTake` would admit (0: now). For callers that wait rather than refuse. */
+  waitMs (): number {
+    if (this.bytesPerSecond === Infinity) return 0
+    this.refill()
+    return this.tokens > 0 ? 0 : Math.max(1, Math.ceil(-this.tokens / this.bytesPerSecond * 1000))
+  }
+
+  private refill (): void {
+    const now = this.now()
+    this.tokens = Math.min(this.capacity, this.tokens + (now - this.last) / 1000 * this.bytesPerSecond)
+    this.last = now
   }
 }
