@@ -2,7 +2,7 @@ import type { KeyObject } from 'node:crypto'
 import { chmod, lstat, mkdir, readdir, readFile, stat } from 'node:fs/promises'
 import { join, resolve } from 'node:path'
 import { NotFoundError, UsageError } from '../errors.ts'
-import { DiskCache, type DiskCacheStats } from '../cache/disk-cache.ts'
+import { CACHE_MODES, DiskCache, ownerOnlyDir, type DiskCacheStats } from '../cache/disk-cache.ts'
 import { MemoryCache } from '../cache/memory-cache.ts'
 import { OriginChunkSource } from '../fetch/chunk-source.ts'
 import { silentLogger, type Logger } from '../fetch/log.ts'
@@ -440,12 +440,12 @@ export class Agent implements ChunkLocator {
  * it (they could loosen it again).
  */
 async function ownerOnlyStateDir (dir: string): Promise<void> {
-  await mkdir(dir, { recursive: true, mode: 0o700 })
+  await mkdir(dir, { recursive: true, mode: CACHE_MODES.dir })
   const st = await stat(dir)
   if (!st.isDirectory()) throw new UsageError(`state dir ${dir} is not a directory; pass --state with a directory (default /var/lib/shoal)`)
   const uid = process.getuid?.()
   if (uid !== undefined && st.uid !== uid) throw new UsageError(`state dir ${dir} belongs to uid ${st.uid}, not to the agent's uid ${uid}; chown it to the agent's user or pass another --state`)
-  await chmod(dir, 0o700)
+  await chmod(dir, CACHE_MODES.dir)
 }
 
 /**
@@ -456,12 +456,11 @@ async function ownerOnlyStateDir (dir: string): Promise<void> {
  */
 async function tightenStateFiles (dir: string): Promise<void> {
   const catalogs = join(dir, 'catalogs')
-  await mkdir(catalogs, { recursive: true, mode: 0o700 })
-  await chmod(catalogs, 0o700)
+  await ownerOnlyDir(catalogs)
   const files = [join(dir, 'mounts.json'), join(dir, 'peer.key'), ...(await readdir(catalogs)).map(name => join(catalogs, name))]
   for (const file of files) {
     const st = await lstat(file).catch(() => undefined)
-    if (st?.isFile() === true && (st.mode & 0o077) !== 0) await chmod(file, 0o600)
+    if (st?.isFile() === true && (st.mode & 0o077) !== 0) await chmod(file, CACHE_MODES.file)
   }
 }
 

@@ -271,7 +271,7 @@ export class DiskCache implements ChunkSource {
 }
 
 /** Makes directory PATH (and its parents) if needed, and leaves it readable by its owner only. */
-async function ownerOnlyDir (path: string): Promise<void> {
+export async function ownerOnlyDir (path: string): Promise<void> {
   await mkdir(path, { recursive: true, mode: CACHE_MODES.dir })
   await chmod(path, CACHE_MODES.dir)
 }
