@@ -410,7 +410,8 @@ class Node implements NodeKey {
         clock: w.clock,
         verify,
         swarmOf: pack => this.swarmOf(pack),
-        keys: w.peerKeys
+        keys: w.peerKeys,
+        chunkTimeoutMs: w.s.timeouts.chunkMs
       })
       this.source = source
     }

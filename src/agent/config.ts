@@ -1,6 +1,7 @@
 import { readFile } from 'node:fs/promises'
 import { join, resolve } from 'node:path'
 import { UsageError } from '../errors.ts'
+import { peerBudgetMs } from '../p2p/peer-source.ts'
 import type { RegistryAccess } from '../registry/client.ts'
 
 /** Everything an agent needs; from a JSON file, overridden by flags. */
@@ -75,6 +76,8 @@ export function validateConfig (config: AgentConfig): AgentConfig {
   const upload = config.p2p.uploadBytesPerSecond
   if (upload !== undefined && !(upload > 0)) throw new UsageError(`upload rate ${upload} must be a positive number of bytes per second (leave it out for no cap)`)
   if (!(config.chunkTimeoutMs > 0)) throw new UsageError(`chunk timeout ${config.chunkTimeoutMs} must be positive`)
+  // Peers must give up in time for the origin to be asked within the chunk timeout.
+  if (config.p2p.enabled) peerBudgetMs(config.chunkTimeoutMs)
   return {
     ...config,
     stateDir: resolve(config.stateDir),

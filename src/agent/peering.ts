@@ -205,7 +205,8 @@ export class Peering {
       client,
       bans: node.bans,
       swarmOf: pack => swarmKeys.get(pack) ?? pack,
-      lag: () => deps.lag.recentMs()
+      lag: () => deps.lag.recentMs(),
+      chunkTimeoutMs: config.chunkTimeoutMs
     })
     deps.log.info({ peerId: node.peerId.toString(), multiaddrs: node.multiaddrs() }, 'peer node started')
     return new Peering({ node, peers, server, router, client, members, swarmKeys }, deps.log)

@@ -1,6 +1,7 @@
 import type { PeerId } from '@libp2p/interface'
 import type { ChunkSource } from '../fetch/chunk-source.ts'
 import type { ChunkRef } from '../format/catalog.ts'
+import { UsageError } from '../errors.ts'
 import { sha256, type Digest } from '../format/digest.ts'
 import type { PeerBans } from './bans.ts'
 import { systemClock, type Clock } from './clock.ts'
@@ -42,8 +43,8 @@ export const PEER_SOURCE_DEFAULTS = {
   /**
    * While a parent keeps answering `pending` (its own fetch is alive), the wait
    * goes on, up to this: at 3,000 modelled nodes, children that left deep
-   * catalog chains at 8 s swamped the origin and 81 mounts failed. It stays
-   * under the resolver's 20 s chunk timeout, which must leave the origin a try.
+   * catalog chains at 8 s swamped the origin and 81 mounts failed. peerBudgetMs
+   * caps it below the chunk timeout, which must leave the origin a try.
    */
   maxPendingWaitMs: 14_000,
   /** How long `get` waits for the pack's first swarm lookup; later lookups refresh in the background. */
@@ -60,9 +61,33 @@ export const PEER_SOURCE_DEFAULTS = {
   maxParents: 3,
   /** Known holders to try. */
   maxHolders: 4,
-  /** At most this much of the event loop's delay is added to deadlines, and of it and the transfer time to a get's budget (which must leave the resolver's 20 s chunk timeout a try at the origin). */
-  maxLagAllowanceMs: 4000
+  /** At most this much of the event loop's delay is added to deadlines, and of it and the transfer time to a get's budget. */
+  maxLagAllowanceMs: 4000,
+  /**
+   * The end of the resolver's chunk timeout kept for the origin: a get never runs
+   * past the chunk timeout minus this, whatever parents say (see peerBudgetMs).
+   */
+  originReserveMs: 2000,
+  /** The least time a get may have; a chunk timeout that leaves less is refused. */
+  minBudgetMs: 1000
 } as const
+
+/** The resolver's default chunk timeout, which the peer source assumes unless told its own. */
+const DEFAULT_CHUNK_TIMEOUT_MS = 20_000
+
+/**
+ * The longest one `get` may take, pending parents and lag allowance included, so
+ * that a chunk timeout of CHUNKTIMEOUTMS always leaves the origin a try after the
+ * peers gave up. At the default 20 s this is 18 s, which the waits above never
+ * exceed (maxPendingWaitMs + maxLagAllowanceMs); a shorter timeout shortens them.
+ */
+export function peerBudgetMs (chunkTimeoutMs: number, settings: Pick<Settings, 'originReserveMs' | 'minBudgetMs'> = PEER_SOURCE_DEFAULTS): number {
+  const budget = chunkTimeoutMs - settings.originReserveMs
+  if (!(budget >= settings.minBudgetMs)) {
+    throw new UsageError(`a chunk timeout of ${chunkTimeoutMs} ms leaves the peers no time (the origin keeps the last ${settings.originReserveMs} ms, peers need ${settings.minBudgetMs} ms): use --chunk-timeout ${settings.originReserveMs + settings.minBudgetMs} or more, or --no-p2p`)
+  }
+  return budget
+}
 
 export interface PeerChunkSourceOptions extends Partial<Record<keyof typeof PEER_SOURCE_DEFAULTS, number>> {
   self: PeerId
@@ -89,6 +114,8 @@ export interface PeerChunkSourceOptions extends Partial<Record<keyof typeof PEER
    * answers late and its peers, as starved, send them late. Default: 0.
    */
   lag?: () => number
+  /** The resolver's chunk timeout (ChunkResolver timeoutMs), which bounds every get. Default 20 s. */
+  chunkTimeoutMs?: number
 }
 
 export interface PeerSourceStats {
@@ -191,6 +218,7 @@ export class PeerChunkSource implements ChunkSource {
   private readonly availability: Availability
   private readonly keys: PeerKeys
   private readonly lag: () => number
+  private readonly budgetMs: number
   private readonly suspects = new Map<string, { until: number, failures: number }>()
   private readonly everBanned = new Set<string>()
   private readonly haveQueries = new Map<string, Promise<void>>()
@@ -198,8 +226,9 @@ export class PeerChunkSource implements ChunkSource {
   private readonly asking = new Map<Digest, Set<string>>()
 
   constructor (options: PeerChunkSourceOptions) {
-    const { self, router, client, bans, clock, verify, swarmOf, keys, lag, ...settings } = options
+    const { self, router, client, bans, clock, verify, swarmOf, keys, lag, chunkTimeoutMs, ...settings } = options
     this.settings = { ...PEER_SOURCE_DEFAULTS, ...settings }
+    this.budgetMs = peerBudgetMs(chunkTimeoutMs ?? DEFAULT_CHUNK_TIMEOUT_MS, this.settings)
     this.clock = clock ?? systemClock
     this.keys = keys ?? new PeerKeys()
     const allowance = this.settings.maxLagAllowanceMs
@@ -215,8 +244,8 @@ export class PeerChunkSource implements ChunkSource {
 
   /**
    * Verified bytes from a peer, or undefined when no peer had them within
-   * `maxWaitMs` (longer while a parent reports progress), or this node is the chunk's root. Rejects only when the
-   * caller's signal aborts.
+   * `maxWaitMs` (longer while a parent reports progress, never past peerBudgetMs),
+   * or this node is the chunk's root. Rejects only when the caller's signal aborts.
    */
   async get (chunk: ChunkRef, options: { signal: AbortSignal }): Promise<Uint8Array | undefined> {
     options.signal.throwIfAborted()
@@ -227,7 +256,7 @@ export class PeerChunkSource implements ChunkSource {
     }
     // A starved node and a big chunk get more time, within the bound that leaves the origin its try.
     const slack = Math.min(this.settings.maxLagAllowanceMs, this.lag() + this.transferMs(chunk))
-    const budget = new Budget(this.clock, this.settings.maxWaitMs + slack, this.settings.maxPendingWaitMs + slack)
+    const budget = new Budget(this.clock, Math.min(this.budgetMs, this.settings.maxWaitMs + slack), Math.min(this.budgetMs, this.settings.maxPendingWaitMs + slack))
     const signal = AbortSignal.any([options.signal, budget.signal])
     let bytes: Uint8Array | undefined
     try {
