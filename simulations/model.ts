@@ -7,7 +7,8 @@
  * the agent's real peer source (src/p2p/peer-source.ts, with the burst policy of
  * src/p2p/rendezvous.ts); see lib/model-world.ts for what is modelled and how. The workload is the profile a real lone run recorded (the
  * chunks it fetched, in order, and what it fetched to mount: --profile, or the
- * newest in results/sim for the same image and workload), or a synthetic image. Like a
+ * newest in results/sim for the same image and workload, recorded by a real lone
+ * run when there is none), or a synthetic image. Like a
  * real run, it runs a lone node, the scenario with peers and the no-peers
  * baseline, and writes results.json, summary.md and SVG charts to --out
  * (default results/sim/model-<scenario>-<nodes>-<timestamp>/).
@@ -46,7 +47,15 @@ if (positionals.length !== 1) {
 const scenario = await loadScenario(positionals[0]!)
 if (values.nodes !== undefined) scenario.nodes = Number(values.nodes)
 if (values['shared-cores'] !== undefined) scenario.model.sharedCores = Number(values['shared-cores'])
-const profile = await loadProfile(REPO, scenario, values.profile)
+const profile = await loadProfile(REPO, scenario, {
+  file: values.profile,
+  // None recorded yet for this image and workload (a fresh clone): a real lone run records one.
+  record: async out => {
+    process.stderr.write(`model: no workload profile recorded for ${scenario.name}'s image and workload yet: recording one with a real lone run (node simulations/run.ts ${positionals[0]} --profile-only), about 20 s\n`)
+    const run = spawnSync(process.execPath, [join(REPO, 'simulations', 'run.ts'), positionals[0]!, '--profile-only', '--out', out], { stdio: 'inherit', timeout: 600_000 })
+    if (run.status !== 0) throw new Error(`recording the workload profile failed (exit ${run.status ?? run.signal}); run node simulations/run.ts ${positionals[0]} --profile-only to see why, or pass --profile FILE`)
+  }
+})
 const stamp = new Date().toISOString().replace(/[:.]/g, '-').slice(0, 19)
 const out = resolve(values.out ?? join(REPO, 'results', 'sim', `model-${scenario.name}-${scenario.nodes}${scenario.model.sharedCores > 0 ? `-${scenario.model.sharedCores}cores` : ''}-${stamp}`))
 const log = (line: string): void => { process.stderr.write(`model: ${line}\n`) }

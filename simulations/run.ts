@@ -1,7 +1,7 @@
 /**
  * The real-process runner:
  *
- *   node simulations/run.ts simulations/scenarios/NAME.json [--out DIR] [--nodes N]
+ *   node simulations/run.ts simulations/scenarios/NAME.json [--out DIR] [--nodes N] [--profile-only]
  *
  * Converts the python fixture with a fresh key, then runs the scenario three
  * times on this machine, each on fresh agents: a lone node (the yardstick, and
@@ -9,6 +9,9 @@
  * same scenario with peers disabled (the baseline: every node pulls from the
  * origin). Writes results.json, summary.md, SVG charts and the workload profile
  * (workload-profile.json) to --out (default results/sim/<scenario>-<nodes>-<timestamp>/).
+ * --profile-only runs the lone node alone and writes only the profile: the model
+ * records one this way when none matches its scenario (any origin kind will do,
+ * since a profile is keyed by image and workload).
  *
  * SIGINT/SIGTERM stop the run and tear everything down (agents, origin,
  * mounts, namespaces); a second signal exits at once.
@@ -26,14 +29,16 @@ import { writeReport } from './lib/report.ts'
 import { loadScenario } from './lib/scenario.ts'
 
 const REPO = resolve(import.meta.dirname, '..')
-const { values, positionals } = parseArgs({ allowPositionals: true, options: { out: { type: 'string' }, nodes: { type: 'string' } } })
+const { values, positionals } = parseArgs({ allowPositionals: true, options: { out: { type: 'string' }, nodes: { type: 'string' }, 'profile-only': { type: 'boolean' } } })
 if (positionals.length !== 1) {
-  process.stderr.write('usage: node simulations/run.ts simulations/scenarios/NAME.json [--out DIR] [--nodes N]\n')
+  process.stderr.write('usage: node simulations/run.ts simulations/scenarios/NAME.json [--out DIR] [--nodes N] [--profile-only]\n')
   process.exit(2)
 }
 const scenario = await loadScenario(positionals[0]!)
 if (values.nodes !== undefined) scenario.nodes = Number(values.nodes)
 if (!('fixture' in scenario.image)) throw new Error(`${scenario.name}: a synthetic image exists only in the model (node simulations/model.ts)`)
+const profileOnly = values['profile-only'] === true
+if (profileOnly) scenario.origin = { ...scenario.origin, kind: 'oci-layout' }
 if (scenario.origin.kind === 'registry') throw new Error(`${scenario.name}: real runs serve the image as an OCI layout over HTTP; origin.kind "registry" exists only in the model (node simulations/model.ts)`)
 const stamp = new Date().toISOString().replace(/[:.]/g, '-').slice(0, 19)
 const out = resolve(values.out ?? join(REPO, 'results', 'sim', `${scenario.name}-${scenario.nodes}-${stamp}`))
@@ -67,9 +72,6 @@ try {
     chunks = await fetchedChunks(state!)
     catalogs = await catalogFiles(state!, image.catalogs)
   })
-  const peers = scenario.peers ? await cluster('peers') : undefined
-  const baseline = await cluster('baseline')
-
   const loneNode = lone.nodes[0]!
   const profile: WorkloadProfile = {
     key: profileKey(scenario),
@@ -84,20 +86,25 @@ try {
   }
   await mkdir(out, { recursive: true })
   await writeFile(join(out, 'workload-profile.json'), JSON.stringify(profile, null, 1) + '\n')
-
-  const m = await writeReport(out, {
-    kind: 'real',
-    scenario,
-    date: new Date().toISOString(),
-    command: `node simulations/run.ts ${process.argv.slice(2).join(' ')}`,
-    lone,
-    runs: { ...(peers !== undefined ? { peers } : {}), baseline },
-    extra: { image: { manifestDigest: image.manifestDigest, packBytes: image.packBytes }, machine: { cpus: cpus().length, kernel: release() }, source: await sourceVersion() }
-  })
-  for (const [name, x] of Object.entries(m)) {
-    log(`${name}: ${x.ok}/${x.nodes} ok, p50 ${(x.completion.p50 / 1000).toFixed(2)} s, p99 ${(x.completion.p99 / 1000).toFixed(2)} s (${x.p99OverLone.toFixed(2)}x lone), origin ${(x.origin.bytes / 1e6).toFixed(1)} MB (${x.egressFactor.toFixed(2)}x lone, chunks ${x.chunkEgressFactor.toFixed(2)}x)`)
+  if (profileOnly) {
+    log(`wrote ${join(out, 'workload-profile.json')}`)
+  } else {
+    const peers = scenario.peers ? await cluster('peers') : undefined
+    const baseline = await cluster('baseline')
+    const m = await writeReport(out, {
+      kind: 'real',
+      scenario,
+      date: new Date().toISOString(),
+      command: `node simulations/run.ts ${process.argv.slice(2).join(' ')}`,
+      lone,
+      runs: { ...(peers !== undefined ? { peers } : {}), baseline },
+      extra: { image: { manifestDigest: image.manifestDigest, packBytes: image.packBytes }, machine: { cpus: cpus().length, kernel: release() }, source: await sourceVersion() }
+    })
+    for (const [name, x] of Object.entries(m)) {
+      log(`${name}: ${x.ok}/${x.nodes} ok, p50 ${(x.completion.p50 / 1000).toFixed(2)} s, p99 ${(x.completion.p99 / 1000).toFixed(2)} s (${x.p99OverLone.toFixed(2)}x lone), origin ${(x.origin.bytes / 1e6).toFixed(1)} MB (${x.egressFactor.toFixed(2)}x lone, chunks ${x.chunkEgressFactor.toFixed(2)}x)`)
+    }
+    log(`wrote ${join(out, 'summary.md')}`)
   }
-  log(`wrote ${join(out, 'summary.md')}`)
 } catch (err) {
   if (!controller.signal.aborted) throw err
   log('stopped; agents, origin, mounts and namespaces are torn down')

@@ -16,16 +16,33 @@ export function profileKey (scenario: Scenario): string {
 
 /**
  * The profile for SCENARIO: FILE when given, else the newest one a real run of
- * the same image and workload left in results/sim/<run>/workload-profile.json.
+ * the same image and workload left in results/sim/<run>/workload-profile.json,
+ * else one recorded now by a real lone run (RECORD: about 20 s), so that the
+ * model works on a fresh clone.
  */
-export async function loadProfile (repo: string, scenario: Scenario, file?: string): Promise<WorkloadProfile> {
+export async function loadProfile (repo: string, scenario: Scenario, options: { file?: string | undefined, record?: (out: string) => Promise<void> } = {}): Promise<WorkloadProfile> {
   if ('synthetic' in scenario.image) return syntheticProfile(scenario.image.synthetic)
-  const candidates = file !== undefined ? [file] : await recordedProfiles(join(repo, 'results', 'sim'))
-  for (const path of candidates) {
-    const profile = JSON.parse(await readFile(path, 'utf8')) as WorkloadProfile
-    if (file !== undefined || profile.key === profileKey(scenario)) return profile
+  if (options.file !== undefined) return JSON.parse(await readFile(options.file, 'utf8')) as WorkloadProfile
+  const dir = join(repo, 'results', 'sim')
+  const found = await findProfile(dir, scenario)
+  if (found !== undefined) return found
+  if (options.record === undefined) {
+    throw new Error(`no workload profile for ${scenario.name}'s image and workload in results/sim: record one with a real run (node simulations/run.ts SCENARIO --profile-only), or pass --profile FILE`)
   }
-  throw new Error(`no workload profile for ${scenario.name}'s image and workload in results/sim: record one with a real run (node simulations/run.ts SCENARIO --nodes 1), or pass --profile FILE`)
+  const stamp = new Date().toISOString().replace(/[:.]/g, '-').slice(0, 19)
+  await options.record(join(dir, `profile-${scenario.name}-${stamp}`))
+  const recorded = await findProfile(dir, scenario)
+  if (recorded === undefined) throw new Error(`the lone run recorded no workload profile for ${scenario.name}: see its output above`)
+  return recorded
+}
+
+/** The newest profile in DIR's runs for SCENARIO's image and workload. */
+async function findProfile (dir: string, scenario: Scenario): Promise<WorkloadProfile | undefined> {
+  for (const path of await recordedProfiles(dir)) {
+    const profile = JSON.parse(await readFile(path, 'utf8')) as WorkloadProfile
+    if (profile.key === profileKey(scenario)) return profile
+  }
+  return undefined
 }
 
 /** Every results/sim/<run>/workload-profile.json, newest first. */
