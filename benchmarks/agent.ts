@@ -401,8 +401,8 @@ async function benchIo (ctx: IoContext): Promise<void> {
       const diskCache = (await agent.stats()).cache
       say(`shoal disk cache after warming: ${mb(diskCache.bytes)} in ${diskCache.chunks} chunks`)
 
-      type Row = { shoal: number[], squashfuse: number[], ext4: number[], shoalFuseReads: number[], shoalOps: number[] }
-      const rows: Row[] = tests.map(() => ({ shoal: [], squashfuse: [], ext4: [], shoalFuseReads: [], shoalOps: [] }))
+      type Row = { shoal: number[], squashfuse: number[], ext4: number[], shoalFuseReads: number[], shoalOps: number[], shoalCpuPerGB: number[] }
+      const rows: Row[] = tests.map(() => ({ shoal: [], squashfuse: [], ext4: [], shoalFuseReads: [], shoalOps: [], shoalCpuPerGB: [] }))
       const value = (t: IoTest, r: { bytesPerSecond: number, iops: number }): number => t.unit === 'MB/s' ? r.bytesPerSecond / 1e6 : r.iops
       for (let i = 0; i < runs; i++) {
         for (const [ti, t] of tests.entries()) {
@@ -417,9 +417,12 @@ async function benchIo (ctx: IoContext): Promise<void> {
             const size = (await stat(join(dir, big))).size
             if (size !== bigMiB * 1048576) throw new Error(`${system}: stat says ${big} has ${size} bytes, not ${bigMiB * 1048576}, before "${t.name}" of run ${i + 1}`)
             const before = system === 'shoal' ? await fuseReads(agent, shoalMount) : 0
+            const cpuBefore = system === 'shoal' ? await cpuSeconds(agent.daemon.child.pid!) : 0
             const r = await fio(join(dir, big), t.spec)
             rows[ti]![system].push(value(t, r))
             if (system === 'shoal') {
+              // The agent's own CPU (all its threads: JS, libuv's pool, FUSE), per GB that fio read.
+              rows[ti]!.shoalCpuPerGB.push((await cpuSeconds(agent.daemon.child.pid!) - cpuBefore) / (r.ioBytes / 1e9))
               rows[ti]!.shoalFuseReads.push(await fuseReads(agent, shoalMount) - before)
               rows[ti]!.shoalOps.push(r.ioBytes / (t.unit === 'MB/s' ? 1048576 : 4096))
             }
@@ -430,16 +433,17 @@ async function benchIo (ctx: IoContext): Promise<void> {
       results.io = { tests: tests.map((t, i) => ({ ...t, ...rows[i] })), mksquashfsSeconds, diskCache }
       emit(`\n### Reads of a ${bigMiB} MiB incompressible file: shoal FUSE mount (warm disk cache) vs squashfuse\n`)
       emit(`${(await run('fio', ['--version'])).stdout.trim()}, psync, median of ${runs} runs (min–max); page cache dropped (\`echo 3 > /proc/sys/vm/drop_caches\`) before every fio run. ` +
-        'shoal: agent daemon, every chunk already in its disk cache (1 MiB chunks, verified with SHA-256 on every read from disk; a 64 MiB in-memory chunk LRU survives the drop). ' +
+        'shoal: agent daemon, every chunk already in its disk cache (1 MiB chunks, fetched and verified by this agent process, so read by pread without hashing again: docs/ARCHITECTURE.md, "Trust boundary"; a 64 MiB in-memory chunk LRU survives the drop). ' +
         'squashfuse 0.1.104 (libfuse3, defaults) over mksquashfs -comp zstd -Xcompression-level 3 of the umoci-unpacked tree. ext4: the same file read directly from the unpacked tree, one run, for the disk\'s ceiling.\n')
-      emit(markdownTable(['test', 'page cache', 'shoal', 'squashfuse', 'shoal % of squashfuse (aim ≥ 80 %)', 'ext4, no FUSE', 'FUSE reads that reached shoal'], tests.map((t, i) => {
+      emit(markdownTable(['test', 'page cache', 'shoal', 'squashfuse', 'shoal % of squashfuse', 'ext4, no FUSE', 'FUSE reads that reached shoal', 'agent CPU per GB read'], tests.map((t, i) => {
         const r = rows[i]!
         const fmt = (x: number): string => `${x.toFixed(0)}`
         const s = median(r.shoal)
         const f = median(r.squashfuse)
         const readsPerOp = median(r.shoalFuseReads.map((n, k) => n / r.shoalOps[k]!))
         return [t.name, t.cache, `${fmt(s)} ${t.unit}${spread(r.shoal, fmt)}`, `${fmt(f)} ${t.unit}${spread(r.squashfuse, fmt)}`, pct(s / f),
-          `${fmt(median(r.ext4))} ${t.unit}`, `${median(r.shoalFuseReads).toFixed(0)} (${readsPerOp.toFixed(2)} per fio ${t.unit === 'MB/s' ? 'MiB' : 'read'})`]
+          `${fmt(median(r.ext4))} ${t.unit}`, `${median(r.shoalFuseReads).toFixed(0)} (${readsPerOp.toFixed(2)} per fio ${t.unit === 'MB/s' ? 'MiB' : 'read'})`,
+          `${median(r.shoalCpuPerGB).toFixed(1)} s${spread(r.shoalCpuPerGB, x => x.toFixed(1))}`]
       })))
     } finally {
       await squash.stop()
@@ -447,6 +451,15 @@ async function benchIo (ctx: IoContext): Promise<void> {
   } finally {
     await agent.stop()
   }
+}
+
+/** CPU time (user + system, all threads) process PID has used so far, from /proc/PID/stat. */
+async function cpuSeconds (pid: number): Promise<number> {
+  const stat = await readFile(`/proc/${pid}/stat`, 'utf8')
+  // Fields after the command name (which may contain spaces, so split after its closing parenthesis): utime and stime are the 12th and 13th.
+  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ')
+  // In clock ticks: sysconf(_SC_CLK_TCK) is 100 on Linux for every architecture Node runs on.
+  return (Number(fields[11]) + Number(fields[12])) / 100
 }
 
 // ---------------------------------------------------------------------------------
@@ -530,7 +543,7 @@ async function benchMeta (ctx: MetaContext): Promise<void> {
     'already holds the catalogs and chunks; squashfuse: a fresh process) and the page cache, dentries and inodes dropped. Warm: the same command again right after, on the same mount. ' +
     'shoal speed as % of squashfuse = squashfuse time / shoal time.\n')
   const ms = (x: number): string => `${(x * 1000).toFixed(0)} ms`
-  emit(markdownTable(['test', 'shoal cold', 'squashfuse cold', 'shoal % of squashfuse, cold', 'shoal warm', 'squashfuse warm', 'shoal % of squashfuse, warm', 'FUSE opens / reads reaching shoal, cold → warm'], cases.map((c, i) => {
+  emit(markdownTable(['test', 'shoal cold', 'squashfuse cold', 'shoal % of squashfuse, cold', 'shoal warm', 'squashfuse warm', 'shoal % of squashfuse, warm', 'files read / FUSE reads reaching shoal, cold → warm'], cases.map((c, i) => {
     const r = rows[i]!
     const sc = median(r.shoal.cold)
     const fc = median(r.squashfuse.cold)

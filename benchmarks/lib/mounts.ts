@@ -5,8 +5,7 @@
 import { mkdir } from 'node:fs/promises'
 import { join, resolve } from 'node:path'
 import type { AgentStats, MountInfo } from '../../src/agent/agent.ts'
-import { controlSocketPath } from '../../src/agent/config.ts'
-import { callAgent } from '../../src/agent/control.ts'
+import { callAgent, controlSocketPath } from '../../src/agent/control.ts'
 import { firstLine, isMounted, run, startDaemon, stopChild, unmountAllBelow, waitFor, type Cleanup, type Daemon } from './proc.ts'
 
 export const SHOAL = resolve(import.meta.dirname, '..', '..', 'bin', 'shoal')

@@ -23,6 +23,7 @@ import type { AgentStats } from '../../src/agent/agent.ts'
 import { callAgent } from '../../src/agent/control.ts'
 import { sleep } from '../../src/origin/limit.ts'
 import type { BadPeerStats } from './bad-peer.ts'
+import type { HostilePeerStats } from './hostile-peer.ts'
 import type { PreparedImage } from './image.ts'
 import { Network, type NetHost } from './netns.ts'
 import type { OriginStatsLine } from './origin-process.ts'
@@ -71,6 +72,8 @@ export interface ClusterResult {
   nodes: NodeResult[]
   origin: OriginTotals & { samples: OriginSample[] }
   badPeers: Array<BadPeerStats & { peerId: string }>
+  /** The flooding peers' last counters (real runs with the hostilePeers fault). */
+  hostilePeers: Array<HostilePeerStats & { peerId: string }>
   events: Array<{ tMs: number, what: string }>
   /** From the first arrival to the last workload's end. */
   wallMs: number
@@ -132,6 +135,7 @@ class ClusterRun {
   private originPort = 0
   private readonly samples: OriginSample[] = []
   private readonly badPeers: Array<{ child: ChildProcess, peerId: string, stats: BadPeerStats }> = []
+  private readonly hostilePeers: Array<{ child: ChildProcess, peerId: string, stats: HostilePeerStats | undefined }> = []
   private readonly events: ClusterResult['events'] = []
   private readonly timers: NodeJS.Timeout[] = []
   /** Fault actions in progress (an origin restart), awaited by teardown so none outlives the run. */
@@ -168,6 +172,7 @@ class ClusterRun {
     o.log(`${o.mode}: origin at ${this.originUrl()}, ${s.origin.mbit} Mbit/s`)
     await this.startAgents()
     if (this.peers && s.faults.badPeers !== undefined) await this.startBadPeers(countOf(s.faults.badPeers.share, s.nodes))
+    if (this.peers && s.faults.hostilePeers !== undefined) await this.startHostilePeers(countOf(s.faults.hostilePeers.share, s.nodes))
     if (this.peers) await this.waitForSwarm()
     o.signal.throwIfAborted()
 
@@ -205,6 +210,7 @@ class ClusterRun {
       nodes: this.nodes.map(n => n.result),
       origin,
       badPeers: this.badPeers.map(b => ({ peerId: b.peerId, ...b.stats })),
+      hostilePeers: this.hostilePeers.flatMap(h => h.stats !== undefined ? [{ peerId: h.peerId, ...h.stats }] : []),
       events: this.events,
       wallMs,
       cpuBusy: (cpuAfter.busy - cpuBefore.busy) / Math.max(1, cpuAfter.total - cpuBefore.total),
@@ -316,6 +322,29 @@ class ClusterRun {
     // Their provider records need a moment to land before the burst looks them up.
     await sleep(2000, this.o.signal)
     this.o.log(`${this.o.mode}: ${count} bad peers joined`)
+  }
+
+  /**
+   * Flooding peers, after the agents (they are given every agent's address, as peer
+   * exchange would give it to any member): their floods run through the whole burst.
+   * Niced: each stands for another machine, and on this one must not take the CPU
+   * that the agents it floods need (the OS would then stall them, not their code).
+   */
+  private async startHostilePeers (count: number): Promise<void> {
+    const seeds = this.nodes.slice(0, 2).map(n => n.agent!.ready.multiaddrs![0]!)
+    const targets = this.nodes.map(n => n.agent!.ready.multiaddrs![0]!)
+    for (let i = 0; i < count; i++) {
+      const index = this.nodes.length + 1 + countOf(this.s.faults.badPeers?.share ?? 0, this.s.nodes) + i
+      const host = await this.net?.addHost(`h${i}`, index, this.s.links.mbit)
+      const args = JSON.stringify({ stateDir: join(this.o.dir, 'state', `hostile-${i}`), layout: this.o.image.layout, image: this.o.image.tag, listen: [host !== undefined ? `/ip4/${host.ip}/tcp/4001` : '/ip4/127.0.0.1/tcp/0'], bootstrap: seeds, targets })
+      const child = await this.spawnLogged(this.wrap(host, ['nice', '-n', '19', process.execPath, join(import.meta.dirname, 'hostile-peer.ts'), args]), `hostile-${i}`)
+      const entry: { child: ChildProcess, peerId: string, stats: HostilePeerStats | undefined } = { child, peerId: '', stats: undefined }
+      entry.peerId = (await jsonLines<{ peerId: string }>(child, `hostile peer ${i}`, 30_000, line => { entry.stats = line as HostilePeerStats })).peerId
+      this.hostilePeers.push(entry)
+    }
+    // Their floods under way before the burst starts.
+    await sleep(3000, this.o.signal)
+    this.o.log(`${this.o.mode}: ${count} hostile peers flooding`)
   }
 
   // --- workloads --------------------------------------------------------------
@@ -477,6 +506,7 @@ class ClusterRun {
     await step('workloads', async () => await this.stopWorkloads('teardown'))
     await step('agents', async () => await Promise.all(this.nodes.map(async n => await n.agent?.stop(10_000))))
     await step('bad peers', async () => await Promise.all(this.badPeers.map(async b => await stopChild(b.child))))
+    await step('hostile peers', async () => await Promise.all(this.hostilePeers.map(async h => await stopChild(h.child))))
     await step('origin', async () => await this.stopOrigin())
     await step('mounts', async () => await unmountBelow(this.o.dir))
     await step('namespaces', async () => await this.net?.destroy())

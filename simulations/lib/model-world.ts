@@ -1338,10 +1338,12 @@ export async function simulate (options: ModelOptions): Promise<ModelRun> {
       nodes: nodes.map(n => n.result),
       origin: { bytesSent: w.origin.bytes, ...w.originStats, samples },
       badPeers: bad.map(b => ({ peerId: b.id, wants: 0, corrupted: b.result.uploadBytes > 0 ? 1 : 0, haves: 0 })),
+      hostilePeers: [],
       events,
       wallMs: sim.now,
       cpuBusy: 0,
-      notes: []
+      // The model has no wire protocol to flood: the chunk server's limits against floods are measured in real runs only.
+      notes: s.faults.hostilePeers !== undefined ? ['faults.hostilePeers is not modelled (real runs only): this run has no hostile peers'] : []
     },
     events: sim.events,
     seconds: (performance.now() - started) / 1000,

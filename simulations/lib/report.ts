@@ -201,9 +201,21 @@ function summary (report: Report, lone: LoneReference, m: Record<string, RunMetr
     const failures = run.nodes.filter(n => n.outcome === 'failed')
     if (failures.length > 0) lines.push(`Failures (${name}): ${failures.slice(0, 10).map(n => `node ${n.index}: ${n.error ?? `exit ${n.exitCode}`}`).join('; ')}`, '')
     for (const note of run.notes) lines.push(`Note (${name}): ${note}`, '')
+    if (run.hostilePeers.length > 0) lines.push(`Hostile peers (${name}): ${hostile(run)}`, '')
     if (run.cpuBusy > 0) lines.push(`CPU (${name}): the machine's cores were ${(run.cpuBusy * 100).toFixed(0)} % busy during the burst.${loopLag(run.nodes)}`, '')
   }
   return lines.join('\n')
+}
+
+/** What the flooding peers sent and drew, and what the honest nodes' chunk servers did about it. */
+function hostile (run: ClusterResult): string {
+  const peers = run.hostilePeers
+  const sum = (f: (h: ClusterResult['hostilePeers'][number]) => number): number => peers.reduce((a, h) => a + f(h), 0)
+  const frames = (['have', 'join', 'want', 'churn'] as const).map(k => `${k} ${sum(h => h.frames[k])}`).join(', ')
+  const server = (key: string): number => run.nodes.reduce((a, n) => a + (n.peer?.server[key] ?? 0), 0)
+  return `${peers.length} sent ${frames} frames (${mb(sum(h => h.sentBytes))}), read ${sum(h => h.answers)} answers (${mb(sum(h => h.receivedBytes))}), ` +
+    `opened ${sum(h => h.opened)} streams (${sum(h => h.closedByTarget)} closed by their targets), answered ${sum(h => h.refusedRequests)} requests of honest nodes dont-have. ` +
+    `The honest nodes' chunk servers: ${['throttled', 'overRate', 'stalled', 'readsPaused', 'haveLimited', 'busyAllPeers', 'busyQueueFull'].map(k => `${k} ${server(k)}`).join(', ')}.`
 }
 
 /** The agents' event-loop delay: the median node's p99 and the worst delay anywhere. */

@@ -32,6 +32,12 @@ export interface Faults {
   originOutage?: { fromMs: number, toMs: number }
   /** round(share × nodes) extra peers that announce the image's packs and answer every want with corrupted bytes. */
   badPeers?: { share: number }
+  /**
+   * round(share × nodes) extra peers (real runs only) that join the image's swarms, hold nothing
+   * (dont-have to every request), and flood every honest agent on the chunk protocol
+   * (simulations/lib/hostile-peer.ts).
+   */
+  hostilePeers?: { share: number }
 }
 
 /** Parameters of the model that real runs calibrate (see model.ts and docs/BENCHMARKS.md). */
@@ -189,7 +195,7 @@ function checkArrival (a: Arrival): void {
 
 function checkFaults (f: Faults): void {
   check(isObject(f), 'faults must be an object')
-  for (const key of Object.keys(f)) check(['kill', 'originOutage', 'badPeers'].includes(key), `unknown fault "${key}" (known: kill, originOutage, badPeers)`)
+  for (const key of Object.keys(f)) check(['kill', 'originOutage', 'badPeers', 'hostilePeers'].includes(key), `unknown fault "${key}" (known: kill, originOutage, badPeers, hostilePeers)`)
   if (f.kill !== undefined) {
     share(f.kill.share, 'faults.kill.share')
     nonNegative(f.kill.atMs, 'faults.kill.atMs')
@@ -199,6 +205,7 @@ function checkFaults (f: Faults): void {
     check(f.originOutage.toMs > f.originOutage.fromMs, 'faults.originOutage.toMs must be after fromMs')
   }
   if (f.badPeers !== undefined) share(f.badPeers.share, 'faults.badPeers.share')
+  if (f.hostilePeers !== undefined) share(f.hostilePeers.share, 'faults.hostilePeers.share')
 }
 
 /** How many of `nodes` a share of them is (at least one when the share is positive). */

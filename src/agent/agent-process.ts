@@ -2,7 +2,7 @@ import { spawn, type ChildProcess } from 'node:child_process'
 import { resolve } from 'node:path'
 import { createInterface } from 'node:readline'
 import { ShoalError } from '../errors.ts'
-import { controlSocketPath } from './config.ts'
+import { controlSocketPath } from './control.ts'
 
 export const SHOAL_BIN = resolve(import.meta.dirname, '..', '..', 'bin', 'shoal')
 

@@ -12,22 +12,24 @@ import { mountImage, type MountedImage } from '../fs/mount.ts'
 import { cleanStaleMount } from '../fs/stale-mount.ts'
 import { fileHasDigest } from '../image/catalog-files.ts'
 import { openImageView, type ImageView } from '../image/image-view.ts'
-import { prefetchChunks } from '../image/prefetch-list.ts'
+import { inPackOrder, prefetchChunks } from '../image/prefetch-list.ts'
 import { isTagName, mountName, RollbackGuard } from '../image/rollback-guard.ts'
+import { watchExpiry, type MountedSignature } from '../image/signature-expiry.ts'
 import { writeAtomic } from '../oci/layout.ts'
 import { FailoverOrigin, openOrigin } from '../origin/open-origin.ts'
 import type { Origin } from '../origin/origin.ts'
 import type { RuntimeConfig } from '../oci/types.ts'
+import { sleep } from '../origin/limit.ts'
 import { RangeReader } from '../origin/range-reader.ts'
 import { RoutedOrigin } from '../origin/routed-origin.ts'
-import { Snapshotter } from '../snapshotter/snapshotter.ts'
-import { serveSnapshotter } from '../snapshotter/service.ts'
-import { LazyLayers, type LazyLayerStats } from './lazy-layers.ts'
+import { backgroundFetch, type BackgroundFetchResult } from './background-fetch.ts'
+import { MOUNT_FETCH_DEFAULTS } from './constants.ts'
+import type { LazyLayers, LazyLayerStats } from './lazy-layers.ts'
 import type { SharedBlob } from '../image/load-image.ts'
-import { controlSocketPath, type AgentConfig } from './config.ts'
-import { startControlServer } from './control.ts'
+import type { AgentConfig } from './config.ts'
+import { controlSocketPath, startControlServer } from './control.ts'
 import { AgentMetrics } from './metrics.ts'
-import { Peering, type ChunkLocator, type PeeringStats } from './peering.ts'
+import type { ChunkLocator, Peering, PeeringStats } from './peering.ts'
 import { EventLoopLag, type LoopLagSummary } from '../p2p/loop-lag.ts'
 import { Catalog, type ChunkRef } from '../format/catalog.ts'
 import { Codec } from '../format/codec.ts'
@@ -40,10 +42,14 @@ export interface MountInfo {
   manifestDigest: string
   mountpoint: string
   mountedAt: string
+  /** The signature verified at mount; `expired` once it expired while mounted (the mount keeps serving: src/image/signature-expiry.ts). */
+  signature: MountedSignature
   /** Reads through this mount. */
   fs: { opens: number, reads: number, bytesRead: number, readErrors: number }
-  /** The image's prefetch list, fetched in the background after mount. */
+  /** The image's prefetch list, fetched right after mount (`shoal run` waits for its first 64 MiB before starting the container). */
   prefetch: { chunks: number, result?: PrefetchResult }
+  /** With `backgroundFetch`: the rest of the image streamed into the cache once the start-up reads were served. */
+  background?: BackgroundFetchResult
   /** Chunks and bytes this image's reads got, by source (memory, disk, peers, origin). */
   sources: Record<string, { chunks: number, bytes: number }>
 }
@@ -65,7 +71,7 @@ export interface AgentStats {
   snapshotter?: LazyLayerStats
 }
 
-interface ActiveMount { info: Omit<MountInfo, 'fs' | 'prefetch' | 'sources'>, view: ImageView, mounted: MountedImage, prefetch: MountInfo['prefetch'], sources: MountInfo['sources'], lifetime: AbortController }
+interface ActiveMount { info: Omit<MountInfo, 'fs' | 'prefetch' | 'sources' | 'background'>, view: ImageView, mounted: MountedImage, prefetch: MountInfo['prefetch'], sources: MountInfo['sources'], lifetime: AbortController, background?: BackgroundFetchResult }
 
 /**
  * The per-node daemon: one chunk resolver (memory → disk → peers → origin) and one
@@ -118,7 +124,7 @@ export class Agent implements ChunkLocator {
     const log = options.log ?? silentLogger
     await ownerOnlyStateDir(config.stateDir)
     const trusted = await Promise.all(config.trust.map(loadPublicKey))
-    const origins = await Promise.all(config.origins.map(o => openOrigin(o, { registry: config.registry })))
+    const origins = await Promise.all(config.origins.map(o => openOrigin(o, { registry: config.registry, redirectHosts: config.redirectHosts })))
     const configured = origins.length === 0 ? undefined : origins.length === 1 ? origins[0]! : new FailoverOrigin(origins)
     // Serving containerd, each image comes from the registry its pod names: blobs are routed per image.
     const origin = config.snapshotterSocket !== '' ? new RoutedOrigin(configured) : configured!
@@ -130,12 +136,15 @@ export class Agent implements ChunkLocator {
       cacheChunks: () => disk.stats.chunks,
       evictions: () => disk.stats.evictions,
       mounts: () => agent?.mounts.size ?? 0,
+      expiredMounts: () => [...agent?.mounts.values() ?? []].filter(m => m.info.signature.expired).length,
       peers: () => peering?.node.connectedPeers().length ?? 0
     })
     let peering: Peering | undefined
     try {
+      // libp2p (and, below, gRPC for containerd) is loaded only by agents that use it:
+      // about a third of a second of every `shoal run --no-p2p` (docs/BENCHMARKS.md).
       peering = config.p2p.enabled
-        ? await Peering.start(config, { disk, resolver: () => resolver, locator: { locate: d => agent!.locate(d), locateSoon: async (d, s) => await agent!.locateSoon(d, s), packChunks: p => agent!.packChunks(p) }, log, lag: loop })
+        ? await (await import('./peering.ts')).Peering.start(config, { disk, resolver: () => resolver, locator: { locate: d => agent!.locate(d), locateSoon: async (d, s) => await agent!.locateSoon(d, s), packChunks: p => agent!.packChunks(p) }, log, lag: loop })
         : undefined
     } catch (err) {
       loop.close()
@@ -145,8 +154,9 @@ export class Agent implements ChunkLocator {
     const resolver: ChunkResolver = new ChunkResolver({
       disk,
       memory: new MemoryCache(config.memoryBytes),
-      remote: [...(peering !== undefined ? [peering.source] : []), new OriginChunkSource(new RangeReader({ origin }))],
+      remote: [...(peering !== undefined ? [peering.source] : []), new OriginChunkSource(new RangeReader({ origin, maxGap: MOUNT_FETCH_DEFAULTS.rangeMaxGapBytes }))],
       timeoutMs: config.chunkTimeoutMs,
+      prefetchConcurrency: MOUNT_FETCH_DEFAULTS.prefetchConcurrency,
       onEvent: metrics.onResolverEvent,
       log
     })
@@ -185,6 +195,7 @@ export class Agent implements ChunkLocator {
    * images mounted lazily (src/agent/lazy-layers.ts) from this agent's resolver.
    */
   private async serveContainerd (origin: RoutedOrigin, metrics: AgentMetrics): Promise<void> {
+    const [{ LazyLayers }, { Snapshotter }, { serveSnapshotter }] = await Promise.all([import('./lazy-layers.ts'), import('../snapshotter/snapshotter.ts'), import('../snapshotter/service.ts')])
     const lazy = new LazyLayers({
       trusted: this.trusted,
       catalogDir: join(this.config.stateDir, 'catalogs'),
@@ -219,9 +230,12 @@ export class Agent implements ChunkLocator {
   /**
    * Mounts IMAGE (a tag or digest at the origin) read-only at MOUNTPOINT, after
    * checking its signature. `signal` bounds the set-up only; the mount then lives
-   * until `umount` or `stop`.
+   * until `umount` or `stop`. With `prefetchFirst` it returns once the image's prefetch
+   * list is fetched, or its first MOUNT_FETCH_DEFAULTS.prefetchWaitBytes, or after
+   * prefetchWaitMs: a container started then finds its start-up reads cached instead of
+   * fetching them one miss at a time.
    */
-  async mount (image: string, mountpoint: string, options: { signal?: AbortSignal, onRead?: (path: string, offset: number, length: number) => void } = {}): Promise<MountInfo> {
+  async mount (image: string, mountpoint: string, options: { signal?: AbortSignal, prefetchFirst?: boolean, onRead?: (path: string, offset: number, length: number) => void } = {}): Promise<MountInfo> {
     const path = resolve(mountpoint)
     const existing = this.mounts.get(path)
     if (existing !== undefined) throw new UsageError(`${path} is already a shoal mount (of ${existing.info.image}); unmount it first`)
@@ -244,6 +258,8 @@ export class Agent implements ChunkLocator {
       await this.openServingCatalogs()
       const sources: MountInfo['sources'] = {}
       const lifetime = new AbortController()
+      // When a read last waited for a remote source: background fetch waits for quiet.
+      let lastMiss = -Infinity
       let mounted: MountedImage
       try {
         options.signal?.throwIfAborted()
@@ -253,7 +269,9 @@ export class Agent implements ChunkLocator {
           resolver: this.resolver,
           log: this.log,
           signal: lifetime.signal,
+          readaheadChunks: MOUNT_FETCH_DEFAULTS.readaheadChunks,
           onServed: (source, bytes) => {
+            if (source !== 'memory' && source !== 'disk') lastMiss = performance.now()
             const s = (sources[source] ??= { chunks: 0, bytes: 0 })
             s.chunks++
             s.bytes += bytes
@@ -264,18 +282,51 @@ export class Agent implements ChunkLocator {
         view.close()
         throw err
       }
-      const info = { image, runtime: view.image.config.runtime, manifestDigest: view.image.manifestDigest, mountpoint: path, mountedAt: new Date().toISOString() }
-      // The recorded start-up reads are fetched in the background, at the resolver's low priority.
+      const signed = view.image.signature!
+      const info = { image, runtime: view.image.config.runtime, manifestDigest: view.image.manifestDigest, mountpoint: path, mountedAt: new Date().toISOString(), signature: { version: signed.version, expires: signed.expires, expired: false } }
+      watchExpiry(signed.expires, lifetime.signal, () => {
+        info.signature.expired = true
+        this.log.warn({ mountpoint: path, image, version: signed.version, expires: signed.expires }, `the signature of mounted image ${image} expired; the mount keeps serving what it verified, but the image will not mount again (not after a restart either) until it is re-signed: shoal sign ${image} --key KEY`)
+      })
+      // The recorded start-up reads: the first prefetchWaitBytes of them (in the order they
+      // were read), then the rest, each part all at once in pack order: the resolver's
+      // background budget keeps many in flight and the RangeReader merges neighbours in a pack.
       const chunks = prefetchChunks(view.view, view.image.config.prefetch)
+      let cut = 0
+      for (let bytes = 0; cut < chunks.length && bytes < MOUNT_FETCH_DEFAULTS.prefetchWaitBytes; cut++) bytes += chunks[cut]!.length
       const active: ActiveMount = { info, view, mounted, prefetch: { chunks: chunks.length }, sources, lifetime }
       this.mounts.set(path, active)
-      if (chunks.length > 0) {
-        void this.resolver.prefetch(chunks, { signal: lifetime.signal }).then(result => {
-          active.prefetch.result = result
-          this.log.info({ mountpoint: path, ...result }, 'prefetch list fetched')
-        })
+      const fetchPart = async (part: ChunkRef[]): Promise<PrefetchResult> => await this.resolver.prefetch(inPackOrder(part), { signal: lifetime.signal })
+      const startup = fetchPart(chunks.slice(0, cut))
+      const prefetched = startup.then(async first => {
+        const rest = await fetchPart(chunks.slice(cut))
+        if (chunks.length === 0) return
+        active.prefetch.result = { requested: first.requested + rest.requested, cached: first.cached + rest.cached, resolved: first.resolved + rest.resolved, failed: first.failed + rest.failed }
+        this.log.info({ mountpoint: path, ...active.prefetch.result }, 'prefetch list fetched')
+      })
+      if (this.config.backgroundFetch) {
+        void backgroundFetch({
+          catalogs: view.view.catalogs,
+          prefetch: async (list, o) => await this.resolver.prefetch(list, o),
+          sinceLastMiss: () => performance.now() - lastMiss,
+          signal: lifetime.signal,
+          startAfter: prefetched
+        }).then(result => {
+          active.background = result
+          this.log.info({ mountpoint: path, ...result }, 'background fetch done')
+        }, (err: unknown) => this.log.warn({ mountpoint: path, err: (err as Error).message }, 'background fetch failed'))
       }
       await this.saveMounts()
+      if (options.prefetchFirst === true && chunks.length > 0) {
+        // Bounded, and given up on with the set-up's signal: the mount is made either way.
+        const stopWaiting = new AbortController()
+        const waitSignal = options.signal !== undefined ? AbortSignal.any([stopWaiting.signal, options.signal]) : stopWaiting.signal
+        try {
+          await Promise.race([cut < chunks.length ? startup : prefetched, sleep(MOUNT_FETCH_DEFAULTS.prefetchWaitMs, waitSignal).catch(() => {})])
+        } finally {
+          stopWaiting.abort()
+        }
+      }
       this.log.info(info, 'mounted')
       return this.describe(active)
     } finally {
@@ -301,7 +352,7 @@ export class Agent implements ChunkLocator {
   }
 
   private describe (m: ActiveMount): MountInfo {
-    return { ...m.info, fs: { ...m.mounted.stats }, prefetch: structuredClone(m.prefetch), sources: structuredClone(m.sources) }
+    return { ...m.info, fs: { ...m.mounted.stats }, prefetch: structuredClone(m.prefetch), sources: structuredClone(m.sources), ...(m.background !== undefined ? { background: { ...m.background } } : {}) }
   }
 
   /**
@@ -402,12 +453,12 @@ export class Agent implements ChunkLocator {
   }
 
   private async handleControl (method: string, path: string, body: unknown): Promise<unknown> {
-    const b = (body ?? {}) as { image?: unknown, mountpoint?: unknown }
+    const b = (body ?? {}) as { image?: unknown, mountpoint?: unknown, prefetchFirst?: unknown }
     if (method === 'GET' && path === '/v1/stats') return this.stats()
     if (method === 'GET' && path === '/v1/mounts') return this.list()
     if (method === 'POST' && path === '/v1/mounts') {
       if (typeof b.image !== 'string' || typeof b.mountpoint !== 'string') throw new UsageError('mount needs an image and a mountpoint')
-      return await this.mount(b.image, b.mountpoint, { signal: AbortSignal.timeout(120_000) })
+      return await this.mount(b.image, b.mountpoint, { signal: AbortSignal.timeout(120_000), prefetchFirst: b.prefetchFirst === true })
     }
     if (method === 'DELETE' && path === '/v1/mounts') {
       if (typeof b.mountpoint !== 'string') throw new UsageError('umount needs a mountpoint')
@@ -419,7 +470,7 @@ export class Agent implements ChunkLocator {
 
   /** Mount points are recorded so that an agent killed with -9 can clean them up on restart. */
   private async saveMounts (): Promise<void> {
-    await writeAtomic(join(this.config.stateDir, 'mounts.json'), JSON.stringify([...this.mounts.keys()]))
+    await writeAtomic(join(this.config.stateDir, 'mounts.json'), JSON.stringify([...this.mounts.keys()]), { mode: CACHE_MODES.file })
   }
 
   private async cleanUpAfterCrash (): Promise<void> {
@@ -428,7 +479,7 @@ export class Agent implements ChunkLocator {
     for (const path of previous) {
       if (await cleanStaleMount(path)) this.log.warn({ mountpoint: path }, 'cleaned a mount left by a previous agent')
     }
-    await writeAtomic(file, '[]')
+    await writeAtomic(file, '[]', { mode: CACHE_MODES.file })
   }
 }
 

@@ -1,7 +1,8 @@
 import { readFile } from 'node:fs/promises'
-import { join, resolve } from 'node:path'
+import { resolve } from 'node:path'
 import { UsageError } from '../errors.ts'
 import { peerBudgetMs } from '../p2p/peer-source.ts'
+import { DEFAULT_STATE_DIR } from './constants.ts'
 import type { RegistryAccess } from '../registry/client.ts'
 
 /** Everything an agent needs; from a JSON file, overridden by flags. */
@@ -12,6 +13,12 @@ export interface AgentConfig {
   origins: string[]
   /** For docker:// origins: credentials USER:PASSWORD (else the docker/podman auth files), caFile, plainHttp. */
   registry: RegistryAccess
+  /**
+   * For http(s):// origins: hosts (`host` or `host:port`) their redirects may lead to,
+   * e.g. the CDN or object store an origin hands blobs off to. Redirects within the
+   * origin's own scheme, host and port are always followed, any other is refused.
+   */
+  redirectHosts: string[]
   /** Public keys (shoal.pub files) whose signatures are accepted. */
   trust: string[]
   /** Disk cache limit in bytes. */
@@ -24,6 +31,8 @@ export interface AgentConfig {
   chunkTimeoutMs: number
   /** Serve containerd's Snapshots API (a proxy snapshotter) on this unix socket; '' = off. */
   snapshotterSocket: string
+  /** Stream the rest of each mounted image into the cache once its start-up reads are served (src/agent/background-fetch.ts). */
+  backgroundFetch: boolean
   /** Peer-to-peer settings; `enabled: false` makes the agent use only its cache and the origin. */
   p2p: {
     enabled: boolean
@@ -35,19 +44,19 @@ export interface AgentConfig {
   }
 }
 
-export const DEFAULT_STATE_DIR = '/var/lib/shoal'
-
 export function defaultConfig (stateDir = DEFAULT_STATE_DIR): AgentConfig {
   return {
     stateDir,
     origins: [],
     registry: {},
+    redirectHosts: [],
     trust: [],
     cacheBytes: 10 * 2 ** 30,
     memoryBytes: 64 * 2 ** 20,
     metrics: '127.0.0.1:0',
     chunkTimeoutMs: 20_000,
     snapshotterSocket: '',
+    backgroundFetch: false,
     p2p: { enabled: true, listen: ['/ip4/127.0.0.1/tcp/0'], peers: [] }
   }
 }
@@ -75,6 +84,11 @@ export function validateConfig (config: AgentConfig): AgentConfig {
   if (!Number.isSafeInteger(config.memoryBytes) || config.memoryBytes < 2 ** 20) throw new UsageError(`memory cache size ${config.memoryBytes} is too small (at least 1 MiB)`)
   const upload = config.p2p.uploadBytesPerSecond
   if (upload !== undefined && !(upload > 0)) throw new UsageError(`upload rate ${upload} must be a positive number of bytes per second (leave it out for no cap)`)
+  if (!Array.isArray(config.redirectHosts)) throw new UsageError('redirectHosts must be a list of hosts, e.g. "redirectHosts": ["cdn.example.com"] in the config file')
+  for (const host of config.redirectHosts) {
+    // HttpOrigin checks them too; here the message can name the flag.
+    if (typeof host !== 'string' || !/^[^/?#@\s:]+(:\d{1,5})?$|^\[[0-9a-fA-F:.]+\](:\d{1,5})?$/.test(host)) throw new UsageError(`redirect host "${host}" is not a host: write HOST or HOST:PORT (no scheme, no path), e.g. --redirect-host cdn.example.com or --redirect-host 10.0.0.5:9000`)
+  }
   if (!(config.chunkTimeoutMs > 0)) throw new UsageError(`chunk timeout ${config.chunkTimeoutMs} must be positive`)
   // Peers must give up in time for the origin to be asked within the chunk timeout.
   if (config.p2p.enabled) peerBudgetMs(config.chunkTimeoutMs)
@@ -87,5 +101,3 @@ export function validateConfig (config: AgentConfig): AgentConfig {
     registry: { ...config.registry, ...(config.registry.caFile !== undefined ? { caFile: resolve(config.registry.caFile) } : {}) }
   }
 }
-
-export const controlSocketPath = (stateDir: string): string => join(stateDir, 'agent.sock')

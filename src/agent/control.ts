@@ -1,11 +1,21 @@
-import { createServer, request, type IncomingMessage, type ServerResponse } from 'node:http'
+import type { IncomingMessage, ServerResponse } from 'node:http'
 import { chmod, rm } from 'node:fs/promises'
+import { join } from 'node:path'
 import { ShoalError } from '../errors.ts'
+
+// node:http as the CommonJS module rather than an ES import: importing it as ESM builds
+// its namespace by reading every export, and the WebSocket/fetch getters among them load
+// undici, http2 and zlib, about 80 ms of each `shoal stats` / `shoal ls` (docs/BENCHMARKS.md,
+// "CLI start").
+const { createServer, request } = process.getBuiltinModule('node:http')
 
 /**
  * The control API: JSON over HTTP on a unix socket in the state dir, mode 0600,
  * so only root (the agent's user) can mount and unmount.
  */
+/** The control socket of the agent whose state directory is stateDir. */
+export const controlSocketPath = (stateDir: string): string => join(stateDir, 'agent.sock')
+
 export type ControlHandler = (method: string, path: string, body: unknown) => Promise<unknown>
 
 export async function startControlServer (socketPath: string, handler: ControlHandler): Promise<{ close: () => Promise<void> }> {

@@ -20,7 +20,7 @@ export class AgentMetrics {
   private readonly unavailable = new Counter({ name: 'shoal_chunk_unavailable_total', help: 'Chunk resolutions that failed for good (a read got EIO)', registers: [this.registry] })
   private readonly layers = new Counter({ name: 'shoal_snapshotter_layers_total', help: 'Layers containerd asked the snapshotter for: mounted lazily, or left to containerd to download (by reason)', labelNames: ['outcome', 'reason'], registers: [this.registry] })
 
-  constructor (gauges: { cacheBytes: () => number, cacheChunks: () => number, evictions: () => number, mounts: () => number, peers: () => number }) {
+  constructor (gauges: { cacheBytes: () => number, cacheChunks: () => number, evictions: () => number, mounts: () => number, expiredMounts: () => number, peers: () => number }) {
     const gauge = (name: string, help: string, read: () => number): void => {
       new Gauge({ name, help, registers: [this.registry], collect () { this.set(read()) } })
     }
@@ -28,6 +28,7 @@ export class AgentMetrics {
     gauge('shoal_cache_chunks', 'Chunks in the disk cache', gauges.cacheChunks)
     gauge('shoal_cache_evictions', 'Chunks evicted from the disk cache since start (monotonic)', gauges.evictions)
     gauge('shoal_mounts', 'Images mounted', gauges.mounts)
+    gauge('shoal_mounts_signature_expired', 'Images mounted whose signature has expired since (still served; they will not mount again until re-signed)', gauges.expiredMounts)
     gauge('shoal_connected_peers', 'Peers connected', gauges.peers)
   }
 

@@ -1,9 +1,11 @@
 import { randomBytes } from 'node:crypto'
-import { chmod, lstat, mkdir, open, readdir, readFile, rename, rm, unlink } from 'node:fs/promises'
+import { close as closeCb, closeSync, fstat as fstatCb, fstatSync, open as openCb, openSync, read as readCb, readSync } from 'node:fs'
+import { chmod, lstat, mkdir, open, readdir, rename, rm, unlink } from 'node:fs/promises'
 import { join } from 'node:path'
 import type { ChunkSource } from '../fetch/chunk-source.ts'
 import { errorText, silentLogger, type Logger } from '../fetch/log.ts'
 import type { ChunkRef } from '../format/catalog.ts'
+import { IntegrityError } from '../errors.ts'
 import { digestHex, type Digest } from '../format/digest.ts'
 import { Semaphore } from '../origin/limit.ts'
 
@@ -14,8 +16,24 @@ import { Semaphore } from '../origin/limit.ts'
  *
  * Crash safety: a chunk is written to DIR/tmp, fsynced, then renamed into place,
  * so after a kill -9 at any moment a file under chunks/ is either absent or
- * complete. Leftover temp files are deleted on open. Files are still not trusted:
- * the resolver verifies every chunk read from here and calls `remove` on a bad one.
+ * complete. Leftover temp files are deleted on open. Only bytes that passed
+ * verification are ever written (`put`'s contract; the resolver checks length
+ * and SHA-256 of everything from a peer or the origin first).
+ *
+ * Trust (docs/ARCHITECTURE.md, "Trust boundary"): a chunk this process wrote, or
+ * has hashed once since it opened the cache (`markVerified`), is *verified*, and
+ * its reads are plain preads of the bytes asked for (`readInto`), not hashed
+ * again. A chunk found by the startup scan is not verified until the resolver has
+ * read it whole and hashed it, once. What can still go wrong with a verified file
+ * is caught without hashing: its length is checked when it is opened (fstat) and
+ * on every read (a short read), open files that someone deleted (`shoal cache
+ * verify` removes bad chunks) are noticed within `openFileCheckMs`, and a bad file
+ * is removed and fetched again.
+ *
+ * Open files: reads go through a bounded LRU of open descriptors (`openFiles`),
+ * so a chunk read many times costs one open(). A descriptor is closed only when no
+ * read is using it (a closed fd number could be reused by the next open, and a
+ * pread in flight would then read another file).
  *
  * The index (size and recency of every chunk) lives in memory, rebuilt by a scan
  * of the directory on open, rather than in a database: the files are then the
@@ -32,6 +50,8 @@ import { Semaphore } from '../origin/limit.ts'
  *
  * One process owns a cache directory at a time (the agent); the open-time
  * cleanup of DIR/tmp would otherwise delete another process's half-written files.
+ * (`shoal cache verify` may run beside the agent: it only reads and deletes chunk
+ * files, and the agent takes a deleted file for a miss.)
  *
  * Permissions: chunks are pieces of image files, /etc/shadow included, which FUSE
  * shows only to those the image's modes allow. So the cache is its owner's alone:
@@ -44,8 +64,12 @@ export interface DiskCacheOptions {
   dir: string
   /** High watermark: eviction starts when the chunks take more than this. */
   maxBytes: number
-  /** Eviction stops at this fraction of maxBytes. Default 0.9. */
+  /** Eviction stops at this fraction of maxBytes. Default DISK_CACHE_DEFAULTS.lowWatermark. */
   lowWatermark?: number
+  /** Chunk files kept open for reads. Default DISK_CACHE_DEFAULTS.openFiles. */
+  openFiles?: number
+  /** How often open files are checked for having been deleted by someone else. Default DISK_CACHE_DEFAULTS.openFileCheckMs. */
+  openFileCheckMs?: number
   log?: Logger
   /** Aborts the startup scan. */
   signal?: AbortSignal
@@ -60,50 +84,110 @@ export interface DiskCacheStats {
   writeErrors: number
   evictions: number
   evictedBytes: number
-  /** Files deleted because they failed verification. */
+  /** Files deleted because they failed verification (length or SHA-256). */
   removedBad: number
+  /** Chunk files someone else deleted (e.g. `shoal cache verify`) while this process had them open. */
+  removedOutside: number
+  /** Chunks found on disk at open and hashed on their first use since (see the class comment). */
+  verifiedOnFirstUse: number
+  /** Chunk files open for reads now. */
+  openFiles: number
   /** Temp files of interrupted writes deleted on open. */
   staleTempFiles: number
 }
 
-interface IndexEntry { size: number }
+interface IndexEntry {
+  size: number
+  /** Written or hashed by this process: reads need no hash. */
+  verified: boolean
+}
+
+interface OpenChunkFile {
+  fd: number
+  entry: IndexEntry
+  /** Reads using the fd now: it is closed only when none is. */
+  users: number
+  /** Out of the LRU (evicted, removed, closed): close when the last user is done. */
+  retired: boolean
+}
 
 /** Who may read the cache: its owner only (see the class comment). */
 export const CACHE_MODES = { dir: 0o700, file: 0o600 } as const
 
+export const DISK_CACHE_DEFAULTS = {
+  lowWatermark: 0.9,
+  /**
+   * Chunk files kept open: 1,024 1 MiB chunks cover a 1 GiB working set of random
+   * reads at one open() each; beyond it, a read costs an open() more (on the
+   * thread pool), not a failure. (Node raises the soft RLIMIT_NOFILE to the hard
+   * limit at start, so this fits beside the agent's sockets.)
+   */
+  openFiles: 1024,
+  /** Reads up to this size may be made synchronously (tryReadSync): a 4 KiB page, a few of them. */
+  syncReadMaxBytes: 16 * 1024,
+  /** ... while they take less than this on average (a disk that answers from its cache or flash). */
+  syncReadMaxMs: 0.5,
+  /** Over syncReadMaxMs, one read in this many is still synchronous, to measure again. */
+  syncReadProbeEvery: 64,
+  /** Open files are checked this often for having been deleted by someone else. */
+  openFileCheckMs: 10_000,
+  /** Bound the stat calls of the startup scan (file descriptors, thread pool). */
+  scanConcurrency: 32,
+  /** Bound the unlinks of an eviction. */
+  unlinkConcurrency: 16
+} as const
+
 const CHUNK_NAME_RE = /^[0-9a-f]{64}$/
-/** Bound the stat calls of the startup scan and the unlinks of an eviction (file descriptors, thread pool). */
-const SCAN_CONCURRENCY = 32
-const UNLINK_CONCURRENCY = 16
+/** Weight of the newest synchronous read time in the moving average (about the last 30 reads count). */
+const SYNC_READ_EWMA_WEIGHT = 1 / 32
 
 export class DiskCache implements ChunkSource {
   readonly name = 'disk'
   readonly dir: string
   readonly maxBytes: number
   readonly lowWatermark: number
-  readonly stats: DiskCacheStats = { bytes: 0, chunks: 0, writes: 0, writeErrors: 0, evictions: 0, evictedBytes: 0, removedBad: 0, staleTempFiles: 0 }
+  readonly stats: DiskCacheStats = { bytes: 0, chunks: 0, writes: 0, writeErrors: 0, evictions: 0, evictedBytes: 0, removedBad: 0, removedOutside: 0, verifiedOnFirstUse: 0, openFiles: 0, staleTempFiles: 0 }
   private readonly log: Logger
+  private readonly maxOpenFiles: number
   /** Every stored chunk by hex digest; Map order is recency order, least recent first. */
   private readonly index = new Map<string, IndexEntry>()
   /** Writes in progress, with their bytes: a chunk being written is already a hit. */
   private readonly writing = new Map<string, { data: Uint8Array, done: Promise<void> }>()
+  /** Open chunk files by hex digest, least recently used first. */
+  private readonly files = new Map<string, OpenChunkFile>()
+  /** Opens in progress (one per chunk, shared by concurrent readers). */
+  private readonly opening = new Map<string, Promise<OpenChunkFile | undefined>>()
+  private readonly checkTimer: NodeJS.Timeout
   private evicting: Promise<void> | undefined
   private closed = false
+  /** Moving average of synchronous read times (ms), and reads sent to the thread pool since the last probe. */
+  private syncReadMs = 0
+  private syncReadSkips = 0
+  private checking = false
 
   private constructor (options: DiskCacheOptions) {
     if (!Number.isSafeInteger(options.maxBytes) || options.maxBytes <= 0) throw new RangeError(`disk cache size must be a positive integer, got ${options.maxBytes}`)
-    const low = options.lowWatermark ?? 0.9
+    const low = options.lowWatermark ?? DISK_CACHE_DEFAULTS.lowWatermark
     if (!(low > 0 && low <= 1)) throw new RangeError(`disk cache low watermark must be in (0, 1], got ${low}`)
+    const openFiles = options.openFiles ?? DISK_CACHE_DEFAULTS.openFiles
+    if (!Number.isSafeInteger(openFiles) || openFiles < 1) throw new RangeError(`disk cache open files must be a positive integer, got ${openFiles}`)
     this.dir = options.dir
     this.maxBytes = options.maxBytes
     this.lowWatermark = low
+    this.maxOpenFiles = openFiles
     this.log = options.log ?? silentLogger
+    this.checkTimer = setInterval(() => { void this.checkOpenFiles() }, options.openFileCheckMs ?? DISK_CACHE_DEFAULTS.openFileCheckMs).unref()
   }
 
   /** Opens (creating if needed) the cache in DIR: removes stale temp files and indexes the chunks. */
   static async open (options: DiskCacheOptions): Promise<DiskCache> {
     const cache = new DiskCache(options)
-    await cache.scan(options.signal)
+    try {
+      await cache.scan(options.signal)
+    } catch (err) {
+      clearInterval(cache.checkTimer)
+      throw err
+    }
     return cache
   }
 
@@ -112,21 +196,113 @@ export class DiskCache implements ChunkSource {
     return this.index.has(hex) || this.writing.has(hex)
   }
 
-  /** The stored bytes, unverified; undefined if absent (or evicted while we looked). */
+  /** Whether DIGEST is stored and its bytes were verified by this process: reads of it need no hash. */
+  isVerified (digest: Digest): boolean {
+    const hex = digestHex(digest)
+    return this.index.get(hex)?.verified === true || this.writing.has(hex)
+  }
+
+  /** Records that the resolver hashed the stored bytes of DIGEST and they were right. */
+  markVerified (digest: Digest): void {
+    const entry = this.index.get(digestHex(digest))
+    if (entry === undefined || entry.verified) return
+    entry.verified = true
+    this.stats.verifiedOnFirstUse++
+  }
+
+  /**
+   * The stored bytes (the whole chunk), unverified; undefined if absent (or
+   * evicted while we looked). Rejects with IntegrityError when the file's length
+   * is not the chunk's (the caller removes it).
+   */
   async get (chunk: ChunkRef, options: { signal: AbortSignal }): Promise<Uint8Array | undefined> {
+    options.signal.throwIfAborted()
+    const pending = this.writing.get(digestHex(chunk.digest))
+    if (pending !== undefined) return pending.data
+    const data = Buffer.allocUnsafe(chunk.length)
+    return await this.readInto(chunk, data, 0, 0, chunk.length) ? data : undefined
+  }
+
+  /**
+   * Reads LENGTH bytes of CHUNK from CHUNK_OFFSET into TARGET at TARGET_OFFSET
+   * (one pread, no copy of the whole chunk). Resolves to false when the chunk is
+   * absent (or was evicted meanwhile); rejects with IntegrityError when its file
+   * is shorter or longer than the chunk (the caller removes it). The bytes are as
+   * stored: only `isVerified` chunks may be served without a hash.
+   */
+  async readInto (chunk: ChunkRef, target: Uint8Array, targetOffset: number, chunkOffset: number, length: number): Promise<boolean> {
     const hex = digestHex(chunk.digest)
     const entry = this.index.get(hex)
-    if (entry === undefined) return this.writing.get(hex)?.data
+    if (entry === undefined) {
+      const pending = this.writing.get(hex)
+      if (pending === undefined) return false
+      target.set(pending.data.subarray(chunkOffset, chunkOffset + length), targetOffset)
+      return true
+    }
+    if (entry.size !== chunk.length) throw this.badLength(hex, entry.size, chunk.length)
     this.index.delete(hex)
     this.index.set(hex, entry)
+    const file = this.files.get(hex) ?? await this.openFile(hex, entry)
+    if (file === undefined) return false
+    file.users++
+    let n: number
     try {
-      return await readFile(this.chunkPath(hex), { signal: options.signal })
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err
-      // Evicted between the index lookup and the read: a plain miss.
-      this.forget(hex, entry)
-      return undefined
+      n = await pread(file.fd, target, targetOffset, length, chunkOffset)
+    } finally {
+      this.release(file)
     }
+    if (n !== length) throw this.shortRead(hex, chunkOffset, n, chunk.length)
+    return true
+  }
+
+  /**
+   * `readInto` without leaving the event loop, when that is cheap: a small read
+   * (syncReadMaxBytes), while synchronous reads (with the open, when the file is
+   * not open yet) keep taking less than syncReadMaxMs on average. Returns false when it
+   * did not read (the caller then uses `readInto`); throws IntegrityError as
+   * `readInto` does.
+   *
+   * Why: a 4 KiB random read through the thread pool crosses threads twice more
+   * than the FUSE hand-off already does; measured on this VM with the page cache
+   * dropped, a synchronous pread served 2-3x the IOPS of one job (and as many with
+   * four), while 128 KiB sequential reads were faster through the thread pool,
+   * which overlaps them. On a slow disk (reads above syncReadMaxMs) reads go to the
+   * thread pool, so that the event loop is not held by the disk; one read in
+   * syncReadProbeEvery is still made synchronously, to notice when it is fast again.
+   */
+  tryReadSync (chunk: ChunkRef, target: Uint8Array, targetOffset: number, chunkOffset: number, length: number): boolean {
+    if (length > DISK_CACHE_DEFAULTS.syncReadMaxBytes) return false
+    if (this.syncReadMs > DISK_CACHE_DEFAULTS.syncReadMaxMs && ++this.syncReadSkips % DISK_CACHE_DEFAULTS.syncReadProbeEvery !== 0) return false
+    const hex = digestHex(chunk.digest)
+    const entry = this.index.get(hex)
+    if (entry === undefined || this.opening.has(hex)) return false
+    if (entry.size !== chunk.length) throw this.badLength(hex, entry.size, chunk.length)
+    const started = performance.now()
+    let file = this.files.get(hex)
+    if (file === undefined) {
+      // Opened here too: for a small file read once (`cat` of many small files) the
+      // open is most of the work, and two more trips through the thread pool.
+      let fd: number
+      try {
+        fd = openSync(this.chunkPath(hex), 'r')
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err
+        this.forget(hex, entry) // evicted meanwhile, or deleted by someone else: a miss
+        return false
+      }
+      const size = fstatSync(fd).size
+      if (size !== entry.size) {
+        closeSync(fd)
+        throw this.badLength(hex, size, entry.size)
+      }
+      file = this.keepOpen(hex, fd, entry)
+    }
+    this.index.delete(hex)
+    this.index.set(hex, entry)
+    const n = readSync(file.fd, target, targetOffset, length, chunkOffset)
+    this.syncReadMs += (performance.now() - started - this.syncReadMs) * SYNC_READ_EWMA_WEIGHT
+    if (n !== length) throw this.shortRead(hex, chunkOffset, n, chunk.length)
+    return true
   }
 
   /**
@@ -154,16 +330,128 @@ export class DiskCache implements ChunkSource {
     await this.unlinkChunk(hex)
   }
 
-  /** Waits for writes and eviction in progress (a finishing write may start an eviction); later puts are ignored. */
+  /** Waits for writes and eviction in progress (a finishing write may start an eviction); later puts are ignored. Closes the open files. */
   async close (): Promise<void> {
     this.closed = true
+    clearInterval(this.checkTimer)
     while (this.writing.size > 0 || this.evicting !== undefined) {
       await Promise.all([...[...this.writing.values()].map(w => w.done), this.evicting])
     }
+    await Promise.allSettled([...this.opening.values()])
+    for (const hex of [...this.files.keys()]) this.closeFile(hex)
   }
 
-  private chunkPath (hex: string): string {
+  /** The path of the chunk file with hex digest HEX (`shoal cache verify` and tests). */
+  chunkPath (hex: string): string {
     return join(this.dir, 'chunks', hex.slice(0, 2), hex)
+  }
+
+  /** Truncated after it was opened: as bad as a wrong length at open. */
+  private shortRead (hex: string, chunkOffset: number, n: number, length: number): IntegrityError {
+    return new IntegrityError(`chunk sha256:${hex} in the disk cache`, `the file ended after ${chunkOffset + n} of ${length} bytes`)
+  }
+
+  private badLength (hex: string, size: number, length: number): IntegrityError {
+    return new IntegrityError(`chunk sha256:${hex} in the disk cache`, `the file holds ${size} bytes instead of ${length}`)
+  }
+
+  /** Opens the file of ENTRY (one open per chunk at a time); undefined if it is gone or ENTRY was replaced meanwhile. */
+  private async openFile (hex: string, entry: IndexEntry): Promise<OpenChunkFile | undefined> {
+    let opening = this.opening.get(hex)
+    if (opening === undefined) {
+      opening = this.doOpen(hex, entry).finally(() => this.opening.delete(hex))
+      this.opening.set(hex, opening)
+    }
+    const file = await opening
+    // A reader that joined an open of an older entry (removed and written again) misses: its caller re-resolves.
+    return file?.entry === entry ? file : undefined
+  }
+
+  private async doOpen (hex: string, entry: IndexEntry): Promise<OpenChunkFile | undefined> {
+    let fd: number
+    try {
+      fd = await new Promise<number>((resolve, reject) => openCb(this.chunkPath(hex), 'r', (err, fd) => err === null ? resolve(fd) : reject(err)))
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err
+      // Evicted between the index lookup and the open (or deleted by someone else): a plain miss.
+      this.forget(hex, entry)
+      return undefined
+    }
+    let size: number
+    try {
+      size = await new Promise<number>((resolve, reject) => fstatCb(fd, (err, st) => err === null ? resolve(st.size) : reject(err)))
+    } catch (err) {
+      closeCb(fd, ignore)
+      throw err
+    }
+    // The entry may have been evicted or removed while we opened: do not keep a file nobody indexes.
+    if (size !== entry.size || this.closed || this.index.get(hex) !== entry) {
+      closeCb(fd, ignore)
+      if (size !== entry.size && this.index.get(hex) === entry) throw this.badLength(hex, size, entry.size)
+      return undefined
+    }
+    return this.keepOpen(hex, fd, entry)
+  }
+
+  /** Adds FD, the open file of ENTRY, to the LRU of open files, closing the least recently used beyond the bound. */
+  private keepOpen (hex: string, fd: number, entry: IndexEntry): OpenChunkFile {
+    const file: OpenChunkFile = { fd, entry, users: 0, retired: false }
+    this.files.set(hex, file)
+    this.stats.openFiles++
+    for (const victim of this.files.keys()) {
+      if (this.files.size <= this.maxOpenFiles) break
+      this.closeFile(victim)
+    }
+    return file
+  }
+
+  private release (file: OpenChunkFile): void {
+    if (--file.users === 0 && file.retired) closeCb(file.fd, ignore)
+  }
+
+  /** Takes HEX's file out of the LRU; its fd is closed now, or when the last read using it ends. */
+  private closeFile (hex: string): void {
+    const file = this.files.get(hex)
+    if (file === undefined) return
+    this.files.delete(hex)
+    this.stats.openFiles--
+    file.retired = true
+    if (file.users === 0) closeCb(file.fd, ignore)
+  }
+
+  /**
+   * Open files whose name someone else deleted (nlink 0: `shoal cache verify`
+   * removing a bad chunk, or an admin) are forgotten: their next read misses and
+   * is fetched again, instead of being served from the deleted file forever.
+   */
+  private async checkOpenFiles (): Promise<void> {
+    if (this.checking) return // the last pass is still running (a slow disk)
+    this.checking = true
+    try {
+      await this.checkOpenFilesOnce()
+    } finally {
+      this.checking = false
+    }
+  }
+
+  private async checkOpenFilesOnce (): Promise<void> {
+    for (const [hex, file] of [...this.files]) {
+      if (file.retired) continue
+      file.users++
+      let links: number
+      try {
+        links = await new Promise<number>((resolve, reject) => fstatCb(file.fd, (err, st) => err === null ? resolve(st.nlink) : reject(err)))
+      } catch {
+        continue
+      } finally {
+        this.release(file)
+      }
+      if (links === 0 && this.index.get(hex) === file.entry) {
+        this.log.warn({ chunk: hex }, 'a chunk file was deleted by someone else: it will be fetched again')
+        this.stats.removedOutside++
+        this.forget(hex, file.entry)
+      }
+    }
   }
 
   private async write (hex: string, data: Uint8Array): Promise<void> {
@@ -186,12 +474,13 @@ export class DiskCache implements ChunkSource {
       return
     }
     this.stats.writes++
-    this.add(hex, data.length)
+    // put() takes verified bytes only, and we wrote them ourselves.
+    this.add(hex, data.length, true)
     this.maybeEvict()
   }
 
-  private add (hex: string, size: number): void {
-    this.index.set(hex, { size })
+  private add (hex: string, size: number, verified: boolean): void {
+    this.index.set(hex, { size, verified })
     this.stats.bytes += size
     this.stats.chunks++
   }
@@ -201,6 +490,7 @@ export class DiskCache implements ChunkSource {
     this.index.delete(hex)
     this.stats.bytes -= entry.size
     this.stats.chunks--
+    if (this.files.get(hex)?.entry === entry) this.closeFile(hex)
   }
 
   private maybeEvict (): void {
@@ -223,11 +513,11 @@ export class DiskCache implements ChunkSource {
       this.stats.evictedBytes += entry.size
       victims.push(hex)
     }
-    const limit = new Semaphore(UNLINK_CONCURRENCY)
+    const limit = new Semaphore(DISK_CACHE_DEFAULTS.unlinkConcurrency)
     await Promise.all(victims.map(hex => limit.run(() => this.unlinkChunk(hex))))
   }
 
-  /** A file left behind after a failed unlink is harmless: it is out of the index, and reads verify. */
+  /** A file left behind after a failed unlink is harmless: it is out of the index, and it is hashed before first use after a restart. */
   private async unlinkChunk (hex: string): Promise<void> {
     try {
       await unlink(this.chunkPath(hex))
@@ -248,7 +538,7 @@ export class DiskCache implements ChunkSource {
     this.stats.staleTempFiles = stale.length
 
     const found: Array<{ hex: string, size: number, mtimeMs: number }> = []
-    const limit = new Semaphore(SCAN_CONCURRENCY)
+    const limit = new Semaphore(DISK_CACHE_DEFAULTS.scanConcurrency)
     await Promise.all(prefixes.map(prefix => limit.run(async () => {
       for (const name of await readdir(join(chunksDir, prefix))) {
         signal?.throwIfAborted()
@@ -265,7 +555,8 @@ export class DiskCache implements ChunkSource {
       }
     }, signal)))
     found.sort((a, b) => a.mtimeMs - b.mtimeMs)
-    for (const f of found) this.add(f.hex, f.size)
+    // Not verified: written by an earlier process, or by anyone with root since. Hashed on first use.
+    for (const f of found) this.add(f.hex, f.size, false)
     this.maybeEvict()
   }
 }
@@ -274,4 +565,11 @@ export class DiskCache implements ChunkSource {
 export async function ownerOnlyDir (path: string): Promise<void> {
   await mkdir(path, { recursive: true, mode: CACHE_MODES.dir })
   await chmod(path, CACHE_MODES.dir)
+}
+
+const ignore = (): void => {}
+
+/** pread(2) through libuv's thread pool: the callback API, without a FileHandle's promise machinery per read. */
+function pread (fd: number, target: Uint8Array, offset: number, length: number, position: number): Promise<number> {
+  return new Promise((resolve, reject) => readCb(fd, target, offset, length, position, (err, n) => err === null ? resolve(n) : reject(err)))
 }

@@ -1,23 +1,31 @@
 #!/usr/bin/env node
 import { Command, CommanderError } from 'commander'
 import { ShoalError } from '../errors.ts'
-import { registerAgentCommands } from './commands/agent.ts'
-import { registerDemoCommand } from './commands/demo.ts'
-import { registerImageCommands } from './commands/image.ts'
-import { registerOriginCommands } from './commands/origin.ts'
-import { registerTraceCommand } from './commands/trace.ts'
+
+/**
+ * The command groups: the top-level commands each module defines, and how to load its
+ * registration. Only the group of the command being run is imported (all of them for
+ * `shoal`, `shoal --help` or `shoal help`), and each registration imports only what its
+ * definitions need, the actions importing the rest when they run: a command does not pay
+ * for the modules of the others (libp2p, SQLite, the converter), so `shoal stats` starts
+ * in about Node's own start-up time (docs/BENCHMARKS.md, "CLI start"). A new command
+ * module adds a line here.
+ */
+const COMMAND_GROUPS: Array<{ names: string[], register: () => Promise<(program: Command) => void> }> = [
+  { names: ['keygen', 'convert', 'push', 'sign', 'verify', 'inspect'], register: async () => (await import('./commands/image.ts')).registerImageCommands },
+  { names: ['origin'], register: async () => (await import('./commands/origin.ts')).registerOriginCommands },
+  { names: ['agent', 'mount', 'umount', 'ls', 'stats', 'run'], register: async () => (await import('./commands/agent.ts')).registerAgentCommands },
+  { names: ['demo'], register: async () => (await import('./commands/demo.ts')).registerDemoCommand },
+  { names: ['trace'], register: async () => (await import('./commands/trace.ts')).registerTraceCommand },
+  { names: ['convertd'], register: async () => (await import('./commands/convertd.ts')).registerConvertdCommands },
+  { names: ['cache'], register: async () => (await import('./commands/cache.ts')).registerCacheCommands }
+]
 
 const program = new Command('shoal')
   .description('peer-to-peer, on-demand chunk distribution for container images')
   .version('0.1.0')
   .showHelpAfterError()
   .exitOverride()
-
-registerImageCommands(program)
-registerOriginCommands(program)
-registerAgentCommands(program)
-registerDemoCommand(program)
-registerTraceCommand(program)
 
 /**
  * Every error ends the command with one line on stderr: what happened and what to do.
@@ -62,6 +70,10 @@ process.on('uncaughtException', fail)
 process.on('unhandledRejection', fail)
 
 try {
+  const name = process.argv[2]
+  const group = COMMAND_GROUPS.find(g => name !== undefined && g.names.includes(name))
+  // An unknown command, help or no command at all: every group, so help and errors list them all.
+  for (const g of group !== undefined ? [group] : COMMAND_GROUPS) (await g.register())(program)
   await program.parseAsync(process.argv)
 } catch (err) {
   fail(err)

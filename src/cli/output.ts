@@ -1,4 +1,8 @@
-import cliProgress from 'cli-progress'
+import { createRequire } from 'node:module'
+
+// cli-progress is loaded only when a bar is shown on a terminal: the commands that print
+// tables (shoal stats, ls) must not pay for it at start.
+const require = createRequire(import.meta.url)
 
 /** A progress bar on a terminal; nothing when stderr is a pipe or a file (CI, logs). */
 export function progressBar (label: string, unit: 'bytes' | 'items'): { update: (done: number, total: number) => void, stop: () => void } {
@@ -6,6 +10,7 @@ export function progressBar (label: string, unit: 'bytes' | 'items'): { update: 
   const format = unit === 'bytes'
     ? `${label} [{bar}] {percentage}% | {doneMiB}/{totalMiB} MiB | {eta_formatted}`
     : `${label} [{bar}] {percentage}% | {value}/{total} | {eta_formatted}`
+  const cliProgress = require('cli-progress') as typeof import('cli-progress')
   const bar = new cliProgress.SingleBar({ format, stream: process.stderr, hideCursor: true, clearOnComplete: true }, cliProgress.Presets.shades_classic)
   let started = false
   return {

@@ -20,9 +20,10 @@ import { pushToRegistry, type PushReport } from '../registry/push.ts'
 import { CatalogWriter, normalizeMemberPath } from './catalog-writer.ts'
 import { ChunkIndex, PackWriter, type SealedPack } from './pack-writer.ts'
 import { endingNotes, layerExtract, memberNames, xattrsOf, type TarHeader } from './tar.ts'
+import { DEFAULT_CHUNK_SIZE, DEFAULT_PACK_SIZE } from './defaults.ts'
 
-export const DEFAULT_CHUNK_SIZE = 1 << 20
-export const DEFAULT_PACK_SIZE = 16 << 20
+export { DEFAULT_CHUNK_SIZE, DEFAULT_PACK_SIZE }
+
 /** Enough to keep the thread pool busy; bounds memory to a few chunks. */
 const MAX_CHUNKS_IN_FLIGHT = 8
 
@@ -41,6 +42,8 @@ export interface ConvertOptions {
   destRegistry?: RegistryAccess
   /** For a docker:// destination: repositories on its registry to mount existing blobs from. */
   mountFrom?: string[]
+  /** For a docker:// destination: the directory to stage the converted image in (default $TMPDIR). */
+  stagingDir?: string
   signal?: AbortSignal
   /** Called as layer bytes are read (compressed bytes of the source blobs). */
   onProgress?: (progress: { layer: number, layers: number, bytesRead: number, bytesTotal: number }) => void
@@ -155,13 +158,13 @@ export async function convertImage (options: ConvertOptions): Promise<ConvertRep
 
 /**
  * A registry destination: the image is converted into a temporary layout (under
- * $TMPDIR; about the size of the converted image), then pushed, tag last (and the
+ * stagingDir or $TMPDIR; about the size of the converted image), then pushed, tag last (and the
  * digest tag agents serving containerd look for, see pushToRegistry). Chunks
  * are not deduplicated against images already in the registry, but blobs that
  * convert to the same bytes (a shared base layer) are not uploaded twice.
  */
 async function convertToRegistry (options: ConvertOptions): Promise<ConvertReport> {
-  const staging = await mkdtemp(join(tmpdir(), 'shoal-convert-'))
+  const staging = await mkdtemp(join(options.stagingDir ?? tmpdir(), 'shoal-convert-'))
   try {
     const report = await convertImage({ ...options, signing: { ...options.signing, names: options.signing?.names ?? defaultSignedNames(options.source, options.dest) }, dest: `oci:${staging}:image` })
     const push = await pushToRegistry(await OciLayout.open(staging), 'image', options.dest, {

@@ -2,9 +2,11 @@ import type { Extent } from '../format/catalog.ts'
 import type { ChunkResolver, ServedHook } from './resolver.ts'
 
 /**
- * Reads of one open file: maps a byte range to the extents it touches, resolves
- * those chunks in parallel and copies the overlapping bytes out, in
- * O(log extents + extents touched).
+ * Reads of one open file: maps a byte range to the extents it touches and has
+ * the resolver copy the overlapping bytes of each into the caller's buffer, in
+ * parallel, in O(log extents + extents touched). Nothing is allocated per read:
+ * memory hits are copied at once (a read made only of them returns a number, not
+ * a promise), verified disk chunks are pread straight into the buffer.
  *
  * Readahead: when reads move forward through the file (each one starts near
  * where the previous ended), the chunks after the current one are prefetched,
@@ -22,7 +24,7 @@ export interface FileReaderOptions {
   readaheadChunks?: number
   /** Per-image accounting of which source served each chunk a read needed. */
   onServed?: ServedHook
-  /** Aborts readahead, e.g. when the file is closed or the mount goes away. */
+  /** Aborts readahead, e.g. when the mount goes away (`close` stops it too). */
   signal?: AbortSignal
 }
 
@@ -35,7 +37,9 @@ export class FileReader {
   private readonly size: number
   private readonly maxWindow: number
   private readonly onServed: ServedHook | undefined
-  private readonly signal: AbortSignal
+  private readonly signal: AbortSignal | undefined
+  /** Made at the first readahead: most files (small ones, random readers) never need one. */
+  private ahead: { controller: AbortController, signal: AbortSignal } | undefined
   /** Where the next read of a sequential reader would start. */
   private nextOffset = 0
   private window = 0
@@ -48,15 +52,21 @@ export class FileReader {
     this.size = size
     this.maxWindow = options.readaheadChunks ?? 8
     this.onServed = options.onServed
-    this.signal = options.signal ?? new AbortController().signal
+    this.signal = options.signal
+  }
+
+  /** Stops this file's readahead (the file was closed). */
+  close (): void {
+    this.ahead?.controller.abort()
   }
 
   /**
    * Fills TARGET with up to LENGTH bytes of the file from OFFSET and returns how
-   * many there were (fewer at the end of the file). Rejects with the resolver's
+   * many there were (fewer at the end of the file): a number when every byte
+   * came from memory, else a promise. The promise rejects with the resolver's
    * ChunkUnavailableError when a chunk cannot be had.
    */
-  async read (target: Uint8Array, offset: number, length: number, signal: AbortSignal): Promise<number> {
+  read (target: Uint8Array, offset: number, length: number, signal: AbortSignal): number | Promise<number> {
     const end = Math.min(this.size, offset + Math.min(length, target.length))
     if (offset >= end) return 0
     const first = this.extentAt(offset)
@@ -64,20 +74,23 @@ export class FileReader {
     while (last < this.extents.length && this.extents[last]!.fileOffset < end) last++
     this.readahead(offset, end, last)
 
-    const touched = this.extents.slice(first, last)
-    const chunks = await Promise.all(touched.map(extent => this.resolver.get(extent, { signal, ...(this.onServed !== undefined ? { onServed: this.onServed } : {}) })))
+    let pending: Array<Promise<void>> | undefined
     let filled = offset
-    for (const [i, extent] of touched.entries()) {
+    for (let i = first; i < last; i++) {
+      const extent = this.extents[i]!
       const from = Math.max(offset, extent.fileOffset)
       const to = Math.min(end, extent.fileOffset + extent.length)
       if (from >= to) continue
       // A gap between extents reads as zeros (a hole), never as stale buffer contents.
       if (from > filled) target.fill(0, filled - offset, from - offset)
-      target.set(chunks[i]!.subarray(from - extent.fileOffset, to - extent.fileOffset), from - offset)
+      const done = this.resolver.read(extent, target, from - offset, from - extent.fileOffset, to - from, { signal, onServed: this.onServed })
+      if (done !== undefined) (pending ??= []).push(done)
       filled = to
     }
     if (filled < end) target.fill(0, filled - offset, end - offset)
-    return end - offset
+    const n = end - offset
+    if (pending === undefined) return n
+    return pending.length === 1 ? pending[0]!.then(() => n) : Promise.all(pending).then(() => n)
   }
 
   /** Index of the extent holding OFFSET (or the first one after it, in a hole). */
@@ -109,7 +122,11 @@ export class FileReader {
     // Top up in batches of half a window, except for the last chunks of the file.
     if (to <= from || (to - from < Math.max(1, this.window >> 1) && to < this.extents.length)) return
     this.prefetchedTo = to
+    if (this.ahead === undefined) {
+      const controller = new AbortController()
+      this.ahead = { controller, signal: this.signal === undefined ? controller.signal : AbortSignal.any([controller.signal, this.signal]) }
+    }
     // prefetch() never rejects; a chunk it could not get fails the read that needs it.
-    void this.resolver.prefetch(this.extents.slice(from, to), { signal: this.signal, keepInMemory: true })
+    void this.resolver.prefetch(this.extents.slice(from, to), { signal: this.ahead.signal, keepInMemory: true })
   }
 }

@@ -1,4 +1,4 @@
-import type { DiskCache } from '../cache/disk-cache.ts'
+import { DISK_CACHE_DEFAULTS, type DiskCache } from '../cache/disk-cache.ts'
 import { MemoryCache } from '../cache/memory-cache.ts'
 import { IntegrityError } from '../errors.ts'
 import type { ChunkRef } from '../format/catalog.ts'
@@ -13,9 +13,17 @@ import { errorText, silentLogger, type Logger } from './log.ts'
  *
  * Order: memory → disk cache → each remote source in order (peers, then the
  * origin), repeated up to `attempts` times with backoff. Everything that comes
- * from the disk or a remote source is checked for length and SHA-256 against the
- * ChunkRef (which comes from a verified catalog) before it is cached or returned;
- * bad bytes are counted per source, logged, and the next source is asked.
+ * from a remote source is checked for length and SHA-256 against the ChunkRef
+ * (which comes from a verified catalog) before it is cached or returned; bad
+ * bytes are counted per source, logged, and the next source is asked.
+ *
+ * The disk cache holds only bytes that passed those checks, so it is verified
+ * once per process, not per read (docs/ARCHITECTURE.md, "Trust boundary"): a
+ * chunk the cache marks verified (written, or hashed, by this process) is read
+ * with a pread of just the bytes asked for (`read`); one found on disk at start
+ * is read whole and hashed on its first use, then marked. A wrong length (at
+ * open, or a short read) is a verification failure like a wrong hash: the file
+ * is removed and the chunk fetched again.
  *
  * Concurrent requests for a digest share one resolution (singleflight). A caller
  * that gives up leaves alone; the shared resolution is aborted only when nobody
@@ -60,6 +68,8 @@ export interface ResolverStats {
   /**
    * Chunks and bytes by the source that produced them. A resolution shared by
    * several callers counts once, so `origin` is what the origin really sent.
+   * A `read` served by a pread of a verified disk chunk counts as one `disk`
+   * chunk of the bytes it read.
    */
   sources: Record<string, { chunks: number, bytes: number }>
   /** Callers that joined a resolution already in flight. */
@@ -135,6 +145,92 @@ export class ChunkResolver {
   }
 
   /**
+   * Copies LENGTH bytes of CHUNK, from CHUNK_OFFSET, into TARGET at TARGET_OFFSET.
+   * Returns undefined when that is done already (a memory hit: no promise, no
+   * allocation), else a promise. A chunk verified in the disk cache is read with
+   * one pread of the bytes asked for; anything else is resolved whole (`get`).
+   */
+  read (chunk: ChunkRef, target: Uint8Array, targetOffset: number, chunkOffset: number, length: number, options: { signal: AbortSignal, onServed?: ServedHook | undefined }): Promise<void> | undefined {
+    const started = performance.now()
+    const hit = this.memory.get(chunk.digest)
+    if (hit !== undefined) {
+      target.set(hit.subarray(chunkOffset, chunkOffset + length), targetOffset)
+      this.served('memory', chunk.digest, hit.length, started)
+      options.onServed?.('memory', hit.length)
+      return undefined
+    }
+    if (this.disk.isVerified(chunk.digest)) {
+      let done: boolean
+      try {
+        done = this.disk.tryReadSync(chunk, target, targetOffset, chunkOffset, length)
+      } catch (err) {
+        return this.diskReadFailed(chunk, err).then(async () => await this.readWhole(chunk, target, targetOffset, chunkOffset, length, options.signal, options.onServed))
+      }
+      if (done) {
+        this.served('disk', chunk.digest, length, started)
+        options.onServed?.('disk', length)
+        return undefined
+      }
+    } else if (chunk.length <= DISK_CACHE_DEFAULTS.syncReadMaxBytes && this.disk.has(chunk.digest) && !this.flights.has(chunk.digest)) {
+      // The first use of a small chunk found on disk (a small file after a restart): read
+      // whole and hashed right here (microseconds), rather than through a flight and the thread pool.
+      const data = Buffer.allocUnsafe(chunk.length)
+      let problem: string | undefined
+      try {
+        if (this.disk.tryReadSync(chunk, data, 0, 0, chunk.length)) problem = verificationProblem(chunk, data) ?? ''
+      } catch (err) {
+        return this.diskReadFailed(chunk, err).then(async () => await this.readWhole(chunk, target, targetOffset, chunkOffset, length, options.signal, options.onServed))
+      }
+      if (problem === '') {
+        this.disk.markVerified(chunk.digest)
+        this.memory.set(chunk.digest, data)
+        target.set(data.subarray(chunkOffset, chunkOffset + length), targetOffset)
+        this.served('disk', chunk.digest, chunk.length, started)
+        options.onServed?.('disk', chunk.length)
+        return undefined
+      }
+      if (problem !== undefined) {
+        return this.diskReadFailed(chunk, new IntegrityError(`chunk ${chunk.digest} in the disk cache`, problem))
+          .then(async () => await this.readWhole(chunk, target, targetOffset, chunkOffset, length, options.signal, options.onServed))
+      }
+    }
+    return this.readSlow(chunk, target, targetOffset, chunkOffset, length, options.signal, options.onServed)
+  }
+
+  private async readSlow (chunk: ChunkRef, target: Uint8Array, targetOffset: number, chunkOffset: number, length: number, signal: AbortSignal, onServed: ServedHook | undefined): Promise<void> {
+    signal.throwIfAborted()
+    if (this.disk.isVerified(chunk.digest)) {
+      const started = performance.now()
+      try {
+        if (await this.disk.readInto(chunk, target, targetOffset, chunkOffset, length)) {
+          this.served('disk', chunk.digest, length, started)
+          onServed?.('disk', length)
+          return
+        }
+      } catch (err) {
+        await this.diskReadFailed(chunk, err)
+      }
+      // Gone, damaged or unreadable: resolved whole below (the disk is asked again only if it still has the chunk).
+    }
+    await this.readWhole(chunk, target, targetOffset, chunkOffset, length, signal, onServed)
+  }
+
+  private async readWhole (chunk: ChunkRef, target: Uint8Array, targetOffset: number, chunkOffset: number, length: number, signal: AbortSignal, onServed: ServedHook | undefined): Promise<void> {
+    const data = await this.resolve(chunk, signal, true, onServed)
+    target.set(data.subarray(chunkOffset, chunkOffset + length), targetOffset)
+  }
+
+  /** A pread of a verified chunk failed: a damaged file (wrong length, short read) is removed; other errors only logged. */
+  private async diskReadFailed (chunk: ChunkRef, err: unknown): Promise<void> {
+    if (err instanceof IntegrityError) {
+      this.badChunk('disk', chunk, err.message)
+      await this.disk.remove(chunk.digest)
+    } else {
+      this.log.debug({ chunk: chunk.digest, source: 'disk', err: errorText(err) }, 'chunk source failed')
+    }
+  }
+
+  /**
    * Resolves CHUNKS in the background budget, skipping what is cached. With
    * `keepInMemory` (readahead) the bytes also go to the memory cache, for a read
    * that is about to come; otherwise (the image prefetch list) only to disk.
@@ -146,7 +242,9 @@ export class ChunkResolver {
     for (const chunk of chunks) unique.set(chunk.digest, chunk)
     const result: PrefetchResult = { requested: unique.size, cached: 0, resolved: 0, failed: 0 }
     const todo = [...unique.values()].filter(chunk => {
-      const cached = this.memory.has(chunk.digest) || (!keepInMemory && this.disk.has(chunk.digest))
+      // A verified disk chunk needs nothing ahead of a read: `read` preads it. One not yet
+      // verified is worth reading ahead: its first use hashes it whole, off the reader's path.
+      const cached = this.memory.has(chunk.digest) || (keepInMemory ? this.disk.isVerified(chunk.digest) : this.disk.has(chunk.digest))
       if (cached) result.cached++
       return !cached
     })
@@ -253,13 +351,16 @@ export class ChunkResolver {
   }
 
   private async tryDisk (chunk: ChunkRef, signal: AbortSignal, failures: Map<string, string>): Promise<Uint8Array | undefined> {
-    const data = await this.trySource(this.disk, chunk, signal, failures)
+    // Verified by this process already: only the length is checked again (see the class comment).
+    const verified = this.disk.isVerified(chunk.digest)
+    const data = await this.trySource(this.disk, chunk, signal, failures, verified)
     if (data === undefined && failures.has('disk')) await this.disk.remove(chunk.digest)
+    if (data !== undefined && !verified) this.disk.markVerified(chunk.digest)
     return data
   }
 
-  /** Verified bytes from SOURCE, or undefined (it lacks them, failed, or sent bad bytes: recorded in FAILURES). */
-  private async trySource (source: ChunkSource, chunk: ChunkRef, signal: AbortSignal, failures: Map<string, string>): Promise<Uint8Array | undefined> {
+  /** Verified bytes from SOURCE, or undefined (it lacks them, failed, or sent bad bytes: recorded in FAILURES). TRUSTED: check the length only. */
+  private async trySource (source: ChunkSource, chunk: ChunkRef, signal: AbortSignal, failures: Map<string, string>, trusted = false): Promise<Uint8Array | undefined> {
     let data: Uint8Array | undefined
     try {
       data = await abortable(source.get(chunk, { signal }), signal)
@@ -271,7 +372,7 @@ export class ChunkResolver {
       return undefined
     }
     if (data === undefined) return undefined
-    const problem = verificationProblem(chunk, data)
+    const problem = trusted ? lengthProblem(chunk, data) : verificationProblem(chunk, data)
     if (problem === undefined) return data
     this.badChunk(source.name, chunk, problem)
     failures.set(source.name, problem)
@@ -294,9 +395,14 @@ export class ChunkResolver {
 
 /** Why DATA is not CHUNK, or undefined when it is. */
 function verificationProblem (chunk: ChunkRef, data: Uint8Array): string | undefined {
-  if (data.length !== chunk.length) return `${data.length} bytes instead of ${chunk.length}`
+  const wrongLength = lengthProblem(chunk, data)
+  if (wrongLength !== undefined) return wrongLength
   const actual = sha256(data)
   if (actual !== chunk.digest) return `content hashes to ${actual}`
   return undefined
 }
 
+
+function lengthProblem (chunk: ChunkRef, data: Uint8Array): string | undefined {
+  return data.length === chunk.length ? undefined : `${data.length} bytes instead of ${chunk.length}`
+}

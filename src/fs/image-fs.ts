@@ -27,6 +27,8 @@ export interface ImageFsOptions {
   readaheadChunks?: number
   /** Paths whose resolution (or absence) is remembered. Default 20 000. */
   pathCacheSize?: number
+  /** Files whose reader (readahead state, extents) is kept. Default 1,024. */
+  maxReaders?: number
   /** Which source served the chunks this image's reads needed (per-image bytes by source). */
   onServed?: ServedHook
   /** Told of every successful read that reaches FUSE: `shoal trace` records them as the prefetch list. */
@@ -34,17 +36,12 @@ export interface ImageFsOptions {
 }
 
 export interface ImageFsStats {
+  /** Files whose reading began: a reader was made at the first read (opens themselves never reach the agent). */
   opens: number
   reads: number
   bytesRead: number
   /** Reads answered with EIO (chunk unavailable, or an internal error). */
   readErrors: number
-}
-
-interface OpenFile {
-  reader: FileReader
-  /** Stops this file's readahead when it is closed. */
-  controller: AbortController
 }
 
 export class ImageFs {
@@ -64,8 +61,9 @@ export class ImageFs {
    * kernel caches entries for an hour, so a path is rarely asked twice soon.
    */
   private readonly paths = new Map<string, MergedNode | null>()
-  private readonly files = new Map<number, OpenFile>()
-  private lastFd = 0
+  /** Readers of the files being read, by path, least recently used first (see `read`). */
+  private readonly readers = new Map<string, FileReader>()
+  private readonly maxReaders: number
   /** st_ino = ino × layers + layer: stable, unique per (layer, inode), shared by hard links. */
   private readonly layerCount: number
 
@@ -76,6 +74,7 @@ export class ImageFs {
     this.signal = options.signal
     this.readaheadChunks = options.readaheadChunks ?? 8
     this.pathCacheSize = options.pathCacheSize ?? 20_000
+    this.maxReaders = options.maxReaders ?? 1024
     this.onRead = options.onRead
     this.onServed = options.onServed
     this.root = this.view.root()
@@ -128,44 +127,22 @@ export class ImageFs {
           cb(0, node.inode.target ?? '')
         })
       },
-      open: (path, _flags, cb) => {
-        this.guard(cb, 'open', path, () => {
-          const node = this.node(path)
-          if (node === undefined) return cb(Fuse.ENOENT)
-          // Devices, fifos and sockets are opened by the kernel itself; only files get here.
-          if (!isReg(node.inode.mode)) return cb(Fuse.EINVAL)
-          const controller = new AbortController()
-          const reader = new FileReader(this.resolver, this.view.extents(node), node.inode.size, {
-            readaheadChunks: this.readaheadChunks,
-            signal: AbortSignal.any([controller.signal, this.signal]),
-            ...(this.onServed !== undefined ? { onServed: this.onServed } : {})
-          })
-          const fd = this.allocateFd()
-          this.files.set(fd, { reader, controller })
-          this.stats.opens++
-          cb(0, fd)
-        })
-      },
-      read: (path, fd, buffer, length, position, cb) => {
-        const file = this.files.get(fd)
-        if (file === undefined) return cb(Fuse.EBADF)
+      // No `open` or `release`: libfuse answers them itself (keeping `kernel_cache`), so opening
+      // a file costs no trip to this thread; `cat` of a small file that the page cache holds never
+      // reaches us at all. Reads find their file's reader by path instead.
+      read: (path, _fd, buffer, length, position, cb) => {
         this.stats.reads++
-        file.reader.read(buffer, position, length, this.signal).then(n => {
-          this.stats.bytesRead += n
-          if (n > 0) {
-            try { this.onRead?.(path, position, n) } catch (err) { this.log.error({ path, err: errorText(err) }, 'read hook failed') }
-          }
-          cb(n)
-        }, (err: unknown) => {
-          this.stats.readErrors++
-          this.log.warn({ path, offset: position, length, err: errorText(err) }, 'read failed: EIO')
-          cb(Fuse.EIO)
-        })
-      },
-      release: (_path, fd, cb) => {
-        this.files.get(fd)?.controller.abort()
-        this.files.delete(fd)
-        cb(0)
+        let result: number | Promise<number>
+        try {
+          const reader = this.reader(path)
+          if (reader === undefined) return cb(Fuse.ENOENT)
+          result = reader.read(buffer, position, length, this.signal)
+        } catch (err) {
+          return this.readFailed(path, position, length, err, cb)
+        }
+        // Memory hits and small preads answer at once, without a promise.
+        if (typeof result === 'number') return this.readDone(path, position, result, cb)
+        result.then(n => this.readDone(path, position, n, cb), (err: unknown) => this.readFailed(path, position, length, err, cb))
       },
       getxattr: (path, name, _position, cb) => {
         this.guard(cb, 'getxattr', path, () => {
@@ -188,8 +165,22 @@ export class ImageFs {
 
   /** Stops readahead of every open file (the mount is going away). */
   closeAll (): void {
-    for (const file of this.files.values()) file.controller.abort()
-    this.files.clear()
+    for (const reader of this.readers.values()) reader.close()
+    this.readers.clear()
+  }
+
+  private readDone (path: string, position: number, n: number, cb: (n: number) => void): void {
+    this.stats.bytesRead += n
+    if (n > 0 && this.onRead !== undefined) {
+      try { this.onRead(path, position, n) } catch (err) { this.log.error({ path, err: errorText(err) }, 'read hook failed') }
+    }
+    cb(n)
+  }
+
+  private readFailed (path: string, position: number, length: number, err: unknown, cb: (code: number) => void): void {
+    this.stats.readErrors++
+    this.log.warn({ path, offset: position, length, err: errorText(err) }, 'read failed: EIO')
+    cb(Fuse.EIO)
   }
 
   /** Resolves an absolute path from the kernel, one component at a time through the cache. */
@@ -232,12 +223,34 @@ export class ImageFs {
     }
   }
 
-  private allocateFd (): number {
-    // fuse-native ignores fd 0 (it means "no handle"), so numbering starts at 1 and wraps before 2^31.
-    do {
-      this.lastFd = this.lastFd >= 0x7fffffff ? 1 : this.lastFd + 1
-    } while (this.files.has(this.lastFd))
-    return this.lastFd
+  /**
+   * The reader of the regular file at PATH, made on its first read. One per path,
+   * so concurrent readers of one file share its readahead state; kept for the
+   * `maxReaders` most recently read files (readahead of the one dropped stops).
+   */
+  private reader (path: string): FileReader | undefined {
+    const known = this.readers.get(path)
+    if (known !== undefined) {
+      this.readers.delete(path)
+      this.readers.set(path, known)
+      return known
+    }
+    const node = this.node(path)
+    // Devices, fifos and sockets are read by the kernel itself; only files get here.
+    if (node === undefined || !isReg(node.inode.mode)) return undefined
+    const reader = new FileReader(this.resolver, this.view.extents(node), node.inode.size, {
+      readaheadChunks: this.readaheadChunks,
+      signal: this.signal,
+      ...(this.onServed !== undefined ? { onServed: this.onServed } : {})
+    })
+    this.readers.set(path, reader)
+    this.stats.opens++
+    if (this.readers.size > this.maxReaders) {
+      const [oldest, dropped] = this.readers.entries().next().value!
+      this.readers.delete(oldest)
+      dropped.close()
+    }
+    return reader
   }
 
   /** Runs a synchronous handler; a throw (e.g. a catalog error) answers EIO instead of escaping. */

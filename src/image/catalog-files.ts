@@ -2,6 +2,7 @@ import { createHash } from 'node:crypto'
 import { createReadStream } from 'node:fs'
 import { mkdir, rm } from 'node:fs/promises'
 import { join } from 'node:path'
+import { CACHE_MODES } from '../cache/disk-cache.ts'
 import { writeAtomic } from '../oci/layout.ts'
 import { digestHex, type Digest } from '../format/digest.ts'
 import type { Origin } from '../origin/origin.ts'
@@ -33,7 +34,8 @@ export async function fetchCatalogFile (origin: Origin, catalog: { digest: Diges
       const data = fetcher !== undefined
         ? await fetcher({ ...catalog, group: catalog.group ?? catalog.digest }, signal)
         : await fetchVerified(origin, catalog.digest, 'catalog', { size: catalog.size, maxBytes: catalog.size, ...(signal !== undefined ? { signal } : {}) })
-      await writeAtomic(path, data)
+      // A catalog lists the image's names, owners and modes: its owner's alone, like the chunks.
+      await writeAtomic(path, data, { mode: CACHE_MODES.file })
       checked.add(path)
       return path
     })().finally(() => fetching.delete(path))

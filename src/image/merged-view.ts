@@ -91,6 +91,7 @@ export class MergedView {
 
   /** The directory's entries, merged across layers, sorted by name. */
   readdir (dir: MergedNode): Array<{ name: string, node: MergedNode }> {
+    if (dir.dirs.length === 1) return this.readdirOneLayer(dir.dirs[0]!)
     const seen = new Set<string>()
     const names: string[] = []
     for (const { layer, ino } of dir.dirs) {
@@ -105,6 +106,26 @@ export class MergedView {
     for (const name of names) {
       const node = this.lookup(dir, name)
       if (node !== undefined) out.push({ name, node })
+    }
+    return out
+  }
+
+  /**
+   * `readdir` of a directory that only one layer has: its children are in that layer
+   * alone, so each is its catalog row and inode, without a `lookup` (a query more per
+   * entry) to merge it with layers that cannot have it. `find` lists every directory.
+   */
+  private readdirOneLayer ({ layer, ino }: { layer: number, ino: number }): Array<{ name: string, node: MergedNode }> {
+    const catalog = this.catalogs[layer]!
+    const out: Array<{ name: string, node: MergedNode }> = []
+    for (const entry of catalog.children(ino)) {
+      if (entry.whiteout === 1 || entry.ino === null) {
+        if (this.overlayLower && this.whiteout !== undefined) out.push({ name: entry.name, node: { layer, ino: this.whiteout.ino, inode: this.whiteout, dirs: [] } })
+        continue
+      }
+      const inode = catalog.inode(entry.ino)
+      if (inode === undefined) continue
+      out.push({ name: entry.name, node: { layer, ino: entry.ino, inode, dirs: isDir(inode.mode) ? [{ layer, ino: entry.ino }] : [] } })
     }
     return out
   }

@@ -46,3 +46,12 @@ export function prefetchChunks (view: MergedView, entries: readonly PrefetchEntr
   }
   return out
 }
+
+/**
+ * CHUNKS sorted by pack and offset: fetched at once, neighbours in a pack then become
+ * one range request (the RangeReader merges reads that arrive together), where list
+ * order (first-read order) scatters them over the packs.
+ */
+export function inPackOrder (chunks: readonly ChunkRef[]): ChunkRef[] {
+  return [...chunks].sort((a, b) => a.pack < b.pack ? -1 : a.pack > b.pack ? 1 : a.packOffset - b.packOffset)
+}

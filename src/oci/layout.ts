@@ -89,7 +89,7 @@ export class OciLayout {
     const digest = sha256(data)
     if (await this.hasBlob(digest)) return digest
     const tmp = this.tempPath()
-    await writeAtomic(this.blobPath(digest), data, tmp)
+    await writeAtomic(this.blobPath(digest), data, { tmp })
     return digest
   }
 
@@ -177,7 +177,7 @@ export class OciLayout {
     const index = await this.readIndex()
     index.manifests = index.manifests.filter(m => m.annotations?.[Annotation.refName] !== tag)
     index.manifests.push({ ...descriptor, annotations: { ...descriptor.annotations, [Annotation.refName]: tag } })
-    await writeAtomic(join(this.dir, 'index.json'), JSON.stringify(index, null, 2), this.tempPath())
+    await writeAtomic(join(this.dir, 'index.json'), JSON.stringify(index, null, 2), { tmp: this.tempPath() })
   }
 }
 
@@ -227,9 +227,15 @@ async function fsyncPath (path: string): Promise<void> {
   try { await fh.sync() } finally { await fh.close() }
 }
 
-/** Write to a temp file, fsync, rename over the target: readers see old or new, never half. */
-export async function writeAtomic (path: string, data: string | Uint8Array, tmp = `${path}.tmp-${randomBytes(6).toString('hex')}`): Promise<void> {
-  const fh = await open(tmp, 'w')
+/**
+ * Write to a temp file, fsync, rename over the target: readers see old or new, never half.
+ * `mode` is the new file's (0600 for state that is its owner's alone): given at creation, so
+ * the file is never readable by others, not even between its creation and a chmod. Default:
+ * 0666 less the umask. `tmp` names the temp file (default: beside the target).
+ */
+export async function writeAtomic (path: string, data: string | Uint8Array, options: { tmp?: string, mode?: number } = {}): Promise<void> {
+  const tmp = options.tmp ?? `${path}.tmp-${randomBytes(6).toString('hex')}`
+  const fh = await open(tmp, 'w', options.mode)
   try {
     await fh.writeFile(data)
     await fh.sync()

@@ -97,7 +97,7 @@ export class HttpOrigin implements Origin {
         throw new OriginError(`${target} redirected to "${location}", which is not a URL`, { status: res.status, retryable: false })
       }
       if (!this.redirectOrigins.has(next.origin)) {
-        throw new OriginError(`${target} redirected to ${next.href}, which this origin does not trust: it follows redirects only within ${this.base}; serve the blobs from there, or trust that host with the origin's redirectHosts option (${next.host})`, { status: res.status, retryable: false })
+        throw new OriginError(`${target} redirected to ${next.href}, which this origin does not trust: it follows redirects only within ${this.base}; serve the blobs from there, or trust that host: shoal agent --redirect-host ${next.host} (config key redirectHosts)`, { status: res.status, retryable: false })
       }
       target = next.href
     }

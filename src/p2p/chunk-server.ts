@@ -140,7 +140,21 @@ export const CHUNK_SERVER_DEFAULTS = {
    * layer to each peer it is connected to.
    */
   joinsPerSecond: 8,
-  joinBurst: 64
+  joinBurst: 64,
+  /**
+   * CANCELs taken per peer per second, after a burst of `cancelBurst`; beyond,
+   * as for availability queries (the WANTs behind them wait too). A WANT
+   * cancelled at once costs this node a request's whole set-up (a parent request
+   * for a digest it does not know waits to learn it, with timers and listeners)
+   * and frees its slot at once, so the per-peer cap did not bound the churn: a
+   * reading peer sending WANT then CANCEL in a loop took 45,000 parent requests
+   * in 20 s, the agent's heap to 252 MB and its RSS from 170 to 370 MB,
+   * never given back; at 128/s it still kept 35 MB (21 %). A client cancels the
+   * hedges that lost and the reads that were abandoned: at most its window (32)
+   * at once, which the burst takes, and no faster than it asks.
+   */
+  cancelsPerSecond: 64,
+  cancelBurst: 256
 } as const
 
 /**
@@ -196,7 +210,7 @@ export interface ChunkServerStats {
   busyQueueFull: number
   /** Availability queries answered empty (over the peer's or all peers' request cap), or from a stale scan (over the scan rate). */
   haveLimited: number
-  /** Frames (HAVE?, JOIN) whose reading waited for the peer's rate. */
+  /** Frames (HAVE?, JOIN, CANCEL) whose reading waited for the peer's rate. */
   throttled: number
   /** Streams closed because their peer stayed over its rate for stallMs. */
   overRate: number
@@ -224,6 +238,7 @@ interface PeerState {
   queued: number
   readonly haveRate: TokenBucket
   readonly joinRate: TokenBucket
+  readonly cancelRate: TokenBucket
 }
 
 interface StreamState {
@@ -326,7 +341,7 @@ export class ChunkServer {
   private hashBudget = HASH_BYTES_PER_TURN
   private readonly hashQueue: Array<{ bytes: number, go: () => void }> = []
   private hashTick = false
-  private readonly streams = new Set<Stream>()
+  private readonly streams = new Set<StreamState>()
   /** The stream each peer sent its JOIN on: where it hears about newcomers. */
   private readonly joined = new Map<string, StreamState>()
   private readonly stopping = new AbortController()
@@ -357,7 +372,10 @@ export class ChunkServer {
     const reason = new Error('chunk server stopped')
     this.stopping.abort(reason)
     await this.registrar.unhandle(CHUNK_PROTOCOL)
-    for (const stream of this.streams) stream.abort(reason)
+    for (const state of this.streams) {
+      for (const controller of state.items.values()) controller.abort(reason)
+      state.stream.abort(reason)
+    }
   }
 
   private async serve (stream: Stream, connection: Connection): Promise<void> {
@@ -409,7 +427,7 @@ export class ChunkServer {
     stream.addEventListener('idle', onIdle)
     const source = messageStreamToDuplex(stream).source
     stream.addEventListener('message', onMessage)
-    this.streams.add(stream)
+    this.streams.add(state)
     try {
       await pipe(
         source,
@@ -424,7 +442,8 @@ export class ChunkServer {
             }
             if (this.congested(state)) await this.uncongested(state)
             const type = clientMessageType(frame)
-            if (type === 'have-query' || type === 'join') await this.throttle(state, type === 'join' ? state.peer.joinRate : state.peer.haveRate)
+            const rate = type === 'have-query' ? state.peer.haveRate : type === 'join' ? state.peer.joinRate : type === 'cancel' ? state.peer.cancelRate : undefined
+            if (rate !== undefined) await this.throttle(state, rate)
             if (state.closed) return
             this.dispatch(state, decodeClientMessage(frame))
             if (performance.now() - slice > SLICE_MS) {
@@ -450,7 +469,7 @@ export class ChunkServer {
       stream.removeEventListener('idle', onIdle)
       stream.removeEventListener('message', onMessage)
       this.closed(state)
-      this.streams.delete(stream)
+      this.streams.delete(state)
       if (this.joined.get(peer.id) === state) this.joined.delete(peer.id)
       peer.streams--
       this.forgetIfIdle(peer)
@@ -472,7 +491,8 @@ export class ChunkServer {
         holder: 0,
         queued: 0,
         haveRate: new TokenBucket(this.limits.haveQueriesPerSecond, { capacity: this.limits.haveBurst, now: this.now }),
-        joinRate: new TokenBucket(this.limits.joinsPerSecond, { capacity: this.limits.joinBurst, now: this.now })
+        joinRate: new TokenBucket(this.limits.joinsPerSecond, { capacity: this.limits.joinBurst, now: this.now }),
+        cancelRate: new TokenBucket(this.limits.cancelsPerSecond, { capacity: this.limits.cancelBurst, now: this.now })
       }
       this.peers.set(id, peer)
     }
@@ -549,10 +569,14 @@ export class ChunkServer {
       this.reply(state, item.id, 'busy')
       return
     }
+    if (this.stopping.signal.aborted) return
     this.acquire(peer, !item.fetch)
+    // Aborted by a CANCEL, by the stream's end, or by stop(). Not AbortSignal.any() with a
+    // server-wide signal: each such signal stays among the long-lived one's dependants until
+    // a collection finds it (about 1 KB a request on Node 24), for every request ever made.
     const controller = new AbortController()
     state.items.set(item.id, controller)
-    const signal = AbortSignal.any([controller.signal, this.stopping.signal])
+    const signal = controller.signal
     let inHand = 0
     try {
       const found = await this.lookup(item, peer.id, signal)

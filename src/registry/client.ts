@@ -58,6 +58,10 @@ const DEFAULT_UPLOAD_CHUNK_BYTES = 64 << 20
 /** Slower uploads are taken for stalled ones (see uploadTimeout). */
 const MIN_UPLOAD_BYTES_PER_SECOND = 256 << 10
 const MAX_REDIRECTS = 5
+/** Entries asked for per page of the catalog and tag lists. */
+const LIST_PAGE_SIZE = 1000
+/** The token scope of /v2/_catalog (distribution's token auth). */
+const CATALOG_SCOPE = 'registry:catalog:*'
 const MAX_ERROR_BODY_BYTES = 64 << 10
 /** distribution-spec's repository name grammar; also keeps `..` and `?` out of URLs. */
 const REPOSITORY_RE = /^[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:\/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*$/
@@ -166,6 +170,16 @@ export class RegistryClient {
     const type = mediaType ?? (typeof declared === 'string' ? declared : undefined)
     if (type === undefined) throw new FormatError(`${what} has no media type (neither Content-Type nor mediaType)`)
     return { descriptor: { mediaType: type, digest, size: bytes.length }, bytes }
+  }
+
+  /** Every repository the registry lists in /v2/_catalog (following its Link pages). */
+  async listRepositories (options: { signal?: AbortSignal } = {}): Promise<string[]> {
+    return await this.listPages(new URL(`/v2/_catalog?n=${LIST_PAGE_SIZE}`, this.base), CATALOG_SCOPE, 'repositories', `the catalog of docker://${this.registry}`, options.signal)
+  }
+
+  /** Every tag of REPOSITORY (/v2/REPO/tags/list, following its Link pages). */
+  async listTags (repository: string, options: { signal?: AbortSignal } = {}): Promise<string[]> {
+    return await this.listPages(new URL(`/v2/${this.path(repository)}/tags/list?n=${LIST_PAGE_SIZE}`, this.base), pullScope(this.path(repository)), 'tags', `the tags of ${this.nameOf(repository)}`, options.signal)
   }
 
   /** Stores a manifest under REFERENCE (a tag, or its own digest); returns its digest. */
@@ -396,6 +410,29 @@ export class RegistryClient {
       await discard(res)
       checkAnnounced(res, desc.digest, what)
     }, { timeoutMs: this.uploadTimeout(desc.size - sent) })
+  }
+
+  /** A paginated list (distribution-spec: `Link: <URL>; rel="next"`), the entries under KEY of each page. */
+  private async listPages (first: URL, scope: string, key: string, what: string, signal: AbortSignal | undefined): Promise<string[]> {
+    const all: string[] = []
+    for (let url: URL | undefined = first; url !== undefined;) {
+      const page: URL = url
+      const { entries, next } = await this.requests.run(page.href, signal, async attemptSignal => {
+        const res = await this.send('GET', page, { scopes: [scope] }, attemptSignal)
+        if (res.status === 404 && key === 'tags') { await discard(res); return { entries: [], next: undefined } }
+        if (res.status !== 200) throw await this.failure(res, what, page)
+        const body = parseJson(await readBody(res, { max: MAX_MANIFEST_BYTES }, what, page.href), what) as Record<string, unknown> | null
+        const list = body?.[key] ?? []
+        if (!Array.isArray(list) || !list.every(x => typeof x === 'string')) throw new FormatError(`${what}: "${key}" is not a list of names`)
+        const link = /<([^>]+)>\s*;\s*rel="?next"?/.exec(res.headers.get('link') ?? '')
+        return { entries: list as string[], next: link !== null ? new URL(link[1]!, page) : undefined }
+      })
+      all.push(...entries)
+      if (next !== undefined && next.origin !== this.base.origin) throw new OriginError(`${what}: the next page is on another host (${next.origin})`, { retryable: false })
+      if (next?.href === page.href) throw new OriginError(`${what}: the registry names the same page as the next one (${page.href})`, { retryable: false })
+      url = next
+    }
+    return all
   }
 
   /** An upload may take as long as sending BYTES at a slow but working pace, on top of the usual deadline. */

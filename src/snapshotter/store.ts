@@ -11,6 +11,8 @@
  * All methods are synchronous (better-sqlite3) and validate inside their
  * transaction, so concurrent async callers cannot interleave a check and a write.
  */
+import { chmodSync, closeSync, openSync } from 'node:fs'
+import { CACHE_MODES } from '../cache/disk-cache.ts'
 import Database from 'better-sqlite3'
 import type { RemoteLayerState } from './remote-layers.ts'
 import { SnapshotArgumentError, SnapshotExistsError, SnapshotNotFoundError, SnapshotStateError } from './errors.ts'
@@ -81,6 +83,7 @@ export class MetaStore {
   }
 
   static open (path: string): MetaStore {
+    ownerOnlyFiles(path)
     const db = new Database(path)
     try {
       // WAL + FULL: a transaction that returned is on disk, even after a power cut.
@@ -240,4 +243,19 @@ function toRecord (row: Row): SnapshotRecord {
   }
   if (row.remote !== null) record.remote = JSON.parse(row.remote) as RemoteLayerState
   return record
+}
+
+/**
+ * The snapshots' records are the agent's alone, like the rest of its state dir: SQLite
+ * creates a database 0644, and its -wal and -shm files take the database's mode. So the
+ * file is made 0600 before SQLite opens it, and files an older agent left looser are
+ * tightened.
+ */
+function ownerOnlyFiles (path: string): void {
+  closeSync(openSync(path, 'a', CACHE_MODES.file))
+  for (const file of [path, `${path}-wal`, `${path}-shm`]) {
+    try { chmodSync(file, CACHE_MODES.file) } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err
+    }
+  }
 }

@@ -140,6 +140,36 @@ describe('agent: the real python image, lazily', () => {
     assert.ok(during <= 0.05 * before, `the run fetched ${during} more bytes after a prefetch of ${before}`)
   })
 
+  it('a mount asked to prefetch first (as shoal run does) returns once the prefetch list is in the cache', async () => {
+    // After the trace test above, which tagged python-traced.
+    const a = await agent('prefetch-first')
+    const info = await callAgent<MountInfo>(a.socket, 'POST', '/v1/mounts', { image: 'python-traced', mountpoint: join(dir, 'mnt-prefetch-first'), prefetchFirst: true })
+    assert.ok(info.prefetch.chunks > 10, JSON.stringify(info.prefetch))
+    assert.deepEqual(info.prefetch.result, { requested: info.prefetch.chunks, cached: 0, resolved: info.prefetch.chunks, failed: 0 })
+    const before = (await stats(a)).sources.origin!.bytes
+    const run = await execFileAsync(SHOAL_BIN, ['run', 'python-traced', '--state', a.stateDir, '--', ...PYTHON_CMD])
+    assert.equal(run.stdout.trim(), '42')
+    const during = (await stats(a)).sources.origin!.bytes - before
+    assert.ok(during <= 0.05 * before, `the run fetched ${during} more bytes after a prefetch of ${before}`)
+  })
+
+  it('with --background-fetch, the rest of the image streams into the cache after mount; a later command fetches nothing', async () => {
+    const a = await startAgentProcess(join(dir, 'background'), ['--origin', origin.url, '--trust', pub, '--no-p2p', '--log-level', 'warn', '--background-fetch'])
+    agents.push(a)
+    await callAgent(a.socket, 'POST', '/v1/mounts', { image: 'perl', mountpoint: join(dir, 'mnt-background') })
+    let mounts: MountInfo[] = []
+    for (let i = 0; i < 600 && mounts[0]?.background === undefined; i++) {
+      await new Promise(resolve => setTimeout(resolve, 100))
+      mounts = await callAgent<MountInfo[]>(a.socket, 'GET', '/v1/mounts')
+    }
+    const background = mounts[0]!.background
+    assert.ok(background?.complete === true && background.failed === 0 && background.resolved > 100, JSON.stringify(background))
+    const before = (await stats(a)).sources.origin!.bytes
+    const run = await execFileAsync(SHOAL_BIN, ['run', 'perl', '--state', a.stateDir, '--', 'sh', '-c', 'cat /usr/bin/perl* /usr/lib/x86_64-linux-gnu/*.so* | wc -c'])
+    assert.match(run.stdout.trim(), /^\d{6,}$/)
+    assert.equal((await stats(a)).sources.origin!.bytes - before, 0, 'every chunk was in the cache already')
+  })
+
   it('refuses an image signed by an untrusted key, with a clear message', async () => {
     const other = join(dir, 'other.pub')
     await writeFile(other, generateKeyPairSync('ed25519').publicKey.export({ type: 'spki', format: 'pem' }))

@@ -5,7 +5,7 @@ import { createServer, type Server, type Socket } from 'node:net'
 import { join } from 'node:path'
 import { it } from 'node:test'
 import { SHOAL_BIN } from '../../src/agent/agent-process.ts'
-import { controlSocketPath } from '../../src/agent/config.ts'
+import { controlSocketPath } from '../../src/agent/control.ts'
 import { tempDir } from '../helpers/tmp.ts'
 
 /**

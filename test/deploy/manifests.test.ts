@@ -167,13 +167,27 @@ describe('deployment files', () => {
   })
 
   it('the compose file runs commands shoal has, and the Dockerfile uses the shared set-up script', async () => {
-    const compose = parseAllDocuments(await readFile(join(docker, 'compose.yaml'), 'utf8'))[0]!.toJS() as { services: Record<string, { command: string[] }> }
+    const compose = parseAllDocuments(await readFile(join(docker, 'compose.yaml'), 'utf8'))[0]!.toJS() as { services: Record<string, { image: string, command: string[] }> }
     assert.ok(Object.keys(compose.services).length >= 4)
-    for (const service of Object.values(compose.services)) await assertFlagsExist(service.command)
+    for (const service of Object.values(compose.services)) if (service.image === 'shoal') await assertFlagsExist(service.command)
     const dockerfile = await readFile(join(docker, 'Dockerfile'), 'utf8')
     assert.match(dockerfile, /bash scripts\/setup\.sh/)
     for (const m of dockerfile.matchAll(/^COPY (.+) \S+$/gm)) {
       for (const path of m[1]!.split(' ')) await access(join(root, path))
     }
+  })
+
+  it('compose\'s convertd: its config loads, and the registry notifies it with the token it holds', async () => {
+    const { loadConvertdConfigFile, defaultConvertdConfig, validateConvertdConfig } = await import('../../src/convertd/config.ts')
+    const fromFile = await loadConvertdConfigFile(join(docker, 'convertd', 'config.json'))
+    const config = validateConvertdConfig({ ...defaultConvertdConfig(), ...fromFile }, { token: true })
+    assert.equal(config.registry.address, 'registry:5000')
+    const registryConfig = parseAllDocuments(await readFile(join(docker, 'registry', 'config.yml'), 'utf8'))[0]!.toJS() as { notifications: { endpoints: Array<{ url: string, headers: { Authorization: string[] } }> } }
+    const endpoint = registryConfig.notifications.endpoints[0]!
+    assert.equal(endpoint.url, `http://convertd:${config.listen.split(':')[1]}/events`)
+    const token = (await readFile(join(docker, 'convertd', 'token'), 'utf8')).trim()
+    assert.deepEqual(endpoint.headers.Authorization, [`Bearer ${token}`])
+    const { loadRules } = await import('../../src/convertd/rules.ts')
+    assert.equal((await loadRules(join(docker, 'convertd', 'rules.json'), config.key)).decide('python', '3').convert, true)
   })
 })

@@ -5,6 +5,9 @@ import { describe, it } from 'node:test'
 import { IntegrityError } from '../../src/errors.ts'
 import { OriginChunkSource } from '../../src/fetch/chunk-source.ts'
 import { FileReader } from '../../src/fetch/file-reader.ts'
+import { ChunkResolver } from '../../src/fetch/resolver.ts'
+import { DiskCache } from '../../src/cache/disk-cache.ts'
+import { MemoryCache } from '../../src/cache/memory-cache.ts'
 import { Codec } from '../../src/format/codec.ts'
 import { digestHex } from '../../src/format/digest.ts'
 import { DirOrigin } from '../../src/origin/dir-origin.ts'
@@ -83,6 +86,58 @@ describe('OriginChunkSource and FileReader over a converted image', () => {
         assert.deepEqual(target.subarray(0, n), expected.subarray(offset, offset + n), `bytes at ${offset}`)
       }
       assert.equal(s.resolver.stats.sources.origin!.chunks, 6, 'only the chunks touched were fetched (0, 1, 3, 4, 5, 8)')
+    } finally {
+      s.close()
+    }
+  })
+
+  it('reads verified chunks from the disk cache with preads: odd offsets across chunk boundaries give the source bytes', async () => {
+    const { stack: s, reader } = await stack({ readaheadChunks: 0 })
+    try {
+      const expected = contentBytes(EIGHT)
+      const signal = new AbortController().signal
+      const whole = Buffer.alloc(EIGHT.size)
+      assert.equal(await reader('/eight.bin').read(whole, 0, whole.length, signal), EIGHT.size)
+      await until(() => s.disk.stats.writes === 9)
+      // Odd offsets and lengths: inside a chunk, across one and two boundaries, up to and past the end;
+      // small ones take the synchronous pread, larger ones the thread pool.
+      const reads: Array<[number, number]> = [[MiB - 1, 2], [MiB - 4095, 8191], [3, 4093], [2 * MiB - 7, MiB + 14], [5 * MiB + 123, 16 * 1024 + 1], [8 * MiB - 3, 100], [4 * MiB + 4097, 128 * 1024]]
+      let seed = 7
+      for (let i = 0; i < 200; i++) {
+        seed = (seed * 1103515245 + 12345) % 2 ** 31
+        reads.push([seed % (EIGHT.size + 10), 1 + (seed >> 8) % (i % 2 === 0 ? 16 * 1024 : 3 * MiB)])
+      }
+      const check = async (file: FileReader, label: string): Promise<void> => {
+        for (const [offset, length] of reads) {
+          const target = Buffer.alloc(length, 0xee)
+          const result = file.read(target, offset, length, signal)
+          const n = typeof result === 'number' ? result : await result
+          assert.equal(n, Math.max(0, Math.min(length, expected.length - offset)), `${label}: read of ${length} at ${offset}`)
+          assert.ok(target.subarray(0, n).equals(expected.subarray(offset, offset + n)), `${label}: bytes of ${length} at ${offset}`)
+        }
+      }
+      const fileOf = (resolver: ChunkResolver): FileReader => {
+        const node = s.view.resolve('/eight.bin')!
+        return new FileReader(resolver, s.view.extents(node), node.inode.size, { readaheadChunks: 0 })
+      }
+
+      // Memory cache off: every read is a pread of a chunk this process wrote (verified), none hashed again.
+      const noMemory = new ChunkResolver({ disk: s.disk, memory: new MemoryCache(0), remote: [] })
+      await check(fileOf(noMemory), 'verified')
+      assert.equal(noMemory.stats.sources.disk!.chunks > reads.length, true)
+      assert.equal(s.disk.stats.verifiedOnFirstUse, 0)
+      assert.ok(s.disk.stats.openFiles > 0)
+
+      // After a restart nothing on disk is trusted: each chunk is hashed on its first use, then pread.
+      const reopened = await DiskCache.open({ dir: s.disk.dir, maxBytes: 1 << 30 })
+      try {
+        const restarted = new ChunkResolver({ disk: reopened, memory: new MemoryCache(0), remote: [] })
+        await check(fileOf(restarted), 'after a restart')
+        assert.equal(reopened.stats.verifiedOnFirstUse, 9)
+        assert.equal(restarted.stats.verificationFailures.disk, 0)
+      } finally {
+        await reopened.close()
+      }
     } finally {
       s.close()
     }

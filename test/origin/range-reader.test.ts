@@ -50,6 +50,23 @@ class FakeOrigin implements Origin {
 }
 
 describe('RangeReader merging', () => {
+  test('a lone read goes out on the next turn of the event loop, not after a timer; reads made after an await in the same turn still merge', async () => {
+    const origin = new FakeOrigin()
+    const reader = new RangeReader({ origin })
+    const lone = reader.read(B, 0, 100)
+    // Before any timer of 1 ms could fire: the request is out once setImmediate callbacks ran.
+    await new Promise(resolve => setImmediate(resolve))
+    assert.equal(origin.calls.length, 1)
+    await lone
+    // Reads that arrive a few microtasks apart (a resolver checking its caches first) share a request.
+    const reads = Array.from({ length: 4 }, async (_, i) => {
+      for (let hop = 0; hop < i * 3; hop++) await Promise.resolve()
+      return await reader.read(A, i * 1000, 1000)
+    })
+    await Promise.all(reads)
+    assert.deepEqual(origin.calls.slice(1).map(c => [c.offset, c.length]), [[0, 4000]])
+  })
+
   test('16 adjacent 64 KiB reads issued together become one request', async () => {
     const origin = new FakeOrigin()
     const reader = new RangeReader({ origin })

@@ -32,6 +32,8 @@ export interface RegistryOptions {
   redirectTo?: string
   /** Keep the registry's access log (what `requests()` returns). */
   accessLog?: boolean
+  /** Send notifications (push events) to URL with `Authorization: Bearer TOKEN`, retrying every `backoff` (default 500ms) as the registry does. */
+  notifications?: { url: string, token: string, backoff?: string }
 }
 
 /** One line of the registry's access log. */
@@ -64,6 +66,11 @@ export async function startRegistry (options: RegistryOptions): Promise<TestRegi
   ]
   if (options.tls !== undefined) lines.push(`  tls: { certificate: ${JSON.stringify(options.tls.certFile)}, key: ${JSON.stringify(options.tls.keyFile)} }`)
   if (options.htpasswd !== undefined) lines.push('auth:', `  htpasswd: { realm: shoal-test, path: ${JSON.stringify(options.htpasswd)} }`)
+  if (options.notifications !== undefined) {
+    const n = options.notifications
+    lines.push('notifications:', '  endpoints:', '    - name: convertd', `      url: ${JSON.stringify(n.url)}`, `      headers: { Authorization: [${JSON.stringify(`Bearer ${n.token}`)}] }`,
+      '      timeout: 5s', '      threshold: 3', `      backoff: ${n.backoff ?? '500ms'}`, '      ignore: { actions: [pull] }')
+  }
   if (options.redirectTo !== undefined) lines.push('middleware:', '  storage:', '    - name: redirect', `      options: { baseurl: ${JSON.stringify(options.redirectTo)} }`)
   const config = join(options.dir, 'config.yml')
   await mkdir(options.dir, { recursive: true })

@@ -13,7 +13,7 @@ const READS = ['/etc/os-release', '/usr/bin/python3.11', '/usr/lib/x86_64-linux-
 
 interface Results {
   metrics: Record<'peers' | 'baseline', RunMetrics>
-  runs: Record<'peers' | 'baseline', { nodes: Array<{ outcome: string, bannedPeers: number, error?: string }> }>
+  runs: Record<'peers' | 'baseline', { nodes: Array<{ outcome: string, bannedPeers: number, error?: string, peer?: { server: Record<string, number> } }> }>
 }
 
 /** Runs the real-process runner on SCENARIO and checks, after it exits, that it left nothing behind. */
@@ -67,6 +67,22 @@ describe('simulation runner: real agents', () => {
     assert.ok(results.metrics.peers.origin.bytes < results.metrics.baseline.origin.bytes,
       `origin sent ${results.metrics.peers.origin.bytes} bytes with peers, ${results.metrics.baseline.origin.bytes} without`)
     assert.ok(results.runs.peers.nodes.some(n => n.bannedPeers > 0), 'the bad peer was caught and banned')
+  })
+
+  it('4 agents flooded by a hostile peer (HAVE?, JOIN, unread WANTs, WANT/CANCEL churn): all finish, origin egress stays <= 1.2', async () => {
+    const { results } = await runScenario({
+      name: 'hostile-test',
+      nodes: 4,
+      workload: { read: READS },
+      origin: { mbit: 100, latencyMs: 0 },
+      faults: { hostilePeers: { share: 0.25 } },
+      timeouts: { chunkMs: 20_000, runMs: 120_000, agentStartMs: 60_000 }
+    })
+    assert.deepEqual(results.runs.peers.nodes.map(n => n.outcome), ['ok', 'ok', 'ok', 'ok'], JSON.stringify(results.runs.peers.nodes.map(n => n.error)))
+    // The floods arrived: the honest nodes read them at the flooder's rate.
+    const throttled = results.runs.peers.nodes.reduce((sum, n) => sum + (n.peer?.server.throttled ?? 0), 0)
+    assert.ok(throttled > 0, 'the honest nodes throttled the hostile peer\'s frames')
+    assert.ok(results.metrics.peers.egressFactor <= 1.2, `origin egress ${results.metrics.peers.egressFactor.toFixed(2)}x a lone node's`)
   })
 
   it('2 agents in network namespaces behind shaped links', async (t) => {

@@ -21,6 +21,8 @@ describe('simulation scenarios', () => {
     assert.throws(() => parseScenario({ links: { mbit: 0, latencyMs: 0 } }, 'x'), /links.mbit must be a positive number/)
     assert.throws(() => parseScenario({ faults: { kill: { share: 2, atMs: 0 } } }, 'x'), ScenarioError)
     assert.throws(() => parseScenario({ faults: { originOutage: { fromMs: 5, toMs: 1 } } }, 'x'), /toMs must be after fromMs/)
+    assert.throws(() => parseScenario({ faults: { hostilePeers: { share: 1.5 } } }, 'x'), /faults.hostilePeers.share must be a number from 0 to 1/)
+    assert.throws(() => parseScenario({ faults: { floods: {} } }, 'x'), /unknown fault "floods" \(known: kill, originOutage, badPeers, hostilePeers\)/)
     assert.throws(() => parseScenario({ origin: { mbit: 1, latencyMs: 0, kind: 'ftp' } }, 'x'), /origin.kind must be "oci-layout" or "registry"/)
   })
 

@@ -1,15 +1,16 @@
-import { randomBytes } from 'node:crypto'
-import { rm } from 'node:fs/promises'
 import { join, resolve } from 'node:path'
 import type { Command } from 'commander'
-import pino from 'pino'
-import { Agent, type AgentStats, type MountInfo } from '../../agent/agent.ts'
-import { controlSocketPath, defaultConfig, DEFAULT_STATE_DIR, loadConfigFile, validateConfig, type AgentConfig } from '../../agent/config.ts'
-import { AgentNotRunningError, callAgent } from '../../agent/control.ts'
+import type { Agent, AgentStats, MountInfo } from '../../agent/agent.ts'
+import type { AgentConfig } from '../../agent/config.ts'
+import { DEFAULT_STATE_DIR } from '../../agent/constants.ts'
 import { UsageError } from '../../errors.ts'
-import { runContainer, type RuntimeName } from '../../run/run-container.ts'
+import type { RuntimeName } from '../../run/run-container.ts'
+import { collect, parseSize } from '../args.ts'
 import { mib, table } from '../output.ts'
-import { parseSize } from './image.ts'
+
+// Only what the definitions need is imported here; each action imports what it runs
+// (the agent, libp2p, pino, node:http), so `shoal --help` and `shoal stats` load none of
+// the other commands' modules (docs/BENCHMARKS.md, "CLI start").
 
 interface AgentFlags {
   config?: string
@@ -18,6 +19,7 @@ interface AgentFlags {
   registryCreds?: string
   registryCa?: string
   registryPlainHttp?: boolean
+  redirectHost: string[]
   trust: string[]
   cacheSize?: string
   metrics?: string
@@ -28,10 +30,9 @@ interface AgentFlags {
   psk?: string
   uploadRate?: string
   p2p?: boolean
+  backgroundFetch?: boolean
   logLevel: string
 }
-
-const collect = (value: string, previous: string[]): string[] => [...previous, value]
 
 export const AGENT_SHUTDOWN_DEFAULTS = {
   /**
@@ -53,6 +54,7 @@ function agentOptions (cmd: Command): Command {
     .option('--registry-creds <user:password>', 'credentials for docker:// origins (default: the docker/podman login files)')
     .option('--registry-ca <file>', 'PEM CA certificate(s) to trust for docker:// origins, besides the system ones')
     .option('--registry-plain-http', 'reach docker:// origins over plain HTTP instead of HTTPS')
+    .option('--redirect-host <host[:port]>', 'a host that http(s) origins may redirect to, e.g. their CDN (repeatable; default: redirects within the origin only)', collect, [])
     .option('--trust <pubkey>', 'trusted signing key, shoal.pub (repeatable)', collect, [])
     .option('--cache-size <size>', 'disk cache limit, e.g. 10G')
     .option('--metrics <host:port>', 'Prometheus metrics address, or "off" (default 127.0.0.1:0)')
@@ -63,10 +65,12 @@ function agentOptions (cmd: Command): Command {
     .option('--psk <file>', 'pre-shared key file: only peers with the same key can connect')
     .option('--upload-rate <bytes/s>', 'cap on uploads to peers, e.g. 50M (default: none)')
     .option('--no-p2p', 'use only the local cache and the origin')
+    .option('--background-fetch', 'once a mount\'s start-up reads are served, stream the rest of its image into the cache (for containers that read most of their image)')
     .option('--log-level <level>', 'debug, info, warn or error', 'info')
 }
 
 async function buildConfig (flags: AgentFlags): Promise<AgentConfig> {
+  const { defaultConfig, loadConfigFile, validateConfig } = await import('../../agent/config.ts')
   const fromFile = flags.config !== undefined ? await loadConfigFile(flags.config) : {}
   const defaults = defaultConfig()
   const base = { ...defaults, ...fromFile, p2p: { ...defaults.p2p, ...fromFile.p2p } }
@@ -80,11 +84,13 @@ async function buildConfig (flags: AgentFlags): Promise<AgentConfig> {
       ...(flags.registryCa !== undefined ? { caFile: flags.registryCa } : {}),
       ...(flags.registryPlainHttp === true ? { plainHttp: true } : {})
     },
+    redirectHosts: flags.redirectHost.length > 0 ? flags.redirectHost : base.redirectHosts,
     trust: flags.trust.length > 0 ? flags.trust : base.trust,
     cacheBytes: flags.cacheSize !== undefined ? parseSize(flags.cacheSize, '--cache-size') : base.cacheBytes,
     metrics: flags.metrics === 'off' ? '' : flags.metrics ?? base.metrics,
     chunkTimeoutMs: flags.chunkTimeout !== undefined ? Number(flags.chunkTimeout) : base.chunkTimeoutMs,
     snapshotterSocket: flags.snapshotterSocket ?? base.snapshotterSocket,
+    backgroundFetch: flags.backgroundFetch === true || base.backgroundFetch,
     p2p: {
       ...base.p2p,
       enabled: flags.p2p !== false && base.p2p.enabled,
@@ -103,6 +109,7 @@ export function registerAgentCommands (program: Command): void {
   agentOptions(program.command('agent'))
     .description('run the node agent: mounts images lazily, shares chunks with peers (until SIGINT/SIGTERM)')
     .action(async (flags: AgentFlags) => {
+      const [{ Agent }, { controlSocketPath }, { default: pino }] = await Promise.all([import('../../agent/agent.ts'), import('../../agent/control.ts'), import('pino')])
       const config = await buildConfig(flags)
       const log = pino({ name: 'shoal-agent', level: flags.logLevel }, pino.destination(2))
       // The agent exits within the grace period of the first SIGINT/SIGTERM whatever its
@@ -141,6 +148,7 @@ export function registerAgentCommands (program: Command): void {
     .argument('<image>').argument('<mountpoint>')
     .option('--state <dir>', 'the agent\'s state directory')
     .action(async (image: string, mountpoint: string, flags: { state?: string }) => {
+      const { callAgent, controlSocketPath } = await import('../../agent/control.ts')
       const info = await callAgent<MountInfo>(controlSocketPath(stateDirOf(flags)), 'POST', '/v1/mounts', { image, mountpoint: resolve(mountpoint) })
       console.log(`mounted ${info.image} (${info.manifestDigest}) at ${info.mountpoint}`)
     })
@@ -150,6 +158,7 @@ export function registerAgentCommands (program: Command): void {
     .argument('<mountpoint>')
     .option('--state <dir>', 'the agent\'s state directory')
     .action(async (mountpoint: string, flags: { state?: string }) => {
+      const { callAgent, controlSocketPath } = await import('../../agent/control.ts')
       await callAgent(controlSocketPath(stateDirOf(flags)), 'DELETE', '/v1/mounts', { mountpoint: resolve(mountpoint) })
     })
 
@@ -158,9 +167,10 @@ export function registerAgentCommands (program: Command): void {
     .option('--state <dir>', 'the agent\'s state directory')
     .option('--json', 'print as JSON')
     .action(async (flags: { state?: string, json?: boolean }) => {
+      const { callAgent, controlSocketPath } = await import('../../agent/control.ts')
       const mounts = await callAgent<MountInfo[]>(controlSocketPath(stateDirOf(flags)), 'GET', '/v1/mounts')
       if (flags.json === true) { console.log(JSON.stringify(mounts, null, 2)); return }
-      console.log(table([['mountpoint', 'image', 'digest', 'read'], ...mounts.map(m => [m.mountpoint, m.image, m.manifestDigest.slice(0, 19), mib(m.fs.bytesRead)])]))
+      console.log(table([['mountpoint', 'image', 'digest', 'read', 'signature expires'], ...mounts.map(m => [m.mountpoint, m.image, m.manifestDigest.slice(0, 19), mib(m.fs.bytesRead), signatureExpiry(m)])]))
     })
 
   program.command('stats')
@@ -168,6 +178,7 @@ export function registerAgentCommands (program: Command): void {
     .option('--state <dir>', 'the agent\'s state directory')
     .option('--json', 'print as JSON')
     .action(async (flags: { state?: string, json?: boolean }) => {
+      const { callAgent, controlSocketPath } = await import('../../agent/control.ts')
       const stats = await callAgent<AgentStats>(controlSocketPath(stateDirOf(flags)), 'GET', '/v1/stats')
       if (flags.json === true) console.log(JSON.stringify(stats, null, 2))
       else printStats(stats)
@@ -183,6 +194,8 @@ export function registerAgentCommands (program: Command): void {
     .action(async (image: string, command: string[], flags: AgentFlags & { runtime?: RuntimeName, env: string[], summary?: boolean }) => {
       const controller = new AbortController()
       for (const sig of ['SIGINT', 'SIGTERM'] as const) process.once(sig, () => controller.abort())
+      const [{ AgentNotRunningError, callAgent, controlSocketPath }, { runContainer }, { randomBytes }, { rm }] = await Promise.all([
+        import('../../agent/control.ts'), import('../../run/run-container.ts'), import('node:crypto'), import('node:fs/promises')])
       const socket = controlSocketPath(stateDirOf(flags))
       const useDaemon = await callAgent(socket, 'GET', '/v1/stats').then(() => true, (err: unknown) => {
         if (err instanceof AgentNotRunningError) return false
@@ -193,12 +206,13 @@ export function registerAgentCommands (program: Command): void {
       if (!useDaemon) {
         if (flags.origin.length === 0 && flags.config === undefined) throw new UsageError(`no agent runs at ${socket}; start one (shoal agent), or give --origin and --trust to run one for this command`)
         const config = await buildConfig({ ...flags, metrics: flags.metrics ?? 'off' })
+        const [{ Agent }, { default: pino }] = await Promise.all([import('../../agent/agent.ts'), import('pino')])
         agent = await Agent.start(config, { control: false, log: pino({ name: 'shoal-run', level: flags.logLevel === 'info' ? 'warn' : flags.logLevel }, pino.destination(2)) })
       }
       const mountpoint = join(stateDirOf(flags), 'run', randomBytes(6).toString('hex'))
       let code = 1
       try {
-        const info = agent !== undefined ? await agent.mount(image, mountpoint, { signal: controller.signal }) : await callAgent<MountInfo>(socket, 'POST', '/v1/mounts', { image, mountpoint })
+        const info = agent !== undefined ? await agent.mount(image, mountpoint, { signal: controller.signal, prefetchFirst: true }) : await callAgent<MountInfo>(socket, 'POST', '/v1/mounts', { image, mountpoint, prefetchFirst: true })
         try {
           code = await runContainer({ lowerDir: info.mountpoint, runtime: info.runtime, args: command, env: flags.env, signal: controller.signal, ...(flags.runtime !== undefined ? { use: flags.runtime } : {}) })
         } finally {
@@ -217,7 +231,7 @@ export function registerAgentCommands (program: Command): void {
     })
 }
 
-export function summaryLine (stats: AgentStats): string {
+function summaryLine (stats: AgentStats): string {
   const s = stats.sources
   const part = (name: string): string => `${name} ${mib(s[name]?.bytes ?? 0)}`
   return `bytes by source: ${['memory', 'disk', 'peers', 'origin'].filter(n => s[n] !== undefined).map(part).join(', ')}`
@@ -232,6 +246,11 @@ function printStats (s: AgentStats): void {
     const fallbacks = Object.entries(s.snapshotter.fallbacks).map(([reason, n]) => `${reason} ${n}`).join(', ')
     console.log(`snapshotter: ${s.snapshotter.mounted} lazy layers mounted, ${s.snapshotter.lazy} served lazily since start, ${mib(s.snapshotter.bytesRead)} read; left to containerd: ${fallbacks === '' ? 'none' : fallbacks}`)
   }
-  for (const m of s.mounts) console.log(`mount ${m.mountpoint}: ${m.image} ${m.manifestDigest.slice(0, 19)}, ${mib(m.fs.bytesRead)} read, ${m.fs.readErrors} read errors`)
+  for (const m of s.mounts) console.log(`mount ${m.mountpoint}: ${m.image} ${m.manifestDigest.slice(0, 19)}, ${mib(m.fs.bytesRead)} read, ${m.fs.readErrors} read errors, signature ${m.signature.expired ? `EXPIRED on ${m.signature.expires!} (still served; re-sign it: it will not mount again)` : `expires ${m.signature.expires ?? 'never'}`}`)
   if (s.metricsUrl !== undefined) console.log(`metrics: ${s.metricsUrl}`)
+}
+
+/** A mount's signature expiry for `shoal ls`: flagged once it has passed while mounted. */
+function signatureExpiry (m: MountInfo): string {
+  return m.signature.expired ? `EXPIRED ${m.signature.expires!} (re-sign)` : m.signature.expires ?? 'never'
 }

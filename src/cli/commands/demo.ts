@@ -1,21 +1,12 @@
 import { spawn } from 'node:child_process'
-import { access, mkdir, rm } from 'node:fs/promises'
 import { join, resolve } from 'node:path'
 import { createInterface } from 'node:readline'
 import type { Command } from 'commander'
 import type { AgentStats } from '../../agent/agent.ts'
-import { SHOAL_BIN, startAgentProcess, type AgentProcess } from '../../agent/agent-process.ts'
-import { controlSocketPath } from '../../agent/config.ts'
-import { callAgent } from '../../agent/control.ts'
-import { convertImage } from '../../convert/convert.ts'
+import type { AgentProcess } from '../../agent/agent-process.ts'
 import { ShoalError } from '../../errors.ts'
-import { ensureRealFixtures } from '../../fixtures/debian-images.ts'
-import { generateKeys, loadPrivateKey, loadPublicKey } from '../../format/signing.ts'
-import { verifyImage } from '../../image/verify-image.ts'
-import { DirOrigin } from '../../origin/dir-origin.ts'
-import { startOriginServer } from '../../origin/server.ts'
+import { parseSize } from '../args.ts'
 import { mib, table } from '../output.ts'
-import { parseSize } from './image.ts'
 
 const DEFAULT_COMMAND = ['python3', '-c', 'import json, sqlite3; print(json.dumps({"answer": 42, "sqlite": sqlite3.sqlite_version}))']
 
@@ -36,6 +27,9 @@ export function registerDemoCommand (program: Command): void {
       const agentCount = Number(flags.agents)
       if (!Number.isInteger(agentCount) || agentCount < 1 || agentCount > 50) throw new ShoalError('EUSAGE', '--agents must be 1 to 50')
       const say = (text: string): void => { process.stderr.write(`demo: ${text}\n`) }
+      const [{ access, mkdir, rm }, { SHOAL_BIN, startAgentProcess }, { callAgent, controlSocketPath }, { convertImage }, { ensureRealFixtures }, { generateKeys, loadPrivateKey, loadPublicKey }, { verifyImage }, { DirOrigin }, { startOriginServer }] = await Promise.all([
+        import('node:fs/promises'), import('../../agent/agent-process.ts'), import('../../agent/control.ts'), import('../../convert/convert.ts'), import('../../fixtures/debian-images.ts'),
+        import('../../format/signing.ts'), import('../../image/verify-image.ts'), import('../../origin/dir-origin.ts'), import('../../origin/server.ts')])
 
       say('building or reusing the real Debian fixture images (debootstrap; about a minute the first time)')
       const fixtures = await ensureRealFixtures({ log: line => say(`  ${line}`) })

@@ -1,23 +1,8 @@
-import { createPublicKey } from 'node:crypto'
-import { mkdtemp, rm, writeFile } from 'node:fs/promises'
-import { tmpdir } from 'node:os'
-import { join } from 'node:path'
 import type { Command } from 'commander'
-import pino from 'pino'
-import { Agent } from '../../agent/agent.ts'
-import { defaultConfig, validateConfig } from '../../agent/config.ts'
-import { UsageError } from '../../errors.ts'
-import { parseShoalConfig } from '../../format/image-config.ts'
-import { DEFAULT_SIGNATURE_LIFETIME, loadPrivateKey, parseLifetime } from '../../format/signing.ts'
-import { loadImage } from '../../image/load-image.ts'
-import { DirOrigin } from '../../origin/dir-origin.ts'
-import { ReadRecorder } from '../../image/prefetch-list.ts'
-import { writeSignedImage } from '../../image/write-image.ts'
-import { OciLayout } from '../../oci/layout.ts'
-import { parseReference } from '../../oci/reference.ts'
-import type { ImageManifest } from '../../oci/types.ts'
-import { runContainer, type RuntimeName } from '../../run/run-container.ts'
-import { mib } from '../output.ts'
+import { DEFAULT_SIGNATURE_LIFETIME } from '../../format/signing.ts'
+import type { RuntimeName } from '../../run/run-container.ts'
+
+export interface TraceFlags { key: string, tag?: string, runtime?: RuntimeName, expires?: string }
 
 /**
  * `shoal trace`: run a command in an image, record what it reads, and write that as
@@ -33,48 +18,5 @@ export function registerTraceCommand (program: Command): void {
     .option('--tag <tag>', 'tag for the new version (default: the same tag, replaced)')
     .option('--runtime <name>', 'runc, crun or chroot (default: the first one installed)')
     .option('--expires <duration>', `lifetime of the new version's signature: 90d, 12h, 2w, ... or never (default ${DEFAULT_SIGNATURE_LIFETIME})`)
-    .action(async (image: string, command: string[], flags: { key: string, tag?: string, runtime?: RuntimeName, expires?: string }) => {
-      const lifetimeMs = flags.expires !== undefined ? parseLifetime(flags.expires) : undefined
-      const ref = parseReference(image)
-      if (ref.transport !== 'oci') throw new UsageError(`${image}: trace works on a local layout, oci:DIR:TAG`)
-      const key = await loadPrivateKey(flags.key)
-      const state = await mkdtemp(join(tmpdir(), 'shoal-trace-'))
-      const controller = new AbortController()
-      for (const sig of ['SIGINT', 'SIGTERM'] as const) process.once(sig, () => controller.abort())
-      const recorder = new ReadRecorder()
-      let code = 1
-      try {
-        // The image must carry a signature by the key that will sign the new version.
-        const pub = join(state, 'signer.pub')
-        await writeFile(pub, createPublicKey(key).export({ type: 'spki', format: 'pem' }))
-        const config = validateConfig({ ...defaultConfig(join(state, 'agent')), origins: [ref.dir], trust: [pub], metrics: '', p2p: { enabled: false, listen: [], peers: [] } })
-        const agent = await Agent.start(config, { control: false, log: pino({ name: 'shoal-trace', level: 'warn' }, pino.destination(2)) })
-        try {
-          const mountpoint = join(state, 'mnt')
-          const info = await agent.mount(ref.tag, mountpoint, { signal: controller.signal, onRead: recorder.record })
-          try {
-            code = await runContainer({ lowerDir: mountpoint, runtime: info.runtime, args: command, signal: controller.signal, ...(flags.runtime !== undefined ? { use: flags.runtime } : {}) })
-          } finally {
-            await agent.umount(mountpoint)
-          }
-        } finally {
-          await agent.stop()
-        }
-      } finally {
-        await rm(state, { recursive: true, force: true })
-      }
-      if (code !== 0) throw new UsageError(`the command exited with ${code}; no prefetch list written (trace a command that succeeds)`)
-
-      const layout = await OciLayout.open(ref.dir)
-      const manifest = await layout.readJson<ImageManifest>((await layout.resolveTag(ref.tag)).digest, 'manifest')
-      const entries = recorder.entries()
-      const newConfig = { ...parseShoalConfig(await layout.readBlob(manifest.config.digest, 'config')), prefetch: entries }
-      // The new version is signed for the same names (and the new tag), with a higher version.
-      const old = (await loadImage(await DirOrigin.open(ref.dir), ref.tag, { trusted: [createPublicKey(key)], image })).signature!
-      const names = [...old.names, ...(flags.tag !== undefined ? [flags.tag] : [])]
-      const version = Math.max(Math.floor(Date.now() / 1000), old.version + 1)
-      const desc = await writeSignedImage(layout, flags.tag ?? ref.tag, newConfig, key, { names, version, ...(lifetimeMs !== undefined ? { lifetimeMs } : {}) })
-      const bytes = entries.reduce((n, e) => n + (e.ranges ?? []).reduce((m, [, len]) => m + len, 0), 0)
-      console.log(`recorded ${entries.length} files, ${mib(bytes)} read; oci:${ref.dir}:${flags.tag ?? ref.tag} is now ${desc.digest}`)
-    })
+    .action(async (image: string, command: string[], flags: TraceFlags) => { await (await import('./trace-action.ts')).traceAction(image, command, flags) })
 }
