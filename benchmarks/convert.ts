@@ -12,7 +12,7 @@ import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { parseArgs, promisify } from 'node:util'
-import { ensureRealFixtures } from '../src/fixtures/debian-images.ts'
+import { ensureRealFixtures } from '../scripts/fixtures/debian-images.ts'
 import { OciLayout } from '../src/oci/layout.ts'
 import type { ImageManifest } from '../src/oci/types.ts'
 

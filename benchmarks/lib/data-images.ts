@@ -24,7 +24,7 @@ import { join, resolve } from 'node:path'
 import { once } from 'node:events'
 import { fileURLToPath } from 'node:url'
 import { parseArgs } from 'node:util'
-import { ensureRealFixtures } from '../../src/fixtures/debian-images.ts'
+import { ensureRealFixtures } from '../../scripts/fixtures/debian-images.ts'
 import { layerSizes, tagDigest, type LayerInfo } from './gcc-image.ts'
 import { run, say } from './proc.ts'
 

@@ -1,6 +1,6 @@
 /**
  * A real image with a C compiler, for benchmarks: the `base` fixture image of
- * src/fixtures/debian-images.ts (Debian bookworm minbase, its layer blob as is) plus
+ * scripts/fixtures/debian-images.ts (Debian bookworm minbase, its layer blob as is) plus
  * one layer from `apt-get install --no-install-recommends gcc libc6-dev` in a chroot
  * of the unpacked base (umoci unpack, apt-get, umoci repack), like the fixtures'
  * python and perl images are made.
@@ -24,7 +24,7 @@ import { Writable } from 'node:stream'
 import { fileURLToPath } from 'node:url'
 import { parseArgs } from 'node:util'
 import { createGunzip } from 'node:zlib'
-import { ensureRealFixtures } from '../../src/fixtures/debian-images.ts'
+import { ensureRealFixtures } from '../../scripts/fixtures/debian-images.ts'
 import { mountsBelowOrAt, run, say, unmountAllBelow } from './proc.ts'
 
 export const GCC_TAG = 'gcc'

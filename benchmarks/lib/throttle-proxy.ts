@@ -7,7 +7,7 @@
  */
 import { connect, createServer, type AddressInfo, type Socket } from 'node:net'
 import { pipeline, Transform, type TransformCallback } from 'node:stream'
-import { TokenBucket } from '../../src/origin/server.ts'
+import { TokenBucket } from '../../src/util/token-bucket.ts'
 
 export interface ThrottleProxy {
   /** host:port */
@@ -18,7 +18,7 @@ export interface ThrottleProxy {
 }
 
 export async function startThrottleProxy (options: { upstreamPort: number, upstreamHost?: string, rate: number }): Promise<ThrottleProxy> {
-  const bucket = new TokenBucket(options.rate)
+  const bucket = new TokenBucket(options.rate, { capacity: options.rate / 10 })
   const stats = { connections: 0, bytesDown: 0, bytesUp: 0 }
   const sockets = new Set<Socket>()
   // Half-open allowed on both sides: each direction ends on its own, as TCP lets it.
@@ -80,7 +80,7 @@ class Pacer extends Transform {
     super()
     this.bucket = bucket
     this.count = count
-    this.pieceSize = Math.min(64 * 1024, Math.max(1024, Math.floor(bucket.burst)))
+    this.pieceSize = Math.min(64 * 1024, Math.max(1024, Math.floor(bucket.capacity)))
   }
 
   override _transform (chunk: Buffer, _e: BufferEncoding, cb: TransformCallback): void {

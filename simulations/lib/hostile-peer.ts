@@ -27,10 +27,10 @@ import type { Stream } from '@libp2p/interface'
 import { messageStreamToDuplex } from '@libp2p/utils'
 import { multiaddr } from '@multiformats/multiaddr'
 import { pipe } from 'it-pipe'
-import { sha256, type Digest } from '../../src/format/digest.ts'
+import { sha256, type Digest } from '../../src/oci/digest.ts'
 import { openImageView } from '../../src/image/image-view.ts'
 import { DirOrigin } from '../../src/origin/dir-origin.ts'
-import { sleep } from '../../src/origin/limit.ts'
+import { sleep } from '../../src/util/limit.ts'
 import {
   CHUNK_PROTOCOL, MAX_BATCH, MAX_CLIENT_FRAME, MAX_JOIN_KEYS, MAX_SERVER_FRAME, decodeClientMessage, encodeCancel, encodeChunkReply, encodeHave, encodeHaveQuery, encodeJoin, encodeWant, frameDecoder, type WantItem
 } from '../../src/p2p/chunk-protocol.ts'

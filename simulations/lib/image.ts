@@ -4,9 +4,9 @@
 import { readdir, stat } from 'node:fs/promises'
 import { join } from 'node:path'
 import { convertImage } from '../../src/convert/convert.ts'
-import { ensureRealFixtures } from '../../src/fixtures/debian-images.ts'
+import { ensureRealFixtures } from '../../scripts/fixtures/debian-images.ts'
 import { Catalog, type ChunkRef } from '../../src/format/catalog.ts'
-import type { Digest } from '../../src/format/digest.ts'
+import type { Digest } from '../../src/oci/digest.ts'
 import { generateKeys, loadPrivateKey } from '../../src/format/signing.ts'
 
 export interface PreparedImage {

@@ -5,7 +5,7 @@
 import { createHash } from 'node:crypto'
 import { readdir, readFile, stat } from 'node:fs/promises'
 import { join } from 'node:path'
-import type { Digest } from '../../src/format/digest.ts'
+import type { Digest } from '../../src/oci/digest.ts'
 import type { ProfileChunk, WorkloadProfile } from './image.ts'
 import type { Scenario } from './scenario.ts'
 

@@ -20,7 +20,7 @@ export type Workload =
   | { read: string[] }
 
 export type ImageSpec =
-  /** The real python fixture (src/fixtures/debian-images.ts), converted on the fly with a fresh key. */
+  /** The real python fixture (scripts/fixtures/debian-images.ts), converted on the fly with a fresh key. */
   | { fixture: 'python' }
   /** Model only: an image of `gigabytes` in `layers` layers of incompressible 1 MiB chunks, read whole (workload {"read": ["/"]}). */
   | { synthetic: { gigabytes: number, layers: number } }

@@ -1,7 +1,7 @@
 import type { ChunkRef } from '../format/catalog.ts'
-import type { Digest } from '../format/digest.ts'
+import type { Digest } from '../oci/digest.ts'
 import type { PrefetchResult } from '../fetch/resolver.ts'
-import { sleep } from '../origin/limit.ts'
+import { sleep } from '../util/limit.ts'
 
 /**
  * Background fetch: once a mount's start-up reads are served, stream the rest of the

@@ -1,4 +1,4 @@
-import type { RetryOptions } from '../origin/http-retry.ts'
+import type { RetryOptions } from '../http/http-retry.ts'
 
 /** Where an agent keeps its cache, catalogs, control socket and peer key unless told otherwise (--state). */
 export const DEFAULT_STATE_DIR = '/var/lib/shoal'

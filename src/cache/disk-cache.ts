@@ -1,13 +1,13 @@
 import { randomBytes } from 'node:crypto'
 import { close as closeCb, closeSync, fstat as fstatCb, fstatSync, open as openCb, openSync, read as readCb, readSync } from 'node:fs'
-import { chmod, lstat, mkdir, open, readdir, rename, rm, unlink } from 'node:fs/promises'
+import { chmod, lstat, mkdir, readdir, rm, unlink } from 'node:fs/promises'
 import { join } from 'node:path'
-import type { ChunkSource } from '../fetch/chunk-source.ts'
-import { errorText, silentLogger, type Logger } from '../fetch/log.ts'
+import { errorText, silentLogger, type Logger } from '../util/log.ts'
 import type { ChunkRef } from '../format/catalog.ts'
 import { IntegrityError } from '../errors.ts'
-import { digestHex, type Digest } from '../format/digest.ts'
-import { Semaphore } from '../origin/limit.ts'
+import { digestHex, type Digest } from '../oci/digest.ts'
+import { Semaphore } from '../util/limit.ts'
+import { writeAtomic } from '../util/files.ts'
 
 /**
  * The node's content-addressed chunk store: DIR/chunks/<2 hex>/<64 hex> holds the
@@ -141,7 +141,7 @@ const CHUNK_NAME_RE = /^[0-9a-f]{64}$/
 /** Weight of the newest synchronous read time in the moving average (about the last 30 reads count). */
 const SYNC_READ_EWMA_WEIGHT = 1 / 32
 
-export class DiskCache implements ChunkSource {
+export class DiskCache {
   readonly name = 'disk'
   readonly dir: string
   readonly maxBytes: number
@@ -455,22 +455,11 @@ export class DiskCache implements ChunkSource {
   }
 
   private async write (hex: string, data: Uint8Array): Promise<void> {
-    const tmp = join(this.dir, 'tmp', `${hex}.${randomBytes(6).toString('hex')}`)
     try {
-      const handle = await open(tmp, 'wx', CACHE_MODES.file)
-      try {
-        await handle.writeFile(data)
-        // Data must be on disk before the rename makes the name visible,
-        // or a crash could leave a complete-looking name over missing bytes.
-        await handle.sync()
-      } finally {
-        await handle.close()
-      }
-      await rename(tmp, this.chunkPath(hex))
+      await writeAtomic(this.chunkPath(hex), data, { tmp: join(this.dir, 'tmp', `${hex}.${randomBytes(6).toString('hex')}`), mode: CACHE_MODES.file })
     } catch (err) {
       this.stats.writeErrors++
       this.log.warn({ chunk: hex, err: errorText(err) }, 'cannot write chunk to the disk cache')
-      await rm(tmp, { force: true }).catch(() => {}) // best effort; the next open clears tmp/ anyway
       return
     }
     this.stats.writes++

@@ -1,4 +1,4 @@
-import type { Digest } from '../format/digest.ts'
+import type { Digest } from '../oci/digest.ts'
 
 export interface MemoryCacheStats {
   bytes: number

@@ -4,7 +4,7 @@ import { lstat, readdir, unlink } from 'node:fs/promises'
 import { join } from 'node:path'
 import { pipeline } from 'node:stream/promises'
 import { NotFoundError } from '../errors.ts'
-import { Semaphore } from '../origin/limit.ts'
+import { Semaphore } from '../util/limit.ts'
 
 /**
  * `shoal cache verify`: hashes every chunk file of a disk cache and deletes those

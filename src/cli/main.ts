@@ -15,7 +15,6 @@ const COMMAND_GROUPS: Array<{ names: string[], register: () => Promise<(program:
   { names: ['keygen', 'convert', 'push', 'sign', 'verify', 'inspect'], register: async () => (await import('./commands/image.ts')).registerImageCommands },
   { names: ['origin'], register: async () => (await import('./commands/origin.ts')).registerOriginCommands },
   { names: ['agent', 'mount', 'umount', 'ls', 'stats', 'run'], register: async () => (await import('./commands/agent.ts')).registerAgentCommands },
-  { names: ['demo'], register: async () => (await import('./commands/demo.ts')).registerDemoCommand },
   { names: ['trace'], register: async () => (await import('./commands/trace.ts')).registerTraceCommand },
   { names: ['convertd'], register: async () => (await import('./commands/convertd.ts')).registerConvertdCommands },
   { names: ['cache'], register: async () => (await import('./commands/cache.ts')).registerCacheCommands }

@@ -3,7 +3,7 @@ import { posix } from 'node:path'
 import { FormatError } from '../errors.ts'
 import { CATALOG_APPLICATION_ID, CATALOG_FORMAT_VERSION, CATALOG_SCHEMA, ROOT_INO } from '../format/catalog-schema.ts'
 import { S_IFDIR, S_IFMT, isDir } from '../format/catalog.ts'
-import { digestToBytes, type Digest } from '../format/digest.ts'
+import { digestToBytes, type Digest } from '../oci/digest.ts'
 
 export interface InodeAttrs {
   mode: number // including file type bits

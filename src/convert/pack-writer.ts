@@ -1,7 +1,7 @@
 import type { OciLayout, BlobWriter } from '../oci/layout.ts'
 import type { CodecId } from '../format/codec.ts'
 import type { ChunkRef } from '../format/catalog.ts'
-import type { Digest } from '../format/digest.ts'
+import type { Digest } from '../oci/digest.ts'
 
 /** Where a chunk's bytes already live, and who put them there. */
 export interface KnownChunk extends ChunkRef {

@@ -1,4 +1,4 @@
-import { isDigest, type Digest } from '../format/digest.ts'
+import { isDigest, type Digest } from '../oci/digest.ts'
 import { MediaType } from '../oci/types.ts'
 import { FormatError } from '../errors.ts'
 

@@ -1,4 +1,4 @@
-import type { Digest } from '../format/digest.ts'
+import type { Digest } from '../oci/digest.ts'
 import type { JobQueue, RuleSet } from './types.ts'
 
 export type IntakeOutcome = 'queued' | 'new-name' | 'duplicate' | 'ignored'

@@ -1,8 +1,8 @@
 import { mkdir } from 'node:fs/promises'
 import { join } from 'node:path'
 import Database from 'better-sqlite3'
-import type { Digest } from '../format/digest.ts'
-import type { Platform } from '../oci/source-image.ts'
+import type { Digest } from '../oci/digest.ts'
+import type { Platform } from '../convert/source-image.ts'
 import { QUEUE_FILE } from './constants.ts'
 import { JOB_STATES, type ExtraName, type Job, type JobCounts, type JobPlan, type JobQueue, type JobState } from './types.ts'
 

@@ -3,7 +3,7 @@ import { extname, isAbsolute, dirname, resolve } from 'node:path'
 import { parse as parseYaml } from 'yaml'
 import { UsageError } from '../errors.ts'
 import { parseLifetime } from '../format/signing.ts'
-import type { Platform } from '../oci/source-image.ts'
+import type { Platform } from '../convert/source-image.ts'
 import { CONVERTD_DEFAULTS } from './constants.ts'
 import type { RuleDecision, RuleSet } from './types.ts'
 

@@ -1,5 +1,5 @@
-import type { Digest } from '../format/digest.ts'
-import type { Platform } from '../oci/source-image.ts'
+import type { Digest } from '../oci/digest.ts'
+import type { Platform } from '../convert/source-image.ts'
 
 /**
  * The interfaces of convertd's parts (implementations: queue.ts, rules.ts,

@@ -1,5 +1,5 @@
 import { ShoalError } from '../errors.ts'
-import type { Digest } from '../format/digest.ts'
+import type { Digest } from '../oci/digest.ts'
 
 /** What one source said when asked for a chunk, for the error message and logs. */
 export interface SourceFailure {

@@ -2,11 +2,11 @@ import { DISK_CACHE_DEFAULTS, type DiskCache } from '../cache/disk-cache.ts'
 import { MemoryCache } from '../cache/memory-cache.ts'
 import { IntegrityError } from '../errors.ts'
 import type { ChunkRef } from '../format/catalog.ts'
-import { sha256, type Digest } from '../format/digest.ts'
-import { abortable, Semaphore, sleep } from '../origin/limit.ts'
+import { sha256, type Digest } from '../oci/digest.ts'
+import { abortable, Semaphore, sleep } from '../util/limit.ts'
 import type { ChunkSource } from './chunk-source.ts'
 import { ChunkUnavailableError, type SourceFailure } from './errors.ts'
-import { errorText, silentLogger, type Logger } from './log.ts'
+import { errorText, silentLogger, type Logger } from '../util/log.ts'
 
 /**
  * The chunk resolver: the one place the read path gets chunk bytes from.

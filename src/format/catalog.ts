@@ -1,7 +1,7 @@
 import Database from 'better-sqlite3'
 import { FormatError } from '../errors.ts'
 import { CATALOG_APPLICATION_ID, CATALOG_FORMAT_VERSION, ROOT_INO } from './catalog-schema.ts'
-import { digestFromHex, digestToBytes, type Digest } from './digest.ts'
+import { digestFromHex, digestToBytes, type Digest } from '../oci/digest.ts'
 
 export const S_IFMT = 0o170000
 export const S_IFDIR = 0o040000

@@ -1,6 +1,6 @@
 import { FormatError } from '../errors.ts'
 import type { RuntimeConfig } from '../oci/types.ts'
-import { parseDigest, type Digest } from './digest.ts'
+import { parseDigest, type Digest } from '../oci/digest.ts'
 import type { Compression } from './codec.ts'
 
 /** How file content was cut into chunks. */

@@ -2,7 +2,7 @@ import { createHash, createPrivateKey, createPublicKey, generateKeyPairSync, sig
 import { readFile, writeFile, mkdir, access } from 'node:fs/promises'
 import { join } from 'node:path'
 import { SignatureError, UsageError } from '../errors.ts'
-import type { Digest } from './digest.ts'
+import type { Digest } from '../oci/digest.ts'
 
 /**
  * Image signatures: ed25519 over a DSSE envelope (https://github.com/secure-systems-lab/dsse)

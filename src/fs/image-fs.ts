@@ -1,7 +1,7 @@
 import Fuse from 'fuse-native'
 import { FormatError } from '../errors.ts'
 import { FileReader } from '../fetch/file-reader.ts'
-import { errorText, type Logger } from '../fetch/log.ts'
+import { errorText, type Logger } from '../util/log.ts'
 import type { ChunkResolver, ServedHook } from '../fetch/resolver.ts'
 import { isDir, isLnk, isReg } from '../format/catalog.ts'
 import type { MergedNode, MergedView } from '../image/merged-view.ts'

@@ -1,6 +1,6 @@
 import type { KeyObject } from 'node:crypto'
 import { Catalog } from '../format/catalog.ts'
-import type { Digest } from '../format/digest.ts'
+import type { Digest } from '../oci/digest.ts'
 import type { ShoalImageConfig } from '../format/image-config.ts'
 import { SIGNATURE_PAYLOAD_TYPE, signatureTag, type DsseEnvelope, type SignaturePayload } from '../format/signing.ts'
 import type { ImageManifest } from '../oci/types.ts'

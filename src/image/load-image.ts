@@ -1,6 +1,6 @@
 import type { KeyObject } from 'node:crypto'
 import { FormatError, IntegrityError, NotFoundError, SignatureError } from '../errors.ts'
-import { sha256, type Digest } from '../format/digest.ts'
+import { sha256, type Digest } from '../oci/digest.ts'
 import { parseShoalConfig, type ShoalImageConfig } from '../format/image-config.ts'
 import { signatureTag, verifyEnvelope, type DsseEnvelope, type SignatureInfo } from '../format/signing.ts'
 import type { Origin } from '../origin/origin.ts'

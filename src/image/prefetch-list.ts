@@ -1,5 +1,5 @@
 import { isReg, type ChunkRef } from '../format/catalog.ts'
-import type { Digest } from '../format/digest.ts'
+import type { Digest } from '../oci/digest.ts'
 import type { PrefetchEntry } from '../format/image-config.ts'
 import type { MergedView } from './merged-view.ts'
 

@@ -1,9 +1,9 @@
-import { randomBytes } from 'node:crypto'
-import { open, readFile, rename, rm } from 'node:fs/promises'
+import { readFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import { FormatError, SignatureError } from '../errors.ts'
-import type { Digest } from '../format/digest.ts'
+import type { Digest } from '../oci/digest.ts'
 import { imageName } from '../format/signing.ts'
+import { writeAtomic } from '../util/files.ts'
 
 /** The file in an agent's state dir that remembers the highest signed version seen per image name. */
 export const SIGNED_VERSIONS_FILE = 'signed-versions.json'
@@ -90,18 +90,7 @@ export class RollbackGuard {
   }
 
   private async write (file: VersionsFile): Promise<void> {
-    const tmp = `${this.path}.tmp-${randomBytes(6).toString('hex')}`
-    const fh = await open(tmp, 'wx', 0o600)
-    try {
-      await fh.writeFile(JSON.stringify(file, null, 1) + '\n')
-      await fh.sync()
-    } catch (err) {
-      await fh.close()
-      await rm(tmp, { force: true })
-      throw err
-    }
-    await fh.close()
-    await rename(tmp, this.path)
+    await writeAtomic(this.path, JSON.stringify(file, null, 1) + '\n', { mode: 0o600 })
   }
 
   private async serialized<T> (fn: () => Promise<T>): Promise<T> {

@@ -1,7 +1,7 @@
 import { createPublicKey, type KeyObject } from 'node:crypto'
 import { Readable } from 'node:stream'
 import { FormatError, NotFoundError, SignatureError, UsageError } from '../errors.ts'
-import { sha256, type Digest } from '../format/digest.ts'
+import { sha256, type Digest } from '../oci/digest.ts'
 import { parseShoalConfig } from '../format/image-config.ts'
 import { imageName, SIGNATURE_PAYLOAD_TYPE_V1, signatureTag, verifyEnvelope, type DsseEnvelope, type SignatureInfo } from '../format/signing.ts'
 import { OciLayout } from '../oci/layout.ts'

@@ -1,5 +1,5 @@
 import type { KeyObject } from 'node:crypto'
-import type { Digest } from '../format/digest.ts'
+import type { Digest } from '../oci/digest.ts'
 import type { ShoalImageConfig } from '../format/image-config.ts'
 import { DEFAULT_SIGNATURE_LIFETIME, imageName, parseLifetime, signManifest, signatureTag, type DsseEnvelope } from '../format/signing.ts'
 import type { OciLayout } from '../oci/layout.ts'

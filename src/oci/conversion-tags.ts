@@ -1,4 +1,4 @@
-import type { Digest } from '../format/digest.ts'
+import type { Digest } from './digest.ts'
 
 /**
  * How a node finds the shoal conversion of an ordinary image in the image's own

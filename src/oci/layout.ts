@@ -5,7 +5,8 @@ import { join } from 'node:path'
 import { pipeline } from 'node:stream/promises'
 import type { Readable } from 'node:stream'
 import { FormatError, IntegrityError, NotFoundError } from '../errors.ts'
-import { digestHex, parseDigest, sha256, type Digest } from '../format/digest.ts'
+import { writeAtomic } from '../util/files.ts'
+import { digestHex, parseDigest, sha256, type Digest } from './digest.ts'
 import { Annotation, MediaType, type Descriptor, type ImageIndex } from './types.ts'
 
 /**
@@ -225,24 +226,6 @@ export class BlobWriter {
 async function fsyncPath (path: string): Promise<void> {
   const fh = await open(path, 'r+')
   try { await fh.sync() } finally { await fh.close() }
-}
-
-/**
- * Write to a temp file, fsync, rename over the target: readers see old or new, never half.
- * `mode` is the new file's (0600 for state that is its owner's alone): given at creation, so
- * the file is never readable by others, not even between its creation and a chmod. Default:
- * 0666 less the umask. `tmp` names the temp file (default: beside the target).
- */
-export async function writeAtomic (path: string, data: string | Uint8Array, options: { tmp?: string, mode?: number } = {}): Promise<void> {
-  const tmp = options.tmp ?? `${path}.tmp-${randomBytes(6).toString('hex')}`
-  const fh = await open(tmp, 'w', options.mode)
-  try {
-    await fh.writeFile(data)
-    await fh.sync()
-  } finally {
-    await fh.close()
-  }
-  await rename(tmp, path)
 }
 
 /** Streams a readable into a file (used for oci-archive extraction). */

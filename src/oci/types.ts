@@ -1,4 +1,4 @@
-import type { Digest } from '../format/digest.ts'
+import type { Digest } from './digest.ts'
 
 /** OCI content descriptor (image-spec descriptor.md). */
 export interface Descriptor {

@@ -1,6 +1,6 @@
 import { open, type FileHandle } from 'node:fs/promises'
 import { OriginError } from '../errors.ts'
-import { parseDigest, type Digest } from '../format/digest.ts'
+import { parseDigest, type Digest } from '../oci/digest.ts'
 import { OciLayout } from '../oci/layout.ts'
 import { MediaType, type Descriptor } from '../oci/types.ts'
 import type { Origin, OriginRequestOptions } from './origin.ts'

@@ -1,7 +1,7 @@
 import { FormatError, NotFoundError, OriginError, UsageError } from '../errors.ts'
-import { digestHex, parseDigest, type Digest } from '../format/digest.ts'
+import { digestHex, parseDigest, type Digest } from '../oci/digest.ts'
 import { Annotation, MediaType, type Descriptor, type ImageIndex } from '../oci/types.ts'
-import { checkRange, contentLength, discard, failure, readBody, readRangeResponse, REQUEST_HEADERS, RetryingRequests, type RequestStats, type RetryOptions } from './http-retry.ts'
+import { checkRange, contentLength, discard, failure, readBody, readRangeResponse, REQUEST_HEADERS, RetryingRequests, type RequestStats, type RetryOptions } from '../http/http-retry.ts'
 import type { Origin, OriginRequestOptions } from './origin.ts'
 
 /**

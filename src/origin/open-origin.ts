@@ -1,4 +1,4 @@
-import type { Digest } from '../format/digest.ts'
+import type { Digest } from '../oci/digest.ts'
 import type { Descriptor } from '../oci/types.ts'
 import type { RegistryAccess } from '../registry/client.ts'
 import { DirOrigin } from './dir-origin.ts'

@@ -1,4 +1,4 @@
-import type { Digest } from '../format/digest.ts'
+import type { Digest } from '../oci/digest.ts'
 import type { Descriptor } from '../oci/types.ts'
 
 export interface OriginRequestOptions {

@@ -1,5 +1,5 @@
 import { OriginError } from '../errors.ts'
-import type { Digest } from '../format/digest.ts'
+import type { Digest } from '../oci/digest.ts'
 import type { Origin } from './origin.ts'
 
 /**

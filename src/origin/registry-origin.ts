@@ -1,9 +1,9 @@
 import { NotFoundError, OriginError, UsageError } from '../errors.ts'
-import { parseDigest, type Digest } from '../format/digest.ts'
+import { parseDigest, type Digest } from '../oci/digest.ts'
 import { parseReference } from '../oci/reference.ts'
 import type { Descriptor } from '../oci/types.ts'
 import { openRegistryClient, type RegistryAccess, type RegistryClient } from '../registry/client.ts'
-import type { RetryOptions, RequestStats } from './http-retry.ts'
+import type { RetryOptions, RequestStats } from '../http/http-retry.ts'
 import type { Origin, OriginRequestOptions } from './origin.ts'
 
 /**

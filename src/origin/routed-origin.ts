@@ -1,5 +1,5 @@
 import { UsageError } from '../errors.ts'
-import type { Digest } from '../format/digest.ts'
+import type { Digest } from '../oci/digest.ts'
 import type { Descriptor } from '../oci/types.ts'
 import type { Origin, OriginRequestOptions } from './origin.ts'
 

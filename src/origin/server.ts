@@ -5,8 +5,8 @@ import { createServer, type IncomingMessage, type ServerResponse } from 'node:ht
 import type { AddressInfo, Socket } from 'node:net'
 import { join, sep } from 'node:path'
 import { MediaType } from '../oci/types.ts'
-import { errorText } from '../fetch/log.ts'
-import { sleep } from './limit.ts'
+import { errorText } from '../util/log.ts'
+import { TokenBucket } from '../util/token-bucket.ts'
 import { ORIGIN_SERVER_DEFAULTS } from './server-defaults.ts'
 
 /**
@@ -200,12 +200,12 @@ export async function createOriginHandler (options: OriginHandlerOptions): Promi
   const root = await realpath(options.dir)
   const blobDir = join(root, 'blobs', 'sha256')
   const stats: OriginServerStats = { requests: 0, bytesSent: 0, sendTimeouts: 0, connections: 0, refusedConnections: 0, refusedPerClient: 0 }
-  const bucket = options.rate === undefined ? undefined : new TokenBucket(options.rate)
+  const bucket = options.rate === undefined ? undefined : new TokenBucket(options.rate, { capacity: options.rate / 10 })
   const sendTimeoutMs = positiveInteger(options.sendTimeoutMs ?? ORIGIN_SERVER_DEFAULTS.sendTimeoutMs, 'sendTimeoutMs')
   const turns = new FairTurns(positiveInteger(options.activePieces ?? ORIGIN_SERVER_DEFAULTS.activePieces, 'activePieces'))
   // With a bucket, pieces no larger than a burst, so a slow origin trickles evenly
   // instead of sending 64 KiB and then pausing for seconds.
-  const pieceBytes = bucket === undefined ? ORIGIN_SERVER_DEFAULTS.pieceBytes : Math.min(ORIGIN_SERVER_DEFAULTS.pieceBytes, Math.max(1024, Math.floor(bucket.burst)))
+  const pieceBytes = bucket === undefined ? ORIGIN_SERVER_DEFAULTS.pieceBytes : Math.min(ORIGIN_SERVER_DEFAULTS.pieceBytes, Math.max(1024, Math.floor(bucket.capacity)))
 
   const handle = (req: IncomingMessage, res: ServerResponse): void => {
     const started = performance.now()
@@ -555,40 +555,6 @@ function missingFileError (err: unknown): boolean {
 function transientFsError (err: unknown): boolean {
   const code = (err as NodeJS.ErrnoException).code
   return code === 'EMFILE' || code === 'ENFILE' || code === 'EAGAIN'
-}
-
-/**
- * A token bucket in "debt" form: each caller takes its bytes at once and then
- * sleeps until the bucket has paid them back. Callers queue up in call order
- * without a waiter list, and the long-run rate is `rate`, with bursts of at most
- * `burst` bytes (a tenth of a second's worth).
- */
-export class TokenBucket {
-  readonly rate: number
-  readonly burst: number
-  private tokens: number
-  private last = performance.now()
-
-  constructor (rate: number) {
-    if (!(rate > 0) || !Number.isFinite(rate)) throw new RangeError(`rate must be a positive number of bytes per second, got ${rate}`)
-    this.rate = rate
-    this.burst = Math.max(1, rate / 10)
-    this.tokens = this.burst
-  }
-
-  async take (n: number, signal?: AbortSignal): Promise<void> {
-    const now = performance.now()
-    this.tokens = Math.min(this.burst, this.tokens + (now - this.last) * this.rate / 1000)
-    this.last = now
-    this.tokens -= n
-    if (this.tokens >= 0) return
-    try {
-      await sleep(-this.tokens * 1000 / this.rate, signal)
-    } catch (err) {
-      this.tokens += n // an aborted response gives back what it did not send
-      throw err
-    }
-  }
 }
 
 function positiveInteger (value: number, name: string): number {

@@ -5,7 +5,7 @@ import { messageStreamToDuplex } from '@libp2p/utils'
 import { pipe } from 'it-pipe'
 import type { Libp2p } from 'libp2p'
 import type { Uint8ArrayList } from 'uint8arraylist'
-import type { Digest } from '../format/digest.ts'
+import type { Digest } from '../oci/digest.ts'
 import {
   CHUNK_PROTOCOL, MAX_BATCH, MAX_CHUNK_BYTES, MAX_SERVER_FRAME, decodeServerMessage, encodeCancel, encodeHaveQuery, encodeJoin, encodeWant, frameDecoder,
   MAX_JOIN_KEYS, normalizeRanges, type ByteRange, type ServerMessage, type SwarmMember, type WantItem

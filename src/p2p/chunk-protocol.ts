@@ -1,6 +1,6 @@
 import { LengthPrefixedDecoder } from '@libp2p/utils'
 import { Uint8ArrayList } from 'uint8arraylist'
-import { digestFromHex, digestToBytes, type Digest } from '../format/digest.ts'
+import { digestFromHex, digestToBytes, type Digest } from '../oci/digest.ts'
 import { ProtocolViolationError } from './errors.ts'
 
 /**

@@ -4,14 +4,14 @@ import { pipe } from 'it-pipe'
 import type { Libp2p } from 'libp2p'
 import { Uint8ArrayList } from 'uint8arraylist'
 import { Codec, encodeChunkAsync } from '../format/codec.ts'
-import { sha256, type Digest } from '../format/digest.ts'
+import { sha256, type Digest } from '../oci/digest.ts'
 import {
   CHUNK_PROTOCOL, MAX_CLIENT_FRAME, MAX_MEMBERS, clientMessageType, decodeClientMessage, encodeChunkReply, encodeHave, encodeMembers, frameDecoder,
   normalizeRanges, withRequestId, type ByteRange, type ChunkStatus, type ClientMessage, type WantItem
 } from './chunk-protocol.ts'
 import { ProtocolViolationError } from './errors.ts'
 import type { SwarmMembers } from './swarm-members.ts'
-import { TokenBucket } from './token-bucket.ts'
+import { TokenBucket } from '../util/token-bucket.ts'
 
 /**
  * What this node can serve. The agent adapts its verified disk cache (and, for

@@ -1,4 +1,4 @@
-import { sleep } from '../origin/limit.ts'
+import { sleep } from '../util/limit.ts'
 
 /**
  * Time as the peer layer sees it. The agent uses the system clock; the

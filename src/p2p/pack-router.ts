@@ -2,10 +2,10 @@ import type { PeerId } from '@libp2p/interface'
 import type { Libp2p } from 'libp2p'
 import { CID } from 'multiformats/cid'
 import { create as createMultihash } from 'multiformats/hashes/digest'
-import { digestToBytes, type Digest } from '../format/digest.ts'
+import { digestToBytes, type Digest } from '../oci/digest.ts'
 import { AnnounceError } from './errors.ts'
 import type { SwarmMembers } from './swarm-members.ts'
-import { abortable, sleep } from '../origin/limit.ts'
+import { abortable, sleep } from '../util/limit.ts'
 
 /** A pack's swarm as a node knows it at a moment. */
 export interface SwarmAnswer {

@@ -1,5 +1,5 @@
 import type { PeerId } from '@libp2p/interface'
-import type { Digest } from '../format/digest.ts'
+import type { Digest } from '../oci/digest.ts'
 import type { SwarmMember } from './chunk-protocol.ts'
 import { chunkKey, inCore, nodeKey, type ChunkKey, type NodeKey } from './rendezvous.ts'
 

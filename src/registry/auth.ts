@@ -1,5 +1,5 @@
 import { OriginError } from '../errors.ts'
-import { discard, isRetryableStatus, readBody, REQUEST_HEADERS } from '../origin/http-retry.ts'
+import { discard, isRetryableStatus, readBody, REQUEST_HEADERS } from '../http/http-retry.ts'
 import type { Credentials } from './credentials.ts'
 import type { Transport } from './transport.ts'
 

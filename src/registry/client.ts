@@ -2,8 +2,8 @@ import { createHash } from 'node:crypto'
 import { readFile } from 'node:fs/promises'
 import { Readable } from 'node:stream'
 import { FormatError, IntegrityError, NotFoundError, OriginError, UsageError } from '../errors.ts'
-import { isDigest, parseDigest, sha256, type Digest } from '../format/digest.ts'
-import { checkIdentityEncoding, checkRange, contentLength, discard, isRetryableStatus, readBody, readRangeResponse, REQUEST_HEADERS, RetryingRequests, type RequestStats, type RetryOptions } from '../origin/http-retry.ts'
+import { isDigest, parseDigest, sha256, type Digest } from '../oci/digest.ts'
+import { checkIdentityEncoding, checkRange, contentLength, discard, isRetryableStatus, readBody, readRangeResponse, REQUEST_HEADERS, RetryingRequests, type RequestStats, type RetryOptions } from '../http/http-retry.ts'
 import { MediaType, type Descriptor } from '../oci/types.ts'
 import { pullScope, pushScope, RegistryAuth } from './auth.ts'
 import { findCredentials, isDockerHub, parseCredentials, type Credentials } from './credentials.ts'
@@ -15,7 +15,7 @@ import { bytesBody, Transport } from './transport.ts'
  * (monolithic, chunked, cross-repository mount) and manifest pushes.
  *
  * Everything fetched whose digest is known is checked against it; lengths are
- * exact. Requests are retried like HttpOrigin's (src/origin/http-retry.ts), run
+ * exact. Requests are retried like HttpOrigin's (src/http/http-retry.ts), run
  * at most `concurrency` at a time, and take an AbortSignal. Redirects (blob
  * storage on S3, GCS, a CDN) are followed for GET and HEAD; the Authorization
  * header goes only to the registry itself, never to the host it redirects to.

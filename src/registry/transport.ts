@@ -8,7 +8,7 @@ import { OriginError } from '../errors.ts'
  * HTTP for the registry client, on node:http/node:https rather than global
  * fetch: a registry with its own CA needs `ca` on the TLS connection, which
  * fetch cannot take without the undici package. Answers are WHATWG Responses, so
- * the body helpers of src/origin/http-retry.ts apply unchanged. Redirects are
+ * the body helpers of src/http/http-retry.ts apply unchanged. Redirects are
  * not followed here: the client follows them itself, to decide which hosts see
  * the Authorization header.
  *

@@ -17,7 +17,7 @@ import { mkdir, chmod, lstat, rm } from 'node:fs/promises'
 import { connect } from 'node:net'
 import { dirname, resolve } from 'node:path'
 import { ShoalError, UsageError } from '../errors.ts'
-import { errorText, silentLogger, type Logger } from '../fetch/log.ts'
+import { errorText, silentLogger, type Logger } from '../util/log.ts'
 import { SnapshotArgumentError, SnapshotExistsError, SnapshotNotFoundError, SnapshotStateError, SnapshotterClosedError } from './errors.ts'
 import {
   snapshotsServiceDefinition, toTimestamp,

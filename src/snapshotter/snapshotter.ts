@@ -13,7 +13,7 @@
 import { access, stat } from 'node:fs/promises'
 import { join } from 'node:path'
 import { ShoalError } from '../errors.ts'
-import { errorText, silentLogger, type Logger } from '../fetch/log.ts'
+import { errorText, silentLogger, type Logger } from '../util/log.ts'
 import { diskUsage } from './disk-usage.ts'
 import { SnapshotArgumentError, SnapshotExistsError, SnapshotStateError, SnapshotterClosedError } from './errors.ts'
 import { parseFilters } from './filters.ts'

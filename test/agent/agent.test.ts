@@ -10,7 +10,7 @@ import { SHOAL_BIN, startAgentProcess, type AgentProcess } from '../../src/agent
 import type { AgentStats, MountInfo } from '../../src/agent/agent.ts'
 import { callAgent } from '../../src/agent/control.ts'
 import { convertImage, type ConvertReport } from '../../src/convert/convert.ts'
-import { ensureRealFixtures, type RealFixtures } from '../../src/fixtures/debian-images.ts'
+import { ensureRealFixtures, type RealFixtures } from '../../scripts/fixtures/debian-images.ts'
 import { isFuseMount } from '../../src/fs/stale-mount.ts'
 import { startOriginServer, type OriginServer } from '../../src/origin/server.ts'
 import { openedFiles, sumSizes } from '../helpers/opened-files.ts'

@@ -3,7 +3,7 @@ import { describe, test } from 'node:test'
 import { backgroundFetch, imageChunksInPackOrder, type PackLister } from '../../src/agent/background-fetch.ts'
 import type { ChunkRef } from '../../src/format/catalog.ts'
 import { Codec } from '../../src/format/codec.ts'
-import type { Digest } from '../../src/format/digest.ts'
+import type { Digest } from '../../src/oci/digest.ts'
 import type { PrefetchResult } from '../../src/fetch/resolver.ts'
 import { inPackOrder } from '../../src/image/prefetch-list.ts'
 

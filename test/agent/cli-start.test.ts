@@ -42,7 +42,7 @@ process.on('exit', () => { process.stderr.write('\\nLOADED ' + JSON.stringify({ 
   test('shoal --help lists every command; each one\'s own --help works', async () => {
     const r = await loaded(['--help'])
     const names = [...r.stdout.matchAll(/^ {2}([a-z]+)\b/gm)].map(m => m[1]!).filter(n => n !== 'help')
-    for (const expected of ['convert', 'verify', 'origin', 'agent', 'mount', 'stats', 'run', 'trace', 'demo']) assert.ok(names.includes(expected), `${expected} missing from --help`)
+    for (const expected of ['convert', 'verify', 'origin', 'agent', 'mount', 'stats', 'run', 'trace']) assert.ok(names.includes(expected), `${expected} missing from --help`)
     for (const name of names) {
       const help = await run(process.execPath, [MAIN, name, '--help'], { timeout: 60_000 })
       assert.match(help.stdout, new RegExp(`^Usage: shoal ${name} `, 'm'))

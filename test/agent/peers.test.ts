@@ -10,7 +10,7 @@ import { SHOAL_BIN, startAgentProcess, type AgentProcess } from '../../src/agent
 import type { AgentStats } from '../../src/agent/agent.ts'
 import { callAgent } from '../../src/agent/control.ts'
 import { convertImage } from '../../src/convert/convert.ts'
-import { ensureRealFixtures, type RealFixtures } from '../../src/fixtures/debian-images.ts'
+import { ensureRealFixtures, type RealFixtures } from '../../scripts/fixtures/debian-images.ts'
 import { generatePsk } from '../../src/p2p/node.ts'
 import { startOriginServer, type OriginRequestLog, type OriginServer } from '../../src/origin/server.ts'
 import { removeDir } from '../helpers/tmp.ts'

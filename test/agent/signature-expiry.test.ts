@@ -16,7 +16,7 @@ import { defaultConfig, validateConfig } from '../../src/agent/config.ts'
 import { convertImage } from '../../src/convert/convert.ts'
 import { SignatureError } from '../../src/errors.ts'
 import { DEFAULT_CLOCK_SKEW_MS } from '../../src/format/signing.ts'
-import { sleep } from '../../src/origin/limit.ts'
+import { sleep } from '../../src/util/limit.ts'
 import { buildSyntheticImage } from '../helpers/synthetic.ts'
 import { tempDir } from '../helpers/tmp.ts'
 

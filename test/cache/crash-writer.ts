@@ -3,7 +3,7 @@
  * DIR, eight at a time, printing a line per finished write, until it is killed.
  */
 import { DiskCache } from '../../src/cache/disk-cache.ts'
-import { sha256 } from '../../src/format/digest.ts'
+import { sha256 } from '../../src/oci/digest.ts'
 import { bytes } from '../origin/helpers.ts'
 
 const cache = await DiskCache.open({ dir: process.argv[2]!, maxBytes: 1 << 30 })

@@ -3,7 +3,7 @@ import { chmod, mkdir, stat, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import { it } from 'node:test'
 import { CACHE_MODES, DiskCache } from '../../src/cache/disk-cache.ts'
-import { sha256, digestHex } from '../../src/format/digest.ts'
+import { sha256, digestHex } from '../../src/oci/digest.ts'
 import { tempDir } from '../helpers/tmp.ts'
 
 /** Issue 15 item 5: cached chunks are image file contents; only the cache's owner may read them. */

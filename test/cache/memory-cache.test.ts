@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict'
 import { describe, it } from 'node:test'
 import { MemoryCache } from '../../src/cache/memory-cache.ts'
-import { sha256 } from '../../src/format/digest.ts'
+import { sha256 } from '../../src/oci/digest.ts'
 
 const chunk = (n: number, size = 100): { digest: ReturnType<typeof sha256>, data: Uint8Array } => {
   const data = new Uint8Array(size).fill(n)

@@ -2,7 +2,7 @@ import assert from 'node:assert/strict'
 import { generateKeyPairSync } from 'node:crypto'
 import { join } from 'node:path'
 import { describe, it } from 'node:test'
-import { ensureRealFixtures } from '../../src/fixtures/debian-images.ts'
+import { ensureRealFixtures } from '../../scripts/fixtures/debian-images.ts'
 import { convertImage } from '../../src/convert/convert.ts'
 import { openImageView } from '../../src/image/image-view.ts'
 import { verifyImage } from '../../src/image/verify-image.ts'
@@ -12,7 +12,7 @@ import { diffSnapshots, snapshotDisk, snapshotView } from '../helpers/tree-snaps
 
 const keys = generateKeyPairSync('ed25519')
 
-describe('convert: real Debian images (debootstrap + apt, built by src/fixtures/debian-images.ts)', () => {
+describe('convert: real Debian images (debootstrap + apt, built by scripts/fixtures/debian-images.ts)', () => {
   it('python image: the merged catalog view equals umoci unpack, content hashes included; perl shares the base', async () => {
     const fixtures = await ensureRealFixtures()
     const dir = await tempDir()

@@ -6,7 +6,7 @@ import { SqliteJobQueue } from '../../src/convertd/queue.ts'
 import type { ConversionOutcome, Converter, Job, JobPlan } from '../../src/convertd/types.ts'
 import { Worker } from '../../src/convertd/worker.ts'
 import { FormatError, OriginError } from '../../src/errors.ts'
-import type { Digest } from '../../src/format/digest.ts'
+import type { Digest } from '../../src/oci/digest.ts'
 import { tempDir } from '../helpers/tmp.ts'
 
 const digest = (n: number): Digest => `sha256:${n.toString(16).padStart(64, '0')}`

@@ -4,7 +4,7 @@ import { MemoryCache } from '../../src/cache/memory-cache.ts'
 import type { ChunkSource } from '../../src/fetch/chunk-source.ts'
 import { ChunkResolver, type ChunkResolverOptions } from '../../src/fetch/resolver.ts'
 import type { ChunkRef } from '../../src/format/catalog.ts'
-import { sha256, type Digest } from '../../src/format/digest.ts'
+import { sha256, type Digest } from '../../src/oci/digest.ts'
 import { bytes } from '../origin/helpers.ts'
 import { tempDir } from '../helpers/tmp.ts'
 

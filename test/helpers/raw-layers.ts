@@ -11,7 +11,7 @@ import { posix } from 'node:path'
 import { gzipSync, zstdCompressSync } from 'node:zlib'
 import { OciLayout } from '../../src/oci/layout.ts'
 import { MediaType, type Descriptor, type ImageConfig, type ImageManifest } from '../../src/oci/types.ts'
-import { sha256, type Digest } from '../../src/format/digest.ts'
+import { sha256, type Digest } from '../../src/oci/digest.ts'
 import { SYNTHETIC_MTIME, contentBytes, layerTar, type Compression, type SyntheticEntry, type SyntheticImage } from './synthetic.ts'
 import { END_OF_ARCHIVE, encodeEntry } from './tar.ts'
 

@@ -35,7 +35,7 @@
  * entries, so no attribute of the merged view is left to an unpacker's defaults.
  */
 import { posix } from 'node:path'
-import { sha256 } from '../../src/format/digest.ts'
+import { sha256 } from '../../src/oci/digest.ts'
 import type { FsNode } from './rootfs.ts'
 import { contentBytes, type GeneratedContent, type SyntheticEntry } from './synthetic.ts'
 

@@ -19,7 +19,7 @@ import { posix } from 'node:path'
 import { gzipSync, zstdCompressSync } from 'node:zlib'
 import { OciLayout } from '../../src/oci/layout.ts'
 import { MediaType, type Descriptor, type ImageConfig, type ImageManifest, type RuntimeConfig } from '../../src/oci/types.ts'
-import { sha256, type Digest } from '../../src/format/digest.ts'
+import { sha256, type Digest } from '../../src/oci/digest.ts'
 import { END_OF_ARCHIVE, encodeEntry, type TarHeader } from './tar.ts'
 
 export type Compression = 'gzip' | 'zstd' | 'none'

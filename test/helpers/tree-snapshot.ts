@@ -6,7 +6,7 @@ import { join } from 'node:path'
 import { promisify } from 'node:util'
 import { S_IFMT, isDir, isLnk, isReg } from '../../src/format/catalog.ts'
 import { decodeChunk } from '../../src/format/codec.ts'
-import { sha256 } from '../../src/format/digest.ts'
+import { sha256 } from '../../src/oci/digest.ts'
 import type { MergedView, MergedNode } from '../../src/image/merged-view.ts'
 import type { Origin } from '../../src/origin/origin.ts'
 

@@ -3,7 +3,7 @@ import { spawn, spawnSync, type ChildProcess } from 'node:child_process'
 import { createServer } from 'node:net'
 import { after, before, describe, test } from 'node:test'
 import { OriginError } from '../../src/errors.ts'
-import type { Digest } from '../../src/format/digest.ts'
+import type { Digest } from '../../src/oci/digest.ts'
 import { HttpOrigin } from '../../src/origin/http-origin.ts'
 import { bytes, makeLayout, until, type TestLayout } from './helpers.ts'
 

@@ -2,7 +2,7 @@ import assert from 'node:assert/strict'
 import { join } from 'node:path'
 import { after, before, test } from 'node:test'
 import { NotFoundError, OriginError } from '../../src/errors.ts'
-import type { Digest } from '../../src/format/digest.ts'
+import type { Digest } from '../../src/oci/digest.ts'
 import { DirOrigin } from '../../src/origin/dir-origin.ts'
 import { makeLayout, type TestLayout } from './helpers.ts'
 

@@ -3,7 +3,7 @@ import { request, type IncomingHttpHeaders, type IncomingMessage, type ServerRes
 import type { AddressInfo } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import type { Digest } from '../../src/format/digest.ts'
+import type { Digest } from '../../src/oci/digest.ts'
 import { OciLayout } from '../../src/oci/layout.ts'
 import { MediaType, type Descriptor } from '../../src/oci/types.ts'
 

@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict'
 import { test } from 'node:test'
-import { Semaphore, sleep } from '../../src/origin/limit.ts'
+import { Semaphore, sleep } from '../../src/util/limit.ts'
 
 test('Semaphore: at most max holders, granted in FIFO order', async () => {
   const sem = new Semaphore(2)

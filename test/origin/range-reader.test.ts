@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict'
 import { after, before, describe, test } from 'node:test'
 import { OriginError } from '../../src/errors.ts'
-import type { Digest } from '../../src/format/digest.ts'
+import type { Digest } from '../../src/oci/digest.ts'
 import type { Descriptor } from '../../src/oci/types.ts'
 import { HttpOrigin } from '../../src/origin/http-origin.ts'
 import type { Origin } from '../../src/origin/origin.ts'

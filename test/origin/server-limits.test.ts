@@ -7,7 +7,7 @@ import { request } from 'node:http'
 import { join } from 'node:path'
 import { createInterface } from 'node:readline'
 import { after, before, describe, test } from 'node:test'
-import { digestHex } from '../../src/format/digest.ts'
+import { digestHex } from '../../src/oci/digest.ts'
 import { FairTurns, startOriginServer, type OriginServer } from '../../src/origin/server.ts'
 import { makeLayout, type TestLayout } from './helpers.ts'
 

@@ -4,7 +4,7 @@ import { Agent, get } from 'node:http'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { after, before, describe, test } from 'node:test'
-import { sha256, digestHex } from '../../src/format/digest.ts'
+import { sha256, digestHex } from '../../src/oci/digest.ts'
 import { parseRange, startOriginServer, type OriginRequestLog, type OriginServer } from '../../src/origin/server.ts'
 import { bytes, makeLayout, raw, until, type TestLayout } from './helpers.ts'
 

@@ -1,13 +1,13 @@
 import assert from 'node:assert/strict'
 import { test } from 'node:test'
 import { Uint8ArrayList } from 'uint8arraylist'
-import { sha256, type Digest } from '../../src/format/digest.ts'
+import { sha256, type Digest } from '../../src/oci/digest.ts'
 import {
   MAX_BATCH, MAX_CLIENT_FRAME, decodeClientMessage, decodeServerMessage, encodeCancel, encodeChunkReply, encodeHave,
   MAX_ADDRESSES, MAX_ADDRESS_BYTES, MAX_JOIN_KEYS, encodeHaveQuery, encodeJoin, encodeMembers, encodeWant, frameDecoder, normalizeRanges, rangesCover, type WantItem
 } from '../../src/p2p/chunk-protocol.ts'
 import { ProtocolViolationError } from '../../src/p2p/errors.ts'
-import { TokenBucket } from '../../src/p2p/token-bucket.ts'
+import { TokenBucket } from '../../src/util/token-bucket.ts'
 
 const digest = (s: string): Digest => sha256(Buffer.from(s))
 

@@ -18,10 +18,10 @@ import { writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import { createInterface } from 'node:readline'
 import { after, test, type TestContext } from 'node:test'
-import type { Digest } from '../../src/format/digest.ts'
+import type { Digest } from '../../src/oci/digest.ts'
 import { CHUNK_SERVER_DEFAULTS } from '../../src/p2p/chunk-server.ts'
 import { FOREIGN_SWARM_LIMITS } from '../../src/p2p/swarm-members.ts'
-import { sleep } from '../../src/origin/limit.ts'
+import { sleep } from '../../src/util/limit.ts'
 import { tempDir } from '../helpers/tmp.ts'
 
 const VICTIM = new URL('./fixtures/victim-process.ts', import.meta.url).pathname

@@ -8,8 +8,8 @@ import { randomBytes } from 'node:crypto'
 import { after, test } from 'node:test'
 import type { Stream } from '@libp2p/interface'
 import type { PeerId } from '@libp2p/interface'
-import { sha256, type Digest } from '../../src/format/digest.ts'
-import { sleep } from '../../src/origin/limit.ts'
+import { sha256, type Digest } from '../../src/oci/digest.ts'
+import { sleep } from '../../src/util/limit.ts'
 import { ChunkClient } from '../../src/p2p/chunk-client.ts'
 import {
   CHUNK_PROTOCOL, MAX_CLIENT_FRAME, clientMessageType, decodeServerMessage, encodeCancel, encodeChunkReply, encodeHave, encodeHaveQuery, encodeJoin,
@@ -18,7 +18,7 @@ import {
 import { ChunkServer, type ChunkServerOptions } from '../../src/p2p/chunk-server.ts'
 import type { PeerNode } from '../../src/p2p/node.ts'
 import { SwarmMembers } from '../../src/p2p/swarm-members.ts'
-import { TokenBucket } from '../../src/p2p/token-bucket.ts'
+import { TokenBucket } from '../../src/util/token-bucket.ts'
 import { MemoryChunks, makePack, startNodes, waitFor, type TestChunk } from './helpers.ts'
 
 const key = (i: number): Digest => sha256(Buffer.from(`swarm ${i}`))

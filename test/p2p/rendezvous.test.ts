@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict'
 import { randomBytes } from 'node:crypto'
 import { test } from 'node:test'
-import { sha256 } from '../../src/format/digest.ts'
+import { sha256 } from '../../src/oci/digest.ts'
 import { chunkKey, inCore, nodeKey, rootOf, rankNodes, score, selectSources, topNodes, type NodeKey } from '../../src/p2p/rendezvous.ts'
 
 /** Peer-id-like strings: a shared prefix, like real `12D3KooW…` ids. */

@@ -3,7 +3,7 @@ import { peerIdFromPrivateKey } from '@libp2p/peer-id'
 import type { PeerId } from '@libp2p/interface'
 import assert from 'node:assert/strict'
 import { test } from 'node:test'
-import type { Digest } from '../../src/format/digest.ts'
+import type { Digest } from '../../src/oci/digest.ts'
 import { chunkKey, inCore, nodeKey } from '../../src/p2p/rendezvous.ts'
 import { SwarmMembers } from '../../src/p2p/swarm-members.ts'
 

@@ -6,9 +6,9 @@ import { join } from 'node:path'
 import { after, before, describe, test } from 'node:test'
 import { fileURLToPath } from 'node:url'
 import { NotFoundError, OriginError } from '../../src/errors.ts'
-import { ensureRealFixtures, type RealFixtures } from '../../src/fixtures/debian-images.ts'
+import { ensureRealFixtures, type RealFixtures } from '../../scripts/fixtures/debian-images.ts'
 import { decodeChunk } from '../../src/format/codec.ts'
-import type { Digest } from '../../src/format/digest.ts'
+import type { Digest } from '../../src/oci/digest.ts'
 import { generateKeys, loadPublicKey } from '../../src/format/signing.ts'
 import { openImageView } from '../../src/image/image-view.ts'
 import { verifyImage } from '../../src/image/verify-image.ts'
@@ -20,7 +20,7 @@ import { diffSnapshots, snapshotDisk, snapshotView } from '../helpers/tree-snaps
 import { makeHtpasswd, makeTlsFiles, skopeoCopy, startRegistry, type TestRegistry, type TlsFiles } from './helpers.ts'
 
 /**
- * The real python image (Debian bookworm + python3, src/fixtures/debian-images.ts)
+ * The real python image (Debian bookworm + python3, scripts/fixtures/debian-images.ts)
  * through docker-registry with TLS (a CA made here with openssl) and htpasswd
  * basic auth: pushed by skopeo, converted registry → registry by the shoal
  * command, then verified and read through a RegistryOrigin.

@@ -1,5 +1,5 @@
 import { OriginError } from '../errors.ts'
-import { Semaphore, sleep } from './limit.ts'
+import { Semaphore, sleep } from '../util/limit.ts'
 
 /**
  * What every HTTP client of shoal shares (HttpOrigin, the registry client): a

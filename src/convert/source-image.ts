@@ -6,11 +6,11 @@ import { Readable } from 'node:stream'
 import { pipeline } from 'node:stream/promises'
 import tarStream from 'tar-stream'
 import { FormatError, NotFoundError, UsageError } from '../errors.ts'
-import { parseDigest, type Digest } from '../format/digest.ts'
+import { parseDigest, type Digest } from '../oci/digest.ts'
 import { openRegistryClient, type RegistryAccess } from '../registry/client.ts'
-import { OciLayout, streamToFile } from './layout.ts'
-import { formatReference, type ImageReference } from './reference.ts'
-import { MediaType, type Descriptor, type ImageConfig, type ImageIndex, type ImageManifest } from './types.ts'
+import { OciLayout, streamToFile } from '../oci/layout.ts'
+import { formatReference, type ImageReference } from '../oci/reference.ts'
+import { MediaType, type Descriptor, type ImageConfig, type ImageIndex, type ImageManifest } from '../oci/types.ts'
 
 /** A resolved source image: its manifest and config, and its layer blobs as streams. */
 export interface SourceImage {

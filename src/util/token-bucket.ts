@@ -1,7 +1,11 @@
+import { sleep } from './limit.ts'
+
 /**
- * A byte-rate token bucket that never blocks: `tryTake` answers yes or no at
- * once, because an over-limit upload is answered with `busy` (the requester
- * goes to another holder) rather than queued.
+ * A rate limit (bytes or requests per second) in two uses: `tryTake` answers yes or no
+ * at once (an over-limit upload to a peer is answered with `busy`, and the requester goes
+ * to another holder, rather than queued); `take` charges and then sleeps until the bucket
+ * has paid the debt back (the origin server's bandwidth cap: callers queue up in call
+ * order without a waiter list).
  *
  * Taking may overdraw: a request is admitted whenever the bucket is not empty,
  * and its full size is charged. The average rate holds, one chunk of any size
@@ -31,6 +35,20 @@ export class TokenBucket {
     if (this.tokens <= 0) return false
     this.tokens -= bytes
     return true
+  }
+
+  /** Charges `bytes` at once, then waits until the bucket is no longer in debt. An aborted wait gives the bytes back. */
+  async take (bytes: number, signal?: AbortSignal): Promise<void> {
+    if (this.bytesPerSecond === Infinity) return
+    this.refill()
+    this.tokens -= bytes
+    if (this.tokens >= 0) return
+    try {
+      await sleep(-this.tokens * 1000 / this.bytesPerSecond, signal)
+    } catch (err) {
+      this.tokens += bytes
+      throw err
+    }
   }
 
   /** How long until `tryTake` would admit (0: now). For callers that wait rather than refuse. */
