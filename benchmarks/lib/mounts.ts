@@ -70,7 +70,7 @@ export async function makeSquashfs (src: string, out: string): Promise<number> {
   return r.seconds
 }
 
-export interface Squashfuse { mountpoint: string, stop: () => Promise<void> }
+export interface Squashfuse { mountpoint: string, stop: () => Promise<void>, /** The squashfuse process (its CPU time: /proc/PID/stat). */ pid: number }
 
 /** squashfuse (libfuse3, its default multi-threaded loop, default options) in the foreground as our child; stop() unmounts it. */
 export async function mountSquashfuse (cleanup: Cleanup, image: string, mountpoint: string, name = 'squashfuse'): Promise<Squashfuse> {
@@ -92,7 +92,7 @@ export async function mountSquashfuse (cleanup: Cleanup, image: string, mountpoi
     await release()
     throw err
   }
-  return { mountpoint, stop: release }
+  return { mountpoint, stop: release, pid: daemon.child.pid! }
 }
 
 export const mnt = (work: string, name: string): string => join(work, 'mnt', name)

@@ -1,5 +1,5 @@
 import { randomBytes } from 'node:crypto'
-import { close as closeCb, closeSync, fstat as fstatCb, fstatSync, open as openCb, openSync, read as readCb, readSync } from 'node:fs'
+import { close as closeCb, closeSync, fchmodSync, fstat as fstatCb, fstatSync, ftruncateSync, open as openCb, openSync, read as readCb, readFileSync, readSync, write as writeCb } from 'node:fs'
 import { chmod, lstat, mkdir, readdir, rm, unlink } from 'node:fs/promises'
 import { join } from 'node:path'
 import { errorText, silentLogger, type Logger } from '../util/log.ts'
@@ -8,6 +8,7 @@ import { IntegrityError } from '../errors.ts'
 import { digestHex, type Digest } from '../oci/digest.ts'
 import { Semaphore } from '../util/limit.ts'
 import { writeAtomic } from '../util/files.ts'
+import { encodeSegmentRecord, parseSegmentIndex, SEGMENT_NAME_RE, SEGMENT_RECORD_BYTES, SEGMENT_TOMBSTONE, segmentFileName } from './segments.ts'
 
 /**
  * The node's content-addressed chunk store: DIR/chunks/<2 hex>/<64 hex> holds the
@@ -53,6 +54,22 @@ import { writeAtomic } from '../util/files.ts'
  * (`shoal cache verify` may run beside the agent: it only reads and deletes chunk
  * files, and the agent takes a deleted file for a miss.)
  *
+ * Segments (small chunks): a chunk shorter than `segmentChunkLimit` is not a file
+ * of its own but appended to a segment, DIR/segments/NNNNNNNN.data, with a record
+ * in NNNNNNNN.idx (its presence map; format in segments.ts), as Nydus's blobcache and
+ * stargz's cache keep chunks in a few large files. Reading a small file then costs
+ * no open() and no directory or inode lookup in the cache, and small chunks written
+ * together (the files of a directory, in pack order) lie together, so the kernel's
+ * readahead brings their neighbours in with them. Segments are kept open, take
+ * about `segmentBytes` each, and are evicted whole (when the least recently used
+ * chunk left is one of theirs). Crash safety differs from chunk files: nothing is
+ * fsynced and a record is written after the bytes it names, so after a kill -9 a
+ * record names complete bytes, and a torn record is skipped (CRC); after a power
+ * loss a record may name bytes that never reached the disk, which the hash on
+ * first use after the restart catches (a chunk found bad gets a tombstone record).
+ * `shoal cache verify` hashes every live chunk of every segment and deletes a
+ * segment holding a bad one; the agent notices as it does for chunk files.
+ *
  * Permissions: chunks are pieces of image files, /etc/shadow included, which FUSE
  * shows only to those the image's modes allow. So the cache is its owner's alone:
  * directories 0700, chunk files 0600 (CACHE_MODES), and open tightens what an older
@@ -70,6 +87,12 @@ export interface DiskCacheOptions {
   openFiles?: number
   /** How often open files are checked for having been deleted by someone else. Default DISK_CACHE_DEFAULTS.openFileCheckMs. */
   openFileCheckMs?: number
+  /** Chunks shorter than this (bytes) go to segments; 0: every chunk is a file. Default DISK_CACHE_DEFAULTS.segmentChunkLimit. */
+  segmentChunkLimit?: number
+  /** A segment takes new chunks until it holds this many bytes. Default DISK_CACHE_DEFAULTS.segmentBytes. */
+  segmentBytes?: number
+  /** Bytes read into the page cache around a small read that went to the disk (see `warm`); 0: none. Default DISK_CACHE_DEFAULTS.warmWindowBytes. */
+  warmWindowBytes?: number
   log?: Logger
   /** Aborts the startup scan. */
   signal?: AbortSignal
@@ -100,6 +123,25 @@ interface IndexEntry {
   size: number
   /** Written or hashed by this process: reads need no hash. */
   verified: boolean
+  /** Where the bytes are when not in a chunk file of their own. */
+  segment?: Segment
+  offset: number
+}
+
+/** An open segment: DATA holds small chunks back to back, IDX their records (segments.ts). */
+interface Segment {
+  id: number
+  fd: number
+  idxFd: number
+  /** Bytes of the data file taken (the next chunk goes here). */
+  size: number
+  idxSize: number
+  /** The chunks of the index that are in this segment. */
+  hexes: Set<string>
+  /** Reads and writes using its fds now: they are closed only when none is. */
+  users: number
+  /** Evicted, deleted by someone else, or closed: close the fds when the last user is done. */
+  retired: boolean
 }
 
 interface OpenChunkFile {
@@ -131,6 +173,20 @@ export const DISK_CACHE_DEFAULTS = {
   syncReadProbeEvery: 64,
   /** Open files are checked this often for having been deleted by someone else. */
   openFileCheckMs: 10_000,
+  /**
+   * Chunks shorter than this go to segments instead of files of their own: small
+   * files are one chunk each, and for them the open() and the cache's directory
+   * and inode lookups cost more than the read.
+   */
+  segmentChunkLimit: 64 * 1024,
+  /** Size of a segment (bytes of chunks it takes before the next one starts): the unit of eviction. */
+  segmentBytes: 64 * 1024 * 1024,
+  /** A small synchronous read slower than this (ms) went to the disk: warm its window. */
+  warmAfterMs: 0.05,
+  /** The window read into the page cache around such a read: squashfs's block size. */
+  warmWindowBytes: 128 * 1024,
+  /** Window reads in flight at most (thread-pool threads they may take). */
+  warmConcurrency: 2,
   /** Bound the stat calls of the startup scan (file descriptors, thread pool). */
   scanConcurrency: 32,
   /** Bound the unlinks of an eviction. */
@@ -164,6 +220,15 @@ export class DiskCache {
   private syncReadMs = 0
   private syncReadSkips = 0
   private checking = false
+  private readonly segmentChunkLimit: number
+  private readonly warmWindowBytes: number
+  private warming = 0
+  private readonly warmBuffers: Buffer[] = []
+  private readonly segmentBytes: number
+  /** Every segment by id; `appending` takes new chunks. */
+  private readonly segments = new Map<number, Segment>()
+  private appending: Segment | undefined
+  private nextSegmentId = 1
 
   private constructor (options: DiskCacheOptions) {
     if (!Number.isSafeInteger(options.maxBytes) || options.maxBytes <= 0) throw new RangeError(`disk cache size must be a positive integer, got ${options.maxBytes}`)
@@ -176,6 +241,10 @@ export class DiskCache {
     this.lowWatermark = low
     this.maxOpenFiles = openFiles
     this.log = options.log ?? silentLogger
+    this.segmentChunkLimit = options.segmentChunkLimit ?? DISK_CACHE_DEFAULTS.segmentChunkLimit
+    this.warmWindowBytes = options.warmWindowBytes ?? DISK_CACHE_DEFAULTS.warmWindowBytes
+    // A segment is evicted whole: keep it a small part of the cache (at most 1/16), or a small cache would lose everything at once.
+    this.segmentBytes = Math.max(this.segmentChunkLimit, Math.min(options.segmentBytes ?? DISK_CACHE_DEFAULTS.segmentBytes, Math.floor(options.maxBytes / 16)))
     this.checkTimer = setInterval(() => { void this.checkOpenFiles() }, options.openFileCheckMs ?? DISK_CACHE_DEFAULTS.openFileCheckMs).unref()
   }
 
@@ -242,6 +311,19 @@ export class DiskCache {
     if (entry.size !== chunk.length) throw this.badLength(hex, entry.size, chunk.length)
     this.index.delete(hex)
     this.index.set(hex, entry)
+    const segment = entry.segment
+    if (segment !== undefined) {
+      if (segment.retired) return false
+      segment.users++
+      let n: number
+      try {
+        n = await pread(segment.fd, target, targetOffset, length, entry.offset + chunkOffset)
+      } finally {
+        this.releaseSegment(segment)
+      }
+      if (n !== length) throw this.shortRead(hex, chunkOffset, n, chunk.length)
+      return true
+    }
     const file = this.files.get(hex) ?? await this.openFile(hex, entry)
     if (file === undefined) return false
     file.users++
@@ -278,6 +360,16 @@ export class DiskCache {
     if (entry === undefined || this.opening.has(hex)) return false
     if (entry.size !== chunk.length) throw this.badLength(hex, entry.size, chunk.length)
     const started = performance.now()
+    const segment = entry.segment
+    if (segment !== undefined) {
+      if (segment.retired) return false
+      this.index.delete(hex)
+      this.index.set(hex, entry)
+      const n = readSync(segment.fd, target, targetOffset, length, entry.offset + chunkOffset)
+      this.syncReadMs += (performance.now() - started - this.syncReadMs) * SYNC_READ_EWMA_WEIGHT
+      if (n !== length) throw this.shortRead(hex, chunkOffset, n, chunk.length)
+      return true
+    }
     let file = this.files.get(hex)
     if (file === undefined) {
       // Opened here too: for a small file read once (`cat` of many small files) the
@@ -300,9 +392,34 @@ export class DiskCache {
     this.index.delete(hex)
     this.index.set(hex, entry)
     const n = readSync(file.fd, target, targetOffset, length, chunkOffset)
-    this.syncReadMs += (performance.now() - started - this.syncReadMs) * SYNC_READ_EWMA_WEIGHT
+    const took = performance.now() - started
+    this.syncReadMs += (took - this.syncReadMs) * SYNC_READ_EWMA_WEIGHT
     if (n !== length) throw this.shortRead(hex, chunkOffset, n, chunk.length)
+    if (took > DISK_CACHE_DEFAULTS.warmAfterMs) this.warm(file, chunkOffset, entry.size)
     return true
+  }
+
+  /**
+   * After a small read that went to the disk (it took more than warmAfterMs): reads the
+   * aligned `warmWindowBytes` around it on the thread pool, into a scratch buffer whose
+   * bytes are never used, so that the page cache holds the window and the next small
+   * reads in it are answered from memory. squashfuse gets this from its 128 KiB blocks;
+   * a 4 KiB pread alone leaves the kernel nothing to read ahead on random access. At
+   * most warmConcurrency such reads at once; when they are all busy, none is started.
+   */
+  private warm (file: OpenChunkFile, offset: number, size: number): void {
+    const window = this.warmWindowBytes
+    if (window === 0 || this.warming >= DISK_CACHE_DEFAULTS.warmConcurrency) return
+    const from = offset - offset % window
+    const length = Math.min(window, size - from)
+    const buffer = this.warmBuffers.pop() ?? Buffer.allocUnsafe(window)
+    this.warming++
+    file.users++
+    readCb(file.fd, buffer, 0, length, from, () => {
+      this.warming--
+      this.warmBuffers.push(buffer)
+      this.release(file)
+    })
   }
 
   /**
@@ -314,7 +431,8 @@ export class DiskCache {
     if (this.closed || data.length > this.maxBytes || this.index.has(hex)) return Promise.resolve()
     let pending = this.writing.get(hex)
     if (pending === undefined) {
-      pending = { data, done: this.write(hex, data).finally(() => this.writing.delete(hex)) }
+      const write = data.length < this.segmentChunkLimit ? this.writeToSegment(hex, data) : this.write(hex, data)
+      pending = { data, done: write.finally(() => this.writing.delete(hex)) }
       this.writing.set(hex, pending)
     }
     return pending.done
@@ -327,7 +445,8 @@ export class DiskCache {
     if (entry === undefined) return
     this.forget(hex, entry)
     this.stats.removedBad++
-    await this.unlinkChunk(hex)
+    if (entry.segment !== undefined) await this.tombstone(hex, entry.segment, entry.offset)
+    else await this.unlinkChunk(hex)
   }
 
   /** Waits for writes and eviction in progress (a finishing write may start an eviction); later puts are ignored. Closes the open files. */
@@ -339,6 +458,15 @@ export class DiskCache {
     }
     await Promise.allSettled([...this.opening.values()])
     for (const hex of [...this.files.keys()]) this.closeFile(hex)
+    for (const segment of [...this.segments.values()]) this.retireSegment(segment)
+  }
+
+  /** Where the bytes of chunk HEX are: a chunk file (offset 0) or a segment (`shoal cache verify` and tests). */
+  chunkLocation (hex: string): { path: string, offset: number } | undefined {
+    const entry = this.index.get(hex)
+    if (entry === undefined) return undefined
+    if (entry.segment === undefined) return { path: this.chunkPath(hex), offset: 0 }
+    return { path: join(this.dir, 'segments', segmentFileName(entry.segment.id, 'data')), offset: entry.offset }
   }
 
   /** The path of the chunk file with hex digest HEX (`shoal cache verify` and tests). */
@@ -435,6 +563,23 @@ export class DiskCache {
   }
 
   private async checkOpenFilesOnce (): Promise<void> {
+    for (const segment of [...this.segments.values()]) {
+      if (segment.retired) continue
+      segment.users++
+      let links: number
+      try {
+        links = await new Promise<number>((resolve, reject) => fstatCb(segment.fd, (err, st) => err === null ? resolve(st.nlink) : reject(err)))
+      } catch {
+        continue
+      } finally {
+        this.releaseSegment(segment)
+      }
+      if (links === 0 && !segment.retired) {
+        this.log.warn({ segment: segment.id, chunks: segment.hexes.size }, 'a cache segment was deleted by someone else: its chunks will be fetched again')
+        this.stats.removedOutside += segment.hexes.size
+        this.dropSegment(segment)
+      }
+    }
     for (const [hex, file] of [...this.files]) {
       if (file.retired) continue
       file.users++
@@ -468,8 +613,9 @@ export class DiskCache {
     this.maybeEvict()
   }
 
-  private add (hex: string, size: number, verified: boolean): void {
-    this.index.set(hex, { size, verified })
+  private add (hex: string, size: number, verified: boolean, segment?: Segment, offset = 0): void {
+    this.index.set(hex, segment === undefined ? { size, verified, offset } : { size, verified, segment, offset })
+    segment?.hexes.add(hex)
     this.stats.bytes += size
     this.stats.chunks++
   }
@@ -479,7 +625,8 @@ export class DiskCache {
     this.index.delete(hex)
     this.stats.bytes -= entry.size
     this.stats.chunks--
-    if (this.files.get(hex)?.entry === entry) this.closeFile(hex)
+    if (entry.segment !== undefined) entry.segment.hexes.delete(hex)
+    else if (this.files.get(hex)?.entry === entry) this.closeFile(hex)
   }
 
   private maybeEvict (): void {
@@ -495,15 +642,179 @@ export class DiskCache {
     // opening these files, and the accounting is right before the unlinks finish.
     const target = Math.floor(this.maxBytes * this.lowWatermark)
     const victims: string[] = []
+    const segments: Segment[] = []
     for (const [hex, entry] of this.index) {
       if (this.stats.bytes <= target) break
+      if (entry.segment !== undefined) {
+        // A segment goes whole, when its least recently used chunk comes up.
+        const segment = entry.segment
+        for (const h of [...segment.hexes]) {
+          const e = this.index.get(h)!
+          this.stats.evictions++
+          this.stats.evictedBytes += e.size
+        }
+        this.dropSegment(segment)
+        segments.push(segment)
+        continue
+      }
       this.forget(hex, entry)
       this.stats.evictions++
       this.stats.evictedBytes += entry.size
       victims.push(hex)
     }
     const limit = new Semaphore(DISK_CACHE_DEFAULTS.unlinkConcurrency)
-    await Promise.all(victims.map(hex => limit.run(() => this.unlinkChunk(hex))))
+    await Promise.all([...victims.map(hex => limit.run(() => this.unlinkChunk(hex))), ...segments.map(s => this.unlinkSegment(s.id))])
+  }
+
+  /**
+   * Appends a small chunk to the segment taking chunks: its bytes, then its record
+   * (segments.ts). Places are reserved synchronously, so concurrent writes do not
+   * overlap; nothing is fsynced (see the class comment). Never rejects.
+   */
+  private async writeToSegment (hex: string, data: Uint8Array): Promise<void> {
+    let segment: Segment
+    try {
+      segment = this.segmentFor(data.length)
+    } catch (err) {
+      this.stats.writeErrors++
+      this.log.warn({ chunk: hex, err: errorText(err) }, 'cannot open a cache segment')
+      return
+    }
+    const offset = segment.size
+    segment.size += data.length
+    const at = segment.idxSize
+    segment.idxSize += SEGMENT_RECORD_BYTES
+    segment.users++
+    try {
+      await pwrite(segment.fd, data, offset)
+      await pwrite(segment.idxFd, encodeSegmentRecord(hex, offset, data.length), at)
+    } catch (err) {
+      this.stats.writeErrors++
+      this.log.warn({ chunk: hex, err: errorText(err) }, 'cannot write chunk to a cache segment')
+      return
+    } finally {
+      this.releaseSegment(segment)
+    }
+    if (segment.retired || this.index.has(hex)) return // evicted or deleted meanwhile; or stored since
+    this.stats.writes++
+    this.add(hex, data.length, true, segment, offset)
+    this.maybeEvict()
+  }
+
+  /** The segment that takes the next LENGTH bytes: the current one, or a new one when it is full. */
+  private segmentFor (length: number): Segment {
+    const current = this.appending
+    if (current !== undefined && !current.retired && (current.size === 0 || current.size + length <= this.segmentBytes)) return current
+    const id = this.nextSegmentId++
+    const dir = join(this.dir, 'segments')
+    const fd = openSync(join(dir, segmentFileName(id, 'data')), 'wx+', CACHE_MODES.file)
+    let idxFd: number
+    try {
+      idxFd = openSync(join(dir, segmentFileName(id, 'idx')), 'wx+', CACHE_MODES.file)
+    } catch (err) {
+      closeSync(fd)
+      throw err
+    }
+    const segment: Segment = { id, fd, idxFd, size: 0, idxSize: 0, hexes: new Set(), users: 0, retired: false }
+    this.segments.set(id, segment)
+    this.appending = segment
+    return segment
+  }
+
+  /** Records that the chunk HEX at OFFSET of SEGMENT is bad, so that a restart does not find it again. */
+  private async tombstone (hex: string, segment: Segment, offset: number): Promise<void> {
+    if (segment.retired) return
+    const at = segment.idxSize
+    segment.idxSize += SEGMENT_RECORD_BYTES
+    segment.users++
+    try {
+      await pwrite(segment.idxFd, encodeSegmentRecord(hex, offset, 0, SEGMENT_TOMBSTONE), at)
+    } catch (err) {
+      this.log.warn({ chunk: hex, segment: segment.id, err: errorText(err) }, 'cannot mark a bad chunk in its segment (it is hashed again after a restart)')
+    } finally {
+      this.releaseSegment(segment)
+    }
+  }
+
+  /** Forgets every chunk of SEGMENT and retires it (its files are left to the caller). */
+  private dropSegment (segment: Segment): void {
+    for (const hex of [...segment.hexes]) {
+      const entry = this.index.get(hex)
+      if (entry !== undefined) this.forget(hex, entry)
+    }
+    this.retireSegment(segment)
+  }
+
+  private retireSegment (segment: Segment): void {
+    if (segment.retired) return
+    segment.retired = true
+    this.segments.delete(segment.id)
+    if (this.appending === segment) this.appending = undefined
+    if (segment.users === 0) this.closeSegmentFds(segment)
+  }
+
+  private releaseSegment (segment: Segment): void {
+    if (--segment.users === 0 && segment.retired) this.closeSegmentFds(segment)
+  }
+
+  private closeSegmentFds (segment: Segment): void {
+    closeCb(segment.fd, ignore)
+    closeCb(segment.idxFd, ignore)
+  }
+
+  private async unlinkSegment (id: number): Promise<void> {
+    for (const kind of ['data', 'idx'] as const) {
+      try {
+        await unlink(join(this.dir, 'segments', segmentFileName(id, kind)))
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code !== 'ENOENT') this.log.warn({ segment: id, err: errorText(err) }, 'cannot delete cache segment')
+      }
+    }
+  }
+
+  /**
+   * Opens the segments in DIR/segments and lists their live chunks (unverified: they
+   * are hashed on first use). A file without its pair, a segment with no live chunk
+   * and what is not a segment are deleted; a torn last record is cut off.
+   */
+  private async scanSegments (found: Array<{ hex: string, size: number, mtimeMs: number, segment?: Segment, offset?: number }>): Promise<void> {
+    const dir = join(this.dir, 'segments')
+    await ownerOnlyDir(dir)
+    const ids = new Map<number, Set<string>>()
+    for (const name of await readdir(dir)) {
+      const m = SEGMENT_NAME_RE.exec(name)
+      if (m === null) {
+        this.log.warn({ path: join(dir, name) }, 'deleting what is not a segment from the disk cache')
+        await rm(join(dir, name), { recursive: true, force: true })
+        continue
+      }
+      const kinds = ids.get(Number(m[1])) ?? new Set()
+      kinds.add(m[2]!)
+      ids.set(Number(m[1]), kinds)
+    }
+    for (const [id, kinds] of [...ids].sort((a, b) => a[0] - b[0])) {
+      this.nextSegmentId = Math.max(this.nextSegmentId, id + 1)
+      if (kinds.size !== 2) {
+        await this.unlinkSegment(id)
+        continue
+      }
+      const fd = openSync(join(dir, segmentFileName(id, 'data')), 'r+')
+      const idxFd = openSync(join(dir, segmentFileName(id, 'idx')), 'r+')
+      const st = fstatSync(fd)
+      // Owner-only, as chunk files (CACHE_MODES): tightened if someone loosened them.
+      for (const f of [fd, idxFd]) if ((fstatSync(f).mode & 0o077) !== 0) fchmodSync(f, CACHE_MODES.file)
+      const { live, wholeBytes } = parseSegmentIndex(readFileSync(idxFd), st.size)
+      if (live.size === 0) {
+        closeSync(fd)
+        closeSync(idxFd)
+        await this.unlinkSegment(id)
+        continue
+      }
+      if (fstatSync(idxFd).size !== wholeBytes) ftruncateSync(idxFd, wholeBytes)
+      const segment: Segment = { id, fd, idxFd, size: st.size, idxSize: wholeBytes, hexes: new Set(), users: 0, retired: false }
+      this.segments.set(id, segment)
+      for (const r of live.values()) found.push({ hex: r.hex, size: r.length, mtimeMs: st.mtimeMs, segment, offset: r.offset })
+    }
   }
 
   /** A file left behind after a failed unlink is harmless: it is out of the index, and it is hashed before first use after a restart. */
@@ -526,7 +837,7 @@ export class DiskCache {
     await Promise.all(stale.map(name => rm(join(tmpDir, name), { recursive: true, force: true })))
     this.stats.staleTempFiles = stale.length
 
-    const found: Array<{ hex: string, size: number, mtimeMs: number }> = []
+    const found: Array<{ hex: string, size: number, mtimeMs: number, segment?: Segment, offset?: number }> = []
     const limit = new Semaphore(DISK_CACHE_DEFAULTS.scanConcurrency)
     await Promise.all(prefixes.map(prefix => limit.run(async () => {
       for (const name of await readdir(join(chunksDir, prefix))) {
@@ -543,9 +854,20 @@ export class DiskCache {
         found.push({ hex: name, size: st.size, mtimeMs: st.mtimeMs })
       }
     }, signal)))
+    await this.scanSegments(found)
     found.sort((a, b) => a.mtimeMs - b.mtimeMs)
     // Not verified: written by an earlier process, or by anyone with root since. Hashed on first use.
-    for (const f of found) this.add(f.hex, f.size, false)
+    // A chunk both in a file and in a segment (or in two segments) counts once.
+    for (const f of found) if (!this.index.has(f.hex)) this.add(f.hex, f.size, false, f.segment, f.offset)
+    // Segments whose chunks all had another copy hold nothing: they go now.
+    for (const segment of [...this.segments.values()]) {
+      if (segment.hexes.size > 0) continue
+      this.retireSegment(segment)
+      await this.unlinkSegment(segment.id)
+    }
+    // New chunks go on filling the newest segment, if it has room.
+    const newest = [...this.segments.values()].at(-1)
+    if (newest !== undefined && newest.size < this.segmentBytes) this.appending = newest
     this.maybeEvict()
   }
 }
@@ -557,6 +879,14 @@ export async function ownerOnlyDir (path: string): Promise<void> {
 }
 
 const ignore = (): void => {}
+
+/** pwrite(2) of all of DATA at POSITION, through libuv's thread pool. */
+async function pwrite (fd: number, data: Uint8Array, position: number): Promise<void> {
+  let done = 0
+  while (done < data.length) {
+    done += await new Promise<number>((resolve, reject) => writeCb(fd, data, done, data.length - done, position + done, (err, n) => err === null ? resolve(n) : reject(err)))
+  }
+}
 
 /** pread(2) through libuv's thread pool: the callback API, without a FileHandle's promise machinery per read. */
 function pread (fd: number, target: Uint8Array, offset: number, length: number, position: number): Promise<number> {

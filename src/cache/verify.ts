@@ -1,10 +1,11 @@
 import { createHash } from 'node:crypto'
 import { createReadStream } from 'node:fs'
-import { lstat, readdir, unlink } from 'node:fs/promises'
+import { lstat, open, readdir, readFile, unlink } from 'node:fs/promises'
 import { join } from 'node:path'
 import { pipeline } from 'node:stream/promises'
 import { NotFoundError } from '../errors.ts'
 import { Semaphore } from '../util/limit.ts'
+import { parseSegmentIndex, SEGMENT_NAME_RE, segmentFileName, type SegmentRecord } from './segments.ts'
 
 /**
  * `shoal cache verify`: hashes every chunk file of a disk cache and deletes those
@@ -15,6 +16,11 @@ import { Semaphore } from '../util/limit.ts'
  * chunk files (never DIR/tmp), an agent takes a deleted file for a miss and
  * fetches the chunk again, and one that has the file open notices the deletion
  * within DISK_CACHE_DEFAULTS.openFileCheckMs.
+ *
+ * Segments (small chunks, see DiskCache): every live chunk of a segment is hashed,
+ * and a segment holding a bad one is deleted whole (data and index), with its good
+ * chunks: the agent sees a deleted segment as it sees a deleted chunk file, and
+ * fetches again what it needs. Its bad chunks are reported as removed.
  */
 
 export interface CacheVerifyProgress {
@@ -60,7 +66,17 @@ export async function verifyCacheDir (dir: string, options: { signal?: AbortSign
       if (st?.isFile() === true) files.push({ hex: name, path, size: st.size })
     }
   }
-  const result: CacheVerifyResult = { checked: 0, total: files.length, bytes: 0, totalBytes: files.reduce((n, f) => n + f.size, 0), bad: 0, removed: [] }
+  const segments = await listSegments(dir)
+  const segmentChunks = segments.reduce((n, s) => n + s.live.length, 0)
+  const segmentBytes = segments.reduce((n, s) => n + s.live.reduce((m, r) => m + r.length, 0), 0)
+  const result: CacheVerifyResult = { checked: 0, total: files.length + segmentChunks, bytes: 0, totalBytes: files.reduce((n, f) => n + f.size, 0) + segmentBytes, bad: 0, removed: [] }
+  for (const segment of segments) {
+    options.signal?.throwIfAborted()
+    const bad = await verifySegment(segment, result, options.onProgress)
+    if (bad.length === 0) continue
+    result.removed.push(...bad)
+    for (const path of [segment.dataPath, segment.idxPath]) await unlink(path).catch((err: NodeJS.ErrnoException) => { if (err.code !== 'ENOENT') throw err })
+  }
   const limit = new Semaphore(CACHE_VERIFY_DEFAULTS.concurrency)
   await Promise.all(files.map(file => limit.run(async () => {
     const actual = await hashFile(file.path, options.signal)
@@ -86,4 +102,56 @@ async function hashFile (path: string, signal: AbortSignal | undefined): Promise
     throw err
   }
   return hash.digest('hex')
+}
+
+interface SegmentToVerify { dataPath: string, idxPath: string, live: SegmentRecord[] }
+
+/** The segments of the cache in DIR with their live chunks (as the agent would find them at start). */
+async function listSegments (dir: string): Promise<SegmentToVerify[]> {
+  const segmentsDir = join(dir, 'segments')
+  let names: string[]
+  try { names = await readdir(segmentsDir) } catch { return [] } // a cache from before segments
+  const out: SegmentToVerify[] = []
+  for (const name of names.sort()) {
+    const m = SEGMENT_NAME_RE.exec(name)
+    if (m === null || m[2] !== 'data') continue
+    const id = Number(m[1])
+    const dataPath = join(segmentsDir, segmentFileName(id, 'data'))
+    const idxPath = join(segmentsDir, segmentFileName(id, 'idx'))
+    try {
+      const size = (await lstat(dataPath)).size
+      out.push({ dataPath, idxPath, live: [...parseSegmentIndex(await readFile(idxPath), size).live.values()] })
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err // evicted meanwhile, or no index: the agent deletes it on start
+    }
+  }
+  return out
+}
+
+/** Hashes every live chunk of SEGMENT; returns the hex digests of the bad ones. */
+async function verifySegment (segment: SegmentToVerify, result: CacheVerifyProgress, onProgress: ((p: CacheVerifyProgress) => void) | undefined): Promise<string[]> {
+  const bad: string[] = []
+  let file
+  try {
+    file = await open(segment.dataPath, 'r')
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return [] // evicted meanwhile
+    throw err
+  }
+  try {
+    for (const r of segment.live) {
+      const data = Buffer.allocUnsafe(r.length)
+      const { bytesRead } = await file.read(data, 0, r.length, r.offset)
+      result.checked++
+      result.bytes += r.length
+      if (bytesRead !== r.length || createHash('sha256').update(data).digest('hex') !== r.hex) {
+        result.bad++
+        bad.push(r.hex)
+      }
+      onProgress?.(result)
+    }
+  } finally {
+    await file.close()
+  }
+  return bad
 }

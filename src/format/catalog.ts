@@ -43,6 +43,11 @@ export interface ChunkRef {
 
 export interface Extent extends ChunkRef { fileOffset: number }
 
+interface ChildRow {
+  name: string, whiteout: number, ino: number | null, i_ino: number | null, mode: number | null, uid: number | null, gid: number | null, size: number | null,
+  mtime: number | null, nlink: number | null, rdev: number | null, target: string | null, opaque: number | null, implicit: number | null
+}
+
 interface ExtentRow { offset: number, digest: Buffer, length: number, pack: string, pack_offset: number, stored_length: number, codec: number }
 
 /**
@@ -56,6 +61,7 @@ export class Catalog {
     inode: Database.Statement<[number], Inode>
     entry: Database.Statement<[number, string], Entry>
     children: Database.Statement<[number], Entry>
+    childInodes: Database.Statement<[number], ChildRow>
     xattrs: Database.Statement<[number], { name: string, value: Buffer }>
     extents: Database.Statement<[number], ExtentRow>
     chunk: Database.Statement<[Buffer], Omit<ExtentRow, 'offset'>>
@@ -74,6 +80,9 @@ export class Catalog {
         inode: this.db.prepare('SELECT * FROM inodes WHERE ino = ?'),
         entry: this.db.prepare('SELECT name, ino, whiteout FROM entries WHERE parent = ? AND name = ?'),
         children: this.db.prepare('SELECT name, ino, whiteout FROM entries WHERE parent = ? ORDER BY name'),
+        childInodes: this.db.prepare(`SELECT e.name AS name, e.whiteout AS whiteout, e.ino AS ino, i.ino AS i_ino, i.mode AS mode, i.uid AS uid, i.gid AS gid, i.size AS size,
+          i.mtime AS mtime, i.nlink AS nlink, i.rdev AS rdev, i.target AS target, i.opaque AS opaque, i.implicit AS implicit
+          FROM entries e LEFT JOIN inodes i ON i.ino = e.ino WHERE e.parent = ? ORDER BY e.name`),
         xattrs: this.db.prepare('SELECT name, value FROM xattrs WHERE ino = ? ORDER BY name'),
         extents: this.db.prepare(`SELECT e.offset, c.digest, c.length, p.digest AS pack, c.pack_offset, c.stored_length, c.codec
           FROM extents e JOIN chunks c ON c.id = e.chunk JOIN packs p ON p.id = c.pack WHERE e.ino = ? ORDER BY e.offset`),
@@ -92,6 +101,21 @@ export class Catalog {
   inode (ino: number): Inode | undefined { return this.stmts.inode.get(ino) }
   entry (parent: number, name: string): Entry | undefined { return this.stmts.entry.get(parent, name) }
   children (parent: number): Entry[] { return this.stmts.children.all(parent) }
+
+  /**
+   * The entries of directory PARENT with their inodes, in one query (readdir of a
+   * directory only this layer has: `find` lists every directory, and a query per
+   * entry cost more than the listing). `inode` is undefined for a whiteout, or for an
+   * entry whose inode row is missing.
+   */
+  childInodes (parent: number): Array<Entry & { inode: Inode | undefined }> {
+    return this.stmts.childInodes.all(parent).map(r => ({
+      name: r.name,
+      ino: r.ino,
+      whiteout: r.whiteout,
+      inode: r.i_ino === null ? undefined : { ino: r.i_ino, mode: r.mode!, uid: r.uid!, gid: r.gid!, size: r.size!, mtime: r.mtime!, nlink: r.nlink!, rdev: r.rdev!, target: r.target, opaque: r.opaque!, implicit: r.implicit! }
+    }))
+  }
 
   xattrs (ino: number): Map<string, Buffer> {
     return new Map(this.stmts.xattrs.all(ino).map(r => [r.name, r.value]))

@@ -81,6 +81,10 @@ declare module 'fuse-native' {
      */
     protected _op_getxattr (reply: (code: number, buffer: ArrayBuffer) => void, path: string, name: string, buffer: Buffer, position: number): void
     protected _op_listxattr (reply: (code: number, buffer: ArrayBuffer) => void, path: string, buffer: Buffer): void
+    /** Its dispatchers, indexed by the binding's op numbers; called from its constructor. ImageFuse replaces some. */
+    protected _makeHandlerArray (): unknown[]
+    /** The per-op deadline (ms) it was given; 0 for none. */
+    protected readonly timeout: number
 
     static readonly ENOENT: number
     static readonly EIO: number

@@ -29,6 +29,8 @@ export interface ImageFsOptions {
   pathCacheSize?: number
   /** Files whose reader (readahead state, extents) is kept. Default 1,024. */
   maxReaders?: number
+  /** Directory listings (names and stats, ready for FUSE) kept, counted in entries (about 250 bytes each). Default 50,000. */
+  listingEntries?: number
   /** Which source served the chunks this image's reads needed (per-image bytes by source). */
   onServed?: ServedHook
   /** Told of every successful read that reaches FUSE: `shoal trace` records them as the prefetch list. */
@@ -66,6 +68,16 @@ export class ImageFs {
   private readonly maxReaders: number
   /** st_ino = ino × layers + layer: stable, unique per (layer, inode), shared by hard links. */
   private readonly layerCount: number
+  /** Each node's attributes as fuse-native's stat array, made once (the image never changes). */
+  private readonly statArrays = new WeakMap<MergedNode, Uint32Array>()
+  /**
+   * Directory listings by path, least recently used first: libfuse2 keeps no readdir
+   * cache, so every `ls` or `find` of a directory asks again, and the answer never
+   * changes. Bounded by the entries they hold (listingEntries).
+   */
+  private readonly listings = new Map<string, Listing>()
+  private listingEntries = 0
+  private readonly maxListingEntries: number
 
   constructor (options: ImageFsOptions) {
     this.view = options.view
@@ -75,6 +87,7 @@ export class ImageFs {
     this.readaheadChunks = options.readaheadChunks ?? 8
     this.pathCacheSize = options.pathCacheSize ?? 20_000
     this.maxReaders = options.maxReaders ?? 1024
+    this.maxListingEntries = options.listingEntries ?? 50_000
     this.onRead = options.onRead
     this.onServed = options.onServed
     this.root = this.view.root()
@@ -96,28 +109,14 @@ export class ImageFs {
         cb(0, { bsize: 4096, frsize: 4096, blocks: 0, bfree: 0, bavail: 0, files: 0, ffree: 0, favail: 0, fsid: 0, flag: 1, namemax: 255 })
       },
       getattr: (path, cb) => {
-        this.guard(cb, 'getattr', path, () => {
-          const node = this.node(path)
-          if (node === undefined) return cb(Fuse.ENOENT)
-          cb(0, this.stat(node))
-        })
+        const stat = this.getattrArray(path)
+        if (typeof stat === 'number') return cb(stat)
+        cb(0, statFromArray(stat))
       },
       readdir: (path, cb) => {
-        this.guard(cb, 'readdir', path, () => {
-          const node = this.node(path)
-          if (node === undefined) return cb(Fuse.ENOENT)
-          if (!isDir(node.inode.mode)) return cb(Fuse.ENOTDIR)
-          const parent = path === '/' ? this.root : this.node(path.slice(0, Math.max(1, path.lastIndexOf('/'))))!
-          const names = ['.', '..']
-          const stats = [this.stat(node), this.stat(parent)]
-          for (const { name, node: child } of this.view.readdir(node)) {
-            names.push(name)
-            stats.push(this.stat(child))
-            // `ls -l` and `find` look each entry up next: have the answer ready.
-            this.remember(path === '/' ? `/${name}` : `${path}/${name}`, child)
-          }
-          cb(0, names, stats)
-        })
+        const listing = this.readdirArrays(path)
+        if (typeof listing === 'number') return cb(listing)
+        cb(0, listing.names, listing.stats.map(statFromArray))
       },
       readlink: (path, cb) => {
         this.guard(cb, 'readlink', path, () => {
@@ -130,20 +129,7 @@ export class ImageFs {
       // No `open` or `release`: libfuse answers them itself (keeping `kernel_cache`), so opening
       // a file costs no trip to this thread; `cat` of a small file that the page cache holds never
       // reaches us at all. Reads find their file's reader by path instead.
-      read: (path, _fd, buffer, length, position, cb) => {
-        this.stats.reads++
-        let result: number | Promise<number>
-        try {
-          const reader = this.reader(path)
-          if (reader === undefined) return cb(Fuse.ENOENT)
-          result = reader.read(buffer, position, length, this.signal)
-        } catch (err) {
-          return this.readFailed(path, position, length, err, cb)
-        }
-        // Memory hits and small preads answer at once, without a promise.
-        if (typeof result === 'number') return this.readDone(path, position, result, cb)
-        result.then(n => this.readDone(path, position, n, cb), (err: unknown) => this.readFailed(path, position, length, err, cb))
-      },
+      read: (path, _fd, buffer, length, position, cb) => { this.read(path, buffer, length, position, cb) },
       getxattr: (path, name, _position, cb) => {
         this.guard(cb, 'getxattr', path, () => {
           const node = this.node(path)
@@ -161,6 +147,86 @@ export class ImageFs {
         })
       }
     }
+  }
+
+  /**
+   * GETATTR (libfuse2's LOOKUP too) as fuse-native's stat array, or a negative errno.
+   * Synchronous: ImageFuse answers it without a callback, a timer or a copy.
+   */
+  getattrArray (path: string): Uint32Array | number {
+    try {
+      const node = this.node(path)
+      if (node === undefined) return Fuse.ENOENT
+      return this.statArray(node)
+    } catch (err) {
+      this.log.error({ op: 'getattr', path, err: errorText(err) }, 'filesystem operation failed: EIO')
+      return Fuse.EIO
+    }
+  }
+
+  /** READDIR: names (with `.` and `..`) and their stat arrays, or a negative errno; kept per directory. */
+  readdirArrays (path: string): Listing | number {
+    const known = this.listings.get(path)
+    if (known !== undefined) {
+      this.listings.delete(path)
+      this.listings.set(path, known)
+      return known
+    }
+    try {
+      const node = this.node(path)
+      if (node === undefined) return Fuse.ENOENT
+      if (!isDir(node.inode.mode)) return Fuse.ENOTDIR
+      const parent = path === '/' ? this.root : this.node(path.slice(0, Math.max(1, path.lastIndexOf('/'))))!
+      const names = ['.', '..']
+      const stats = [this.statArray(node), this.statArray(parent)]
+      const prefix = path === '/' ? '/' : `${path}/`
+      for (const { name, node: child } of this.view.readdir(node)) {
+        names.push(name)
+        stats.push(this.statArray(child))
+        // `ls -l` and `find` look each entry up next: have the answer ready.
+        this.remember(prefix + name, child)
+      }
+      const listing = { names, stats }
+      this.listings.set(path, listing)
+      this.listingEntries += names.length
+      for (const [oldest, dropped] of this.listings) {
+        if (this.listingEntries <= this.maxListingEntries) break
+        this.listings.delete(oldest)
+        this.listingEntries -= dropped.names.length
+      }
+      return listing
+    } catch (err) {
+      this.log.error({ op: 'readdir', path, err: errorText(err) }, 'filesystem operation failed: EIO')
+      return Fuse.EIO
+    }
+  }
+
+  /**
+   * READ: CB gets the byte count or a negative errno, at once when the bytes are at
+   * hand (memory, or a synchronous pread), else when the chunks come. Returns whether
+   * it answered at once.
+   */
+  read (path: string, buffer: Buffer, length: number, position: number, cb: (n: number) => void): boolean {
+    this.stats.reads++
+    let result: number | Promise<number>
+    try {
+      const reader = this.reader(path)
+      if (reader === undefined) {
+        cb(Fuse.ENOENT)
+        return true
+      }
+      result = reader.read(buffer, position, length, this.signal)
+    } catch (err) {
+      this.readFailed(path, position, length, err, cb)
+      return true
+    }
+    // Memory hits and small preads answer at once, without a promise.
+    if (typeof result === 'number') {
+      this.readDone(path, position, result, cb)
+      return true
+    }
+    result.then(n => this.readDone(path, position, n, cb), (err: unknown) => this.readFailed(path, position, length, err, cb))
+    return false
   }
 
   /** Stops readahead of every open file (the mount is going away). */
@@ -198,6 +264,16 @@ export class ImageFs {
   private remember (path: string, node: MergedNode | null): void {
     if (this.paths.size >= this.pathCacheSize) this.paths.delete(this.paths.keys().next().value!)
     this.paths.set(path, node)
+  }
+
+  /** NODE's attributes as fuse-native's stat array (see statArrayOf), made once per node. */
+  private statArray (node: MergedNode): Uint32Array {
+    let array = this.statArrays.get(node)
+    if (array === undefined) {
+      array = statArrayOf(this.stat(node))
+      this.statArrays.set(node, array)
+    }
+    return array
   }
 
   private stat (node: MergedNode): Fuse.Stat {
@@ -262,4 +338,40 @@ export class ImageFs {
       cb(Fuse.EIO)
     }
   }
+}
+
+/** A directory's answer to READDIR, as fuse-native's binding takes it. */
+export interface Listing { names: string[], stats: Uint32Array[] }
+
+/**
+ * STAT as fuse-native packs it for its binding (its `getStatArray`, which it does not
+ * export): 18 uint32s, 64-bit values as low and high halves, times in ms.
+ */
+export function statArrayOf (stat: Fuse.Stat): Uint32Array {
+  const a = new Uint32Array(18)
+  a[0] = stat.mode
+  a[1] = stat.uid
+  a[2] = stat.gid
+  setDouble(a, 3, stat.size)
+  a[5] = 0 // dev
+  a[6] = stat.nlink || 1
+  a[7] = stat.ino
+  a[8] = stat.rdev
+  a[9] = stat.blksize
+  setDouble(a, 10, stat.blocks)
+  setDouble(a, 12, stat.atime)
+  setDouble(a, 14, stat.mtime)
+  setDouble(a, 16, stat.ctime)
+  return a
+}
+
+/** The inverse of statArrayOf (fuse-native's own handlers, and tests, take objects). */
+function statFromArray (a: Uint32Array): Fuse.Stat {
+  const double = (i: number): number => a[i]! + a[i + 1]! * 4294967296
+  return { mode: a[0]!, uid: a[1]!, gid: a[2]!, size: double(3), nlink: a[6]!, ino: a[7]!, rdev: a[8]!, blksize: a[9]!, blocks: double(10), atime: double(12), mtime: double(14), ctime: double(16) }
+}
+
+function setDouble (a: Uint32Array, i: number, n: number): void {
+  a[i] = n % 4294967296
+  a[i + 1] = (n - a[i]!) / 4294967296
 }

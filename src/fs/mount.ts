@@ -84,7 +84,7 @@ export async function mountImage (options: MountImageOptions): Promise<MountedIm
 
   const lifetime = new AbortController()
   const fs = new ImageFs({ view: options.view, resolver: options.resolver, log, signal: lifetime.signal, readaheadChunks: options.readaheadChunks, onRead: options.onRead, onServed: options.onServed })
-  const fuse = new ImageFuse(mountpoint, fs.operations(), {
+  const fuse = new ImageFuse(mountpoint, fs, {
     // fuse-native answers ETIMEDOUT itself after this; the resolver's own
     // deadline must fire first, so that a stuck read becomes an EIO we chose.
     timeout: options.resolver.timeoutMs + 5_000,
@@ -140,6 +140,53 @@ export async function mountImage (options: MountImageOptions): Promise<MountedIm
 class ImageFuse extends Fuse {
   /** Set when the unmount found the mount already gone: what fusermount said about it. */
   goneBefore: string | undefined
+  private readonly imageFs: ImageFs
+
+  constructor (mountpoint: string, fs: ImageFs, options: Fuse.Options) {
+    super(mountpoint, fs.operations(), options)
+    this.imageFs = fs
+  }
+
+  /**
+   * fuse-native's dispatchers, with GETATTR (which libfuse2 also sends for LOOKUP),
+   * READDIR and READ replaced by lean ones. fuse-native's dispatcher, per request,
+   * binds a signal function, copies the arguments twice, starts and clears a timer,
+   * converts stat objects into new arrays and defers the answer with
+   * process.nextTick; these answer the binding directly, with stat arrays made once
+   * per node (ImageFs.getattrArray, readdirArrays), and start a timer only for a read
+   * that has to wait (the safety net behind the resolver's own deadline, as
+   * fuse-native's was). The handlers look the filesystem up when called: this runs
+   * inside fuse-native's constructor, before `imageFs` is set.
+   */
+  protected override _makeHandlerArray (): unknown[] {
+    const handlers = super._makeHandlerArray()
+    const b = fuseBinding()
+    const timeoutMs = this.timeout
+    handlers[b.op_getattr] = (l: Buffer, _op: number, path: string): void => {
+      const stat = this.imageFs.getattrArray(path)
+      if (typeof stat === 'number') b.fuse_native_signal_getattr(l, stat, NO_STAT)
+      else b.fuse_native_signal_getattr(l, 0, stat)
+    }
+    handlers[b.op_readdir] = (l: Buffer, _op: number, path: string): void => {
+      const listing = this.imageFs.readdirArrays(path)
+      if (typeof listing === 'number') b.fuse_native_signal_readdir(l, listing, [], [])
+      else b.fuse_native_signal_readdir(l, 0, listing.names, listing.stats)
+    }
+    handlers[b.op_read] = (l: Buffer, _op: number, path: string, _fd: number, buffer: Buffer, length: number, offsetLow: number, offsetHigh: number): void => {
+      let answered = false
+      let timer: NodeJS.Timeout | undefined
+      const reply = (n: number): void => {
+        if (answered) return
+        answered = true
+        if (timer !== undefined) clearTimeout(timer)
+        b.fuse_native_signal_read(l, n, 0, buffer.buffer)
+      }
+      if (!this.imageFs.read(path, buffer, length, offsetLow + offsetHigh * 4294967296, reply) && !answered && timeoutMs > 0) {
+        timer = setTimeout(reply, timeoutMs, ETIMEDOUT)
+      }
+    }
+    return handlers
+  }
 
   /**
    * Replaces fuse-native's `_close` (nanoresource's close hook), which runs fusermount
@@ -196,7 +243,19 @@ async function fusermountUnmount (path: string): Promise<string | undefined> {
   })
 }
 
-interface FuseBinding { fuse_native_unmount: (mnt: string, thread: Buffer) => void }
+interface FuseBinding {
+  fuse_native_unmount: (mnt: string, thread: Buffer) => void
+  op_getattr: number
+  op_readdir: number
+  op_read: number
+  fuse_native_signal_getattr: (l: Buffer, code: number, stat: Uint32Array) => void
+  fuse_native_signal_readdir: (l: Buffer, code: number, names: string[], stats: Uint32Array[]) => void
+  fuse_native_signal_read: (l: Buffer, code: number, unused: number, buffer: ArrayBufferLike) => void
+}
+/** What fuse-native sends with a failed GETATTR (the binding reads a stat array whatever the code). */
+const NO_STAT = new Uint32Array(18)
+/** fuse-native's answer to an operation past its timeout (-ETIMEDOUT). */
+const ETIMEDOUT = -110
 let binding: FuseBinding | undefined
 /** fuse-native's native addon (the very module instance fuse-native loaded: require caches it). */
 function fuseBinding (): FuseBinding {

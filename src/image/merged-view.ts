@@ -113,17 +113,18 @@ export class MergedView {
   /**
    * `readdir` of a directory that only one layer has: its children are in that layer
    * alone, so each is its catalog row and inode, without a `lookup` (a query more per
-   * entry) to merge it with layers that cannot have it. `find` lists every directory.
+   * entry) to merge it with layers that cannot have it, all from one query joining
+   * entries and inodes (`Catalog.childInodes`). `find` lists every directory.
    */
   private readdirOneLayer ({ layer, ino }: { layer: number, ino: number }): Array<{ name: string, node: MergedNode }> {
     const catalog = this.catalogs[layer]!
     const out: Array<{ name: string, node: MergedNode }> = []
-    for (const entry of catalog.children(ino)) {
+    for (const entry of catalog.childInodes(ino)) {
       if (entry.whiteout === 1 || entry.ino === null) {
         if (this.overlayLower && this.whiteout !== undefined) out.push({ name: entry.name, node: { layer, ino: this.whiteout.ino, inode: this.whiteout, dirs: [] } })
         continue
       }
-      const inode = catalog.inode(entry.ino)
+      const inode = entry.inode
       if (inode === undefined) continue
       out.push({ name: entry.name, node: { layer, ino: entry.ino, inode, dirs: isDir(inode.mode) ? [{ layer, ino: entry.ino }] : [] } })
     }

@@ -92,8 +92,11 @@ describe('a cache file damaged on disk', () => {
     const [small, other] = testChunks(2, 4096)
     const first = await DiskCache.open({ dir, maxBytes: 1 << 30 })
     for (const c of [small!, other!]) await first.put(c.ref.digest, c.data)
+    // Small chunks live in a segment (disk-cache-segments.test.ts): damage its bytes there.
+    const at = first.chunkLocation(digestHex(small!.ref.digest))!
+    assert.match(at.path, /segments/)
     await first.close()
-    await flipBits(first.chunkPath(digestHex(small!.ref.digest)), 4000)
+    await flipBits(at.path, at.offset + 4000)
     const disk = await DiskCache.open({ dir, maxBytes: 1 << 30 })
     const origin = new TestSource('origin', [small!, other!])
     const { resolver } = await testResolver({ remote: [origin], disk })

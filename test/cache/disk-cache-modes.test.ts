@@ -9,7 +9,7 @@ import { tempDir } from '../helpers/tmp.ts'
 /** Issue 15 item 5: cached chunks are image file contents; only the cache's owner may read them. */
 it('a new cache is owner-only: dirs 0700, chunk files 0600', async () => {
   const dir = join(await tempDir(), 'cache')
-  const cache = await DiskCache.open({ dir, maxBytes: 1 << 20 })
+  const cache = await DiskCache.open({ dir, maxBytes: 1 << 20, segmentChunkLimit: 0 })
   const data = Buffer.from('root:secret-hash:19000::::::\n')
   const digest = sha256(data)
   await cache.put(digest, data)
@@ -31,7 +31,7 @@ it('open tightens what an older version left readable to all', async () => {
   for (const d of [dir, join(dir, 'chunks'), join(dir, 'chunks', hex.slice(0, 2)), join(dir, 'tmp')]) await chmod(d, 0o755)
   await writeFile(file, data, { mode: 0o644 })
   await chmod(file, 0o644)
-  const cache = await DiskCache.open({ dir, maxBytes: 1 << 20 })
+  const cache = await DiskCache.open({ dir, maxBytes: 1 << 20, segmentChunkLimit: 0 })
   await cache.close()
   assert.equal(cache.stats.chunks, 1, 'the old chunk is kept')
   for (const d of [dir, join(dir, 'chunks'), join(dir, 'chunks', hex.slice(0, 2)), join(dir, 'tmp')]) {

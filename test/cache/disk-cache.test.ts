@@ -12,6 +12,9 @@ import { testChunks, testResolver, TestSource } from '../fetch/helpers.ts'
 import { until } from '../origin/helpers.ts'
 import { convertSynthetic, openReadStack } from '../fs/helpers.ts'
 
+/** These tests are about chunk files: no segments (disk-cache-segments.test.ts has those). */
+const FILES = { segmentChunkLimit: 0 }
+
 /** Every chunk file under DIR/chunks, by hex name, with its bytes. */
 async function chunkFiles (dir: string): Promise<Map<string, Buffer>> {
   const files = new Map<string, Buffer>()
@@ -25,14 +28,14 @@ describe('DiskCache', () => {
   it('stores chunks by digest and finds them again after a restart', async () => {
     const dir = join(await tempDir(), 'cache')
     const chunks = testChunks(3)
-    const cache = await DiskCache.open({ dir, maxBytes: 1 << 20 })
+    const cache = await DiskCache.open({ dir, maxBytes: 1 << 20, ...FILES })
     await Promise.all(chunks.map(c => cache.put(c.ref.digest, c.data)))
     await cache.put(chunks[0]!.ref.digest, chunks[0]!.data) // stored once
     await cache.close()
     const hex = digestHex(chunks[0]!.ref.digest)
     assert.deepEqual(await readFile(join(dir, 'chunks', hex.slice(0, 2), hex)), chunks[0]!.data)
 
-    const reopened = await DiskCache.open({ dir, maxBytes: 1 << 20 })
+    const reopened = await DiskCache.open({ dir, maxBytes: 1 << 20, ...FILES })
     assert.equal(reopened.stats.chunks, 3)
     assert.equal(reopened.stats.bytes, 3 * 4096)
     assert.deepEqual(await reopened.get(chunks[1]!.ref, { signal: new AbortController().signal }), chunks[1]!.data)
@@ -53,7 +56,7 @@ describe('DiskCache', () => {
     })
     await new Promise(resolve => child.once('exit', resolve))
 
-    const cache = await DiskCache.open({ dir, maxBytes: 1 << 30 })
+    const cache = await DiskCache.open({ dir, maxBytes: 1 << 30, ...FILES })
     assert.deepEqual(await readdir(join(dir, 'tmp')), [], 'leftover temp files are removed')
     const files = await chunkFiles(dir)
     assert.ok(files.size >= 40)
@@ -77,7 +80,7 @@ describe('DiskCache', () => {
     await writeFile(join(dir, 'tmp', `${digestHex(good!.ref.digest)}.123abc`), good!.data.subarray(0, 10))
     await writeFile(join(dir, 'chunks', '00', 'not-a-chunk'), 'junk')
 
-    const disk = await DiskCache.open({ dir, maxBytes: 1 << 20 })
+    const disk = await DiskCache.open({ dir, maxBytes: 1 << 20, ...FILES })
     assert.equal(disk.stats.staleTempFiles, 1)
     assert.deepEqual(await readdir(join(dir, 'tmp')), [])
     assert.deepEqual(await readdir(join(dir, 'chunks', '00')), [])
@@ -99,7 +102,7 @@ describe('DiskCache', () => {
     const dir = join(await tempDir(), 'cache')
     const chunks = testChunks(40, 16 * 1024)
     const maxBytes = 10 * 16 * 1024
-    const disk = await DiskCache.open({ dir, maxBytes })
+    const disk = await DiskCache.open({ dir, maxBytes, ...FILES })
     const origin = new TestSource('origin', chunks)
     // No memory cache: every read goes to the disk cache, racing the evictions.
     const { resolver } = await testResolver({ remote: [origin], disk })
@@ -125,7 +128,7 @@ describe('DiskCache', () => {
   it('turns a chunk deleted between index lookup and read into a miss', async () => {
     const dir = join(await tempDir(), 'cache')
     const [c] = testChunks(1)
-    const disk = await DiskCache.open({ dir, maxBytes: 1 << 20 })
+    const disk = await DiskCache.open({ dir, maxBytes: 1 << 20, ...FILES })
     await disk.put(c!.ref.digest, c!.data)
     const hex = digestHex(c!.ref.digest)
     await unlink(join(dir, 'chunks', hex.slice(0, 2), hex)) // what an eviction racing the read does
@@ -137,10 +140,10 @@ describe('DiskCache', () => {
   it('evicts down to the limit at open when the limit shrank', async () => {
     const dir = join(await tempDir(), 'cache')
     const chunks = testChunks(10, 1000)
-    const cache = await DiskCache.open({ dir, maxBytes: 1 << 20 })
+    const cache = await DiskCache.open({ dir, maxBytes: 1 << 20, ...FILES })
     for (const c of chunks) await cache.put(c.ref.digest, c.data)
     await cache.close()
-    const smaller = await DiskCache.open({ dir, maxBytes: 5000, lowWatermark: 0.5 })
+    const smaller = await DiskCache.open({ dir, maxBytes: 5000, lowWatermark: 0.5, ...FILES })
     await smaller.close()
     assert.equal(smaller.stats.chunks, 2)
     assert.equal((await chunkFiles(dir)).size, 2)
@@ -152,7 +155,7 @@ describe('DiskCache', () => {
     const shared: SyntheticEntry = { type: 'file', path: 'lib/shared.so', content }
     const a = await convertSynthetic(join(root, 'a'), [[shared, { type: 'file', path: 'a.txt', content: 'only in a\n' }]])
     const b = await convertSynthetic(join(root, 'b'), [[{ type: 'file', path: 'b.txt', content: 'only in b\n' }, shared]])
-    const disk = await DiskCache.open({ dir: join(root, 'cache'), maxBytes: 1 << 30 })
+    const disk = await DiskCache.open({ dir: join(root, 'cache'), maxBytes: 1 << 30, ...FILES })
     const stackA = await openReadStack(join(root, 'a'), a, { disk })
     const stackB = await openReadStack(join(root, 'b'), b, { disk })
     try {
