@@ -55,6 +55,8 @@ export interface NodeResult {
   bannedPeers: number
   unavailableChunks: number
   cpuSeconds?: number
+  /** Of cpuSeconds, what the agent used from the burst's start on (start-up and the idle wait before it left out). */
+  burstCpuSeconds?: number
   /** How late the agent's event loop ran (its lifetime p99 and max, ms): how starved it was. */
   eventLoop?: { p99Ms: number, maxMs: number }
   /** The agent's peer counters at the end (`shoal stats`: peer source, chunk server, DHT router), for diagnosis. */
@@ -84,6 +86,10 @@ export interface ClusterResult {
 
 interface Node {
   result: NodeResult
+  /** The agent's CPU seconds when the burst started. */
+  cpuAtBurst?: number | undefined
+  /** When its stats were last polled (performance.now()). */
+  polledAt: number
   state: string
   host: NetHost | undefined
   agent?: AgentProcess
@@ -94,6 +100,12 @@ interface Node {
 interface OriginProcess { child: ChildProcess, last: OriginStatsLine | undefined }
 
 const POLL_MS = 500
+/**
+ * Once a node's first read is seen, its stats are polled this seldom (the end of the run
+ * collects them anyway): a stats call costs a peers agent real CPU (its peer counters, its
+ * connections), and every 500 ms it was 6 % of a starved agent's CPU in a 10-node burst.
+ */
+const POLL_AFTER_FIRST_READ_MS = 5000
 const ORIGIN_KEYS = ['requests', 'bytesSent', 'packBytes', 'metadataBytes', 'metadataRequests'] as const
 const WORKLOAD_GRACE_MS = 5000
 
@@ -156,6 +168,7 @@ class ClusterRun {
       state: join(options.dir, 'state', `node-${index}`),
       host: undefined,
       polling: false,
+      polledAt: -Infinity,
       result: { index, arrivalMs: arrivals[index]!, outcome: 'not-started', sources: {}, uploadBytes: 0, receivedFrom: {}, verificationFailures: 0, bannedPeers: 0, unavailableChunks: 0 }
     }))
   }
@@ -177,6 +190,7 @@ class ClusterRun {
     o.signal.throwIfAborted()
 
     o.log(`${o.mode}: burst of ${this.nodes.length} workloads`)
+    await Promise.all(this.nodes.map(async n => { n.cpuAtBurst = await cpuSeconds(n.agent?.child.pid) }))
     const cpuBefore = await machineCpu()
     this.t0 = performance.now()
     this.t0Epoch = Date.now()
@@ -442,6 +456,8 @@ class ClusterRun {
   /** Keeps the latest stats of a node whose workload runs (a killed agent's last ones stay), and spots its mount and first read. */
   private async poll (n: Node): Promise<void> {
     if (n.polling || n.agent === undefined || n.result.outcome === 'killed' || n.result.startedMs === undefined) return
+    if (n.result.firstReadMs !== undefined && n.workload !== undefined && performance.now() - n.polledAt < POLL_AFTER_FIRST_READ_MS) return
+    n.polledAt = performance.now()
     n.polling = true
     try {
       const stats = await callAgent<AgentStats>(n.agent.socket, 'GET', '/v1/stats', undefined, { signal: AbortSignal.timeout(2000) })
@@ -477,6 +493,7 @@ class ClusterRun {
   private async collect (n: Node): Promise<void> {
     if (n.agent === undefined || n.result.outcome === 'killed') return
     n.result.cpuSeconds = await cpuSeconds(n.agent.child.pid)
+    if (n.result.cpuSeconds !== undefined && n.cpuAtBurst !== undefined) n.result.burstCpuSeconds = Math.round(100 * (n.result.cpuSeconds - n.cpuAtBurst)) / 100
     const stats = await callAgent<AgentStats>(n.agent.socket, 'GET', '/v1/stats', undefined, { signal: AbortSignal.timeout(5000) }).catch(() => undefined)
     if (stats !== undefined) this.record(n, stats)
   }

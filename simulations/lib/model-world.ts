@@ -24,7 +24,7 @@
  *   shared placeholder, and `verify` accepts an honest node's and rejects a bad
  *   peer's.
  * - a PackRouter (DhtPackRouter's job, over a cost model of kad-dht): a key is
- *   provided once, after Peering's delay of 5-15 s, and visible to walks once
+ *   provided once, after Peering's delay of 60-90 s, and visible to walks once
  *   the provide's work is done (announceMs); a walk costs lookupMs and finds every node whose record has
  *   landed by its end, never self (kad-dht's walk ends at the first record
  *   holder's answer, which lists every provider it holds, not 20). One walk per
@@ -32,7 +32,8 @@
  *   member told us of itself). An answer lists first the members peers told
  *   this node of (JOIN and MEMBERS, below), then the walk's. During a key's
  *   first walk the answer is the members heard of so far (the model's walk
- *   finds nothing before it ends) and is not settled; after that a caller gets
+ *   finds nothing before it ends), settled once there is one (as src: a read
+ *   does not wait for the walk then); after that a caller gets
  *   the last answer at once while a stale one is refreshed in the background
  *   (stale-while-revalidate, as src). Each walk and provide also costs dhtRpcMs
  *   of CPU per DHT peer it talks to (the k = 20 closest, or all nodes in a
@@ -40,8 +41,8 @@
  *   per second per connected peer (up to 20), so that on shared cores a DHT
  *   storm slows everything down, as it does in real runs.
  *
- * RESTATED (their code is wired to libp2p streams, HTTP, SQLite or FUSE; their
- * numbers are not exported from src, so if they change there, change them here):
+ * RESTATED (their code is wired to libp2p streams, HTTP, SQLite or FUSE; numbers
+ * not imported from src are restated, so if they change there, change them here):
  *
  * - Peering and the chunk server's peer exchange: swarm keys (Peering.join):
  *   the image's metadata blobs and its layers' catalogs are in the swarm of its
@@ -65,10 +66,11 @@
  *   Unlike src, a resolution whose callers all left is not aborted (a node's own
  *   reads never leave; only a child cancelling a parent request before its first
  *   `pending` would).
- * - ChunkServer and the agent's LocalChunks (SERVER): `busy` beyond 64 requests
+ * - ChunkServer and its serving policy, NodeChunks (src/p2p/local-chunks.ts; its
+ *   numbers are SERVING_DEFAULTS, imported, not restated) (SERVER): `busy` beyond 64 requests
  *   in progress from one peer, and for a holder request (no fetch flag) from a
  *   peer not already being served when 8 other peers are. A node serves what
- *   Agent.locate vouches for: a whole blob (metadata or catalog) from the moment
+ *   the agent's ChunkIndex.locate vouches for: a whole blob (metadata or catalog) from the moment
  *   its own fetch of it starts, an image chunk once its catalogs are open (before
  *   the FUSE mount); asked as a parent for one it does not know yet, it waits up
  *   to 5 s for its mount to learn it (locateSoon) before it answers dont-have.
@@ -113,6 +115,7 @@ import { MAX_JOIN_KEYS, MAX_MEMBERS, normalizeRanges, type ByteRange } from '../
 import type { Clock } from '../../src/p2p/clock.ts'
 import { PeerUnavailableError } from '../../src/p2p/errors.ts'
 import type { PackRouter, SwarmAnswer } from '../../src/p2p/pack-router.ts'
+import { SERVING_DEFAULTS } from '../../src/p2p/local-chunks.ts'
 import { PEER_SOURCE_DEFAULTS, PeerChunkSource, PeerKeys, type PeerSourceStats } from '../../src/p2p/peer-source.ts'
 import { CORE_SHARE, LARGE_SWARM, nodeKey, type NodeKey } from '../../src/p2p/rendezvous.ts'
 import { PEER_EXCHANGE, SwarmMembers } from '../../src/p2p/swarm-members.ts'
@@ -123,8 +126,8 @@ import type { WorkloadProfile } from './image.ts'
 import { Link, Transfer } from './links.ts'
 import { arrivalTimes, countOf, killedNodes, mbitToBytes, seededRandom, type ModelParams, type Scenario } from './scenario.ts'
 
-/** ChunkServer's defaults, and Peering's bound on fetches for peers (MAX_FETCHES_FOR_PEERS). */
-const SERVER = { maxConcurrentPerPeer: 64, maxHolderPeers: 8, maxWaitMs: 5000, maxFetchesForPeers: 32 }
+/** ChunkServer's defaults (restated), and the serving policy's bound on fetches for peers (src). */
+const SERVER = { maxConcurrentPerPeer: 64, maxHolderPeers: 8, maxWaitMs: 5000, maxFetchesForPeers: SERVING_DEFAULTS.maxFetchesForPeers }
 /** ChunkResolver's defaults. */
 const RESOLVER = { attempts: 3, retryDelayMs: 200 }
 /** RetryingRequests' defaults (HttpOrigin). */
@@ -228,7 +231,7 @@ class World {
   readonly peerKeys = new PeerKeys()
   readonly nodesById = new Map<string, Node>()
   readonly diagnostics: PolicyDiagnostics = {
-    source: { hits: 0, misses: 0, roots: 0, bytesFromPeers: 0, verificationFailures: 0, protocolViolations: 0, bans: 0, badPeers: 0, parentRequests: 0, hedges: 0, timeouts: 0, parentTimeouts: 0, outOfTime: 0, busy: 0, dontHave: 0, pending: 0 },
+    source: { hits: 0, misses: 0, direct: 0, roots: 0, bytesFromPeers: 0, verificationFailures: 0, protocolViolations: 0, bans: 0, badPeers: 0, parentRequests: 0, hedges: 0, timeouts: 0, parentTimeouts: 0, outOfTime: 0, busy: 0, dontHave: 0, pending: 0 },
     server: { wants: 0, haves: 0, parentRequests: 0, busyPerPeer: 0, busyHolderPeers: 0, pending: 0, served: 0, dontHave: 0, dontHaveNotVouched: 0, dontHaveNotMounted: 0, dontHaveFetchFailed: 0, fetchLimit: 0 },
     originChunks: { noParentAsked: 0, parentsFailed: 0 },
     originBlobs: { noParentAsked: 0, parentsFailed: 0 },
@@ -807,7 +810,7 @@ class Node implements NodeKey {
     }
   }
 
-  // --- ChunkServer and LocalChunks (restated) -----------------------------------
+  // --- ChunkServer and NodeChunks (restated; numbers from SERVING_DEFAULTS) ------
 
   /** A request reaches this node: the link latency, then its CPU; refused if this node is dead. */
   private async arrive (signal: AbortSignal): Promise<void> {
@@ -821,7 +824,7 @@ class Node implements NodeKey {
     return { status }
   }
 
-  /** Answers FROM's want (ChunkServer.answer with LocalChunks.get). */
+  /** Answers FROM's want (ChunkServer.answer with NodeChunks.get). */
   async serve (from: Node, chunk: Chunk, ask: WantOptions, signal: AbortSignal): Promise<ChunkReply> {
     const d = this.w.diagnostics.server
     d.wants++
@@ -876,21 +879,21 @@ class Node implements NodeKey {
     }
   }
 
-  /** A parent request (ChunkServer.lookup): LocalChunks.get with the fetch flag, or `pending` after WAITMS while it runs on. */
+  /** A parent request (ChunkServer.lookup): NodeChunks.get with the fetch flag, or `pending` after WAITMS while it runs on. */
   private async forChild (chunk: Chunk, waitMs: number): Promise<boolean | 'pending'> {
     const expired = this.sim.sleep(waitMs).then(() => 'pending' as const)
     return await Promise.race([this.fetchForChild(chunk), expired])
   }
 
   /**
-   * Peering's LocalChunks.get(fetch): once our mount knows the chunk (waiting up
+   * NodeChunks.get(fetch): once our mount knows the chunk (waiting up
    * to 5 s for it to learn it), the chunk if held, else fetched through our own
    * resolver (once for everybody, our own reads included). False (dont-have)
    * when the mount did not learn it in time, or beyond 32 fetches for peers.
    * (The wait is not cut short when the child cancels, as src's would be.)
    */
   private async fetchForChild (chunk: Chunk): Promise<boolean> {
-    if (!await this.locateSoon(chunk, LOCATE_WAIT_MS)) return false
+    if (!await this.locateSoon(chunk, SERVING_DEFAULTS.locateWaitMs)) return false
     if (this.held.has(chunk.digest)) return true
     if (this.fetchesForPeers >= SERVER.maxFetchesForPeers) {
       this.w.diagnostics.server.fetchLimit++
@@ -904,12 +907,12 @@ class Node implements NodeKey {
     }
   }
 
-  /** Agent.locate: a whole blob once this node's own fetch of it started, an image chunk once its catalogs are open. */
+  /** ChunkIndex.locate: a whole blob once this node's own fetch of it started, an image chunk once its catalogs are open. */
   private vouches (chunk: Chunk): boolean {
     return chunk.blob ? this.wholeBlobs.has(chunk.digest) : this.servingImage
   }
 
-  /** Agent.locateSoon: whether we vouch for CHUNK, waiting up to MS for the mount to learn it. */
+  /** ChunkIndex.locateSoon, bounded as NodeChunks bounds it: whether we vouch for CHUNK, waiting up to MS for the mount to learn it. */
   private async locateSoon (chunk: Chunk, ms: number): Promise<boolean> {
     if (this.vouches(chunk)) return true
     const until = this.sim.now + ms
@@ -922,7 +925,7 @@ class Node implements NodeKey {
     return this.vouches(chunk)
   }
 
-  /** Agent.locatorChanged: the mount learnt more digests. */
+  /** The chunk index learnt more digests (ChunkIndex wakes its locateSoon waiters). */
   private locatorChanged (): void {
     for (const wake of [...this.locatorWaiters]) wake()
   }
@@ -941,7 +944,7 @@ class Node implements NodeKey {
     if (!this.bad) from.arriving.set(chunk.digest, (this.held.get(chunk.digest) ?? 0) + 1)
   }
 
-  /** Answers FROM's HAVE: the byte ranges of PACK this node holds (LocalChunks.held); a bad peer claims every pack of the image whole. */
+  /** Answers FROM's HAVE: the byte ranges of PACK this node holds (NodeChunks.held); a bad peer claims every pack of the image whole. */
   async answerHave (pack: Digest, signal: AbortSignal): Promise<ByteRange[]> {
     this.w.diagnostics.server.haves++
     await this.arrive(signal)
@@ -996,7 +999,7 @@ class SimRouter implements PackRouter {
   async announce (pack: Digest, options: { signal: AbortSignal }): Promise<void> {
     let provide = this.announced.get(pack)
     if (provide === undefined) {
-      // Peering delays a key's first provide by 5-15 s (peer exchange finds a burst's swarm first).
+      // Peering delays a key's first provide by 60-90 s (peer exchange finds a burst's swarm first).
       const delay = PROVIDE_DELAY_MS.min + this.w.random() * (PROVIDE_DELAY_MS.max - PROVIDE_DELAY_MS.min)
       provide = this.w.sim.sleep(delay)
         .then(async () => await this.node.cpuWork(this.w.p.announceMs + this.w.dhtRpcCost))
@@ -1010,6 +1013,7 @@ class SimRouter implements PackRouter {
     return this.current(key).answer
   }
 
+  /** As DhtPackRouter.settled, except that members heard during the wait do not end it (the model's walk does). */
   async settled (key: Digest, options: { signal: AbortSignal }): Promise<void> {
     const { lookup, answer } = this.current(key)
     if (!answer.settled) await abortable(lookup.finished, options.signal)
@@ -1024,7 +1028,7 @@ class SimRouter implements PackRouter {
   private current (key: Digest): { lookup: Lookup, answer: SwarmAnswer } {
     const heard = this.node.membersOf(key)
     const lookup = this.lookup(key, heard.length > 0)
-    const settled = lookup.done || lookup.previous !== undefined
+    const settled = lookup.done || lookup.previous !== undefined || heard.length > 0
     const walked = lookup.done ? lookup.found : lookup.previous ?? NOBODY
     if (!lookup.done && lookup.previous !== undefined) this.w.diagnostics.dht.staleAnswers++
     let memo = this.answers.get(key)
@@ -1077,10 +1081,8 @@ interface Lookup {
 
 /** DhtPackRouter: how long a walk that found nobody is reused (unless members told us of themselves). */
 const EMPTY_ANSWER_TTL_MS = 1000
-/** Peering's LOCATE_WAIT_MS: how long a parent waits for its mount to learn a digest it is asked for. */
-const LOCATE_WAIT_MS = 5000
 /** Peering's provideDelayMs: a key's first provide waits 5-15 s. */
-const PROVIDE_DELAY_MS = { min: 5000, max: 15_000 }
+const PROVIDE_DELAY_MS = { min: 60_000, max: 90_000 }
 const NOBODY: Swarm = { nodes: [], count: 0 }
 
 /** A TCP segment: what a real response makes progress by. */
@@ -1231,7 +1233,7 @@ export const POLICY_SETTINGS = {
   peerSource: PEER_SOURCE_DEFAULTS,
   rendezvous: { largeSwarm: LARGE_SWARM, coreShare: CORE_SHARE },
   server: SERVER,
-  peering: { locateWaitMs: LOCATE_WAIT_MS, provideDelayMs: PROVIDE_DELAY_MS, ...PEER_EXCHANGE, membersPerMessage: MAX_MEMBERS, emptyAnswerTtlMs: EMPTY_ANSWER_TTL_MS },
+  peering: { locateWaitMs: SERVING_DEFAULTS.locateWaitMs, provideDelayMs: PROVIDE_DELAY_MS, ...PEER_EXCHANGE, membersPerMessage: MAX_MEMBERS, emptyAnswerTtlMs: EMPTY_ANSWER_TTL_MS },
   resolver: RESOLVER,
   http: HTTP
 }

@@ -10,7 +10,6 @@ import { ChunkResolver, type PrefetchResult, type ResolverStats } from '../fetch
 import { loadPublicKey } from '../format/signing.ts'
 import { mountImage, type MountedImage } from '../fs/mount.ts'
 import { cleanStaleMount } from '../fs/stale-mount.ts'
-import { fileHasDigest } from '../image/catalog-files.ts'
 import { openImageView, type ImageView } from '../image/image-view.ts'
 import { inPackOrder, prefetchChunks } from '../image/prefetch-list.ts'
 import { isTagName, mountName, RollbackGuard } from '../image/rollback-guard.ts'
@@ -25,15 +24,16 @@ import { RoutedOrigin } from '../origin/routed-origin.ts'
 import { backgroundFetch, type BackgroundFetchResult } from './background-fetch.ts'
 import { MOUNT_FETCH_DEFAULTS } from './constants.ts'
 import type { LazyLayers, LazyLayerStats } from './lazy-layers.ts'
-import type { SharedBlob } from '../image/load-image.ts'
+import type { BlobFetcher } from '../image/load-image.ts'
 import type { AgentConfig } from './config.ts'
 import { controlSocketPath, startControlServer } from './control.ts'
 import { AgentMetrics } from './metrics.ts'
-import type { ChunkLocator, Peering, PeeringStats } from './peering.ts'
+import type { Peering, PeeringStats } from './peering.ts'
 import { EventLoopLag, type LoopLagSummary } from '../p2p/loop-lag.ts'
-import { Catalog, type ChunkRef } from '../format/catalog.ts'
-import { Codec } from '../format/codec.ts'
-import type { Digest } from '../oci/digest.ts'
+import { resolverStore } from '../p2p/local-chunks.ts'
+import type { ChunkRef } from '../format/catalog.ts'
+import { ChunkIndex, wholeBlobChunk } from './chunk-index.ts'
+import { Parts } from './parts.ts'
 
 export interface MountInfo {
   image: string
@@ -67,53 +67,70 @@ export interface AgentStats {
   peer?: PeeringStats
   /** How late the agent's event loop ran since start (a starved agent answers its peers late). */
   eventLoop: LoopLagSummary
+  /** What this node may serve its peers: the catalogs indexed, their chunks, and whole blobs (metadata, catalogs). */
+  index: ChunkIndex['stats']
   /** Present when the agent serves containerd: layers mounted lazily, and those left to containerd, by reason. */
   snapshotter?: LazyLayerStats
+}
+
+/** What the agent is built from (Agent.assemble). */
+interface AgentParts {
+  origin: Origin
+  disk: DiskCache
+  index: ChunkIndex
+  resolver: ChunkResolver
+  trusted: KeyObject[]
+  log: Logger
+  loop: EventLoopLag
+  fetchBlob: BlobFetcher
+  mounts: Map<string, ActiveMount>
+  metricsUrl: string | undefined
+  peering: Peering | undefined
+  lazyLayers: LazyLayers | undefined
+  parts: Parts
 }
 
 interface ActiveMount { info: Omit<MountInfo, 'fs' | 'prefetch' | 'sources' | 'background'>, view: ImageView, mounted: MountedImage, prefetch: MountInfo['prefetch'], sources: MountInfo['sources'], lifetime: AbortController, background?: BackgroundFetchResult }
 
 /**
  * The per-node daemon: one chunk resolver (memory → disk → peers → origin) and one
- * disk cache shared by every image it mounts, a control socket, metrics.
+ * disk cache shared by every image it mounts, a chunk index of what it may serve to
+ * peers, a control socket, metrics. `Agent.start` assembles the parts in order.
  */
-export class Agent implements ChunkLocator {
+export class Agent {
   readonly config: AgentConfig
   readonly resolver: ChunkResolver
   readonly origin: Origin
+  /** Every chunk and whole blob a verified catalog of this node names: what peers may be served. */
+  readonly index: ChunkIndex
+  readonly metricsUrl: string | undefined
+  readonly peering: Peering | undefined
+  readonly lazyLayers: LazyLayers | undefined
   private readonly disk: DiskCache
   private readonly trusted: KeyObject[]
   private readonly log: Logger
   private readonly loop: EventLoopLag
-  private readonly mounts = new Map<string, ActiveMount>()
+  private readonly fetchBlob: BlobFetcher
+  private readonly parts: Parts
+  private readonly mounts: Map<string, ActiveMount>
   /** Mount points with a mount in progress: two requests for one path must not both mount it. */
   private readonly mounting = new Set<string>()
-  private readonly servingCatalogs = new Map<string, Catalog>()
-  /**
-   * Blobs served whole, like one chunk each (catalogs and image metadata: manifest,
-   * signature, config), by digest, with their sizes: those this node holds, and
-   * those a verified descriptor named for a mount in progress. Naming the wanted
-   * ones too lets a burst share them (a parent asked for one fetches it instead
-   * of saying dont-have until it has its own).
-   */
-  private readonly wholeBlobs = new Map<Digest, number>()
-  /** locateSoon calls waiting for a digest to become known. */
-  private readonly locatorWaiters = new Set<() => void>()
-  /** packChunks answers, until another catalog is opened. */
-  private readonly packChunkLists = new Map<Digest, ChunkRef[]>()
-  private closers: Array<() => Promise<void>> = []
-  metricsUrl: string | undefined
-  peering: Peering | undefined
-  lazyLayers: LazyLayers | undefined
 
-  private constructor (config: AgentConfig, parts: { origin: Origin, disk: DiskCache, resolver: ChunkResolver, trusted: KeyObject[], log: Logger, loop: EventLoopLag }) {
+  private constructor (config: AgentConfig, parts: AgentParts) {
     this.config = config
     this.origin = parts.origin
     this.disk = parts.disk
+    this.index = parts.index
     this.resolver = parts.resolver
     this.trusted = parts.trusted
     this.log = parts.log
     this.loop = parts.loop
+    this.fetchBlob = parts.fetchBlob
+    this.mounts = parts.mounts
+    this.metricsUrl = parts.metricsUrl
+    this.peering = parts.peering
+    this.lazyLayers = parts.lazyLayers
+    this.parts = parts.parts
   }
 
   /**
@@ -128,30 +145,52 @@ export class Agent implements ChunkLocator {
     const configured = origins.length === 0 ? undefined : origins.length === 1 ? origins[0]! : new FailoverOrigin(origins)
     // Serving containerd, each image comes from the registry its pod names: blobs are routed per image.
     const origin = config.snapshotterSocket !== '' ? new RoutedOrigin(configured) : configured!
-    const disk = await DiskCache.open({ dir: join(config.stateDir, 'cache'), maxBytes: config.cacheBytes, log })
-    let agent: Agent | undefined
-    const loop = new EventLoopLag()
+    const parts = new Parts(log)
+    try {
+      const agent = await Agent.assemble(config, { log, trusted, origin, parts, control: options.control !== false })
+      log.info({ stateDir: config.stateDir, origins: config.origins, metrics: agent.metricsUrl, parts: parts.names }, 'agent started')
+      return agent
+    } catch (err) {
+      await parts.stop()
+      throw err
+    }
+  }
+
+  /**
+   * The one place a node's parts are built and started, in order; each is built
+   * from the parts before it (nothing refers to a part that does not exist yet) and
+   * registered in PARTS with its closer, which `stop` (or a failure here) runs in
+   * reverse order. The chunk server starts once the resolver exists: it fetches
+   * through it for peers, and the resolver asks peers through the peer source.
+   */
+  private static async assemble (config: AgentConfig, o: { log: Logger, trusted: KeyObject[], origin: Origin, parts: Parts, control: boolean }): Promise<Agent> {
+    const { log, parts, origin } = o
+    const loop = await parts.start('event-loop lag', () => new EventLoopLag(), l => { l.close() })
+    const disk = await parts.start('disk cache', async () => await DiskCache.open({ dir: join(config.stateDir, 'cache'), maxBytes: config.cacheBytes, log }), async d => { await d.close() })
+    await tightenStateFiles(config.stateDir)
+    const index = await parts.start('chunk index', async () => {
+      const i = new ChunkIndex({ catalogDir: join(config.stateDir, 'catalogs'), log })
+      await i.scan()
+      return i
+    }, async i => { await i.close() })
+    // libp2p (and, below, gRPC for containerd) is loaded only by agents that use it:
+    // about a third of a second of every `shoal run --no-p2p` (docs/BENCHMARKS.md).
+    const peering = config.p2p.enabled
+      ? await parts.start('peering', async () => await (await import('./peering.ts')).Peering.start(config, { locator: index, log, lag: loop }), async p => { await p.stop() })
+      : undefined
+    const mounts = new Map<string, ActiveMount>()
     const metrics = new AgentMetrics({
       cacheBytes: () => disk.stats.bytes,
       cacheChunks: () => disk.stats.chunks,
       evictions: () => disk.stats.evictions,
-      mounts: () => agent?.mounts.size ?? 0,
-      expiredMounts: () => [...agent?.mounts.values() ?? []].filter(m => m.info.signature.expired).length,
+      mounts: () => mounts.size,
+      expiredMounts: () => [...mounts.values()].filter(m => m.info.signature.expired).length,
       peers: () => peering?.node.connectedPeers().length ?? 0
     })
-    let peering: Peering | undefined
-    try {
-      // libp2p (and, below, gRPC for containerd) is loaded only by agents that use it:
-      // about a third of a second of every `shoal run --no-p2p` (docs/BENCHMARKS.md).
-      peering = config.p2p.enabled
-        ? await (await import('./peering.ts')).Peering.start(config, { disk, resolver: () => resolver, locator: { locate: d => agent!.locate(d), locateSoon: async (d, s) => await agent!.locateSoon(d, s), packChunks: p => agent!.packChunks(p) }, log, lag: loop })
-        : undefined
-    } catch (err) {
-      loop.close()
-      await disk.close()
-      throw err
-    }
-    const resolver: ChunkResolver = new ChunkResolver({
+    const metricsServer = config.metrics !== ''
+      ? await parts.start('metrics', async () => await metrics.listen(config.metrics), async s => { await s.close() })
+      : undefined
+    const resolver = new ChunkResolver({
       disk,
       memory: new MemoryCache(config.memoryBytes),
       remote: [...(peering !== undefined ? [peering.source] : []), new OriginChunkSource(new RangeReader({ origin, maxGap: MOUNT_FETCH_DEFAULTS.rangeMaxGapBytes }))],
@@ -160,71 +199,21 @@ export class Agent implements ChunkLocator {
       onEvent: metrics.onResolverEvent,
       log
     })
-    agent = new Agent(config, { origin, disk, resolver, trusted, log, loop })
-    agent.closers.push(async () => { loop.close() })
-    agent.closers.push(async () => { await disk.close() })
-    agent.closers.push(async () => { for (const c of agent!.servingCatalogs.values()) c.close() })
-    if (peering !== undefined) {
-      agent.peering = peering
-      agent.closers.push(async () => { await peering.stop() })
+    if (peering !== undefined) await parts.start('chunk server', async () => { await peering.serve(resolverStore(resolver, disk)) }, async () => { await peering.stopServing() })
+    const fetchBlob = sharedBlobFetcher({ index, resolver, peering, timeoutMs: config.chunkTimeoutMs })
+    // Built before the agent (it needs nothing of it); serving containerd starts after the mounts.
+    const containerd = config.snapshotterSocket !== '' && origin instanceof RoutedOrigin
+      ? await lazyLayersFor(config, { origin, resolver, fetchBlob, index, peering, trusted: o.trusted, onOutcome: metrics.onLayerOutcome, log })
+      : undefined
+    const agent = new Agent(config, { origin, disk, index, resolver, trusted: o.trusted, log, loop, fetchBlob, mounts, metricsUrl: metricsServer?.url, peering, lazyLayers: containerd?.lazy, parts })
+    // Mounts left by a killed agent are cleared first; on stop, every mount is unmounted.
+    await parts.start('mounts', async () => { await agent.cleanUpAfterCrash() }, async () => { await agent.unmountAll() })
+    if (containerd !== undefined) {
+      const snapshotter = await parts.start('snapshotter', async () => await containerd.Snapshotter.open({ root: join(config.stateDir, 'snapshotter'), remote: containerd.lazy, log }), async s => { await s.close() })
+      await parts.start('snapshotter socket', async () => await containerd.serveSnapshotter(snapshotter, config.snapshotterSocket, { log }), async s => { await s.close() })
     }
-    try {
-      await agent.cleanUpAfterCrash()
-      await tightenStateFiles(config.stateDir)
-      await agent.openServingCatalogs()
-      if (config.metrics !== '') {
-        const server = await metrics.listen(config.metrics)
-        agent.metricsUrl = server.url
-        agent.closers.push(server.close)
-      }
-      if (options.control !== false) {
-        const control = await startControlServer(controlSocketPath(config.stateDir), (method, path, body) => agent!.handleControl(method, path, body))
-        agent.closers.push(control.close)
-      }
-      if (config.snapshotterSocket !== '' && origin instanceof RoutedOrigin) await agent.serveContainerd(origin, metrics)
-    } catch (err) {
-      await agent.stop()
-      throw err
-    }
-    log.info({ stateDir: config.stateDir, origins: config.origins, metrics: agent.metricsUrl }, 'agent started')
+    if (o.control) await parts.start('control socket', async () => await startControlServer(controlSocketPath(config.stateDir), async (method, path, body) => await agent.handleControl(method, path, body)), async c => { await c.close() })
     return agent
-  }
-
-  /**
-   * Serves containerd's Snapshots API on the configured socket, with layers of converted
-   * images mounted lazily (src/agent/lazy-layers.ts) from this agent's resolver.
-   */
-  private async serveContainerd (origin: RoutedOrigin, metrics: AgentMetrics): Promise<void> {
-    const [{ LazyLayers }, { Snapshotter }, { serveSnapshotter }] = await Promise.all([import('./lazy-layers.ts'), import('../snapshotter/snapshotter.ts'), import('../snapshotter/service.ts')])
-    const lazy = new LazyLayers({
-      trusted: this.trusted,
-      catalogDir: join(this.config.stateDir, 'catalogs'),
-      registry: this.config.registry,
-      origin,
-      resolver: this.resolver,
-      fetchBlob: async (blob, signal) => await this.fetchShared(blob, signal),
-      guard: RollbackGuard.forStateDir(this.config.stateDir),
-      joinSwarm: (key, packs) => this.peering?.join(key, packs),
-      catalogAdded: async () => await this.openServingCatalogs(),
-      onOutcome: metrics.onLayerOutcome,
-      log: this.log
-    })
-    this.lazyLayers = lazy
-    const snapshotter = await Snapshotter.open({ root: join(this.config.stateDir, 'snapshotter'), remote: lazy, log: this.log })
-    this.closers.push(async () => { await snapshotter.close() })
-    const service = await serveSnapshotter(snapshotter, this.config.snapshotterSocket, { log: this.log })
-    this.closers.push(async () => { await service.close() })
-  }
-
-  /**
-   * A whole blob (metadata, catalogs) through the resolver like a chunk, verified by its
-   * digest: in a burst, peers share them too, instead of every node asking the origin.
-   */
-  private async fetchShared (blob: SharedBlob, signal?: AbortSignal): Promise<Uint8Array> {
-    this.wholeBlobs.set(blob.digest, blob.size)
-    this.locatorChanged()
-    this.peering?.join(blob.group, [blob.digest])
-    return await this.resolver.get(wholeBlobChunk(blob), { signal: signal ?? AbortSignal.timeout(this.config.chunkTimeoutMs) })
   }
 
   /**
@@ -247,21 +236,22 @@ export class Agent implements ChunkLocator {
       const view = await openImageView(this.origin, image, {
         trusted: this.trusted,
         catalogDir: join(this.config.stateDir, 'catalogs'),
-        fetchBlob: async (blob, signal) => await this.fetchShared(blob, signal),
+        fetchBlob: this.fetchBlob,
         expectName: name,
         accept: async loaded => { if (isTagName(name)) await RollbackGuard.forStateDir(this.config.stateDir).accept(name, loaded.signature!.version, loaded.manifestDigest) },
         ...(options.signal !== undefined ? { signal: options.signal } : {})
       })
       // A layer's packs are in the swarm of its catalog's digest (shared by every image with the layer).
       for (const layer of view.image.config.layers) this.peering?.join(layer.catalog.digest, layer.packs.map(p => p.digest))
-      // Before the FUSE mount: peers in the same burst may already ask us for this image's chunks.
-      await this.openServingCatalogs()
       const sources: MountInfo['sources'] = {}
       const lifetime = new AbortController()
       // When a read last waited for a remote source: background fetch waits for quiet.
       let lastMiss = -Infinity
       let mounted: MountedImage
       try {
+        // Before the FUSE mount: peers in the same burst may already ask us for this image's chunks.
+        // (The view's catalogs are in layer order, checked against their digests when fetched.)
+        await Promise.all(view.image.config.layers.map(async (layer, i) => { await this.index.addCatalog(layer.catalog.digest, view.view.catalogs[i]!, layer.catalog.size) }))
         options.signal?.throwIfAborted()
         mounted = await mountImage({
           mountpoint: path,
@@ -355,78 +345,6 @@ export class Agent implements ChunkLocator {
     return { ...m.info, fs: { ...m.mounted.stats }, prefetch: structuredClone(m.prefetch), sources: structuredClone(m.sources), ...(m.background !== undefined ? { background: { ...m.background } } : {}) }
   }
 
-  /**
-   * ChunkLocator: the peer server serves a chunk only if a verified catalog vouches
-   * for it. Every catalog this node ever fetched counts, mounted or not, so a node
-   * keeps serving what it cached after its container is gone.
-   */
-  locate (digest: Digest): ChunkRef | undefined {
-    const size = this.wholeBlobs.get(digest)
-    if (size !== undefined) return wholeBlobChunk({ digest, size })
-    for (const catalog of this.servingCatalogs.values()) {
-      const ref = catalog.chunk(digest)
-      if (ref !== undefined) return ref
-    }
-    return undefined
-  }
-
-  /** `locate`, waiting for a mount in progress to learn the digest until `signal` aborts. */
-  async locateSoon (digest: Digest, signal: AbortSignal): Promise<ChunkRef | undefined> {
-    for (;;) {
-      const ref = this.locate(digest)
-      if (ref !== undefined || signal.aborted) return ref
-      await new Promise<void>(resolve => {
-        const wake = (): void => {
-          this.locatorWaiters.delete(wake)
-          signal.removeEventListener('abort', wake)
-          resolve()
-        }
-        this.locatorWaiters.add(wake)
-        signal.addEventListener('abort', wake, { once: true })
-      })
-    }
-  }
-
-  private locatorChanged (): void {
-    for (const wake of [...this.locatorWaiters]) wake()
-  }
-
-  packChunks (pack: Digest): ChunkRef[] {
-    const size = this.wholeBlobs.get(pack)
-    if (size !== undefined) return [wholeBlobChunk({ digest: pack, size })]
-    // Asked for every availability answer (peers ask every few seconds per pack): one query per pack, not per ask.
-    let chunks = this.packChunkLists.get(pack)
-    if (chunks === undefined) {
-      const seen = new Map<Digest, ChunkRef>()
-      for (const catalog of this.servingCatalogs.values()) for (const c of catalog.packChunks(pack)) seen.set(c.digest, c)
-      chunks = [...seen.values()]
-      // Not for packs we know nothing of: peers choose the digests they ask about.
-      if (chunks.length > 0) this.packChunkLists.set(pack, chunks)
-    }
-    return chunks
-  }
-
-  /** Catalog files are written only after their digest checked out, so all of them may be served from. */
-  private async openServingCatalogs (): Promise<void> {
-    const dir = join(this.config.stateDir, 'catalogs')
-    const names = await readdir(dir).catch(() => [] as string[])
-    for (const name of names) {
-      if (!/^[0-9a-f]{64}\.sqlite$/.test(name) || this.servingCatalogs.has(join(dir, name))) continue
-      if (!await fileHasDigest(join(dir, name), `sha256:${name.slice(0, 64)}`)) {
-        this.log.warn({ file: name }, 'removed a catalog file that does not match its digest')
-        continue
-      }
-      try {
-        this.servingCatalogs.set(join(dir, name), new Catalog(join(dir, name)))
-        this.packChunkLists.clear()
-        this.wholeBlobs.set(`sha256:${name.slice(0, 64)}`, (await stat(join(dir, name))).size)
-        this.locatorChanged()
-      } catch (err) {
-        this.log.warn({ file: name, err: (err as Error).message }, 'ignoring an unreadable catalog file')
-      }
-    }
-  }
-
   stats (): AgentStats {
     const r = this.resolver.stats
     return {
@@ -438,18 +356,22 @@ export class Agent implements ChunkLocator {
       cache: { ...this.disk.stats, maxBytes: this.disk.maxBytes },
       mounts: this.list(),
       eventLoop: this.loop.summary(),
+      index: this.index.stats,
       ...(this.peering !== undefined ? { peer: this.peering.stats() } : {}),
       ...(this.lazyLayers !== undefined ? { snapshotter: this.lazyLayers.stats() } : {})
     }
   }
 
-  /** Unmounts everything and closes the socket, metrics and cache. */
+  /** Stops every part, the last started first: sockets, the snapshotter, mounts, the chunk server, metrics, libp2p, the index, the cache. */
   async stop (): Promise<void> {
+    await this.parts.stop()
+  }
+
+  /** The mounts part's closer. A mount that refuses to go stays recorded in mounts.json for the next start to clean up. */
+  private async unmountAll (): Promise<void> {
     for (const path of [...this.mounts.keys()]) {
       await this.umount(path).catch((err: Error) => this.log.error({ mountpoint: path, err: err.message }, 'unmount failed'))
     }
-    for (const close of this.closers.reverse()) await close().catch(() => {})
-    this.closers = []
   }
 
   private async handleControl (method: string, path: string, body: unknown): Promise<unknown> {
@@ -515,7 +437,38 @@ async function tightenStateFiles (dir: string): Promise<void> {
   }
 }
 
-/** A blob as a chunk of itself: whole, uncompressed, verified by its own digest. */
-function wholeBlobChunk (blob: { digest: Digest, size: number }): ChunkRef {
-  return { digest: blob.digest, length: blob.size, pack: blob.digest, packOffset: 0, storedLength: blob.size, codec: Codec.none }
+/**
+ * Whole blobs (metadata, catalogs) through the resolver like a chunk, verified by
+ * their digest: in a burst, peers share them too, instead of every node asking the
+ * origin. A blob is named servable as soon as a verified descriptor asks for it, so
+ * a parent asked for it fetches it rather than answer dont-have.
+ */
+function sharedBlobFetcher (p: { index: ChunkIndex, resolver: ChunkResolver, peering: Peering | undefined, timeoutMs: number }): BlobFetcher {
+  return async (blob, signal) => {
+    p.index.addWholeBlob(blob)
+    p.peering?.join(blob.group, [blob.digest])
+    return await p.resolver.get(wholeBlobChunk(blob), { signal: signal ?? AbortSignal.timeout(p.timeoutMs) })
+  }
+}
+
+/**
+ * containerd's side (loaded only when configured): the lazy layers over this node's
+ * resolver (src/agent/lazy-layers.ts), and the snapshotter modules that serve them.
+ */
+async function lazyLayersFor (config: AgentConfig, p: { origin: RoutedOrigin, resolver: ChunkResolver, fetchBlob: BlobFetcher, index: ChunkIndex, peering: Peering | undefined, trusted: KeyObject[], onOutcome: AgentMetrics['onLayerOutcome'], log: Logger }): Promise<{ lazy: LazyLayers, Snapshotter: typeof import('../snapshotter/snapshotter.ts').Snapshotter, serveSnapshotter: typeof import('../snapshotter/service.ts').serveSnapshotter }> {
+  const [{ LazyLayers }, { Snapshotter }, { serveSnapshotter }] = await Promise.all([import('./lazy-layers.ts'), import('../snapshotter/snapshotter.ts'), import('../snapshotter/service.ts')])
+  const lazy = new LazyLayers({
+    trusted: p.trusted,
+    catalogDir: join(config.stateDir, 'catalogs'),
+    registry: config.registry,
+    origin: p.origin,
+    resolver: p.resolver,
+    fetchBlob: p.fetchBlob,
+    guard: RollbackGuard.forStateDir(config.stateDir),
+    joinSwarm: (key, packs) => p.peering?.join(key, packs),
+    catalogAdded: async () => { await p.index.scan() },
+    onOutcome: p.onOutcome,
+    log: p.log
+  })
+  return { lazy, Snapshotter, serveSnapshotter }
 }

@@ -1,16 +1,12 @@
 import type { PeerId } from '@libp2p/interface'
 import { peerIdFromString } from '@libp2p/peer-id'
 import { multiaddr } from '@multiformats/multiaddr'
-import type { DiskCache } from '../cache/disk-cache.ts'
 import type { ChunkSource } from '../fetch/chunk-source.ts'
 import type { Logger } from '../util/log.ts'
-import type { ChunkResolver } from '../fetch/resolver.ts'
-import type { ChunkRef } from '../format/catalog.ts'
-import { Codec } from '../format/codec.ts'
 import type { Digest } from '../oci/digest.ts'
 import { ChunkClient } from '../p2p/chunk-client.ts'
-import type { ByteRange } from '../p2p/chunk-protocol.ts'
-import { ChunkServer, type ChunkServerStats, type LocalChunks } from '../p2p/chunk-server.ts'
+import { ChunkServer, type ChunkServerStats } from '../p2p/chunk-server.ts'
+import { NodeChunks, type ChunkLocator, type ChunkStore } from '../p2p/local-chunks.ts'
 import { createPeerNode, loadOrCreatePsk, type PeerNode } from '../p2p/node.ts'
 import { DhtPackRouter, type DhtPackRouterStats } from '../p2p/pack-router.ts'
 import { PeerChunkSource, type PeerSourceStats } from '../p2p/peer-source.ts'
@@ -18,24 +14,11 @@ import { SwarmMembers } from '../p2p/swarm-members.ts'
 import type { EventLoopLag } from '../p2p/loop-lag.ts'
 import type { AgentConfig } from './config.ts'
 
-/** Fetches this node makes at once on peers' behalf, as their parent in a chunk's tree. */
-const MAX_FETCHES_FOR_PEERS = 32
-
-/** Where the agent's mounted images say a chunk is: the peer server serves only what a catalog vouches for. */
-export interface ChunkLocator {
-  locate (digest: Digest): ChunkRef | undefined
-  /** Like `locate`, but waits (until `signal` aborts) for a mount in progress to learn the digest. */
-  locateSoon (digest: Digest, signal: AbortSignal): Promise<ChunkRef | undefined>
-  packChunks (pack: Digest): ChunkRef[]
+/** The server's stats before `serve`. */
+const NOT_SERVING: ChunkServerStats = {
+  requests: 0, served: 0, bytesServed: 0, dontHave: 0, busy: 0, pending: 0, parentRequests: 0, localCorruption: 0, violations: 0,
+  busyAllPeers: 0, busyQueueFull: 0, haveLimited: 0, throttled: 0, overRate: 0, readsPaused: 0, stalled: 0, queuedBytes: 0, inProgress: 0
 }
-
-/**
- * How long a parent asked for a digest it does not know yet waits to learn it. In a
- * burst a child can be ahead of its parent (the parent's catalogs still on their way):
- * the parent will know the chunk in a moment, and answering dont-have sent the child
- * to the origin.
- */
-const LOCATE_WAIT_MS = 5000
 
 export interface PeeringStats {
   peerId: string
@@ -43,13 +26,15 @@ export interface PeeringStats {
   connectedPeers: number
   source: Omit<PeerSourceStats, 'perPeerBytes'> & { perPeerBytes: Record<string, number> }
   server: ChunkServerStats
+  /** The serving policy (NodeChunks): fetches in progress for peers, parent requests refused over the limit, requests for digests no catalog names. */
+  serving: NodeChunks['stats']
   /** DHT provides and walks (swarm keys: one per layer, one per image's metadata). */
   router: DhtPackRouterStats
 }
 
 /**
- * The agent's place in the swarm: a libp2p node, a server for the chunks this
- * node holds (verified, from its caches) and a chunk source that asks peers. The
+ * The agent's place in the swarm: a libp2p node, a chunk source that asks peers,
+ * and (from `serve` on) a server for the chunks this node holds. The
  * agent joins an image's swarms (one per layer, one for its metadata) as its mount
  * learns them, telling connected peers at once and the DHT a little later, so a
  * burst of nodes starting together finds itself through peer exchange.
@@ -58,7 +43,11 @@ export class Peering {
   readonly node: PeerNode
   readonly source: ChunkSource
   private readonly peers: PeerChunkSource
-  private readonly server: ChunkServer
+  private server: ChunkServer | undefined
+  private serving: NodeChunks | undefined
+  private serverStopped = false
+  private readonly locator: ChunkLocator
+  private readonly uploadBytesPerSecond: number | undefined
   private readonly router: DhtPackRouter
   private readonly client: ChunkClient
   private readonly members: SwarmMembers
@@ -68,13 +57,14 @@ export class Peering {
   private readonly lifetime = new AbortController()
   private readonly log: Logger
 
-  private constructor (parts: { node: PeerNode, peers: PeerChunkSource, server: ChunkServer, router: DhtPackRouter, client: ChunkClient, members: SwarmMembers, swarmKeys: Map<Digest, Digest> }, log: Logger) {
+  private constructor (parts: { node: PeerNode, peers: PeerChunkSource, router: DhtPackRouter, client: ChunkClient, members: SwarmMembers, swarmKeys: Map<Digest, Digest>, locator: ChunkLocator, uploadBytesPerSecond: number | undefined }, log: Logger) {
     this.node = parts.node
     this.members = parts.members
     this.swarmKeys = parts.swarmKeys
     this.node.libp2p.addEventListener('peer:connect', this.onConnect)
     this.peers = parts.peers
-    this.server = parts.server
+    this.locator = parts.locator
+    this.uploadBytesPerSecond = parts.uploadBytesPerSecond
     this.router = parts.router
     this.client = parts.client
     this.log = log
@@ -128,10 +118,11 @@ export class Peering {
   }
 
   /**
-   * Starts the node and its server. `resolver` is read lazily: the resolver is built
-   * with this node's chunk source, and the server needs the resolver for fetches on children's behalf.
+   * Starts the libp2p node and the chunk source that asks peers; serving them
+   * starts with `serve`, once the resolver built with this source exists (the server
+   * fetches through it on children's behalf). LOCATOR says what this node may serve.
    */
-  static async start (config: AgentConfig, deps: { disk: DiskCache, resolver: () => ChunkResolver, locator: ChunkLocator, log: Logger, lag: EventLoopLag }): Promise<Peering> {
+  static async start (config: AgentConfig, deps: { locator: ChunkLocator, log: Logger, lag: EventLoopLag }): Promise<Peering> {
     const psk = config.p2p.pskFile !== undefined ? await loadOrCreatePsk(config.p2p.pskFile) : undefined
     const node = await createPeerNode({
       stateDir: config.stateDir,
@@ -139,44 +130,20 @@ export class Peering {
       bootstrap: config.p2p.peers,
       ...(psk !== undefined ? { psk } : {})
     })
-    let fetchesForPeers = 0
-    const local: LocalChunks = {
-      get: async (digest, { signal, fetch, from }) => {
-        const ref = fetch
-          ? await deps.locator.locateSoon(digest, AbortSignal.any([signal, AbortSignal.timeout(LOCATE_WAIT_MS)]))
-          : deps.locator.locate(digest)
-        if (ref === undefined) return undefined
-        const resolver = deps.resolver()
-        const held = resolver.memory.get(digest) ?? await deps.disk.get(ref, { signal })
-        if (held !== undefined || !fetch) return held
-        // We are asking this very peer for the chunk: fetching for it would wait on ourselves.
-        if (peers.isAsking(digest, from)) return undefined
-        // As a parent in the chunk's tree: fetch it once (singleflight: a read of our own joins),
-        // through our own parent or, at the root, the origin. Bounded, so that peers cannot make
-        // this node pull any amount; beyond it they are told dont-have and try another parent.
-        if (fetchesForPeers >= MAX_FETCHES_FOR_PEERS) return undefined
-        fetchesForPeers++
-        try {
-          return await resolver.get(ref, { signal })
-        } finally {
-          fetchesForPeers--
-        }
-      },
-      compressible: digest => deps.locator.locate(digest)?.codec === Codec.zstd,
-      held: async (pack) => {
-        const ranges: ByteRange[] = []
-        for (const c of deps.locator.packChunks(pack)) {
-          if (deps.disk.has(c.digest) || deps.resolver().memory.has(c.digest)) ranges.push({ offset: c.packOffset, length: c.storedLength })
-        }
-        return ranges
-      }
+    try {
+      return Peering.assemble(config, node, deps)
+    } catch (err) {
+      await node.stop()
+      throw err
     }
+  }
+
+  private static assemble (config: AgentConfig, node: PeerNode, deps: { locator: ChunkLocator, log: Logger, lag: EventLoopLag }): Peering {
     const members = new SwarmMembers()
-    const server = new ChunkServer(node.libp2p, { local, members, ...(config.p2p.uploadBytesPerSecond !== undefined ? { uploadBytesPerSecond: config.p2p.uploadBytesPerSecond } : {}) })
-    await server.start()
-    // Provides wait 5-15 s: in a burst, peer exchange finds the swarm, and DHT traffic at
-    // the start (every provide reaches every node of a small cluster) was CPU the reads needed.
-    const router = new DhtPackRouter(node.libp2p, { members, provideDelayMs: () => 5000 + Math.random() * 10_000 })
+    // Provides wait 60-90 s: in a burst, peer exchange finds the swarm, and DHT traffic
+    // during it (every provide reaches every node of a small cluster) was CPU the reads needed
+    // (at 5-15 s they landed mid-burst: docs/BENCHMARKS.md, 2026-12-06).
+    const router = new DhtPackRouter(node.libp2p, { members, provideDelayMs: () => 60_000 + Math.random() * 30_000 })
     const self = node.peerId.toString()
     const client = new ChunkClient(node.libp2p, {
       // Members a peer passed on: remember where they listen, so that asking one dials it.
@@ -209,7 +176,28 @@ export class Peering {
       chunkTimeoutMs: config.chunkTimeoutMs
     })
     deps.log.info({ peerId: node.peerId.toString(), multiaddrs: node.multiaddrs() }, 'peer node started')
-    return new Peering({ node, peers, server, router, client, members, swarmKeys }, deps.log)
+    return new Peering({ node, peers, router, client, members, swarmKeys, locator: deps.locator, uploadBytesPerSecond: config.p2p.uploadBytesPerSecond }, deps.log)
+  }
+
+  /**
+   * Serves peers the chunks LOCATOR vouches for, from STORE (memory, disk, and its
+   * resolver for parent requests): the serving policy is NodeChunks
+   * (src/p2p/local-chunks.ts). Once; stopped by `stop`.
+   */
+  async serve (store: ChunkStore): Promise<void> {
+    if (this.server !== undefined) throw new Error('this node serves its peers already')
+    const local = new NodeChunks({ locator: this.locator, store, isAsking: (digest, from) => this.peers.isAsking(digest, from) })
+    const server = new ChunkServer(this.node.libp2p, { local, members: this.members, ...(this.uploadBytesPerSecond !== undefined ? { uploadBytesPerSecond: this.uploadBytesPerSecond } : {}) })
+    await server.start()
+    this.server = server
+    this.serving = local
+  }
+
+  /** Stops serving peers (the chunk server; the node and the peer source stay up until `stop`). Idempotent. */
+  async stopServing (): Promise<void> {
+    if (this.server === undefined || this.serverStopped) return
+    this.serverStopped = true
+    await this.server.stop()
   }
 
   stats (): PeeringStats {
@@ -219,7 +207,8 @@ export class Peering {
       multiaddrs: this.node.multiaddrs(),
       connectedPeers: this.node.connectedPeers().length,
       source: { ...source, perPeerBytes: Object.fromEntries(perPeerBytes) },
-      server: { ...this.server.stats },
+      server: { ...(this.server?.stats ?? NOT_SERVING) },
+      serving: { ...(this.serving?.stats ?? { fetchesForPeers: 0, fetchLimited: 0, notLocated: 0 }) },
       router: { ...this.router.stats }
     }
   }
@@ -229,7 +218,7 @@ export class Peering {
     this.lifetime.abort()
     this.router.stop()
     this.client.close()
-    await this.server.stop()
+    await this.stopServing()
     await this.node.stop()
   }
 }

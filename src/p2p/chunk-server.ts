@@ -107,7 +107,7 @@ export const CHUNK_SERVER_DEFAULTS = {
    * attacker drew 75 MB in 20,000 answers. Answering cheaply was not enough:
    * libp2p spends more per tiny frame (a yamux frame, a window update, Noise)
    * than shoal does. A reader asks a peer about each pack it reads at most every
-   * 5 s (availabilityTtlMs): 32/s is 160 packs (2.5 GiB) read at once; the
+   * 15 s (availabilityTtlMs): 32/s is 480 packs (7.5 GiB) read at once; the
    * burst covers a mount's first reads. A peer still over its rate after
    * stallMs with more than a quarter of maxUnreadBytes of requests waiting is
    * flooding, not reading a big image: its stream is closed.
@@ -176,6 +176,15 @@ const COALESCE_BYTES = 64 * 1024
  * xsalsa20's, not ours.)
  */
 const HASH_BYTES_PER_TURN = 8 * 1024 * 1024
+/**
+ * Chunks up to this size travel raw even when their image stored them compressed.
+ * Compressing costs a trip through libuv's thread pool here and another one to
+ * decompress at the requester, each behind the event loop's other work: on the
+ * starved agents of a real 20-node burst, hundreds of ms per hop for a small file's
+ * chunk, which its reader waits for, to save a few KB (under a millisecond of a
+ * 100 Mbit/s link).
+ */
+const COMPRESS_MIN_BYTES = 64 * 1024
 /** Idle peers whose rate buckets are kept (a few hundred bytes each). */
 const IDLE_PEERS = 1024
 
@@ -599,7 +608,8 @@ export class ChunkServer {
         return
       }
       // On libuv's thread pool, at a fast level: a chunk compressed once per upload, not stored.
-      const wire = this.local.compressible?.(item.digest) === true ? await encodeChunkAsync(found, 'zstd', 1) : { codec: Codec.none, bytes: found }
+      // Not a small one: its bytes saved are worth less than the two thread-pool round trips.
+      const wire = found.length > COMPRESS_MIN_BYTES && this.local.compressible?.(item.digest) === true ? await encodeChunkAsync(found, 'zstd', 1) : { codec: Codec.none, bytes: found }
       if (signal.aborted) return
       if (!this.bucket.tryTake(wire.bytes.length)) {
         this.reply(state, item.id, 'busy')

@@ -11,7 +11,10 @@ import { abortable, sleep } from '../util/limit.ts'
 export interface SwarmAnswer {
   /** Everyone else known to have announced the pack (holders and wanters): members that told us, then the DHT's finds. */
   readonly peers: readonly PeerId[]
-  /** False while the pack's first lookup runs: `peers` is what is known so far. */
+  /**
+   * False while the pack's first lookup runs and nobody has told us of themselves
+   * (JOIN, peer exchange): `peers` is what is known so far.
+   */
   readonly settled: boolean
 }
 
@@ -188,9 +191,13 @@ export class DhtPackRouter implements PackRouter {
   }
 
   async settled (pack: Digest, options: { signal: AbortSignal }): Promise<void> {
-    const { lookup, answer } = this.current(pack)
-    if (answer.settled) return
-    while (!lookup.done) await lookup.changed(options.signal)
+    for (;;) {
+      const { lookup, answer } = this.current(pack)
+      if (answer.settled) return
+      const changes = [lookup.changed(options.signal)]
+      if (this.members !== undefined) changes.push(this.members.changed(pack, options.signal))
+      await Promise.race(changes)
+    }
   }
 
   /** Ends background retries and walks in progress. */
@@ -229,12 +236,16 @@ export class DhtPackRouter implements PackRouter {
    * The pack's walk (see `lookup`) and the answer: members that told us of
    * themselves, then the last finished walk's finds (stale-while-revalidate: a
    * read does not wait for a walk when the last one answered), or during the
-   * first walk, what it found so far. Memoised on its inputs.
+   * first walk, what it found so far. Settled once a walk has ended or members
+   * told us of themselves (a burst's swarm is found by peer exchange in a round
+   * trip, while the DHT's records come seconds later: every first read waited
+   * the peer source's whole lookupWaitMs, 1.5 s, for a walk that found nothing).
+   * Memoised on its inputs.
    */
   private current (pack: Digest): { lookup: Lookup, answer: SwarmAnswer } {
     const heard = this.members?.of(pack) ?? NOBODY
     const lookup = this.lookup(pack, heard.length > 0)
-    const settled = lookup.done || lookup.previous !== undefined
+    const settled = lookup.done || lookup.previous !== undefined || heard.length > 0
     const walked = lookup.done ? lookup.found : lookup.previous ?? lookup.found
     let memo = this.answers.get(pack)
     if (memo?.heard !== heard || memo.walked !== walked || memo.size !== walked.length || memo.answer.settled !== settled) {

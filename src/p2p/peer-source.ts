@@ -47,14 +47,48 @@ export const PEER_SOURCE_DEFAULTS = {
    * caps it below the chunk timeout, which must leave the origin a try.
    */
   maxPendingWaitMs: 14_000,
-  /** How long `get` waits for the pack's first swarm lookup; later lookups refresh in the background. */
+  /**
+   * How long `get` waits for a swarm's first lookup when nobody has told us of
+   * themselves yet (members that did are the answer at once: PackRouter); later
+   * lookups refresh in the background.
+   */
   lookupWaitMs: 1500,
+  /**
+   * A whole blob this small (a chunk that is its own pack: an image's manifest,
+   * signature and config) comes from the origin, not from peers, while its swarm
+   * has fewer than directBlobMaxSwarm other members. A mount reads four of them
+   * one after the other, each a round trip through a distribution tree of
+   * CPU-starved agents (0.5-1.5 s each in a real 10-node burst) where the origin
+   * answers in milliseconds, to save 5-6 KB a node. Catalogs (hundreds of KB)
+   * still go to peers.
+   */
+  directBlobBytes: 64 * 1024,
+  /**
+   * In a bigger swarm they go to peers again: at 2,000 modelled nodes, 6 KB a
+   * node from the origin was 1.8 times a lone node's whole egress. Below 32 nodes
+   * it is under 3 % of it.
+   */
+  directBlobMaxSwarm: 32,
+  /**
+   * A node that finds itself the root of a whole blob (a catalog) less than this
+   * after its first look at the blob's swarm waits out the rest and looks again.
+   * The first nodes of a burst reach the catalogs a second or two after joining the
+   * image's swarm, when they have heard of one or two members: each took itself
+   * for the root and the origin sent the catalogs three times (real 20-node burst;
+   * 3 s was not always enough on a loaded machine).
+   */
+  blobRootWaitMs: 5000,
   /** Ban for a peer that sent bad bytes or broke the protocol. */
   banMs: 5 * 60_000,
   /** A slow or dead peer is skipped for this long, doubling with each failure in a row up to banMs. */
   suspectMs: 10_000,
-  /** How long a peer's availability answer is trusted before it is refreshed (in the background). */
-  availabilityTtlMs: 5000,
+  /**
+   * How long a peer's availability answer is trusted before it is refreshed (in
+   * the background). At 5 s, the refreshes (each pack read, four peers asked) were
+   * most of the frames a burst's agents exchanged, for answers only roots wait for;
+   * a holder that sends us a chunk is noted at once anyway (noteHolds).
+   */
+  availabilityTtlMs: 15_000,
   /** Swarm peers asked for availability per pack. */
   availabilitySample: 4,
   /** Parents to try before giving up to the origin. */
@@ -123,6 +157,8 @@ export interface PeerSourceStats {
   hits: number
   /** `get` calls that returned undefined (the resolver then goes to the origin). */
   misses: number
+  /** Of the misses, small whole blobs of a small swarm sent to the origin without asking peers (directBlobBytes). */
+  direct: number
   /** Misses where this node was the chunk's root (nobody but banned peers outranks it): the origin by design. */
   roots: number
   bytesFromPeers: number
@@ -203,7 +239,7 @@ type Settings = { readonly [K in keyof typeof PEER_SOURCE_DEFAULTS]: number }
 export class PeerChunkSource implements ChunkSource {
   readonly name = 'peers'
   readonly stats: PeerSourceStats = {
-    hits: 0, misses: 0, roots: 0, bytesFromPeers: 0, perPeerBytes: new Map(), verificationFailures: 0, protocolViolations: 0,
+    hits: 0, misses: 0, direct: 0, roots: 0, bytesFromPeers: 0, perPeerBytes: new Map(), verificationFailures: 0, protocolViolations: 0,
     bans: 0, badPeers: 0, parentRequests: 0, hedges: 0, timeouts: 0, parentTimeouts: 0, outOfTime: 0, busy: 0, dontHave: 0, pending: 0
   }
 
@@ -224,6 +260,8 @@ export class PeerChunkSource implements ChunkSource {
   private readonly haveQueries = new Map<string, Promise<void>>()
   /** Parents being asked, per chunk digest (see isAsking). */
   private readonly asking = new Map<Digest, Set<string>>()
+  /** When this source first looked at each swarm (see blobRootWaitMs). */
+  private readonly firstLooked = new Map<Digest, number>()
 
   constructor (options: PeerChunkSourceOptions) {
     const { self, router, client, bans, clock, verify, swarmOf, keys, lag, chunkTimeoutMs, ...settings } = options
@@ -277,25 +315,48 @@ export class PeerChunkSource implements ChunkSource {
 
   private async find (chunk: ChunkRef, signal: AbortSignal, budget: Budget): Promise<Uint8Array | undefined> {
     const group = this.swarmOf(chunk.pack)
-    const swarm = await this.swarm(group, signal)
-    await this.refreshAvailability(chunk.pack, swarm, signal)
-    const selection = this.select(chunk, swarm, group)
+    let swarm = await this.swarm(group, signal)
+    if (chunk.pack === chunk.digest && chunk.length <= this.settings.directBlobBytes && swarm.length < this.settings.directBlobMaxSwarm) {
+      this.stats.direct++
+      return undefined
+    }
+    const answers = this.refreshAvailability(chunk.pack, swarm)
+    // A whole blob (a catalog) is read once per mount, and early holders are worth finding: its
+    // parents are often nodes whose mounts lag behind, which keep it waiting or fail it to the origin.
+    if (answers !== undefined && chunk.pack === chunk.digest) await this.firstAnswers(answers, signal)
+    let selection = this.select(chunk, swarm, group)
+    const young = this.settings.blobRootWaitMs - (this.clock.now() - this.firstLooked.get(group)!)
+    if (selection.isRoot && chunk.pack === chunk.digest && young > 0) {
+      await this.clock.sleep(young, signal)
+      swarm = await this.swarm(group, signal)
+      selection = this.select(chunk, swarm, group)
+    }
+    const asked = new Set<string>()
     if (selection.holders.length > 0) {
+      for (const holder of selection.holders) asked.add(holder.id)
       const bytes = await this.fromHolders(selection.holders, chunk, signal)
       if (bytes !== undefined) return bytes
     }
-    if (selection.isRoot) {
-      // A swarm still forming changes its top: the root before us may have the chunk already.
-      const bytes = selection.runnersUp.length > 0 ? await this.fromHolders(selection.runnersUp, chunk, signal) : undefined
-      if (bytes !== undefined) return bytes
-      this.stats.roots++
-      return undefined
+    if (!selection.isRoot) {
+      for (const parent of selection.parents) {
+        const bytes = await this.fromParent(parent, chunk, signal, budget)
+        if (bytes !== undefined) return bytes
+      }
     }
-    for (const parent of selection.parents) {
-      const bytes = await this.fromParent(parent, chunk, signal, budget)
+    if (answers !== undefined) {
+      // About to go to the origin (a root, or every parent failed): first hear the pack's first
+      // availability answers, if they were still out, and ask the holders they name.
+      await this.firstAnswers(answers, signal)
+      const holders = this.select(chunk, swarm, group).holders.filter(h => !asked.has(h.id))
+      const bytes = holders.length > 0 ? await this.fromHolders(holders, chunk, signal) : undefined
       if (bytes !== undefined) return bytes
     }
-    return undefined // every parent failed: the origin
+    if (!selection.isRoot) return undefined // every parent failed: the origin
+    // A swarm still forming changes its top: the root before us may have the chunk already.
+    const bytes = selection.runnersUp.length > 0 ? await this.fromHolders(selection.runnersUp, chunk, signal) : undefined
+    if (bytes !== undefined) return bytes
+    this.stats.roots++
+    return undefined
   }
 
   private select (chunk: ChunkRef, swarm: readonly Peer[], group: Digest): Selection<Peer> {
@@ -314,6 +375,7 @@ export class PeerChunkSource implements ChunkSource {
 
   /** The router's answer; while the pack's first lookup runs, what it found within `lookupWaitMs`. */
   private async swarm (key: Digest, signal: AbortSignal): Promise<readonly Peer[]> {
+    if (!this.firstLooked.has(key)) this.firstLooked.set(key, this.clock.now())
     if (!this.router.answer(key).settled) {
       try {
         await this.router.settled(key, { signal: AbortSignal.any([signal, this.clock.timeout(this.settings.lookupWaitMs)]) })
@@ -327,14 +389,24 @@ export class PeerChunkSource implements ChunkSource {
 
   /**
    * Asks a stable sample of the swarm which ranges of the pack they hold when
-   * their answers are stale. Only a pack nobody has answered for yet makes the
-   * read wait (at most one peer deadline: a dead peer in the sample must not
-   * stall reads); after that, stale answers serve while fresh ones come.
+   * their answers are stale, in the background: stale answers serve while fresh
+   * ones come. Returns the queries when nobody has answered for the pack yet (a
+   * node about to go to the origin, and a whole blob's read, wait for them:
+   * `firstAnswers`), else undefined.
+   *
+   * Reads used to wait for a pack's first answers whatever their place in the
+   * tree: up to a peer deadline (0.5-1 s on starved agents) on every pack's first
+   * read, for answers that in a burst say nobody holds anything yet; a parent that
+   * holds the chunk answers the request anyway.
    */
-  private async refreshAvailability (pack: Digest, swarm: readonly Peer[], signal: AbortSignal): Promise<void> {
+  private refreshAvailability (pack: Digest, swarm: readonly Peer[]): Array<Promise<void>> | undefined {
     const sample = topNodes(spreadKey(chunkKey(pack), this.self), swarm, this.settings.availabilitySample, p => p.id === this.self.id || this.bans.isBanned(p.id) || this.suspected(p.id))
     const queries = sample.filter(p => !this.availability.fresh(pack, p.id)).map(p => this.queryHave(pack, p))
-    if (queries.length === 0 || this.availability.answered(pack)) return
+    return queries.length === 0 || this.availability.answered(pack) ? undefined : queries
+  }
+
+  /** Waits for availability QUERIES to settle, at most one peer deadline (a dead peer in the sample must not stall reads). */
+  private async firstAnswers (queries: Array<Promise<void>>, signal: AbortSignal): Promise<void> {
     const wait = AbortSignal.any([signal, this.clock.timeout(this.peerDeadlineMs())])
     await new Promise<void>(resolve => {
       const stop = (): void => resolve()

@@ -46,9 +46,9 @@ it('a chunk a peer asks for before this node knows it is located as soon as a mo
   const { dir, agent } = await startAgentWithImage()
   const hello = sha256(Buffer.from('world\n'))
   try {
-    assert.equal(agent.locate(hello), undefined)
-    assert.equal(await agent.locateSoon(hello, AbortSignal.timeout(50)), undefined, 'gives up when its signal fires')
-    const waiting = agent.locateSoon(hello, AbortSignal.timeout(30_000))
+    assert.equal(agent.index.locate(hello), undefined)
+    assert.equal(await agent.index.locateSoon(hello, AbortSignal.timeout(50)), undefined, 'gives up when its signal fires')
+    const waiting = agent.index.locateSoon(hello, AbortSignal.timeout(30_000))
     await agent.mount('t', join(dir, 'mnt'))
     assert.equal((await waiting)?.digest, hello)
   } finally {

@@ -39,6 +39,11 @@ function triedFirst (requester: PeerNode, first: PeerNode, second: PeerNode, dig
   return order.holders[0]!.id === a!.id
 }
 
+/** Whether `requester` is the root of this chunk's tree among `others` (it then hears availability before anything else). */
+function isRoot (requester: PeerNode, others: PeerNode[], digest: Digest): boolean {
+  return selectSources({ key: chunkKey(digest), self: nodeKey(requester.peerId.toString()), swarm: others.map(o => nodeKey(o.peerId.toString())), holders: [], excluded: () => false, maxParents: 3, maxHolders: 4 }).isRoot
+}
+
 /** A peer that answers every WANT with wrong bytes and claims to hold everything. */
 async function serveHostile (node: PeerNode, chunks: TestChunk[], spoil: (bytes: Uint8Array) => Uint8Array): Promise<void> {
   const byDigest = new Map(chunks.map(c => [c.ref.digest, c.bytes]))
@@ -89,7 +94,8 @@ for (const [kind, spoil] of [
 test('peer source: a slow holder is hedged; the loser is cancelled at the server', async () => {
   const [requester, slow, fast] = await startNodes(3)
   const { chunks } = makePack(Array.from({ length: 40 }, () => 2048))
-  const chunk = chunks.find(c => triedFirst(requester!, slow!, fast!, c.ref.digest))!
+  // The root of the chunk's tree: only a root waits for a pack's first availability answers, so it knows both holders.
+  const chunk = chunks.find(c => triedFirst(requester!, slow!, fast!, c.ref.digest) && isRoot(requester!, [slow!, fast!], c.ref.digest))!
   const slowLocal = await serve(slow!, chunks)
   slowLocal.delayMs = 10_000
   await serve(fast!, chunks)
@@ -123,7 +129,8 @@ test('peer source: a holder slower than the peer deadline is waited for while ou
 test('peer source: a holder killed mid-request is replaced at once by the next holder', async () => {
   const [requester, doomed, survivor] = await startNodes(3)
   const { chunks } = makePack(Array.from({ length: 40 }, () => 300_000))
-  const chunk = chunks.find(c => triedFirst(requester!, doomed!, survivor!, c.ref.digest))!
+  // A chunk whose root the requester is: it hears both holders before it asks anyone.
+  const chunk = chunks.find(c => triedFirst(requester!, doomed!, survivor!, c.ref.digest) && isRoot(requester!, [doomed!, survivor!], c.ref.digest))!
   const doomedLocal = await serve(doomed!, chunks)
   doomedLocal.delayMs = 60_000
   await serve(survivor!, chunks)
@@ -157,7 +164,7 @@ test('peer source: when the only holder dies mid-request, get returns undefined 
 
 test('peer source: the overall bound returns undefined when peers stall, and the caller\'s abort rejects', async () => {
   const [requester, staller] = await startNodes(2)
-  const { chunks } = makePack([1000])
+  const { chunks } = makePack([1000, 1000]) // a pack of one small chunk would be a whole blob, which goes to the origin
   const local = await serve(staller!, chunks)
   local.delayMs = 60_000
   const peers = source(requester!, [staller!], { maxWaitMs: 300 })
@@ -173,7 +180,7 @@ test('peer source: the overall bound returns undefined when peers stall, and the
 test('peer source: a node without the swarm key cannot connect or fetch', async () => {
   const psk = generatePsk()
   const [member, server] = await startNodes(2, { psk })
-  const { chunks } = makePack([5000])
+  const { chunks } = makePack([5000, 5000]) // a pack of one small chunk would be a whole blob, which goes to the origin
   await serve(server!, chunks)
   const outsiders = [await startNode({ psk: generatePsk() }), await startNode()]
 
