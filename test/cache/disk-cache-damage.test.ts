@@ -1,14 +1,15 @@
 import assert from 'node:assert/strict'
-import { execFile } from 'node:child_process'
-import { open, truncate } from 'node:fs/promises'
+import { truncate } from 'node:fs/promises'
 import { join } from 'node:path'
-import { fileURLToPath } from 'node:url'
 import { describe, it } from 'node:test'
 import { DiskCache } from '../../src/cache/disk-cache.ts'
 import { digestHex } from '../../src/oci/digest.ts'
 import { tempDir } from '../helpers/tmp.ts'
 import { until } from '../origin/helpers.ts'
 import { testChunks, testResolver, TestSource } from '../fetch/helpers.ts'
+import { flipBits, read, shoal } from './damage-helpers.ts'
+
+const signal = new AbortController().signal
 
 /**
  * The disk cache is trusted once verified (docs/ARCHITECTURE.md, "Trust boundary"):
@@ -16,38 +17,6 @@ import { testChunks, testResolver, TestSource } from '../fetch/helpers.ts'
  * caught (hash on first use, length checks, `shoal cache verify`), that the bad
  * file is removed, and that readers get the right bytes, fetched again, from then on.
  */
-
-const SHOAL = fileURLToPath(new URL('../../bin/shoal', import.meta.url))
-const signal = new AbortController().signal
-
-/** `shoal ARGS`: exit code and output (a failing exit is a result here, not an error). */
-async function shoal (args: string[]): Promise<{ code: number, stdout: string, stderr: string }> {
-  return await new Promise((resolve, reject) => {
-    execFile(SHOAL, args, { timeout: 60_000 }, (err, stdout, stderr) => {
-      if (err !== null && typeof err.code !== 'number') reject(err)
-      else resolve({ code: err === null ? 0 : err.code as number, stdout, stderr })
-    })
-  })
-}
-
-async function flipBits (path: string, at: number): Promise<void> {
-  const file = await open(path, 'r+')
-  try {
-    const byte = Buffer.alloc(1)
-    await file.read(byte, 0, 1, at)
-    byte[0] = byte[0]! ^ 0x5a
-    await file.write(byte, 0, 1, at)
-  } finally {
-    await file.close()
-  }
-}
-
-/** Reads CHUNK's bytes [OFFSET, OFFSET+LENGTH) through the resolver's pread path. */
-async function read (resolver: Awaited<ReturnType<typeof testResolver>>['resolver'], chunk: { ref: Parameters<typeof resolver.get>[0] }, offset: number, length: number): Promise<Buffer> {
-  const target = Buffer.alloc(length)
-  await resolver.read(chunk.ref, target, 0, offset, length, { signal })
-  return target
-}
 
 describe('a cache file damaged on disk', () => {
   it('before the agent started (bits flipped, same length; truncated): caught on first use, removed, fetched again', async () => {

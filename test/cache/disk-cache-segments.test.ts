@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict'
-import { execFile, spawn } from 'node:child_process'
-import { appendFile, open, readdir, readFile, stat, truncate } from 'node:fs/promises'
+import { spawn } from 'node:child_process'
+import { appendFile, readdir, readFile, stat, truncate } from 'node:fs/promises'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { describe, it } from 'node:test'
@@ -10,6 +10,9 @@ import { digestHex, sha256, type Digest } from '../../src/oci/digest.ts'
 import { tempDir } from '../helpers/tmp.ts'
 import { until } from '../origin/helpers.ts'
 import { testChunks, testResolver, TestSource } from '../fetch/helpers.ts'
+import { flipBits, read, shoal } from './damage-helpers.ts'
+
+const signal = new AbortController().signal
 
 /**
  * Small chunks live in segments (DiskCache, "Segments"): appended to a data file,
@@ -17,36 +20,6 @@ import { testChunks, testResolver, TestSource } from '../fetch/helpers.ts'
  * writer, tear and damage both files, run `shoal cache verify` beside a running
  * cache, and evict: no damaged byte is ever served, and what is lost is fetched again.
  */
-
-const SHOAL = fileURLToPath(new URL('../../bin/shoal', import.meta.url))
-const signal = new AbortController().signal
-
-async function shoal (args: string[]): Promise<{ code: number, stdout: string, stderr: string }> {
-  return await new Promise((resolve, reject) => {
-    execFile(SHOAL, args, { timeout: 60_000 }, (err, stdout, stderr) => {
-      if (err !== null && typeof err.code !== 'number') reject(err)
-      else resolve({ code: err === null ? 0 : err.code as number, stdout, stderr })
-    })
-  })
-}
-
-async function flipBits (path: string, at: number): Promise<void> {
-  const file = await open(path, 'r+')
-  try {
-    const byte = Buffer.alloc(1)
-    await file.read(byte, 0, 1, at)
-    byte[0] = byte[0]! ^ 0x5a
-    await file.write(byte, 0, 1, at)
-  } finally {
-    await file.close()
-  }
-}
-
-async function read (resolver: Awaited<ReturnType<typeof testResolver>>['resolver'], chunk: { ref: Parameters<typeof resolver.get>[0] }, offset: number, length: number): Promise<Buffer> {
-  const target = Buffer.alloc(length)
-  await resolver.read(chunk.ref, target, 0, offset, length, { signal })
-  return target
-}
 
 const segmentsOf = async (dir: string): Promise<string[]> => (await readdir(join(dir, 'segments'))).sort()
 
