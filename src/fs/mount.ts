@@ -46,7 +46,19 @@ export interface MountImageOptions {
   onRead?: (path: string, offset: number, length: number) => void
   /** See ImageFsOptions.onServed. */
   onServed?: ServedHook
+  /** Catalogs (all layers together) up to this size are read into memory at mount (Catalog.preload). Default MOUNT_DEFAULTS. */
+  preloadCatalogBytes?: number
 }
+
+export const MOUNT_DEFAULTS = {
+  /**
+   * A typical image's catalogs are a few MB (the python image's: about 3 MB for 8,238
+   * entries); reading them whole at mount, sequentially, costs a few ms and spares the
+   * first walk or container start a random disk read per B-tree page. An image whose
+   * catalogs are larger than this is read on demand as before.
+   */
+  preloadCatalogBytes: 64 * 1024 * 1024
+} as const
 
 export interface MountedImage {
   readonly mountpoint: string
@@ -63,6 +75,12 @@ export interface MountedImage {
 
 /** How long the kernel may take to send INIT after the mount call. */
 const MOUNT_TIMEOUT_MS = 10_000
+/**
+ * How long fusermount may take to detach the mount. It never waits on our own
+ * filesystem (a lazy unmount), but it takes the kernel's mount lock, which a busy
+ * host can hold for seconds: CI once saw a 10 s limit expire (issue 14's run).
+ */
+const UNMOUNT_TIMEOUT_MS = 30_000
 /** The kernel (and `stat`) cache entries, attributes and negative lookups this long (s). */
 const CACHE_TIMEOUT_S = 3600
 /**
@@ -81,6 +99,7 @@ export async function mountImage (options: MountImageOptions): Promise<MountedIm
 
   if (await cleanStaleMount(mountpoint, { signal: options.signal })) log.warn({ mountpoint }, 'removed a stale FUSE mount')
   await mkdir(mountpoint, { recursive: true })
+  preloadCatalogs(options.view, options.preloadCatalogBytes ?? MOUNT_DEFAULTS.preloadCatalogBytes, log)
 
   const lifetime = new AbortController()
   const fs = new ImageFs({ view: options.view, resolver: options.resolver, log, signal: lifetime.signal, readaheadChunks: options.readaheadChunks, onRead: options.onRead, onServed: options.onServed })
@@ -113,11 +132,15 @@ export async function mountImage (options: MountImageOptions): Promise<MountedIm
     unmounting ??= (async () => {
       lifetime.abort(new MountError(`${mountpoint} was unmounted`))
       fs.closeAll()
+      const started = performance.now()
       try {
-        await callbackWithDeadline(cb => fuse.unmount(cb), MOUNT_TIMEOUT_MS)
+        // fusermount's own limit fires first, so its error (not ours) names what hung.
+        await callbackWithDeadline(cb => fuse.unmount(cb), UNMOUNT_TIMEOUT_MS + 5_000)
       } catch (err) {
         throw new MountError(`cannot unmount ${mountpoint}: ${errorText(err)} (unmount it by hand: fusermount -uz ${mountpoint})`, { cause: err })
       }
+      const tookMs = Math.round(performance.now() - started)
+      if (tookMs > 2_000) log.warn({ mountpoint, tookMs }, 'unmounting was slow (fusermount waited for the kernel)')
       if (fuse.goneBefore !== undefined) log.warn({ mountpoint, fusermount: fuse.goneBefore }, 'the mount had already been unmounted by someone else')
       log.info({ mountpoint, ...fs.stats }, 'image unmounted')
     })()
@@ -233,10 +256,24 @@ class ImageFuse extends Fuse {
   }
 }
 
+/** Reads the view's catalogs into memory, bottom layer first, while they fit in BUDGET bytes together. */
+function preloadCatalogs (view: MergedView, budget: number, log: Logger): void {
+  const started = performance.now()
+  let bytes = 0
+  let layers = 0
+  for (const catalog of view.catalogs) {
+    const read = catalog.preload(budget - bytes)
+    if (read === 0) continue
+    bytes += read
+    layers++
+  }
+  log.debug({ layers, bytes, ms: Math.round(performance.now() - started) }, 'catalogs preloaded')
+}
+
 /** `fusermount -uz PATH` without a shell; undefined on success, else what it said. */
 async function fusermountUnmount (path: string): Promise<string | undefined> {
   return await new Promise(resolve => {
-    execFile('fusermount', ['-uz', path], { timeout: MOUNT_TIMEOUT_MS }, (err, _stdout, stderr) => {
+    execFile('fusermount', ['-uz', path], { timeout: UNMOUNT_TIMEOUT_MS }, (err, _stdout, stderr) => {
       if (err === null) resolve(undefined)
       else resolve(stderr.trim() !== '' ? stderr.trim() : err.message)
     })

@@ -5,11 +5,14 @@
  */
 import assert from 'node:assert/strict'
 import { spawn } from 'node:child_process'
-import { lstat, mkdir, open, stat, unlink, writeFile } from 'node:fs/promises'
+import { lstat, mkdir, open, readFile, stat, unlink, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { describe, it } from 'node:test'
+import { Catalog } from '../../src/format/catalog.ts'
+import { mountImage } from '../../src/fs/mount.ts'
 import { cleanStaleMount, isFuseMount } from '../../src/fs/stale-mount.ts'
+import { MergedView } from '../../src/image/merged-view.ts'
 import { digestHex, sha256 } from '../../src/oci/digest.ts'
 import { HttpOrigin } from '../../src/origin/http-origin.ts'
 import { startOriginServer } from '../../src/origin/server.ts'
@@ -97,6 +100,48 @@ describe('FUSE mount', () => {
           '-1 No data available'
         ])
       })
+    } finally {
+      stack.close()
+    }
+  })
+
+  it('reads its catalogs into memory at mount: walks and reads go on with the catalog files overwritten on disk', async () => {
+    const dir = await tempDir()
+    const image = await convertSynthetic(dir, standardSyntheticLayers())
+    const stack = await openReadStack(dir, image)
+    // What the image holds, listed through the stack's own connections before anything is damaged.
+    const expected = [...stack.view.walk()].map(([path]) => path.slice(1)).filter(p => p !== '').sort()
+    const walk = async (mnt: string): Promise<string[]> => (await runTool('find', [mnt, '-mindepth', '1', '-printf', '%P\n'])).stdout.trim().split('\n').sort()
+    const paths = stack.view.catalogs.map(c => c.path)
+    const originals = await Promise.all(paths.map(async p => await readFile(p)))
+    const overwrite = async (): Promise<void> => {
+      for (const p of paths) {
+        const file = await open(p, 'r+')
+        try { await file.write(Buffer.alloc((await file.stat()).size)) } finally { await file.close() }
+      }
+    }
+    const restore = async (): Promise<void> => { for (const [i, p] of paths.entries()) await writeFile(p, originals[i]!) }
+    try {
+      for (const preload of [true, false]) {
+        const view = new MergedView(paths.map(p => new Catalog(p)))
+        const mnt = join(dir, preload ? 'mnt-preloaded' : 'mnt-on-demand')
+        const mount = await mountImage({ mountpoint: mnt, view, resolver: stack.resolver, ...(preload ? {} : { preloadCatalogBytes: 0 }) })
+        try {
+          await overwrite()
+          if (preload) {
+            assert.deepEqual(await walk(mnt), expected)
+            const [result] = await readInChild([join(mnt, 'usr/lib/big.bin')])
+            assert.equal(digestOf([result!], result!.path), sha256(contentBytes({ size: 3.5 * MiB + 3, seed: 'big' })))
+          } else {
+            // The control: read on demand, the damaged files fail the walk.
+            await assert.rejects(walk(mnt))
+          }
+        } finally {
+          await mount.unmount()
+          for (const c of view.catalogs) c.close()
+          await restore()
+        }
+      }
     } finally {
       stack.close()
     }
