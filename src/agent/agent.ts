@@ -27,7 +27,7 @@ import type { LazyLayers, LazyLayerStats } from './lazy-layers.ts'
 import type { BlobFetcher } from '../image/load-image.ts'
 import type { AgentConfig } from './config.ts'
 import { controlSocketPath, startControlServer } from './control.ts'
-import { AgentMetrics } from './metrics.ts'
+import type { AgentMetrics } from './metrics.ts'
 import type { Peering, PeeringStats } from './peering.ts'
 import { EventLoopLag, type LoopLagSummary } from '../p2p/loop-lag.ts'
 import { resolverStore } from '../p2p/local-chunks.ts'
@@ -170,7 +170,9 @@ export class Agent {
     await tightenStateFiles(config.stateDir)
     const index = await parts.start('chunk index', async () => {
       const i = new ChunkIndex({ catalogDir: join(config.stateDir, 'catalogs'), log })
-      await i.scan()
+      // The index says what this node may serve to peers: without peers it stays empty
+      // (reading every catalog's chunk list cost a `shoal run` tens of ms per mount).
+      if (config.p2p.enabled) await i.scan()
       return i
     }, async i => { await i.close() })
     // libp2p (and, below, gRPC for containerd) is loaded only by agents that use it:
@@ -179,16 +181,20 @@ export class Agent {
       ? await parts.start('peering', async () => await (await import('./peering.ts')).Peering.start(config, { locator: index, log, lag: loop }), async p => { await p.stop() })
       : undefined
     const mounts = new Map<string, ActiveMount>()
-    const metrics = new AgentMetrics({
-      cacheBytes: () => disk.stats.bytes,
-      cacheChunks: () => disk.stats.chunks,
-      evictions: () => disk.stats.evictions,
-      mounts: () => mounts.size,
-      expiredMounts: () => [...mounts.values()].filter(m => m.info.signature.expired).length,
-      peers: () => peering?.node.connectedPeers().length ?? 0
-    })
-    const metricsServer = config.metrics !== ''
-      ? await parts.start('metrics', async () => await metrics.listen(config.metrics), async s => { await s.close() })
+    // prom-client (and node:http's ES namespace) is loaded only when metrics are served:
+    // tens of ms of every `shoal run`, which serves none.
+    const metrics = config.metrics !== ''
+      ? await parts.start('metrics', async () => {
+        const m = new (await import('./metrics.ts')).AgentMetrics({
+          cacheBytes: () => disk.stats.bytes,
+          cacheChunks: () => disk.stats.chunks,
+          evictions: () => disk.stats.evictions,
+          mounts: () => mounts.size,
+          expiredMounts: () => [...mounts.values()].filter(m => m.info.signature.expired).length,
+          peers: () => peering?.node.connectedPeers().length ?? 0
+        })
+        return { hooks: m, server: await m.listen(config.metrics) }
+      }, async ({ server }) => { await server.close() })
       : undefined
     const resolver = new ChunkResolver({
       disk,
@@ -196,16 +202,16 @@ export class Agent {
       remote: [...(peering !== undefined ? [peering.source] : []), new OriginChunkSource(new RangeReader({ origin, maxGap: MOUNT_FETCH_DEFAULTS.rangeMaxGapBytes }))],
       timeoutMs: config.chunkTimeoutMs,
       prefetchConcurrency: MOUNT_FETCH_DEFAULTS.prefetchConcurrency,
-      onEvent: metrics.onResolverEvent,
+      ...(metrics !== undefined ? { onEvent: metrics.hooks.onResolverEvent } : {}),
       log
     })
     if (peering !== undefined) await parts.start('chunk server', async () => { await peering.serve(resolverStore(resolver, disk)) }, async () => { await peering.stopServing() })
     const fetchBlob = sharedBlobFetcher({ index, resolver, peering, timeoutMs: config.chunkTimeoutMs })
     // Built before the agent (it needs nothing of it); serving containerd starts after the mounts.
     const containerd = config.snapshotterSocket !== '' && origin instanceof RoutedOrigin
-      ? await lazyLayersFor(config, { origin, resolver, fetchBlob, index, peering, trusted: o.trusted, onOutcome: metrics.onLayerOutcome, log })
+      ? await lazyLayersFor(config, { origin, resolver, fetchBlob, index, peering, trusted: o.trusted, onOutcome: metrics?.hooks.onLayerOutcome, log })
       : undefined
-    const agent = new Agent(config, { origin, disk, index, resolver, trusted: o.trusted, log, loop, fetchBlob, mounts, metricsUrl: metricsServer?.url, peering, lazyLayers: containerd?.lazy, parts })
+    const agent = new Agent(config, { origin, disk, index, resolver, trusted: o.trusted, log, loop, fetchBlob, mounts, metricsUrl: metrics?.server.url, peering, lazyLayers: containerd?.lazy, parts })
     // Mounts left by a killed agent are cleared first; on stop, every mount is unmounted.
     await parts.start('mounts', async () => { await agent.cleanUpAfterCrash() }, async () => { await agent.unmountAll() })
     if (containerd !== undefined) {
@@ -251,7 +257,7 @@ export class Agent {
       try {
         // Before the FUSE mount: peers in the same burst may already ask us for this image's chunks.
         // (The view's catalogs are in layer order, checked against their digests when fetched.)
-        await Promise.all(view.image.config.layers.map(async (layer, i) => { await this.index.addCatalog(layer.catalog.digest, view.view.catalogs[i]!, layer.catalog.size) }))
+        if (this.peering !== undefined) await Promise.all(view.image.config.layers.map(async (layer, i) => { await this.index.addCatalog(layer.catalog.digest, view.view.catalogs[i]!, layer.catalog.size) }))
         options.signal?.throwIfAborted()
         mounted = await mountImage({
           mountpoint: path,
@@ -455,7 +461,7 @@ function sharedBlobFetcher (p: { index: ChunkIndex, resolver: ChunkResolver, pee
  * containerd's side (loaded only when configured): the lazy layers over this node's
  * resolver (src/agent/lazy-layers.ts), and the snapshotter modules that serve them.
  */
-async function lazyLayersFor (config: AgentConfig, p: { origin: RoutedOrigin, resolver: ChunkResolver, fetchBlob: BlobFetcher, index: ChunkIndex, peering: Peering | undefined, trusted: KeyObject[], onOutcome: AgentMetrics['onLayerOutcome'], log: Logger }): Promise<{ lazy: LazyLayers, Snapshotter: typeof import('../snapshotter/snapshotter.ts').Snapshotter, serveSnapshotter: typeof import('../snapshotter/service.ts').serveSnapshotter }> {
+async function lazyLayersFor (config: AgentConfig, p: { origin: RoutedOrigin, resolver: ChunkResolver, fetchBlob: BlobFetcher, index: ChunkIndex, peering: Peering | undefined, trusted: KeyObject[], onOutcome: AgentMetrics['onLayerOutcome'] | undefined, log: Logger }): Promise<{ lazy: LazyLayers, Snapshotter: typeof import('../snapshotter/snapshotter.ts').Snapshotter, serveSnapshotter: typeof import('../snapshotter/service.ts').serveSnapshotter }> {
   const [{ LazyLayers }, { Snapshotter }, { serveSnapshotter }] = await Promise.all([import('./lazy-layers.ts'), import('../snapshotter/snapshotter.ts'), import('../snapshotter/service.ts')])
   const lazy = new LazyLayers({
     trusted: p.trusted,

@@ -1,7 +1,7 @@
 import { readFile } from 'node:fs/promises'
 import { resolve } from 'node:path'
 import { UsageError } from '../errors.ts'
-import { peerBudgetMs } from '../p2p/peer-source.ts'
+import { peerBudgetMs } from '../p2p/peer-source-defaults.ts'
 import { DEFAULT_STATE_DIR } from './constants.ts'
 import type { RegistryAccess } from '../registry/client.ts'
 

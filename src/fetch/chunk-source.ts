@@ -1,6 +1,6 @@
 import { IntegrityError } from '../errors.ts'
 import type { ChunkRef } from '../format/catalog.ts'
-import { decodeChunk } from '../format/codec.ts'
+import { decodeChunkAsync } from '../format/codec.ts'
 import type { RangeReader } from '../origin/range-reader.ts'
 
 /**
@@ -33,7 +33,7 @@ export class OriginChunkSource implements ChunkSource {
     const stored = await this.reader.read(chunk.pack, chunk.packOffset, chunk.storedLength, { signal: options.signal })
     let data: Uint8Array
     try {
-      data = decodeChunk(stored, chunk.codec, chunk.length)
+      data = await decodeChunkAsync(stored, chunk.codec, chunk.length)
     } catch (err) {
       // Bytes that do not even decode are as untrustworthy as bytes that hash wrong.
       throw new IntegrityError(`chunk ${chunk.digest} in pack ${chunk.pack}`, `stored bytes do not decode (${(err as Error).message})`)

@@ -1,5 +1,5 @@
 import { promisify } from 'node:util'
-import { zstdCompress, zstdDecompressSync, constants, type ZstdOptions } from 'node:zlib'
+import { zstdCompress, zstdDecompress, zstdDecompressSync, constants, type ZstdOptions } from 'node:zlib'
 import { FormatError } from '../errors.ts'
 
 /** How a chunk is stored in its pack. Numbers are part of the catalog format. */
@@ -13,6 +13,15 @@ export function parseCompression (value: string): Compression {
 }
 
 const zstdCompressAsync = promisify(zstdCompress)
+const zstdDecompressAsync = promisify(zstdDecompress)
+
+/**
+ * Stored chunks at least this big are decompressed on libuv's thread pool: a 1 MiB
+ * chunk takes about a millisecond of zstd, and the chunks of one range request then
+ * decode side by side instead of one after another on the event loop that answers
+ * FUSE. Smaller ones decode inline, where a thread-pool round trip would cost more.
+ */
+export const ASYNC_DECODE_MIN_BYTES = 64 * 1024
 
 /**
  * Encodes a chunk for a pack, on libuv's thread pool so compression overlaps with
@@ -31,6 +40,12 @@ export async function encodeChunkAsync (data: Uint8Array, compression: Compressi
   } as ZstdOptions)
   if (packed.length <= data.length - (data.length >> 4)) return { codec: Codec.zstd, bytes: packed }
   return { codec: Codec.none, bytes: data }
+}
+
+/** decodeChunk, on the thread pool for big chunks (ASYNC_DECODE_MIN_BYTES). */
+export async function decodeChunkAsync (stored: Uint8Array, codec: number, expectedLength: number): Promise<Uint8Array> {
+  if (codec !== Codec.zstd || stored.length < ASYNC_DECODE_MIN_BYTES) return decodeChunk(stored, codec, expectedLength)
+  return await zstdDecompressAsync(stored, { maxOutputLength: Math.max(expectedLength, 1) })
 }
 
 /** Decodes stored bytes; the caller still verifies length and digest. */

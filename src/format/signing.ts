@@ -3,6 +3,7 @@ import { readFile, writeFile, mkdir, access } from 'node:fs/promises'
 import { join } from 'node:path'
 import { SignatureError, UsageError } from '../errors.ts'
 import type { Digest } from '../oci/digest.ts'
+import { DEFAULT_CLOCK_SKEW_MS } from './signing-defaults.ts'
 
 /**
  * Image signatures: ed25519 over a DSSE envelope (https://github.com/secure-systems-lab/dsse)
@@ -16,10 +17,7 @@ export const SIGNATURE_PAYLOAD_TYPE = 'application/vnd.shoal.manifest-digest.v2+
 /** The v1 payload (manifest digest only): refused, with a message saying how to re-sign. */
 export const SIGNATURE_PAYLOAD_TYPE_V1 = 'application/vnd.shoal.manifest-digest.v1+json'
 
-/** How far a verifier's clock may be behind the signer's (an expiry is honoured this long after it passed). */
-export const DEFAULT_CLOCK_SKEW_MS = 5 * 60_000
-/** How long a signature is valid when neither --expires nor a previous signature says otherwise. */
-export const DEFAULT_SIGNATURE_LIFETIME = '90d'
+export { DEFAULT_CLOCK_SKEW_MS, DEFAULT_SIGNATURE_LIFETIME } from './signing-defaults.ts'
 
 export interface SignaturePayload {
   manifest: Digest

@@ -4,7 +4,6 @@ import type { RegistryAccess } from '../registry/client.ts'
 import { DirOrigin } from './dir-origin.ts'
 import { HttpOrigin, type HttpOriginOptions } from './http-origin.ts'
 import type { Origin, OriginRequestOptions } from './origin.ts'
-import { RegistryOrigin } from './registry-origin.ts'
 
 /**
  * An origin from its configured text: an http(s) URL of a served layout, a
@@ -14,7 +13,8 @@ import { RegistryOrigin } from './registry-origin.ts'
 export async function openOrigin (location: string, options: HttpOriginOptions & { registry?: RegistryAccess } = {}): Promise<Origin> {
   const { registry, ...http } = options
   if (/^https?:\/\//.test(location)) return new HttpOrigin(location, http)
-  if (location.startsWith('docker://')) return await RegistryOrigin.open(location, registry, http)
+  // The registry client (node:https, TLS, credentials) loads only for registry origins.
+  if (location.startsWith('docker://')) return await (await import('./registry-origin.ts')).RegistryOrigin.open(location, registry, http)
   return await DirOrigin.open(location)
 }
 

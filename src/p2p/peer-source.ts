@@ -1,7 +1,6 @@
 import type { PeerId } from '@libp2p/interface'
 import type { ChunkSource } from '../fetch/chunk-source.ts'
 import type { ChunkRef } from '../format/catalog.ts'
-import { UsageError } from '../errors.ts'
 import { sha256, type Digest } from '../oci/digest.ts'
 import type { PeerBans } from './bans.ts'
 import { systemClock, type Clock } from './clock.ts'
@@ -9,119 +8,10 @@ import type { ChunkRequester } from './chunk-client.ts'
 import { MAX_CHUNK_BYTES, normalizeRanges, rangesCover, type ByteRange } from './chunk-protocol.ts'
 import { ProtocolViolationError } from './errors.ts'
 import type { PackRouter } from './pack-router.ts'
+import { DEFAULT_CHUNK_TIMEOUT_MS, PEER_SOURCE_DEFAULTS, peerBudgetMs, type Settings } from './peer-source-defaults.ts'
 import { chunkKey, LARGE_SWARM, nodeKey, selectSources, spreadKey, topNodes, type NodeKey, type Selection } from './rendezvous.ts'
 
-/**
- * The peer source's timing and breadth. Exported so the simulation model and the
- * docs read the same numbers the agent runs with.
- */
-export const PEER_SOURCE_DEFAULTS = {
-  /** Deadline for one peer's answer (on top of the parent wait, for parent requests, and of the transfer time below). */
-  peerTimeoutMs: 500,
-  /**
-   * The slowest transfer a peer's answer is allowed before it times out (and
-   * before a second holder is raced against it): a chunk's deadline grows by its
-   * stored size at this rate. Between agents starved of CPU (20 on 2 cores) a
-   * 2 MiB chunk took over a second, and a flat 500 ms timed out every big chunk
-   * and sent it to the origin: a few chunks, half the origin's bytes.
-   */
-  slowPeerBytesPerSecond: 1 << 20,
-  /** A holder that has not answered by then gets a second holder raced against it. */
-  hedgeDelayMs: 200,
-  /** How long a parent may hold our request while it fetches; then it answers `pending` and we ask again. */
-  parentWaitMs: 2000,
-  /**
-   * More time a parent's answer gets (on top of parentWaitMs, the peer deadline and
-   * the transfer). Leaving a slow parent gains nothing (the next one fetches the
-   * chunk through a chain of its own) and a dead one fails at once (its connection
-   * closes), while a starved parent answers `pending` late: at 20 agents on 2 cores
-   * its timer and its other replies delay it by seconds.
-   */
-  parentGraceMs: 2000,
-  /** Bound on one `get` without progress: after this the resolver goes to the origin. */
-  maxWaitMs: 8000,
-  /**
-   * While a parent keeps answering `pending` (its own fetch is alive), the wait
-   * goes on, up to this: at 3,000 modelled nodes, children that left deep
-   * catalog chains at 8 s swamped the origin and 81 mounts failed. peerBudgetMs
-   * caps it below the chunk timeout, which must leave the origin a try.
-   */
-  maxPendingWaitMs: 14_000,
-  /**
-   * How long `get` waits for a swarm's first lookup when nobody has told us of
-   * themselves yet (members that did are the answer at once: PackRouter); later
-   * lookups refresh in the background.
-   */
-  lookupWaitMs: 1500,
-  /**
-   * A whole blob this small (a chunk that is its own pack: an image's manifest,
-   * signature and config) comes from the origin, not from peers, while its swarm
-   * has fewer than directBlobMaxSwarm other members. A mount reads four of them
-   * one after the other, each a round trip through a distribution tree of
-   * CPU-starved agents (0.5-1.5 s each in a real 10-node burst) where the origin
-   * answers in milliseconds, to save 5-6 KB a node. Catalogs (hundreds of KB)
-   * still go to peers.
-   */
-  directBlobBytes: 64 * 1024,
-  /**
-   * In a bigger swarm they go to peers again: at 2,000 modelled nodes, 6 KB a
-   * node from the origin was 1.8 times a lone node's whole egress. Below 32 nodes
-   * it is under 3 % of it.
-   */
-  directBlobMaxSwarm: 32,
-  /**
-   * A node that finds itself the root of a whole blob (a catalog) less than this
-   * after its first look at the blob's swarm waits out the rest and looks again.
-   * The first nodes of a burst reach the catalogs a second or two after joining the
-   * image's swarm, when they have heard of one or two members: each took itself
-   * for the root and the origin sent the catalogs three times (real 20-node burst;
-   * 3 s was not always enough on a loaded machine).
-   */
-  blobRootWaitMs: 5000,
-  /** Ban for a peer that sent bad bytes or broke the protocol. */
-  banMs: 5 * 60_000,
-  /** A slow or dead peer is skipped for this long, doubling with each failure in a row up to banMs. */
-  suspectMs: 10_000,
-  /**
-   * How long a peer's availability answer is trusted before it is refreshed (in
-   * the background). At 5 s, the refreshes (each pack read, four peers asked) were
-   * most of the frames a burst's agents exchanged, for answers only roots wait for;
-   * a holder that sends us a chunk is noted at once anyway (noteHolds).
-   */
-  availabilityTtlMs: 15_000,
-  /** Swarm peers asked for availability per pack. */
-  availabilitySample: 4,
-  /** Parents to try before giving up to the origin. */
-  maxParents: 3,
-  /** Known holders to try. */
-  maxHolders: 4,
-  /** At most this much of the event loop's delay is added to deadlines, and of it and the transfer time to a get's budget. */
-  maxLagAllowanceMs: 4000,
-  /**
-   * The end of the resolver's chunk timeout kept for the origin: a get never runs
-   * past the chunk timeout minus this, whatever parents say (see peerBudgetMs).
-   */
-  originReserveMs: 2000,
-  /** The least time a get may have; a chunk timeout that leaves less is refused. */
-  minBudgetMs: 1000
-} as const
-
-/** The resolver's default chunk timeout, which the peer source assumes unless told its own. */
-const DEFAULT_CHUNK_TIMEOUT_MS = 20_000
-
-/**
- * The longest one `get` may take, pending parents and lag allowance included, so
- * that a chunk timeout of CHUNKTIMEOUTMS always leaves the origin a try after the
- * peers gave up. At the default 20 s this is 18 s, which the waits above never
- * exceed (maxPendingWaitMs + maxLagAllowanceMs); a shorter timeout shortens them.
- */
-export function peerBudgetMs (chunkTimeoutMs: number, settings: Pick<Settings, 'originReserveMs' | 'minBudgetMs'> = PEER_SOURCE_DEFAULTS): number {
-  const budget = chunkTimeoutMs - settings.originReserveMs
-  if (!(budget >= settings.minBudgetMs)) {
-    throw new UsageError(`a chunk timeout of ${chunkTimeoutMs} ms leaves the peers no time (the origin keeps the last ${settings.originReserveMs} ms, peers need ${settings.minBudgetMs} ms): use --chunk-timeout ${settings.originReserveMs + settings.minBudgetMs} or more, or --no-p2p`)
-  }
-  return budget
-}
+export { PEER_SOURCE_DEFAULTS, peerBudgetMs } from './peer-source-defaults.ts'
 
 export interface PeerChunkSourceOptions extends Partial<Record<keyof typeof PEER_SOURCE_DEFAULTS, number>> {
   self: PeerId
@@ -217,7 +107,6 @@ export class PeerKeys {
   }
 }
 
-type Settings = { readonly [K in keyof typeof PEER_SOURCE_DEFAULTS]: number }
 
 /**
  * Chunks from other nodes, never unverified. For a chunk it:

@@ -39,6 +39,22 @@ process.on('exit', () => { process.stderr.write('\\nLOADED ' + JSON.stringify({ 
     assert.equal(r.undici, false)
   })
 
+  test('an agent without peers or metrics (what `shoal run --no-p2p` starts) loads neither libp2p, prom-client nor the registry client', async () => {
+    const keys = join(dir, 'keys')
+    await run(process.execPath, [MAIN, 'keygen', '--out', keys], { timeout: 60_000 })
+    const script = `
+      import { Agent } from ${JSON.stringify(resolve(import.meta.dirname, '..', '..', 'src', 'agent', 'agent.ts'))}
+      import { defaultConfig, validateConfig } from ${JSON.stringify(resolve(import.meta.dirname, '..', '..', 'src', 'agent', 'config.ts'))}
+      const config = validateConfig({ ...defaultConfig(${JSON.stringify(join(dir, 'agent-state'))}), origins: ['http://127.0.0.1:9'], trust: [${JSON.stringify(join(keys, 'shoal.pub'))}], metrics: '', p2p: { enabled: false, listen: [], peers: [] } })
+      const agent = await Agent.start(config, { control: false })
+      await agent.stop()`
+    const r = await run(process.execPath, ['--import', hook, '--input-type=module', '-e', script], { timeout: 60_000 })
+    const line = r.stderr.split('\n').find(l => l.startsWith('LOADED '))!
+    const urls = (JSON.parse(line.slice(7)) as { urls: string[] }).urls
+    assert.ok(urls.some(u => u.endsWith('/src/agent/agent.ts')), 'the agent was loaded')
+    assert.deepEqual(urls.filter(u => /node_modules\/(libp2p|@libp2p|@chainsafe|multiformats|prom-client|@grpc)\//.test(u) || /\/src\/registry\/|node:https/.test(u)), [])
+  })
+
   test('shoal --help lists every command; each one\'s own --help works', async () => {
     const r = await loaded(['--help'])
     const names = [...r.stdout.matchAll(/^ {2}([a-z]+)\b/gm)].map(m => m[1]!).filter(n => n !== 'help')

@@ -15,15 +15,15 @@ import { tempDir } from '../helpers/tmp.ts'
 
 const execFileAsync = promisify(execFile)
 
-/** An in-process agent (no p2p, no control socket) whose origin holds image `t`: one file, `hello`. */
-async function startAgentWithImage (): Promise<{ dir: string, agent: Agent }> {
+/** An in-process agent (no control socket; peer-to-peer on loopback if asked) whose origin holds image `t`: one file, `hello`. */
+async function startAgentWithImage (options: { p2p?: boolean } = {}): Promise<{ dir: string, agent: Agent }> {
   const dir = await tempDir()
   const keys = generateKeyPairSync('ed25519')
   const src = await buildSyntheticImage(join(dir, 'src'), 't', [[{ type: 'file', path: 'hello', content: 'world\n' }]])
   await convertImage({ source: src.ref, dest: `oci:${join(dir, 'images')}:t`, signingKey: keys.privateKey })
   const pub = join(dir, 'shoal.pub')
   await writeFile(pub, keys.publicKey.export({ type: 'spki', format: 'pem' }))
-  const config = validateConfig({ ...defaultConfig(join(dir, 'state')), origins: [join(dir, 'images')], trust: [pub], metrics: '', p2p: { enabled: false, listen: [], peers: [] } })
+  const config = validateConfig({ ...defaultConfig(join(dir, 'state')), origins: [join(dir, 'images')], trust: [pub], metrics: '', p2p: { enabled: options.p2p === true, listen: ['/ip4/127.0.0.1/tcp/0'], peers: [] } })
   return { dir, agent: await Agent.start(config, { control: false }) }
 }
 
@@ -43,7 +43,8 @@ it('a mount outlives the signal that bounded its set-up', async () => {
 })
 
 it('a chunk a peer asks for before this node knows it is located as soon as a mount learns it', async () => {
-  const { dir, agent } = await startAgentWithImage()
+  // The chunk index says what a node may serve to peers: an agent without peers keeps none.
+  const { dir, agent } = await startAgentWithImage({ p2p: true })
   const hello = sha256(Buffer.from('world\n'))
   try {
     assert.equal(agent.index.locate(hello), undefined)

@@ -1,6 +1,6 @@
 import type { Command } from 'commander'
 import { DEFAULT_CHUNK_SIZE, DEFAULT_PACK_SIZE } from '../../convert/defaults.ts'
-import { DEFAULT_SIGNATURE_LIFETIME } from '../../format/signing.ts'
+import { DEFAULT_SIGNATURE_LIFETIME } from '../../format/signing-defaults.ts'
 import { collect } from '../args.ts'
 
 // The definitions only: each action is in image-actions.ts, imported when it runs, so

@@ -1,5 +1,5 @@
 import type { Command } from 'commander'
-import { DEFAULT_SIGNATURE_LIFETIME } from '../../format/signing.ts'
+import { DEFAULT_SIGNATURE_LIFETIME } from '../../format/signing-defaults.ts'
 import type { RuntimeName } from '../../run/run-container.ts'
 
 export interface TraceFlags { key: string, tag?: string, runtime?: RuntimeName, expires?: string }
