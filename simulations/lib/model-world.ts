@@ -41,8 +41,10 @@
  *   per second per connected peer (up to 20), so that on shared cores a DHT
  *   storm slows everything down, as it does in real runs.
  *
- * RESTATED (their code is wired to libp2p streams, HTTP, SQLite or FUSE; numbers
- * not imported from src are restated, so if they change there, change them here):
+ * RESTATED (their code is wired to libp2p streams, HTTP, SQLite or FUSE), with
+ * their numbers imported from src (CHUNK_SERVER_DEFAULTS, SERVING_DEFAULTS,
+ * RESOLVER_DEFAULTS, RETRY_DEFAULTS, PACK_ROUTER_DEFAULTS, PEER_EXCHANGE), none
+ * restated: the figures below are today's values, for the reader:
  *
  * - Peering and the chunk server's peer exchange: swarm keys (Peering.join):
  *   the image's metadata blobs and its layers' catalogs are in the swarm of its
@@ -106,16 +108,19 @@
  */
 import type { PeerId } from '@libp2p/interface'
 import { createHash } from 'node:crypto'
+import { RESOLVER_DEFAULTS } from '../../src/fetch/constants.ts'
 import { Codec } from '../../src/format/codec.ts'
 import type { ChunkRef } from '../../src/format/catalog.ts'
+import { RETRY_DEFAULTS } from '../../src/http/http-retry.ts'
 import type { Digest } from '../../src/oci/digest.ts'
 import { PeerBans } from '../../src/p2p/bans.ts'
 import type { ChunkReply, ChunkRequester, WantOptions } from '../../src/p2p/chunk-client.ts'
 import { MAX_JOIN_KEYS, MAX_MEMBERS, normalizeRanges, type ByteRange } from '../../src/p2p/chunk-protocol.ts'
+import { CHUNK_SERVER_DEFAULTS } from '../../src/p2p/chunk-server.ts'
 import type { Clock } from '../../src/p2p/clock.ts'
 import { PeerUnavailableError } from '../../src/p2p/errors.ts'
-import type { PackRouter, SwarmAnswer } from '../../src/p2p/pack-router.ts'
 import { SERVING_DEFAULTS } from '../../src/p2p/local-chunks.ts'
+import { PACK_ROUTER_DEFAULTS, type PackRouter, type SwarmAnswer } from '../../src/p2p/pack-router.ts'
 import { PEER_SOURCE_DEFAULTS, PeerChunkSource, PeerKeys, type PeerSourceStats } from '../../src/p2p/peer-source.ts'
 import { CORE_SHARE, LARGE_SWARM, nodeKey, type NodeKey } from '../../src/p2p/rendezvous.ts'
 import { PEER_EXCHANGE, SwarmMembers } from '../../src/p2p/swarm-members.ts'
@@ -126,12 +131,11 @@ import type { WorkloadProfile } from './image.ts'
 import { Link, Transfer } from './links.ts'
 import { arrivalTimes, countOf, killedNodes, mbitToBytes, seededRandom, type ModelParams, type Scenario } from './scenario.ts'
 
-/** ChunkServer's defaults (restated), and the serving policy's bound on fetches for peers (src). */
-const SERVER = { maxConcurrentPerPeer: 64, maxHolderPeers: 8, maxWaitMs: 5000, maxFetchesForPeers: SERVING_DEFAULTS.maxFetchesForPeers }
-/** ChunkResolver's defaults. */
-const RESOLVER = { attempts: 3, retryDelayMs: 200 }
+/** The chunk server's admission and the serving policy's bound on fetches for peers, as src sets them. */
+const SERVER = { ...CHUNK_SERVER_DEFAULTS, maxFetchesForPeers: SERVING_DEFAULTS.maxFetchesForPeers }
+const RESOLVER = RESOLVER_DEFAULTS
 /** RetryingRequests' defaults (HttpOrigin). */
-const HTTP = { retries: 4, baseDelayMs: 100, maxDelayMs: 2000, requestTimeoutMs: 10_000, concurrency: 8 }
+const HTTP = RETRY_DEFAULTS
 const SAMPLE_MS = 250
 
 /** What an honest node sends, and what a bad peer sends: verify() tells them apart, the stats use chunk.length. */
@@ -1079,10 +1083,8 @@ interface Lookup {
   finished: Promise<void>
 }
 
-/** DhtPackRouter: how long a walk that found nobody is reused (unless members told us of themselves). */
-const EMPTY_ANSWER_TTL_MS = 1000
-/** Peering's provideDelayMs: a key's first provide waits 5-15 s. */
-const PROVIDE_DELAY_MS = { min: 60_000, max: 90_000 }
+/** DhtPackRouter: how long a walk that found nobody is reused (unless members told us of themselves), and when a key's first provide goes out. */
+const { emptyAnswerTtlMs: EMPTY_ANSWER_TTL_MS, provideDelayMs: PROVIDE_DELAY_MS } = PACK_ROUTER_DEFAULTS
 const NOBODY: Swarm = { nodes: [], count: 0 }
 
 /** A TCP segment: what a real response makes progress by. */

@@ -8,7 +8,7 @@ import { ChunkClient } from '../p2p/chunk-client.ts'
 import { ChunkServer, type ChunkServerStats } from '../p2p/chunk-server.ts'
 import { NodeChunks, type ChunkLocator, type ChunkStore } from '../p2p/local-chunks.ts'
 import { createPeerNode, loadOrCreatePsk, type PeerNode } from '../p2p/node.ts'
-import { DhtPackRouter, type DhtPackRouterStats } from '../p2p/pack-router.ts'
+import { DhtPackRouter, PACK_ROUTER_DEFAULTS, type DhtPackRouterStats } from '../p2p/pack-router.ts'
 import { PeerChunkSource, type PeerSourceStats } from '../p2p/peer-source.ts'
 import { SwarmMembers } from '../p2p/swarm-members.ts'
 import type { EventLoopLag } from '../p2p/loop-lag.ts'
@@ -143,7 +143,7 @@ export class Peering {
     // Provides wait 60-90 s: in a burst, peer exchange finds the swarm, and DHT traffic
     // during it (every provide reaches every node of a small cluster) was CPU the reads needed
     // (at 5-15 s they landed mid-burst: docs/BENCHMARKS.md, 2026-12-06).
-    const router = new DhtPackRouter(node.libp2p, { members, provideDelayMs: () => 60_000 + Math.random() * 30_000 })
+    const router = new DhtPackRouter(node.libp2p, { members, provideDelayMs: () => PACK_ROUTER_DEFAULTS.provideDelayMs.min + Math.random() * (PACK_ROUTER_DEFAULTS.provideDelayMs.max - PACK_ROUTER_DEFAULTS.provideDelayMs.min) })
     const self = node.peerId.toString()
     const client = new ChunkClient(node.libp2p, {
       // Members a peer passed on: remember where they listen, so that asking one dials it.

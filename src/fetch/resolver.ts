@@ -7,6 +7,7 @@ import { abortable, Semaphore, sleep } from '../util/limit.ts'
 import type { ChunkSource } from './chunk-source.ts'
 import { ChunkUnavailableError, type SourceFailure } from './errors.ts'
 import { errorText, silentLogger, type Logger } from '../util/log.ts'
+import { RESOLVER_DEFAULTS } from './constants.ts'
 
 /**
  * The chunk resolver: the one place the read path gets chunk bytes from.
@@ -42,13 +43,13 @@ export interface ChunkResolverOptions {
   remote: readonly ChunkSource[]
   /** Default: a 64 MiB MemoryCache. */
   memory?: MemoryCache
-  /** Bound on one chunk resolution, retries included. Default 20 s. */
+  /** Bound on one chunk resolution, retries included. Default RESOLVER_DEFAULTS (all four). */
   timeoutMs?: number
-  /** Passes over the remote sources before giving up. Default 3. */
+  /** Passes over the remote sources before giving up. */
   attempts?: number
-  /** Pause before the second pass; it doubles for each further pass. Default 200 ms. */
+  /** Pause before the second pass; it doubles for each further pass. */
   retryDelayMs?: number
-  /** Chunks being prefetched at once, over all prefetch calls. Default 4. */
+  /** Chunks being prefetched at once, over all prefetch calls. */
   prefetchConcurrency?: number
   /** Called for every resolution, failure and bad chunk: the agent's metrics hook. */
   onEvent?: (event: ResolverEvent) => void
@@ -118,10 +119,10 @@ export class ChunkResolver {
     this.disk = options.disk
     this.remote = options.remote
     this.memory = options.memory ?? new MemoryCache()
-    this.timeoutMs = options.timeoutMs ?? 20_000
-    this.attempts = options.attempts ?? 3
-    this.retryDelayMs = options.retryDelayMs ?? 200
-    this.prefetchLimit = new Semaphore(options.prefetchConcurrency ?? 4)
+    this.timeoutMs = options.timeoutMs ?? RESOLVER_DEFAULTS.timeoutMs
+    this.attempts = options.attempts ?? RESOLVER_DEFAULTS.attempts
+    this.retryDelayMs = options.retryDelayMs ?? RESOLVER_DEFAULTS.retryDelayMs
+    this.prefetchLimit = new Semaphore(options.prefetchConcurrency ?? RESOLVER_DEFAULTS.prefetchConcurrency)
     this.onEvent = options.onEvent
     this.log = options.log ?? silentLogger
     if (!(this.timeoutMs > 0)) throw new RangeError(`resolver timeout must be positive, got ${this.timeoutMs}`)

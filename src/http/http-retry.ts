@@ -9,18 +9,20 @@ import { Semaphore, sleep } from '../util/limit.ts'
  * `Response`s, whether they come from global fetch or from node:https.
  */
 
-export interface RetryOptions {
-  /** Extra attempts after the first one for retryable failures. Default 4. */
-  retries?: number
-  /** First backoff delay; it doubles on each retry up to maxDelayMs. Default 100. */
-  baseDelayMs?: number
-  /** Default 2000. */
-  maxDelayMs?: number
-  /** An attempt fails after this long without progress: no headers yet, or no more body bytes (time queued for a slot not counted). Default 10000. */
-  requestTimeoutMs?: number
-  /** Most requests in flight at once. Default 8. */
-  concurrency?: number
-}
+export const RETRY_DEFAULTS = {
+  /** Extra attempts after the first one for retryable failures. */
+  retries: 4,
+  /** First backoff delay (equal jitter); it doubles on each retry up to maxDelayMs. */
+  baseDelayMs: 100,
+  maxDelayMs: 2000,
+  /** An attempt fails after this long without progress: no headers yet, or no more body bytes (time queued for a slot not counted). */
+  requestTimeoutMs: 10_000,
+  /** Most requests in flight at once. */
+  concurrency: 8
+} as const
+
+/** Defaults: RETRY_DEFAULTS (the simulation model reads them too). */
+export type RetryOptions = Partial<Record<keyof typeof RETRY_DEFAULTS, number>>
 
 export interface RequestStats {
   /** Attempts (HTTP requests) sent, retries included; for the registry client an attempt may add an auth round trip or follow a redirect. */
@@ -52,11 +54,11 @@ export class RetryingRequests {
   private readonly limit: Semaphore
 
   constructor (options: RetryOptions = {}) {
-    this.retries = options.retries ?? 4
-    this.baseDelayMs = options.baseDelayMs ?? 100
-    this.maxDelayMs = options.maxDelayMs ?? 2000
-    this.requestTimeoutMs = options.requestTimeoutMs ?? 10_000
-    this.limit = new Semaphore(options.concurrency ?? 8)
+    this.retries = options.retries ?? RETRY_DEFAULTS.retries
+    this.baseDelayMs = options.baseDelayMs ?? RETRY_DEFAULTS.baseDelayMs
+    this.maxDelayMs = options.maxDelayMs ?? RETRY_DEFAULTS.maxDelayMs
+    this.requestTimeoutMs = options.requestTimeoutMs ?? RETRY_DEFAULTS.requestTimeoutMs
+    this.limit = new Semaphore(options.concurrency ?? RETRY_DEFAULTS.concurrency)
   }
 
   /** ATTEMPT (one request and its body) under retries: `retrying(() => once(...))`. */

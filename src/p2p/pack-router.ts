@@ -67,8 +67,16 @@ type Routing = Pick<Libp2p, 'peerId' | 'contentRouting'>
 
 const NOBODY: readonly PeerId[] = Object.freeze([])
 
-/** How long a walk that found nobody is reused. */
-const EMPTY_ANSWER_TTL_MS = 1000
+export const PACK_ROUTER_DEFAULTS = {
+  /** How long a walk that found nobody is reused. */
+  emptyAnswerTtlMs: 1000,
+  /**
+   * The agent's first DHT provide of a key waits between these (ms, uniformly): a
+   * burst's members find each other by JOIN within seconds, and provides landing
+   * mid-burst cost every node CPU it needed for its reads (issue 14).
+   */
+  provideDelayMs: { min: 60_000, max: 90_000 }
+} as const
 
 /** raw binary: a pack is an opaque blob */
 const RAW_CODEC = 0x55
@@ -288,7 +296,7 @@ export class DhtPackRouter implements PackRouter {
       // Deadline or no peers: the providers found so far are the answer until the cache expires.
     } finally {
       // An empty answer is retried sooner: in a burst the others' records may be a moment away.
-      lookup.finish(this.now() + this.cacheTtlMs, this.now() + Math.min(this.cacheTtlMs, EMPTY_ANSWER_TTL_MS))
+      lookup.finish(this.now() + this.cacheTtlMs, this.now() + Math.min(this.cacheTtlMs, PACK_ROUTER_DEFAULTS.emptyAnswerTtlMs))
     }
   }
 }

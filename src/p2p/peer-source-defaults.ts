@@ -1,4 +1,5 @@
 import { UsageError } from '../errors.ts'
+import { RESOLVER_DEFAULTS } from '../fetch/constants.ts'
 
 /**
  * The peer source's timing and breadth. Exported so the simulation model and the
@@ -98,7 +99,7 @@ export const PEER_SOURCE_DEFAULTS = {
 } as const
 
 /** The resolver's default chunk timeout, which the peer source assumes unless told its own. */
-export const DEFAULT_CHUNK_TIMEOUT_MS = 20_000
+export const DEFAULT_CHUNK_TIMEOUT_MS = RESOLVER_DEFAULTS.timeoutMs
 
 /**
  * The longest one `get` may take, pending parents and lag allowance included, so
