@@ -108,7 +108,7 @@ export class SqliteJobQueue implements JobQueue {
       const row = this.db.prepare(`SELECT n.* FROM names n JOIN jobs j ON j.id = n.job_id
         WHERE n.state = 'pending' AND j.state IN ('done', 'skipped')
         AND NOT EXISTS (SELECT 1 FROM names r WHERE r.job_id = n.job_id AND r.state = 'running')
-        ORDER BY n.created_at LIMIT 1`).get() as NameRow | undefined
+        ORDER BY n.created_at, n.rowid LIMIT 1`).get() as NameRow | undefined
       if (row === undefined) return undefined
       this.db.prepare("UPDATE names SET state = 'running' WHERE job_id = ? AND tag = ?").run(row.job_id, row.tag)
       return { name: toName({ ...row, state: 'running' }), job: this.get(row.job_id) }
@@ -120,7 +120,8 @@ export class SqliteJobQueue implements JobQueue {
   }
 
   names (jobId: number): ExtraName[] {
-    return (this.db.prepare('SELECT * FROM names WHERE job_id = ? ORDER BY created_at').all(jobId) as NameRow[]).map(toName)
+    // rowid: the order they were first seen in, when two came within one millisecond.
+    return (this.db.prepare('SELECT * FROM names WHERE job_id = ? ORDER BY created_at, rowid').all(jobId) as NameRow[]).map(toName)
   }
 
   children (jobId: number): Job[] {
