@@ -17,8 +17,6 @@ export const SIGNATURE_PAYLOAD_TYPE = 'application/vnd.shoal.manifest-digest.v2+
 /** The v1 payload (manifest digest only): refused, with a message saying how to re-sign. */
 export const SIGNATURE_PAYLOAD_TYPE_V1 = 'application/vnd.shoal.manifest-digest.v1+json'
 
-export { DEFAULT_CLOCK_SKEW_MS, DEFAULT_SIGNATURE_LIFETIME } from './signing-defaults.ts'
-
 export interface SignaturePayload {
   manifest: Digest
   mediaType: string

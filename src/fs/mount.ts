@@ -52,7 +52,7 @@ export interface MountImageOptions {
 
 export const MOUNT_DEFAULTS = {
   /**
-   * A typical image's catalogs are a few MB (the python image's: about 3 MB for 8,238
+   * A typical image's catalogs are a few MB (the python image's two: 1.2 MB for 8,238
    * entries); reading them whole at mount, sequentially, costs a few ms and spares the
    * first walk or container start a random disk read per B-tree page. An image whose
    * catalogs are larger than this is read on demand as before.

@@ -14,7 +14,7 @@
  * workload.
  */
 
-import { DEFAULT_CLOCK_SKEW_MS } from '../format/signing.ts'
+import { DEFAULT_CLOCK_SKEW_MS } from '../format/signing-defaults.ts'
 
 /** setTimeout's longest delay (about 24.8 days); longer waits are re-armed. */
 const MAX_TIMER_MS = 2 ** 31 - 1

@@ -11,8 +11,6 @@ import type { PackRouter } from './pack-router.ts'
 import { DEFAULT_CHUNK_TIMEOUT_MS, PEER_SOURCE_DEFAULTS, peerBudgetMs, type Settings } from './peer-source-defaults.ts'
 import { chunkKey, LARGE_SWARM, nodeKey, selectSources, spreadKey, topNodes, type NodeKey, type Selection } from './rendezvous.ts'
 
-export { PEER_SOURCE_DEFAULTS, peerBudgetMs } from './peer-source-defaults.ts'
-
 export interface PeerChunkSourceOptions extends Partial<Record<keyof typeof PEER_SOURCE_DEFAULTS, number>> {
   self: PeerId
   router: PackRouter

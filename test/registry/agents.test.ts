@@ -8,7 +8,7 @@ import type { AgentStats } from '../../src/agent/agent.ts'
 import { callAgent } from '../../src/agent/control.ts'
 import { ensureRealFixtures } from '../../scripts/fixtures/debian-images.ts'
 import { generateKeys } from '../../src/format/signing.ts'
-import { PEER_SOURCE_DEFAULTS } from '../../src/p2p/peer-source.ts'
+import { PEER_SOURCE_DEFAULTS } from '../../src/p2p/peer-source-defaults.ts'
 import { tempDir } from '../helpers/tmp.ts'
 import { makeHtpasswd, makeTlsFiles, skopeoCopy, startRegistry, type TestRegistry } from './helpers.ts'
 
