@@ -16,7 +16,7 @@ import type { AgentConfig } from './config.ts'
 
 /** The server's stats before `serve`. */
 const NOT_SERVING: ChunkServerStats = {
-  requests: 0, served: 0, bytesServed: 0, dontHave: 0, busy: 0, pending: 0, parentRequests: 0, localCorruption: 0, hashedBeforeServing: 0, violations: 0,
+  requests: 0, served: 0, bytesServed: 0, dontHave: 0, busy: 0, pending: 0, parentRequests: 0, localCorruption: 0, violations: 0,
   busyAllPeers: 0, busyQueueFull: 0, haveLimited: 0, throttled: 0, overRate: 0, readsPaused: 0, stalled: 0, queuedBytes: 0, inProgress: 0
 }
 

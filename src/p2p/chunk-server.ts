@@ -14,26 +14,12 @@ import type { SwarmMembers } from './swarm-members.ts'
 import { TokenBucket } from '../util/token-bucket.ts'
 
 /**
- * A chunk's bytes as LocalChunks found them. `verified`: this process hashed
- * (or wrote) these very bytes already (its memory cache, a verified disk cache
- * entry, a fetch through its resolver), so the server sends them as they are;
- * otherwise (a disk chunk left by an earlier run, not used yet) it hashes them
- * first. Verified once per trust boundary: the requester hashes what it
- * receives anyway, so hashing our own verified bytes again bought nothing.
- */
-export interface LocalChunk {
-  bytes: Uint8Array
-  verified: boolean
-}
-
-/**
- * What this node can serve. The agent adapts its caches (and, for parent
- * requests, its resolver) to this.
+ * What this node can serve. The agent adapts its verified disk cache (and, for
+ * parent requests, its resolver) to this.
  */
 export interface LocalChunks {
   /**
-   * The chunk's bytes if this node holds them, else undefined; whether they
-   * are verified already says whether the server must hash them (LocalChunk).
+   * The chunk's bytes if this node holds them verified, else undefined.
    *
    * `fetch: true` means the requester chose this node as its parent in the
    * chunk's distribution tree: the agent should fetch it (through its own
@@ -42,17 +28,11 @@ export interface LocalChunks {
    * the fetch carries on and its next ask finds the chunk. `from` is the
    * requester's peer id.
    */
-  get (digest: Digest, options: { signal: AbortSignal, fetch: boolean, from: string }): Promise<LocalChunk | undefined>
-  /** Byte ranges of the pack's stored bytes whose chunks this node holds. */
+  get (digest: Digest, options: { signal: AbortSignal, fetch: boolean, from: string }): Promise<Uint8Array | undefined>
+  /** Byte ranges of the pack's stored bytes whose chunks this node holds, verified. */
   held (pack: Digest): Promise<readonly ByteRange[]>
   /** Whether the chunk is worth compressing for the wire (its image stored it compressed). Default: no. */
   compressible? (digest: Digest): boolean
-  /**
-   * The server hashed the unverified bytes `get` gave for DIGEST and they were
-   * right: record it, so that later gets say verified and the chunk is hashed
-   * once, not once per peer. Default: nothing recorded.
-   */
-  markVerified? (digest: Digest): void
 }
 
 const MiB = 1024 * 1024
@@ -186,20 +166,16 @@ const SLICE_MS = 5
 /** Replies up to this size sent in one turn of the event loop go out together: a write (and an encryption) per reply was most of a flood's cost. */
 const COALESCE_BYTES = 64 * 1024
 /**
- * Chunk bytes let through to hashing (those this process has not verified yet:
- * LocalChunk), compressing and sending per turn of the event loop. Hashing
- * costs 1.5 ms a MiB: 64 chunks of 1 MiB answered together blocked the loop
- * for a tenth of a second. Not on the thread pool: WebCrypto copies its input,
- * all of it at once. Verified chunks, not hashed, are paced all the same: let
- * through at once, a burst of them compressed and sent in a bunch, and the
- * agent's own reads waited up to twice as long in the hostile-peer test. Not
- * one chunk per turn either: sending a MiB at a time between the peer's small
- * frames makes @libp2p/pnet's xsalsa20 regrow its WASM memory (64 MB at most,
- * shared by every connection) each time, and private-network connections died
- * after 128 MB. (In bigger batches they die after about 512 MB: that growth is
+ * Chunk bytes re-hashed per turn of the event loop (1.5 ms a MiB): 64 chunks of
+ * 1 MiB answered together blocked it for a tenth of a second. Not on the thread
+ * pool: WebCrypto copies its input, all of it at once. Not one chunk per turn
+ * either: sending a MiB at a time between the peer's small frames makes
+ * @libp2p/pnet's xsalsa20 regrow its WASM memory (64 MB at most, shared by
+ * every connection) each time, and private-network connections died after
+ * 128 MB. (In bigger batches they die after about 512 MB: that growth is
  * xsalsa20's, not ours.)
  */
-const CHUNK_BYTES_PER_TURN = 8 * 1024 * 1024
+const HASH_BYTES_PER_TURN = 8 * 1024 * 1024
 /**
  * Chunks up to this size travel raw even when their image stored them compressed.
  * Compressing costs a trip through libuv's thread pool here and another one to
@@ -233,10 +209,8 @@ export interface ChunkServerStats {
   pending: number
   /** Parent requests: a child asked us to fetch a chunk if we lack it. */
   parentRequests: number
-  /** Held chunks that failed our own hash (disk corruption), or whose length was not the one asked: answered dont-have. */
+  /** Held chunks that failed our own re-hash (disk corruption): answered dont-have. */
   localCorruption: number
-  /** Held chunks hashed before sending because this process had not verified their bytes yet (LocalChunk.verified); the rest went as they were. */
-  hashedBeforeServing: number
   /** Streams reset because the peer broke the protocol. */
   violations: number
   /** Busy because the requests in progress over all peers reached maxConcurrentRequests. */
@@ -343,7 +317,6 @@ export class ChunkServer {
     pending: 0,
     parentRequests: 0,
     localCorruption: 0,
-    hashedBeforeServing: 0,
     violations: 0,
     busyAllPeers: 0,
     busyQueueFull: 0,
@@ -373,10 +346,10 @@ export class ChunkServer {
   /** Chunk bytes queued over all peers. */
   private queued = 0
   private readonly haveCache = new Map<Digest, CachedHave>()
-  /** Chunk bytes that may still go through this turn, chunks waiting for a later turn, and whether a turn is scheduled (see `pace`). */
-  private turnBudget = CHUNK_BYTES_PER_TURN
-  private readonly turnQueue: Array<{ bytes: number, go: () => void }> = []
-  private turnTick = false
+  /** Bytes hashing may still take this turn, chunks waiting for a later turn, and whether a turn is scheduled (see `hash`). */
+  private hashBudget = HASH_BYTES_PER_TURN
+  private readonly hashQueue: Array<{ bytes: number, go: () => void }> = []
+  private hashTick = false
   private readonly streams = new Set<StreamState>()
   /** The stream each peer sent its JOIN on: where it hears about newcomers. */
   private readonly joined = new Map<string, StreamState>()
@@ -621,20 +594,14 @@ export class ChunkServer {
         this.reply(state, item.id, found ?? 'dont-have')
         return
       }
-      const bytes = found.bytes
       // Counted first, before hashing and compressing them: a refused chunk costs nothing more.
-      if (!this.reserve(peer, bytes.length)) {
+      if (!this.reserve(peer, found.length)) {
         this.stats.busyQueueFull++
         this.reply(state, item.id, 'busy')
         return
       }
-      inHand = bytes.length
-      let good = bytes.length === item.length
-      if (good) {
-        await this.pace(bytes.length)
-        good = found.verified || this.verify(item.digest, bytes)
-      }
-      if (!good) {
+      inHand = found.length
+      if (found.length !== item.length || await this.hash(found) !== item.digest) {
         // Never pass on bytes we cannot vouch for; the agent's cache will find out on its own read.
         this.stats.localCorruption++
         this.reply(state, item.id, 'dont-have')
@@ -642,7 +609,7 @@ export class ChunkServer {
       }
       // On libuv's thread pool, at a fast level: a chunk compressed once per upload, not stored.
       // Not a small one: its bytes saved are worth less than the two thread-pool round trips.
-      const wire = bytes.length > COMPRESS_MIN_BYTES && this.local.compressible?.(item.digest) === true ? await encodeChunkAsync(bytes, 'zstd', 1) : { codec: Codec.none, bytes }
+      const wire = found.length > COMPRESS_MIN_BYTES && this.local.compressible?.(item.digest) === true ? await encodeChunkAsync(found, 'zstd', 1) : { codec: Codec.none, bytes: found }
       if (signal.aborted) return
       if (!this.bucket.tryTake(wire.bytes.length)) {
         this.reply(state, item.id, 'busy')
@@ -666,35 +633,28 @@ export class ChunkServer {
     }
   }
 
-  /** Whether unverified held BYTES are DIGEST's (hashed, after `pace`); if so, LocalChunks records it, and no peer's request hashes them again. */
-  private verify (digest: Digest, bytes: Uint8Array): boolean {
-    this.stats.hashedBeforeServing++
-    if (sha256(bytes) !== digest) return false
-    this.local.markVerified?.(digest)
-    return true
-  }
-
-  /** Resolves when a chunk of BYTES may go on (hashed if need be, compressed, sent): CHUNK_BYTES_PER_TURN per turn of the event loop (one chunk always fits). */
-  private async pace (bytes: number): Promise<void> {
-    this.scheduleTurn()
-    const fits = (): boolean => this.turnBudget >= bytes || this.turnBudget === CHUNK_BYTES_PER_TURN
-    if (this.turnQueue.length > 0 || !fits()) await new Promise<void>(go => this.turnQueue.push({ bytes, go }))
-    else this.turnBudget -= bytes
+  /** SHA-256 of a chunk about to be sent, within HASH_BYTES_PER_TURN per turn of the event loop (one chunk always fits). */
+  private async hash (bytes: Uint8Array): Promise<Digest> {
+    this.scheduleHashTurn()
+    const fits = (): boolean => this.hashBudget >= bytes.length || this.hashBudget === HASH_BYTES_PER_TURN
+    if (this.hashQueue.length > 0 || !fits()) await new Promise<void>(go => this.hashQueue.push({ bytes: bytes.length, go }))
+    else this.hashBudget -= bytes.length
+    return sha256(bytes)
   }
 
   /** The next turn refills the budget and lets waiting chunks through, in order, while it lasts. */
-  private scheduleTurn (): void {
-    if (this.turnTick) return
-    this.turnTick = true
+  private scheduleHashTurn (): void {
+    if (this.hashTick) return
+    this.hashTick = true
     setImmediate(() => {
-      this.turnTick = false
-      this.turnBudget = CHUNK_BYTES_PER_TURN
-      while (this.turnQueue.length > 0 && (this.turnBudget >= this.turnQueue[0]!.bytes || this.turnBudget === CHUNK_BYTES_PER_TURN)) {
-        const next = this.turnQueue.shift()!
-        this.turnBudget -= next.bytes
+      this.hashTick = false
+      this.hashBudget = HASH_BYTES_PER_TURN
+      while (this.hashQueue.length > 0 && (this.hashBudget >= this.hashQueue[0]!.bytes || this.hashBudget === HASH_BYTES_PER_TURN)) {
+        const next = this.hashQueue.shift()!
+        this.hashBudget -= next.bytes
         next.go()
       }
-      if (this.turnQueue.length > 0) this.scheduleTurn()
+      if (this.hashQueue.length > 0) this.scheduleHashTurn()
     })
   }
 
@@ -730,8 +690,8 @@ export class ChunkServer {
     this.pauseReads(state)
   }
 
-  /** The chunk, undefined (not held), or 'pending' (a fetch for a child still running when the wait ran out). */
-  private async lookup (item: WantItem, from: string, signal: AbortSignal): Promise<LocalChunk | undefined | 'pending'> {
+  /** Bytes, undefined (not held), or 'pending' (a fetch for a child still running when the wait ran out). */
+  private async lookup (item: WantItem, from: string, signal: AbortSignal): Promise<Uint8Array | undefined | 'pending'> {
     if (!item.fetch) return await this.local.get(item.digest, { signal, fetch: false, from })
     this.stats.parentRequests++
     const fetching = this.local.get(item.digest, { signal, fetch: true, from })

@@ -2,7 +2,7 @@ import type { ChunkRef } from '../format/catalog.ts'
 import { Codec } from '../format/codec.ts'
 import type { Digest } from '../oci/digest.ts'
 import type { ByteRange } from './chunk-protocol.ts'
-import type { LocalChunk, LocalChunks } from './chunk-server.ts'
+import type { LocalChunks } from './chunk-server.ts'
 
 /**
  * How this node serves its peers, beyond the chunk server's per-request limits
@@ -37,18 +37,12 @@ export interface ChunkLocator {
 
 /** The node's chunks: what it holds, and its resolver for what it does not. */
 export interface ChunkStore {
-  /**
-   * The chunk's bytes if held (memory, then disk), else undefined. Never fetches.
-   * Verified (LocalChunk) when this process hashed or wrote them: a memory cache
-   * hit, a disk entry DiskCache.isVerified; the server hashes the rest.
-   */
-  held (chunk: ChunkRef, signal: AbortSignal): Promise<LocalChunk | undefined>
+  /** The chunk's bytes if held (memory, then disk; the server hashes them again before sending), else undefined. Never fetches. */
+  held (chunk: ChunkRef, signal: AbortSignal): Promise<Uint8Array | undefined>
   /** Whether the chunk is held (memory or disk), without reading it. */
   has (digest: Digest): boolean
   /** The chunk through the node's resolver (cache, its own peers, the origin), verified; once however many ask (singleflight). */
   fetch (chunk: ChunkRef, signal: AbortSignal): Promise<Uint8Array>
-  /** The server hashed unverified bytes `held` gave for DIGEST and they were right (DiskCache.markVerified): not hashed again. */
-  markVerified (digest: Digest): void
 }
 
 export interface NodeChunksOptions {
@@ -61,9 +55,8 @@ export interface NodeChunksOptions {
 
 /**
  * What the chunk server serves (LocalChunks): a chunk a verified catalog vouches
- * for, from memory or disk (verified or not, as the store says); asked as a parent
- * (`fetch`), fetched through the node's own resolver within `maxFetchesForPeers`
- * (verified: the resolver hashed it).
+ * for, from memory or disk; asked as a parent (`fetch`), fetched through the node's
+ * own resolver within `maxFetchesForPeers`.
  */
 export class NodeChunks implements LocalChunks {
   readonly limits: Record<keyof typeof SERVING_DEFAULTS, number>
@@ -79,7 +72,7 @@ export class NodeChunks implements LocalChunks {
     this.limits = { ...SERVING_DEFAULTS, ...options.limits }
   }
 
-  async get (digest: Digest, { signal, fetch, from }: { signal: AbortSignal, fetch: boolean, from: string }): Promise<LocalChunk | undefined> {
+  async get (digest: Digest, { signal, fetch, from }: { signal: AbortSignal, fetch: boolean, from: string }): Promise<Uint8Array | undefined> {
     const ref = fetch
       ? await this.locator.locateSoon(digest, AbortSignal.any([signal, AbortSignal.timeout(this.limits.locateWaitMs)]))
       : this.locator.locate(digest)
@@ -100,14 +93,10 @@ export class NodeChunks implements LocalChunks {
     }
     this.stats.fetchesForPeers++
     try {
-      return { bytes: await this.store.fetch(ref, signal), verified: true }
+      return await this.store.fetch(ref, signal)
     } finally {
       this.stats.fetchesForPeers--
     }
-  }
-
-  markVerified (digest: Digest): void {
-    this.store.markVerified(digest)
   }
 
   compressible (digest: Digest): boolean {
@@ -121,28 +110,11 @@ export class NodeChunks implements LocalChunks {
   }
 }
 
-/** What resolverStore needs of a disk cache (DiskCache's methods). */
-export interface StoreDisk {
-  get (chunk: ChunkRef, options: { signal: AbortSignal }): Promise<Uint8Array | undefined>
-  has (digest: Digest): boolean
-  isVerified (digest: Digest): boolean
-  markVerified (digest: Digest): void
-}
-
 /** A ChunkStore over a resolver and its disk cache (the agent's, the hostile-peer test's victim). */
-export function resolverStore (resolver: { memory: { get (digest: Digest): Uint8Array | undefined, has (digest: Digest): boolean }, get (chunk: ChunkRef, options: { signal: AbortSignal }): Promise<Uint8Array> }, disk: StoreDisk): ChunkStore {
+export function resolverStore (resolver: { memory: { get (digest: Digest): Uint8Array | undefined, has (digest: Digest): boolean }, get (chunk: ChunkRef, options: { signal: AbortSignal }): Promise<Uint8Array> }, disk: { get (chunk: ChunkRef, options: { signal: AbortSignal }): Promise<Uint8Array | undefined>, has (digest: Digest): boolean }): ChunkStore {
   return {
-    held: async (chunk, signal) => {
-      // The memory cache holds only what the resolver verified.
-      const hit = resolver.memory.get(chunk.digest)
-      if (hit !== undefined) return { bytes: hit, verified: true }
-      // Asked before the read: an entry never stops being verified, and any new one is this process's write (verified), so a yes holds for the bytes read after.
-      const verified = disk.isVerified(chunk.digest)
-      const bytes = await disk.get(chunk, { signal })
-      return bytes === undefined ? undefined : { bytes, verified }
-    },
+    held: async (chunk, signal) => resolver.memory.get(chunk.digest) ?? await disk.get(chunk, { signal }),
     has: digest => disk.has(digest) || resolver.memory.has(digest),
-    fetch: async (chunk, signal) => await resolver.get(chunk, { signal }),
-    markVerified: digest => { disk.markVerified(digest) }
+    fetch: async (chunk, signal) => await resolver.get(chunk, { signal })
   }
 }

@@ -5,7 +5,7 @@ import { sha256, type Digest } from '../../src/oci/digest.ts'
 import { sleep } from '../../src/util/limit.ts'
 import type { PeerId } from '@libp2p/interface'
 import type { ByteRange } from '../../src/p2p/chunk-protocol.ts'
-import type { LocalChunk, LocalChunks } from '../../src/p2p/chunk-server.ts'
+import type { LocalChunks } from '../../src/p2p/chunk-server.ts'
 import { createPeerNode, type PeerNode, type PeerNodeOptions } from '../../src/p2p/node.ts'
 import type { PackRouter, SwarmAnswer } from '../../src/p2p/pack-router.ts'
 import { tempDir } from '../helpers/tmp.ts'
@@ -69,14 +69,9 @@ export function seededPack (seed: string, count: number, size: number): { pack: 
 /**
  * LocalChunks over a map: what the agent's verified cache looks like to the
  * chunk server. `fetch` stands in for the agent's resolver on owner requests.
- * Its chunks are verified unless listed in `unverified` (a disk chunk from an
- * earlier run): those the server hashes, and `markVerified` takes them off.
  */
 export class MemoryChunks implements LocalChunks {
   readonly chunks = new Map<Digest, TestChunk>()
-  readonly unverified = new Set<Digest>()
-  /** Digests the server reported verified (markVerified), in order. */
-  readonly marked: Digest[] = []
   fetch: ((digest: Digest, signal: AbortSignal) => Promise<Uint8Array | undefined>) | undefined
   compressible: ((digest: Digest) => boolean) | undefined
   /** Makes every get wait first (a slow disk, or a peer about to die). */
@@ -90,7 +85,7 @@ export class MemoryChunks implements LocalChunks {
     return this
   }
 
-  async get (digest: Digest, options: { signal: AbortSignal, fetch: boolean }): Promise<LocalChunk | undefined> {
+  async get (digest: Digest, options: { signal: AbortSignal, fetch: boolean }): Promise<Uint8Array | undefined> {
     this.gets++
     if (this.delayMs > 0) {
       await sleep(this.delayMs, options.signal).catch((err: unknown) => {
@@ -99,14 +94,9 @@ export class MemoryChunks implements LocalChunks {
       })
     }
     const held = this.chunks.get(digest)
-    if (held !== undefined) return { bytes: held.bytes, verified: !this.unverified.has(digest) }
-    const fetched = options.fetch && this.fetch !== undefined ? await this.fetch(digest, options.signal) : undefined
-    return fetched === undefined ? undefined : { bytes: fetched, verified: true }
-  }
-
-  markVerified (digest: Digest): void {
-    this.marked.push(digest)
-    this.unverified.delete(digest)
+    if (held !== undefined) return held.bytes
+    if (options.fetch && this.fetch !== undefined) return await this.fetch(digest, options.signal)
+    return undefined
   }
 
   async held (pack: Digest): Promise<readonly ByteRange[]> {

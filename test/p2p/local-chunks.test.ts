@@ -1,15 +1,10 @@
 import assert from 'node:assert/strict'
 import { randomBytes } from 'node:crypto'
-import { join } from 'node:path'
 import { describe, it } from 'node:test'
-import { DiskCache } from '../../src/cache/disk-cache.ts'
-import { MemoryCache } from '../../src/cache/memory-cache.ts'
 import type { ChunkRef } from '../../src/format/catalog.ts'
 import { Codec } from '../../src/format/codec.ts'
 import { sha256, type Digest } from '../../src/oci/digest.ts'
-import { tempDir } from '../helpers/tmp.ts'
-import type { LocalChunk } from '../../src/p2p/chunk-server.ts'
-import { NodeChunks, SERVING_DEFAULTS, resolverStore, type ChunkLocator, type ChunkStore } from '../../src/p2p/local-chunks.ts'
+import { NodeChunks, SERVING_DEFAULTS, type ChunkLocator, type ChunkStore } from '../../src/p2p/local-chunks.ts'
 
 function chunk (i: number): { ref: ChunkRef, bytes: Uint8Array } {
   const bytes = randomBytes(64)
@@ -40,22 +35,15 @@ class MapLocator implements ChunkLocator {
   packChunks (pack: Digest): ChunkRef[] { return [...this.refs.values()].filter(r => r.pack === pack) }
 }
 
-/** A store holding some chunks (verified unless in `unverified`); fetches wait until released (or their signal aborts). */
+/** A store holding some chunks; fetches wait until released (or their signal aborts). */
 class GatedStore implements ChunkStore {
   readonly held_ = new Map<Digest, Uint8Array>()
-  readonly unverified = new Set<Digest>()
-  readonly marked: Digest[] = []
   readonly fetching = new Map<Digest, () => void>()
   fetches = 0
   private readonly bytes: Map<Digest, Uint8Array>
   constructor (bytes: Map<Digest, Uint8Array>) { this.bytes = bytes }
-  async held (ref: ChunkRef): Promise<LocalChunk | undefined> {
-    const bytes = this.held_.get(ref.digest)
-    return bytes === undefined ? undefined : { bytes, verified: !this.unverified.has(ref.digest) }
-  }
-
+  async held (ref: ChunkRef): Promise<Uint8Array | undefined> { return this.held_.get(ref.digest) }
   has (digest: Digest): boolean { return this.held_.has(digest) }
-  markVerified (digest: Digest): void { this.marked.push(digest) }
   async fetch (ref: ChunkRef, signal: AbortSignal): Promise<Uint8Array> {
     this.fetches++
     await new Promise<void>((resolve, reject) => {
@@ -77,8 +65,6 @@ function setup (count: number, limits?: ConstructorParameters<typeof NodeChunks>
 }
 
 const settle = async (): Promise<void> => { await new Promise(resolve => setImmediate(resolve)) }
-/** What get answers for bytes this process verified (held verified, or fetched through the resolver). */
-const verified = (bytes: Uint8Array): LocalChunk => ({ bytes, verified: true })
 
 describe('NodeChunks (the serving policy)', () => {
   it('has its numbers in SERVING_DEFAULTS', () => {
@@ -100,23 +86,23 @@ describe('NodeChunks (the serving policy)', () => {
     assert.equal(store.fetches, limit, 'no fetch started beyond the limit')
     // A chunk already held is served whatever the limit: it costs no fetch.
     store.held_.set(chunks[limit + 1]!.ref.digest, chunks[limit + 1]!.bytes)
-    assert.deepEqual(await local.get(chunks[limit + 1]!.ref.digest, { signal, fetch: true, from: 'child' }), verified(chunks[limit + 1]!.bytes))
+    assert.deepEqual(await local.get(chunks[limit + 1]!.ref.digest, { signal, fetch: true, from: 'child' }), chunks[limit + 1]!.bytes)
     for (const release of store.fetching.values()) release()
     const got = await Promise.all(parents)
-    assert.deepEqual(got, chunks.slice(0, limit).map(c => verified(c.bytes)))
+    assert.deepEqual(got, chunks.slice(0, limit).map(c => c.bytes))
     assert.equal(local.stats.fetchesForPeers, 0, 'every slot came back')
     // With the slots back, the one refused before is fetched.
     const again = local.get(chunks[limit]!.ref.digest, { signal, fetch: true, from: 'child' })
     await settle()
     store.fetching.get(chunks[limit]!.ref.digest)!()
-    assert.deepEqual(await again, verified(chunks[limit]!.bytes))
+    assert.deepEqual(await again, chunks[limit]!.bytes)
   })
 
   it('a holder request (no fetch flag) is answered from what is held, never fetched', async () => {
     const { chunks, store, local } = setup(2)
     store.held_.set(chunks[0]!.ref.digest, chunks[0]!.bytes)
     const signal = AbortSignal.timeout(30_000)
-    assert.deepEqual(await local.get(chunks[0]!.ref.digest, { signal, fetch: false, from: 'p' }), verified(chunks[0]!.bytes))
+    assert.deepEqual(await local.get(chunks[0]!.ref.digest, { signal, fetch: false, from: 'p' }), chunks[0]!.bytes)
     assert.equal(await local.get(chunks[1]!.ref.digest, { signal, fetch: false, from: 'p' }), undefined)
     assert.equal(store.fetches, 0)
   })
@@ -145,7 +131,7 @@ describe('NodeChunks (the serving policy)', () => {
     locator.learn(c.ref)
     await settle()
     store2.fetching.get(c.ref.digest)!()
-    assert.deepEqual(await waiting, verified(c.bytes))
+    assert.deepEqual(await waiting, c.bytes)
   })
 
   it('abort: a cancelled request stops waiting for the locator, and a cancelled fetch gives its slot back', async () => {
@@ -172,7 +158,7 @@ describe('NodeChunks (the serving policy)', () => {
     const other = local.get(chunks[0]!.ref.digest, { signal, fetch: true, from: 'someone else' })
     await settle()
     store.fetching.get(chunks[0]!.ref.digest)!()
-    assert.deepEqual(await other, verified(chunks[0]!.bytes))
+    assert.deepEqual(await other, chunks[0]!.bytes)
   })
 
   it('answers availability with the held chunks\' ranges, and compression by the catalog\'s codec', async () => {
@@ -183,52 +169,5 @@ describe('NodeChunks (the serving policy)', () => {
     assert.equal(local.compressible(chunks[1]!.ref.digest), true)
     assert.equal(local.compressible(chunks[2]!.ref.digest), false)
     assert.equal(local.compressible(sha256(Buffer.from('unknown'))), false)
-  })
-
-  it('says whether held bytes are verified, as the store does; fetched ones are; markVerified reaches the store', async () => {
-    const { chunks, store, local } = setup(3)
-    store.held_.set(chunks[0]!.ref.digest, chunks[0]!.bytes)
-    store.held_.set(chunks[1]!.ref.digest, chunks[1]!.bytes)
-    store.unverified.add(chunks[1]!.ref.digest)
-    const signal = AbortSignal.timeout(30_000)
-    assert.deepEqual(await local.get(chunks[0]!.ref.digest, { signal, fetch: false, from: 'p' }), { bytes: chunks[0]!.bytes, verified: true })
-    assert.deepEqual(await local.get(chunks[1]!.ref.digest, { signal, fetch: true, from: 'p' }), { bytes: chunks[1]!.bytes, verified: false })
-    const fetching = local.get(chunks[2]!.ref.digest, { signal, fetch: true, from: 'p' })
-    await settle()
-    store.fetching.get(chunks[2]!.ref.digest)!()
-    assert.deepEqual(await fetching, { bytes: chunks[2]!.bytes, verified: true }, 'the resolver verified what it fetched')
-    local.markVerified(chunks[1]!.ref.digest)
-    assert.deepEqual(store.marked, [chunks[1]!.ref.digest])
-  })
-})
-
-describe('resolverStore (the agent\'s ChunkStore)', () => {
-  it('memory hits and disk chunks this process wrote or hashed are verified; a disk chunk from before it is not, until markVerified', async () => {
-    const dir = join(await tempDir(), 'cache')
-    const [old, written, inMemory] = [chunk(0), chunk(1), chunk(2)]
-    const before = await DiskCache.open({ dir, maxBytes: 1 << 30 })
-    await before.put(old.ref.digest, old.bytes)
-    await before.close()
-    // A new process: what it finds on disk it has not hashed.
-    const disk = await DiskCache.open({ dir, maxBytes: 1 << 30 })
-    await disk.put(written.ref.digest, written.bytes)
-    const memory = new MemoryCache()
-    memory.set(inMemory.ref.digest, inMemory.bytes)
-    const store = resolverStore({ memory, get: async () => { throw new Error('not used') } }, disk)
-    const signal = AbortSignal.timeout(30_000)
-    try {
-      assert.deepEqual(await store.held(inMemory.ref, signal), { bytes: inMemory.bytes, verified: true })
-      assert.deepEqual(await store.held(written.ref, signal), { bytes: written.bytes, verified: true })
-      const found = await store.held(old.ref, signal)
-      assert.equal(found?.verified, false, 'found on disk at startup: the server must hash it')
-      assert.ok(found !== undefined && Buffer.from(found.bytes).equals(old.bytes))
-      assert.equal(await store.held(chunk(3).ref, signal), undefined)
-      store.markVerified(old.ref.digest)
-      assert.equal(disk.isVerified(old.ref.digest), true)
-      assert.equal(disk.stats.verifiedOnFirstUse, 1)
-      assert.equal((await store.held(old.ref, signal))?.verified, true, 'hashed once, then trusted')
-    } finally {
-      await disk.close()
-    }
   })
 })
