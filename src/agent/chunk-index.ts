@@ -129,7 +129,7 @@ export class ChunkIndex implements ChunkLocator {
 
   private async read (digest: Digest, catalog: Catalog, size: number): Promise<void> {
     let rows = 0
-    for (const ref of catalog.allChunks()) {
+    for (const ref of catalog.chunksUnordered()) {
       if (++rows % ROWS_PER_TURN === 0) {
         await new Promise(resolve => setImmediate(resolve))
         if (this.closed) return
@@ -139,7 +139,7 @@ export class ChunkIndex implements ChunkLocator {
       if (pack === undefined) this.packs.set(ref.pack, pack = { chunks: [], digests: new Set(), sorted: true })
       if (pack.digests.has(ref.digest)) continue
       pack.digests.add(ref.digest)
-      // allChunks runs in pack order: a list stays sorted unless another catalog's rows interleave.
+      // Rows come mostly in pack order: a list stays marked sorted until one arrives out of order.
       if (pack.sorted && pack.chunks.length > 0 && pack.chunks[pack.chunks.length - 1]!.packOffset > ref.packOffset) pack.sorted = false
       pack.chunks.push(ref)
       if (this.waiters.size > 0) this.wake(ref.digest)

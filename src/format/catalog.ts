@@ -154,6 +154,21 @@ export class Catalog {
     }))
   }
 
+  /**
+   * Every chunk with its pack, in no particular order (the converter's: by pack,
+   * mostly): one pass over the chunks table, without the sort and the join of
+   * `allChunks`, for a caller that orders what it needs itself (the agent's chunk
+   * index, built at every mount of a node with peers: 52 ms against 22 ms cold for
+   * the python image's 6,500 chunks).
+   */
+  *chunksUnordered (): Generator<ChunkRef> {
+    const packs = new Map(this.db.prepare('SELECT id, digest FROM packs').raw().all() as Array<[number, Digest]>)
+    const rows = this.db.prepare('SELECT digest, length, pack, pack_offset, stored_length, codec FROM chunks').raw().iterate() as IterableIterator<[Buffer, number, number, number, number, number]>
+    for (const [digest, length, pack, packOffset, storedLength, codec] of rows) {
+      yield { digest: digestFromHex(digest), length, pack: packs.get(pack)!, packOffset, storedLength, codec }
+    }
+  }
+
   /** Every chunk with its pack, ordered as stored (for verification and prefetch). */
   *allChunks (): Generator<ChunkRef> {
     const rows = this.db.prepare(`SELECT c.digest, c.length, p.digest AS pack, c.pack_offset, c.stored_length, c.codec
