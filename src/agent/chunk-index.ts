@@ -129,7 +129,7 @@ export class ChunkIndex implements ChunkLocator {
 
   private async read (digest: Digest, catalog: Catalog, size: number): Promise<void> {
     let rows = 0
-    for (const ref of catalog.chunksUnordered()) {
+    for (const ref of catalog.allChunks()) {
       if (++rows % ROWS_PER_TURN === 0) {
         await new Promise(resolve => setImmediate(resolve))
         if (this.closed) return

@@ -1,29 +1,22 @@
 import assert from 'node:assert/strict'
 import { execFile } from 'node:child_process'
-import { generateKeyPairSync } from 'node:crypto'
-import { writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import { it } from 'node:test'
 import { promisify } from 'node:util'
 import { Agent } from '../../src/agent/agent.ts'
 import { defaultConfig, validateConfig } from '../../src/agent/config.ts'
-import { convertImage } from '../../src/convert/convert.ts'
 import { sha256 } from '../../src/oci/digest.ts'
 import { isFuseMount } from '../../src/fs/stale-mount.ts'
-import { buildSyntheticImage } from '../helpers/synthetic.ts'
 import { tempDir } from '../helpers/tmp.ts'
+import { helloImage } from './helpers.ts'
 
 const execFileAsync = promisify(execFile)
 
 /** An in-process agent (no control socket; peer-to-peer on loopback if asked) whose origin holds image `t`: one file, `hello`. */
 async function startAgentWithImage (options: { p2p?: boolean } = {}): Promise<{ dir: string, agent: Agent }> {
   const dir = await tempDir()
-  const keys = generateKeyPairSync('ed25519')
-  const src = await buildSyntheticImage(join(dir, 'src'), 't', [[{ type: 'file', path: 'hello', content: 'world\n' }]])
-  await convertImage({ source: src.ref, dest: `oci:${join(dir, 'images')}:t`, signingKey: keys.privateKey })
-  const pub = join(dir, 'shoal.pub')
-  await writeFile(pub, keys.publicKey.export({ type: 'spki', format: 'pem' }))
-  const config = validateConfig({ ...defaultConfig(join(dir, 'state')), origins: [join(dir, 'images')], trust: [pub], metrics: '', p2p: { enabled: options.p2p === true, listen: ['/ip4/127.0.0.1/tcp/0'], peers: [] } })
+  const { images, pub } = await helloImage(dir)
+  const config = validateConfig({ ...defaultConfig(join(dir, 'state')), origins: [images], trust: [pub], metrics: '', p2p: { enabled: options.p2p === true, listen: ['/ip4/127.0.0.1/tcp/0'], peers: [] } })
   return { dir, agent: await Agent.start(config, { control: false }) }
 }
 

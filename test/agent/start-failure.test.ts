@@ -5,8 +5,7 @@
  * snapshotter socket, no mount — so that the next start on the same state dir works.
  */
 import assert from 'node:assert/strict'
-import { generateKeyPairSync } from 'node:crypto'
-import { mkdir, readdir, readFile, readlink, rmdir, writeFile } from 'node:fs/promises'
+import { mkdir, readdir, readFile, readlink, rmdir } from 'node:fs/promises'
 import { connect } from 'node:net'
 import { join } from 'node:path'
 import { describe, it } from 'node:test'
@@ -14,11 +13,10 @@ import { Agent } from '../../src/agent/agent.ts'
 import { defaultConfig, validateConfig, type AgentConfig } from '../../src/agent/config.ts'
 import { controlSocketPath } from '../../src/agent/control.ts'
 import { Parts } from '../../src/agent/parts.ts'
-import { convertImage } from '../../src/convert/convert.ts'
 import type { Logger } from '../../src/util/log.ts'
 import { silentLogger } from '../../src/util/log.ts'
-import { buildSyntheticImage } from '../helpers/synthetic.ts'
 import { tempDir } from '../helpers/tmp.ts'
+import { helloImage } from './helpers.ts'
 
 /** What this process holds open: its descriptors (files by path, sockets counted) and libuv's handles by kind. */
 async function held (): Promise<{ files: string[], sockets: number, handles: Record<string, number> }> {
@@ -52,14 +50,10 @@ async function refuses (port: number): Promise<boolean> {
 /** A state dir with a cached image (so the index opens a catalog) and a config using every part. */
 async function setUp (): Promise<{ dir: string, config: AgentConfig }> {
   const dir = await tempDir()
-  const keys = generateKeyPairSync('ed25519')
-  const src = await buildSyntheticImage(join(dir, 'src'), 't', [[{ type: 'file', path: 'hello', content: 'world\n' }]])
-  await convertImage({ source: src.ref, dest: `oci:${join(dir, 'images')}:t`, signingKey: keys.privateKey })
-  const pub = join(dir, 'shoal.pub')
-  await writeFile(pub, keys.publicKey.export({ type: 'spki', format: 'pem' }))
+  const { images, pub } = await helloImage(dir)
   const config = validateConfig({
     ...defaultConfig(join(dir, 'state')),
-    origins: [join(dir, 'images')],
+    origins: [images],
     trust: [pub],
     metrics: '127.0.0.1:0',
     p2p: { enabled: true, listen: ['/ip4/127.0.0.1/tcp/0'], peers: [] }

@@ -1,7 +1,11 @@
 import { execFile } from 'node:child_process'
 import { open } from 'node:fs/promises'
+import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
-import type { testResolver } from '../fetch/helpers.ts'
+import { DiskCache } from '../../src/cache/disk-cache.ts'
+import { testChunks, testResolver, TestSource } from '../fetch/helpers.ts'
+import { tempDir } from '../helpers/tmp.ts'
+import { until } from '../origin/helpers.ts'
 
 /** What the disk-cache damage tests share: the CLI, a flipped byte, a read through the resolver's pread path. */
 
@@ -36,4 +40,21 @@ export async function read (resolver: Awaited<ReturnType<typeof testResolver>>['
   const target = Buffer.alloc(length)
   await resolver.read(chunk.ref, target, 0, offset, length, { signal })
   return target
+}
+
+/**
+ * A state dir whose running cache (open files checked every 50 ms) holds four chunks of
+ * CHUNKBYTES each, fetched through a resolver from ORIGIN and written; chunk 1 is the one
+ * the tests damage.
+ */
+export async function cachedChunks (chunkBytes: number): Promise<{ state: string, dir: string, chunks: ReturnType<typeof testChunks>, victim: ReturnType<typeof testChunks>[number], disk: DiskCache, origin: TestSource, resolver: Awaited<ReturnType<typeof testResolver>>['resolver'] }> {
+  const state = await tempDir()
+  const dir = join(state, 'cache')
+  const chunks = testChunks(4, chunkBytes)
+  const disk = await DiskCache.open({ dir, maxBytes: 1 << 30, openFileCheckMs: 50 })
+  const origin = new TestSource('origin', chunks)
+  const { resolver } = await testResolver({ remote: [origin], disk })
+  for (const c of chunks) await resolver.get(c.ref, { signal })
+  await until(() => disk.stats.writes === chunks.length)
+  return { state, dir, chunks, victim: chunks[1]!, disk, origin, resolver }
 }

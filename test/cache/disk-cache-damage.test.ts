@@ -7,7 +7,7 @@ import { digestHex } from '../../src/oci/digest.ts'
 import { tempDir } from '../helpers/tmp.ts'
 import { until } from '../origin/helpers.ts'
 import { testChunks, testResolver, TestSource } from '../fetch/helpers.ts'
-import { flipBits, read, shoal } from './damage-helpers.ts'
+import { cachedChunks, flipBits, read, shoal } from './damage-helpers.ts'
 
 const signal = new AbortController().signal
 
@@ -105,15 +105,7 @@ describe('a cache file damaged on disk', () => {
   })
 
   it('bits flipped while the agent runs: `shoal cache verify` deletes it, and the agent stops serving it', async () => {
-    const state = await tempDir()
-    const dir = join(state, 'cache')
-    const chunks = testChunks(4, 64 * 1024)
-    const victim = chunks[1]!
-    const disk = await DiskCache.open({ dir, maxBytes: 1 << 30, openFileCheckMs: 50 })
-    const origin = new TestSource('origin', chunks)
-    const { resolver } = await testResolver({ remote: [origin], disk })
-    for (const c of chunks) await resolver.get(c.ref, { signal })
-    await until(() => disk.stats.writes === chunks.length)
+    const { state, chunks, victim, disk, origin, resolver } = await cachedChunks(64 * 1024)
     assert.deepEqual(await read(resolver, victim, 0, 4096), victim.data.subarray(0, 4096)) // opens its file
     await flipBits(disk.chunkPath(digestHex(victim.ref.digest)), 10)
 

@@ -10,7 +10,7 @@ import { digestHex, sha256, type Digest } from '../../src/oci/digest.ts'
 import { tempDir } from '../helpers/tmp.ts'
 import { until } from '../origin/helpers.ts'
 import { testChunks, testResolver, TestSource } from '../fetch/helpers.ts'
-import { flipBits, read, shoal } from './damage-helpers.ts'
+import { cachedChunks, flipBits, read, shoal } from './damage-helpers.ts'
 
 const signal = new AbortController().signal
 
@@ -127,15 +127,7 @@ describe('disk cache segments (small chunks)', () => {
   })
 
   it('bits flipped while the agent runs: `shoal cache verify` deletes the segment, and the running cache fetches its chunks again', async () => {
-    const state = await tempDir()
-    const dir = join(state, 'cache')
-    const chunks = testChunks(4, 8000)
-    const victim = chunks[1]!
-    const disk = await DiskCache.open({ dir, maxBytes: 1 << 30, openFileCheckMs: 50 })
-    const origin = new TestSource('origin', chunks)
-    const { resolver } = await testResolver({ remote: [origin], disk })
-    for (const c of chunks) await resolver.get(c.ref, { signal })
-    await until(() => disk.stats.writes === chunks.length)
+    const { state, dir, chunks, victim, disk, resolver } = await cachedChunks(8000)
     const at = disk.chunkLocation(digestHex(victim.ref.digest))!
     await flipBits(at.path, at.offset + 10)
 
