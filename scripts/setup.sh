@@ -54,4 +54,12 @@ fi
 # Native addons must load in the Node that runs them (a Node 20 build crashes on 24).
 node -e "new (require('better-sqlite3'))(':memory:').prepare('select 1').get()" \
   || { log "better-sqlite3 does not load on $(node --version); delete node_modules and re-run"; exit 1; }
+# libp2p as one bundled module (src/p2p/libp2p.ts loads it when it is newer than the
+# files it is built from): an agent with peers starts on a fraction of the CPU. Without
+# it (a runtime install has no esbuild, or the build failed) the agent loads the packages.
+bundle=node_modules/.cache/shoal/libp2p.mjs
+if [ ! "$bundle" -nt src/p2p/libp2p-packages.ts ] || [ ! "$bundle" -nt package-lock.json ]; then
+  if out=$(node scripts/bundle-libp2p.ts 2>&1); then log "$out"
+  else log "libp2p bundle not built (npm run build:libp2p says why): the agent loads libp2p from its packages"; fi
+fi
 log "ready: node $(node --version)"

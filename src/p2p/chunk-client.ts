@@ -1,8 +1,6 @@
 import { promisify } from 'node:util'
 import { zstdDecompress } from 'node:zlib'
 import type { PeerId, Stream } from '@libp2p/interface'
-import { messageStreamToDuplex } from '@libp2p/utils'
-import { pipe } from 'it-pipe'
 import type { Libp2p } from 'libp2p'
 import type { Uint8ArrayList } from 'uint8arraylist'
 import type { Digest } from '../oci/digest.ts'
@@ -11,6 +9,7 @@ import {
   MAX_JOIN_KEYS, normalizeRanges, type ByteRange, type ServerMessage, type SwarmMember, type WantItem
 } from './chunk-protocol.ts'
 import { PeerUnavailableError, ProtocolViolationError } from './errors.ts'
+import { messageStreamToDuplex, pipe } from './libp2p.ts'
 
 const zstdDecompressAsync = promisify(zstdDecompress)
 

@@ -1,7 +1,6 @@
-import { LengthPrefixedDecoder } from '@libp2p/utils'
-import { Uint8ArrayList } from 'uint8arraylist'
 import { digestFromHex, digestToBytes, type Digest } from '../oci/digest.ts'
 import { ProtocolViolationError } from './errors.ts'
+import { LengthPrefixedDecoder, Uint8ArrayList } from './libp2p.ts'
 
 /**
  * The chunk exchange protocol, `/shoal/chunks/1.0.0`: wire format and limits.

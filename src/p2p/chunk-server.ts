@@ -1,8 +1,5 @@
 import type { Connection, PeerId, Stream } from '@libp2p/interface'
-import { messageStreamToDuplex } from '@libp2p/utils'
-import { pipe } from 'it-pipe'
 import type { Libp2p } from 'libp2p'
-import { Uint8ArrayList } from 'uint8arraylist'
 import { Codec, encodeChunkAsync } from '../format/codec.ts'
 import { sha256, type Digest } from '../oci/digest.ts'
 import {
@@ -10,6 +7,7 @@ import {
   normalizeRanges, withRequestId, type ByteRange, type ChunkStatus, type ClientMessage, type WantItem
 } from './chunk-protocol.ts'
 import { ProtocolViolationError } from './errors.ts'
+import { messageStreamToDuplex, pipe, Uint8ArrayList } from './libp2p.ts'
 import type { SwarmMembers } from './swarm-members.ts'
 import { TokenBucket } from '../util/token-bucket.ts'
 

@@ -3,19 +3,18 @@ import { lookup } from 'node:dns/promises'
 import { link, mkdir, open, readFile, stat, unlink } from 'node:fs/promises'
 import { isIP } from 'node:net'
 import { join } from 'node:path'
-import { noise } from '@chainsafe/libp2p-noise'
-import { yamux } from '@chainsafe/libp2p-yamux'
-import { generateKeyPair, privateKeyFromProtobuf, privateKeyToProtobuf } from '@libp2p/crypto/keys'
-import { identify, type Identify } from '@libp2p/identify'
+import type { Identify } from '@libp2p/identify'
 import type { PeerId, PrivateKey } from '@libp2p/interface'
-import { kadDHT, passthroughMapper, type KadDHT } from '@libp2p/kad-dht'
-import { ping, type Ping } from '@libp2p/ping'
-import { generateKey, preSharedKey } from '@libp2p/pnet'
-import { tcp } from '@libp2p/tcp'
-import { multiaddr, type Multiaddr } from '@multiformats/multiaddr'
-import { createLibp2p, type Libp2p } from 'libp2p'
+import type { KadDHT } from '@libp2p/kad-dht'
+import type { Ping } from '@libp2p/ping'
+import type { Multiaddr } from '@multiformats/multiaddr'
+import type { Libp2p } from 'libp2p'
 import { PeerBans } from './bans.ts'
 import { PeerConfigError, PeerKeyError, SwarmKeyError } from './errors.ts'
+import {
+  createLibp2p, generateKey, generateKeyPair, identify, kadDHT, multiaddr, noise, passthroughMapper, ping, preSharedKey,
+  privateKeyFromProtobuf, privateKeyToProtobuf, tcp, yamux
+} from './libp2p.ts'
 
 /** The DHT protocol id: private, so shoal nodes never join (or pollute) the public Amino DHT. */
 export const DHT_PROTOCOL = '/shoal/kad/1.0.0'

@@ -1,9 +1,8 @@
 import type { PeerId } from '@libp2p/interface'
 import type { Libp2p } from 'libp2p'
-import { CID } from 'multiformats/cid'
-import { create as createMultihash } from 'multiformats/hashes/digest'
 import { digestToBytes, type Digest } from '../oci/digest.ts'
 import { AnnounceError } from './errors.ts'
+import { CID, createMultihash } from './libp2p.ts'
 import type { SwarmMembers } from './swarm-members.ts'
 import { abortable, sleep } from '../util/limit.ts'
 
