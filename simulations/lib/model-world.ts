@@ -2,15 +2,25 @@
  * The model's cluster: nodes that run the agent's read path in simulated time.
  *
  * RUN, not restated: every node has a real `PeerChunkSource` (src/p2p/peer-source.ts)
- * with its own `PeerBans`, on the simulator's clock (src/p2p/clock.ts), so the
+ * with its own `PeerBans`, on the simulator's clock (src/util/clock.ts), so the
  * swarm and availability steps, holder racing and hedging, the distribution
  * tree (`selectSources`, src/p2p/rendezvous.ts), parent re-asks after `pending`,
  * suspicion, bans and every timeout are the agent's own code and numbers
  * (PEER_SOURCE_DEFAULTS). Simulated nodes are its PeerIds (it only calls
  * toString() on them and hands them back); all nodes' sources share one
  * peer-key cache (see World.peerKeys). Each node also keeps its swarm members
- * in a real SwarmMembers (src/p2p/swarm-members.ts). Around them, the model
- * plugs in:
+ * in a real SwarmMembers (src/p2p/swarm-members.ts). Each node's reads go
+ * through a real `ChunkResolver` (src/fetch/resolver.ts: singleflight, passes
+ * over [peers, origin] with their pauses, the chunk timeout, a resolution
+ * aborted when all its callers leave) over a NodeCache (the disk cache: which
+ * chunks it holds); a failed read is retried once (the kernel does that for
+ * FUSE) before the workload sees EIO. What it serves is decided by the real
+ * `NodeChunks` (src/p2p/local-chunks.ts: what the mount vouches for, waiting
+ * up to locateWaitMs for it to learn a digest, fetching for children through
+ * the resolver within maxFetchesForPeers) and the chunk server's real
+ * admission (`admitWant`, src/p2p/chunk-server.ts). Origin requests run under
+ * a real `RetryingRequests` (src/http/http-retry.ts: retries, equal-jitter
+ * backoff, requests in flight). Around them, the model plugs in:
  *
  * - a ChunkRequester (ChunkClient's job): a want or HAVE travels the link
  *   latency, costs the serving node requestOverheadMs of CPU, runs the server
@@ -42,9 +52,8 @@
  *   storm slows everything down, as it does in real runs.
  *
  * RESTATED (their code is wired to libp2p streams, HTTP, SQLite or FUSE), with
- * their numbers imported from src (CHUNK_SERVER_DEFAULTS, SERVING_DEFAULTS,
- * RESOLVER_DEFAULTS, RETRY_DEFAULTS, PACK_ROUTER_DEFAULTS, PEER_EXCHANGE), none
- * restated: the figures below are today's values, for the reader:
+ * their numbers imported from src (CHUNK_SERVER_DEFAULTS, PACK_ROUTER_DEFAULTS,
+ * PEER_EXCHANGE), none restated:
  *
  * - Peering and the chunk server's peer exchange: swarm keys (Peering.join):
  *   the image's metadata blobs and its layers' catalogs are in the swarm of its
@@ -62,34 +71,22 @@
  *   cluster.ts runs it) and to 20 others (kad-dht's self-walk; random ones
  *   here); every request then connects its two ends; death and bans close
  *   them. libp2p's limit of 300 connections is not modelled.
- * - ChunkResolver (RESOLVER): singleflight per chunk, 3 passes over [peers,
- *   origin] with 200/400 ms pauses, bounded by the chunk timeout; a failed read
- *   is retried once (the kernel does that for FUSE) before the workload sees EIO.
- *   Unlike src, a resolution whose callers all left is not aborted (a node's own
- *   reads never leave; only a child cancelling a parent request before its first
- *   `pending` would).
- * - ChunkServer and its serving policy, NodeChunks (src/p2p/local-chunks.ts; its
- *   numbers are SERVING_DEFAULTS, imported, not restated) (SERVER): `busy` beyond 64 requests
- *   in progress from one peer, and for a holder request (no fetch flag) from a
- *   peer not already being served when 8 other peers are. A node serves what
- *   the agent's ChunkIndex.locate vouches for: a whole blob (metadata or catalog) from the moment
- *   its own fetch of it starts, an image chunk once its catalogs are open (before
- *   the FUSE mount); asked as a parent for one it does not know yet, it waits up
- *   to 5 s for its mount to learn it (locateSoon) before it answers dont-have.
- *   A parent request (fetch flag) makes it fetch the chunk
- *   through its own resolver (so through its own parent, or the origin at the
- *   root), at most 32 such fetches at a time (each request holds one until the
- *   fetch ends), and answer data when it lands or `pending` after min(waitMs,
- *   5 s); from a peer it is itself asking for that chunk (the real
- *   PeerChunkSource.isAsking), it answers dont-have at once. HAVE answers the
- *   byte ranges of the pack it holds. Bad peers
- *   (simulations/lib/bad-peer.ts) announce the image's packs, layer keys and
- *   manifest key and JOIN the peers they meet, ignore JOINs, claim whole packs,
- *   and answer every want for an image chunk with bad bytes, with no limits.
- * - HttpOrigin (HTTP): 8 requests in flight per node; an attempt fails after 10 s
- *   without progress (no response yet, or body bytes slower than a TCP segment
- *   per 10 s: see Watchdog); 4 retries with equal-jitter backoff; the origin
- *   sends stored (compressed) bytes through its capped link.
+ * - ChunkServer's transport (SERVER): a want admitted by `admitWant` is looked up
+ *   in NodeChunks; a parent request (fetch flag) is answered with data when the
+ *   fetch lands, or `pending` after min(waitMs, 5 s) while it runs on (the
+ *   requester's CANCEL reaches it only until then); a chunk goes back as stored
+ *   (below). HAVE answers the byte ranges of the pack it holds (NodeChunks.held),
+ *   without the admission src applies to HAVEs. A node vouches for what the
+ *   agent's ChunkIndex.locate would: a whole blob (metadata or catalog) from the
+ *   moment its own fetch of it starts, an image chunk once its catalogs are open
+ *   (before the FUSE mount). Bad peers (simulations/lib/bad-peer.ts) announce the
+ *   image's packs, layer keys and manifest key and JOIN the peers they meet,
+ *   ignore JOINs, claim whole packs, and answer every want for an image chunk
+ *   with bad bytes, with no limits.
+ * - HttpOrigin's attempt (HTTP; RetryingRequests.once works on HTTP responses):
+ *   an attempt fails after requestTimeoutMs without progress (no response yet,
+ *   or body bytes slower than a TCP segment per requestTimeoutMs: see Watchdog);
+ *   the origin sends stored (compressed) bytes through its capped link.
  * - The mount (Agent.mount, loadImage, openImageView): two tag lookups from the
  *   origin; the manifest, signature manifest, signature envelope and config one
  *   after another, then every layer's catalog at once, each a whole blob through
@@ -108,22 +105,27 @@
  */
 import type { PeerId } from '@libp2p/interface'
 import { createHash } from 'node:crypto'
+import { OriginError } from '../../src/errors.ts'
+import type { ChunkCache, ChunkSource } from '../../src/fetch/chunk-source.ts'
+import { ChunkUnavailableError } from '../../src/fetch/errors.ts'
+import { MOUNT_FETCH_DEFAULTS } from '../../src/agent/constants.ts'
 import { RESOLVER_DEFAULTS } from '../../src/fetch/constants.ts'
+import { ChunkResolver } from '../../src/fetch/resolver.ts'
 import { Codec } from '../../src/format/codec.ts'
 import type { ChunkRef } from '../../src/format/catalog.ts'
-import { RETRY_DEFAULTS } from '../../src/http/http-retry.ts'
+import { RETRY_DEFAULTS, RetryingRequests } from '../../src/http/http-retry.ts'
 import type { Digest } from '../../src/oci/digest.ts'
 import { PeerBans } from '../../src/p2p/bans.ts'
 import type { ChunkReply, ChunkRequester, WantOptions } from '../../src/p2p/chunk-client.ts'
 import { MAX_JOIN_KEYS, MAX_MEMBERS, normalizeRanges, type ByteRange } from '../../src/p2p/chunk-protocol.ts'
-import { CHUNK_SERVER_DEFAULTS } from '../../src/p2p/chunk-server.ts'
-import type { Clock } from '../../src/p2p/clock.ts'
+import { admitWant, CHUNK_SERVER_DEFAULTS } from '../../src/p2p/chunk-server.ts'
 import { PeerUnavailableError } from '../../src/p2p/errors.ts'
-import { SERVING_DEFAULTS } from '../../src/p2p/local-chunks.ts'
+import { NodeChunks, resolverStore, SERVING_DEFAULTS, type ChunkLocator } from '../../src/p2p/local-chunks.ts'
 import { PACK_ROUTER_DEFAULTS, type PackRouter, type SwarmAnswer } from '../../src/p2p/pack-router.ts'
 import { PeerChunkSource, PeerKeys, type PeerSourceStats } from '../../src/p2p/peer-source.ts'
 import { PEER_SOURCE_DEFAULTS } from '../../src/p2p/peer-source-defaults.ts'
 import { CORE_SHARE, LARGE_SWARM, nodeKey, type NodeKey } from '../../src/p2p/rendezvous.ts'
+import type { Clock } from '../../src/util/clock.ts'
 import { PEER_EXCHANGE, SwarmMembers } from '../../src/p2p/swarm-members.ts'
 import type { ClusterResult, NodeResult, OriginSample } from './cluster.ts'
 import { makeCpu, type Cpu } from './cpu.ts'
@@ -132,17 +134,28 @@ import type { WorkloadProfile } from './image.ts'
 import { Link, Transfer } from './links.ts'
 import { arrivalTimes, countOf, killedNodes, mbitToBytes, seededRandom, type ModelParams, type Scenario } from './scenario.ts'
 
-/** The chunk server's admission and the serving policy's bound on fetches for peers, as src sets them. */
-const SERVER = { ...CHUNK_SERVER_DEFAULTS, maxFetchesForPeers: SERVING_DEFAULTS.maxFetchesForPeers }
-const RESOLVER = RESOLVER_DEFAULTS
-/** RetryingRequests' defaults (HttpOrigin). */
-const HTTP = RETRY_DEFAULTS
+/** The chunk server's admission, as src sets it. */
+const SERVER = CHUNK_SERVER_DEFAULTS
 const SAMPLE_MS = 250
 
-/** What an honest node sends, and what a bad peer sends: verify() tells them apart, the stats use chunk.length. */
-const GOOD_BYTES = new Uint8Array(0)
-const BAD_BYTES = new Uint8Array(0)
-const verify = (_chunk: ChunkRef, bytes: Uint8Array): boolean => bytes === GOOD_BYTES
+/**
+ * No bytes move: what an honest node sends (or the origin) is a view of the right
+ * length into one shared buffer, what a bad peer sends a view into another, and the
+ * checks (the resolver's and the peer source's) tell them apart by the buffer.
+ */
+const goodBuffers = new WeakSet<ArrayBufferLike>()
+let good = new Uint8Array(0)
+let bad = new Uint8Array(0)
+function bytesOf (chunk: ChunkRef, honest: boolean): Uint8Array {
+  if (chunk.length > good.length) {
+    good = new Uint8Array(chunk.length * 2)
+    bad = new Uint8Array(chunk.length * 2)
+    goodBuffers.add(good.buffer)
+  }
+  return (honest ? good : bad).subarray(0, chunk.length)
+}
+const verify = (_chunk: ChunkRef, bytes: Uint8Array): boolean => goodBuffers.has(bytes.buffer)
+const verifyProblem = (chunk: ChunkRef, bytes: Uint8Array): string | undefined => verify(chunk, bytes) ? undefined : 'a bad peer\'s bytes'
 
 export type ModelMode = 'peers' | 'baseline' | 'lone'
 
@@ -181,7 +194,7 @@ export interface PolicyDiagnostics {
   source: Omit<PeerSourceStats, 'perPeerBytes'>
   /** Server side: requests, and what they were answered. */
   server: {
-    wants: number, haves: number, parentRequests: number, busyPerPeer: number, busyHolderPeers: number, pending: number, served: number
+    wants: number, haves: number, parentRequests: number, busyPerPeer: number, busyHolderPeers: number, busyAllPeers: number, pending: number, served: number
     /**
      * Of which: for a chunk this node did not vouch for yet (even after waiting 5 s for
      * a parent request; of those, image chunks before its catalogs were open), and for
@@ -224,6 +237,7 @@ class World {
   /** Nodes whose announce of a pack has landed, by pack, in landing order (append-only: a lookup keeps a length). */
   private readonly providers = new Map<string, { nodes: Node[], index: Map<Node, number> }>()
   readonly packChunks = new Map<string, Chunk[]>()
+  readonly chunks = new Map<Digest, Chunk>()
   readonly sharedCpu: Cpu | undefined
   readonly random: () => number
   /** CPU of the RPCs in one DHT walk or provide: one per peer among the k = 20 closest. */
@@ -237,7 +251,7 @@ class World {
   readonly nodesById = new Map<string, Node>()
   readonly diagnostics: PolicyDiagnostics = {
     source: { hits: 0, misses: 0, direct: 0, roots: 0, bytesFromPeers: 0, verificationFailures: 0, protocolViolations: 0, bans: 0, badPeers: 0, parentRequests: 0, hedges: 0, timeouts: 0, parentTimeouts: 0, outOfTime: 0, busy: 0, dontHave: 0, pending: 0 },
-    server: { wants: 0, haves: 0, parentRequests: 0, busyPerPeer: 0, busyHolderPeers: 0, pending: 0, served: 0, dontHave: 0, dontHaveNotVouched: 0, dontHaveNotMounted: 0, dontHaveFetchFailed: 0, fetchLimit: 0 },
+    server: { wants: 0, haves: 0, parentRequests: 0, busyPerPeer: 0, busyHolderPeers: 0, busyAllPeers: 0, pending: 0, served: 0, dontHave: 0, dontHaveNotVouched: 0, dontHaveNotMounted: 0, dontHaveFetchFailed: 0, fetchLimit: 0 },
     originChunks: { noParentAsked: 0, parentsFailed: 0 },
     originBlobs: { noParentAsked: 0, parentsFailed: 0 },
     originFailures: { cancelled: 0, stalled: 0, refused: 0 },
@@ -331,6 +345,7 @@ class World {
     let chunks = this.packChunks.get(c.pack)
     if (chunks === undefined) this.packChunks.set(c.pack, chunks = [])
     chunks.push(chunk)
+    if (!this.chunks.has(c.digest)) this.chunks.set(c.digest, chunk)
     return chunk
   }
 
@@ -357,28 +372,33 @@ class Node implements NodeKey {
   private readonly wholeBlobs = new Set<string>()
   /** The image's catalogs are open (Agent.openServingCatalogs): its chunks may be served. */
   private servingImage = false
-  /** Chunks held (verified), with how many peer hops from the origin they came (0: this node fetched it). */
-  readonly held = new Map<string, number>()
+  /** The chunks this node holds (its disk cache). */
+  readonly cache = new NodeCache()
   readonly result: NodeResult
   /** The real peer source (peers mode only). */
   readonly source: PeerChunkSource | undefined
+  /** The real resolver, over the cache, the peers (peers mode) and the origin. */
+  private readonly resolver: ChunkResolver
+  /** The real serving policy, over the resolver, the cache and this node's mount as its locator. */
+  private readonly chunks: NodeChunks
+  /** HttpOrigin's retries, backoff and bound on requests in flight (the real RetryingRequests; its attempts are the model's). */
+  private readonly http: RetryingRequests
   readonly router: SimRouter
   readonly w: World
   private readonly cpu: Cpu
-  private readonly flights = new Map<string, Promise<boolean>>()
-  /** Depth of a chunk a peer has just sent us, until the resolver takes it. */
+  /** Depth of a chunk a peer has just sent us, until the peer source returns it. */
   private readonly arriving = new Map<string, number>()
+  /** Chunks whose last peer try found nothing, by what it did (for the diagnostics of an origin fetch that follows). */
+  private readonly peerMisses = new Map<Digest, 'noParentAsked' | 'parentsFailed'>()
   /** Calls this node made, and calls made to it, still in progress. */
   private readonly outbound = new Set<Call>()
   private readonly inbound = new Set<Call>()
-  /** Server side: requests in progress by peer, holder requests in progress by peer, fetches for children. */
+  /** Server side (admitWant's load): requests in progress by peer, holder requests in progress by peer, requests in progress in all. */
   private readonly active = new Map<Node, number>()
   private readonly holderActive = new Map<Node, number>()
-  private fetchesForPeers = 0
-  /** Parent requests waiting for the mount to learn a digest (Agent.locatorWaiters). */
+  private activeAll = 0
+  /** Parent requests waiting for the mount to learn a digest (ChunkIndex's locateSoon waiters). */
   private readonly locatorWaiters = new Set<() => void>()
-  private originSlots = HTTP.concurrency
-  private readonly slotWaiters: Array<() => void> = []
   private thinking: Promise<void> = Promise.resolve()
   /** Pack (or whole blob) → the DHT key its swarm announces under (Peering.swarmKeys). */
   private readonly swarmKeys = new Map<Digest, Digest>()
@@ -423,6 +443,31 @@ class Node implements NodeKey {
       })
       this.source = source
     }
+    this.http = new RetryingRequests({}, { clock: w.clock, random: w.random })
+    const origin: ChunkSource = { name: 'origin', get: async (chunk, { signal }) => await this.fromOrigin(chunk as Chunk, signal) }
+    const peers: ChunkSource = { name: 'peers', get: async (chunk, { signal }) => await this.fromPeers(chunk as Chunk, signal) }
+    this.resolver = new ChunkResolver({
+      disk: this.cache,
+      remote: this.source !== undefined ? [peers, origin] : [origin],
+      timeoutMs: w.s.timeouts.chunkMs,
+      clock: w.clock,
+      verify: verifyProblem,
+      onEvent: event => {
+        if (event.type === 'resolved') this.resolved(event.digest, event.source)
+        else if (event.type === 'unavailable' && this.alive) this.result.unavailableChunks++
+      }
+    })
+    const locator: ChunkLocator = {
+      locate: digest => this.locate(digest),
+      locateSoon: async (digest, signal) => await this.locateSoon(digest, signal),
+      packChunks: pack => (w.packChunks.get(pack) ?? []).filter(c => this.vouches(c))
+    }
+    this.chunks = new NodeChunks({
+      locator,
+      store: resolverStore(this.resolver, this.cache),
+      isAsking: (digest, from) => this.source?.isAsking(digest, from) === true,
+      clock: w.clock
+    })
   }
 
   /** This node as the peer source sees it: PeerChunkSource only calls toString() on a PeerId and hands it back. */
@@ -476,9 +521,14 @@ class Node implements NodeKey {
    * the mount's own work (FUSE mount, SQLite opens).
    */
   private async mount (plan: MountPlan): Promise<void> {
-    const signal = this.sim.timeout(120_000) // the agent's bound on setting up a mount
+    const signal = this.sim.timeout(MOUNT_FETCH_DEFAULTS.mountTimeoutMs)
     for (let i = 0; i < plan.tags; i++) {
-      if (!await this.originGet(plan.tagBytes, 'metadata', signal)) throw new Error('mount failed: a tag lookup at the origin failed')
+      try {
+        await this.originGet(plan.tagBytes, 'metadata', signal)
+      } catch (err) {
+        if (signal.aborted) throw err
+        throw new Error('mount failed: a tag lookup at the origin failed')
+      }
     }
     for (const blob of plan.metadata) {
       if (!await this.fetchBlob(blob, plan.manifest)) throw new Error('mount failed: image metadata was unavailable')
@@ -595,6 +645,7 @@ class Node implements NodeKey {
 
   /** The results that live in the peer source. */
   finish (): void {
+    this.w.diagnostics.server.fetchLimit += this.chunks.stats.fetchLimited
     const stats = this.source?.stats
     if (stats === undefined) return
     this.result.receivedFrom = Object.fromEntries(stats.perPeerBytes)
@@ -604,96 +655,85 @@ class Node implements NodeKey {
     for (const key of Object.keys(sum) as Array<keyof typeof sum>) sum[key] += stats[key]
   }
 
-  // --- ChunkResolver (restated) -------------------------------------------------
+  // --- the resolver's sources, and its results -----------------------------------
 
-  /** True once the chunk is held (verified), false when every pass failed or the chunk timeout ran out. */
-  resolve (chunk: Chunk): Promise<boolean> {
-    if (this.held.has(chunk.digest)) return Promise.resolve(true)
-    let flight = this.flights.get(chunk.digest)
-    if (flight === undefined) {
-      flight = this.fetch(chunk).finally(() => this.flights.delete(chunk.digest))
-      this.flights.set(chunk.digest, flight)
-    }
-    return flight
-  }
-
-  private async fetch (chunk: Chunk): Promise<boolean> {
-    const deadline = this.sim.deadline(this.w.s.timeouts.chunkMs)
-    const signal = deadline.signal
-    let lastPeerTry: 'noParentAsked' | 'parentsFailed' | undefined
+  /** True once the chunk is held (verified); false when the resolver gave up on it (ChunkUnavailableError). */
+  private async resolve (chunk: Chunk): Promise<boolean> {
     try {
-      for (let attempt = 0; attempt < RESOLVER.attempts; attempt++) {
-        if (attempt > 0) await this.sim.sleep(RESOLVER.retryDelayMs * 2 ** (attempt - 1), signal)
-        if (this.source !== undefined) {
-          lastPeerTry = await this.fromPeers(this.source, chunk, signal)
-          if (lastPeerTry === undefined) return await this.landed(chunk, 'peers')
-        }
-        if (await this.originGet(chunk.storedLength, chunk.blob ? 'metadata' : 'pack', signal)) {
-          if (lastPeerTry !== undefined) this.w.diagnostics[chunk.blob ? 'originBlobs' : 'originChunks'][lastPeerTry]++
-          return await this.landed(chunk, 'origin')
-        }
-      }
+      await this.resolver.get(chunk, { signal: NEVER })
+      return true
     } catch (err) {
-      if (!(err instanceof TimeoutError)) throw err
-    } finally {
-      deadline.cancel()
+      if (err instanceof ChunkUnavailableError) return false
+      throw err
     }
-    if (this.alive) this.result.unavailableChunks++
-    return false
   }
 
-  /** Peering's chunk source: announce the pack, then the real PeerChunkSource. Undefined when it got the chunk, else what its last try did. */
-  private async fromPeers (source: PeerChunkSource, chunk: Chunk, signal: AbortSignal): Promise<'noParentAsked' | 'parentsFailed' | undefined> {
+  /** The resolver's peer source: Peering announces the pack, then the real PeerChunkSource. */
+  private async fromPeers (chunk: Chunk, signal: AbortSignal): Promise<Uint8Array | undefined> {
+    const source = this.source!
     this.announce(this.swarmOf(chunk.pack))
     const parentRequests = source.stats.parentRequests
     const started = this.sim.now
     const bytes = await source.get(chunk, { signal })
     if (!chunk.blob) (bytes !== undefined ? this.w.peerGetHits : this.w.peerGetMisses).push(this.sim.now - started)
-    if (bytes !== undefined) return undefined
-    // Approximate when other gets run on this node at the same time (fetches for children).
-    return source.stats.parentRequests === parentRequests ? 'noParentAsked' : 'parentsFailed'
+    if (bytes === undefined) {
+      // Approximate when other gets run on this node at the same time (fetches for children).
+      this.peerMisses.set(chunk.digest, source.stats.parentRequests === parentRequests ? 'noParentAsked' : 'parentsFailed')
+      return undefined
+    }
+    this.peerMisses.delete(chunk.digest)
+    this.cache.landing.set(chunk.digest, this.arriving.get(chunk.digest) ?? 1)
+    this.arriving.delete(chunk.digest)
+    // Verifying costs CPU before the bytes count as held.
+    await this.cpu.work(this.w.p.cpuMsPerMB * chunk.length / 1e6)
+    return bytes
   }
 
-  private async landed (chunk: Chunk, source: 'peers' | 'origin'): Promise<boolean> {
-    const depth = source === 'origin' ? 0 : this.arriving.get(chunk.digest) ?? 1
-    this.arriving.delete(chunk.digest)
-    // Verifying (and, from the origin, decompressing) costs CPU before the bytes count as held.
+  /** The resolver's origin source (OriginChunkSource over HttpOrigin): the stored bytes, with HttpOrigin's retries. */
+  private async fromOrigin (chunk: Chunk, signal: AbortSignal): Promise<Uint8Array> {
+    await this.originGet(chunk.storedLength, chunk.blob ? 'metadata' : 'pack', signal)
+    const lastPeerTry = this.peerMisses.get(chunk.digest)
+    if (lastPeerTry !== undefined) {
+      this.w.diagnostics[chunk.blob ? 'originBlobs' : 'originChunks'][lastPeerTry]++
+      this.peerMisses.delete(chunk.digest)
+    }
+    this.cache.landing.set(chunk.digest, 0)
+    // Decompressing and verifying cost CPU before the bytes count as held.
     await this.cpu.work(this.w.p.cpuMsPerMB * chunk.length / 1e6)
-    this.held.set(chunk.digest, depth)
-    if (chunk.blob) return true // the agent's source stats count chunk reads, and so does the report
+    return bytesOf(chunk, true)
+  }
+
+  /** The resolver's event for each resolution: the report's bytes by source and depth histogram (image chunks only). */
+  private resolved (digest: Digest, source: string): void {
+    if (source !== 'peers' && source !== 'origin') return
+    const chunk = this.w.chunks.get(digest)!
+    if (chunk.blob) return // the agent's source stats count chunk reads, and so does the report
     if (source === 'peers') {
       const h = this.w.diagnostics.depth.histogram
+      const depth = this.cache.depth(digest)
       h[depth] = (h[depth] ?? 0) + 1
     }
     const s = (this.result.sources[source] ??= { chunks: 0, bytes: 0 })
     s.chunks++
     s.bytes += chunk.length
-    return true
   }
 
-  // --- HttpOrigin (restated) ----------------------------------------------------
+  // --- HttpOrigin's attempts (its retries are the real RetryingRequests') ---------
 
-  /** BYTES from the origin with HttpOrigin's retries; false when it gave up. Rejects only when SIGNAL aborts. */
-  private async originGet (bytes: number, kind: 'pack' | 'metadata', signal: AbortSignal): Promise<boolean> {
-    for (let n = 0; ; n++) {
-      try {
-        await this.originAttempt(bytes, kind, signal)
-        return true
-      } catch (err) {
-        if (signal.aborted) throw signal.reason
-        if (n >= HTTP.retries || !this.alive) return false
-        if (!(err instanceof PeerGone || err instanceof TimeoutError)) throw err
-        // Equal jitter, as RetryingRequests does.
-        const step = Math.min(HTTP.maxDelayMs, HTTP.baseDelayMs * 2 ** n)
-        await this.sim.sleep(step / 2 + this.w.random() * step / 2, signal)
-      }
-    }
+  /** BYTES from the origin under HttpOrigin's retries; rejects when they gave up or SIGNAL aborts. */
+  private async originGet (bytes: number, kind: 'pack' | 'metadata', signal: AbortSignal): Promise<void> {
+    await this.http.retrying(signal, async () => await this.originAttempt(bytes, kind, signal))
   }
 
-  /** One attempt: it fails after requestTimeoutMs without progress (no response yet, or no more body bytes). */
+  /**
+   * One attempt (RetryingRequests.once, whose no-progress timer this replaces: the
+   * model moves bytes in pieces, not segments, see Watchdog): it holds one of the
+   * requests in flight, and fails after requestTimeoutMs without progress.
+   */
   private async originAttempt (bytes: number, kind: 'pack' | 'metadata', signal: AbortSignal): Promise<void> {
-    await this.acquireOriginSlot(signal)
-    const stall = new Watchdog(this.sim, HTTP.requestTimeoutMs)
+    if (!this.alive) throw new PeerGone(`node ${this.index} is dead`) // not retried
+    const release = await this.http.acquire(signal)
+    const stall = new Watchdog(this.sim, this.http.requestTimeoutMs)
     const attempt = AbortSignal.any([signal, stall.signal])
     try {
       this.w.originStats.requests++
@@ -712,38 +752,13 @@ class Node implements NodeKey {
       else if (stall.signal.aborted) o.stalled++
       else o.refused++
       if (signal.aborted) throw signal.reason
-      if (stall.signal.aborted) throw new TimeoutError(HTTP.requestTimeoutMs)
+      if (stall.signal.aborted) throw new OriginError(`origin: no answer, or no more bytes, for ${this.http.requestTimeoutMs} ms`, { retryable: true })
+      if (err instanceof PeerGone) throw new OriginError(`origin: ${err.message}`, { retryable: true })
       throw err
     } finally {
       stall.stop()
-      this.releaseOriginSlot()
+      release()
     }
-  }
-
-  private async acquireOriginSlot (signal: AbortSignal): Promise<void> {
-    if (this.originSlots > 0) {
-      this.originSlots--
-      return
-    }
-    const slot = deferred<void>(this.sim)
-    this.slotWaiters.push(slot.resolve)
-    const onAbort = (): void => {
-      const i = this.slotWaiters.indexOf(slot.resolve)
-      if (i >= 0) this.slotWaiters.splice(i, 1)
-      slot.reject(signal.reason)
-    }
-    signal.addEventListener('abort', onAbort, { once: true })
-    try {
-      await slot.promise
-    } finally {
-      signal.removeEventListener('abort', onAbort)
-    }
-  }
-
-  private releaseOriginSlot (): void {
-    const next = this.slotWaiters.shift()
-    if (next !== undefined) next()
-    else this.originSlots++
   }
 
   /** A request on its way: LATENCYMS on the wire, then requestOverheadMs of CPU to handle it (which contends, with shared cores). */
@@ -838,29 +853,24 @@ class Node implements NodeKey {
       // simulations/lib/bad-peer.ts: every image chunk, with a bit flipped; no limits.
       if (chunk.blob) return await this.reply('dont-have', signal)
       await this.send(from, chunk, signal)
-      return { status: 'data', bytes: BAD_BYTES }
+      return { status: 'data', bytes: bytesOf(chunk, false) }
     }
-    const active = this.active.get(from) ?? 0
-    if (active >= SERVER.maxConcurrentPerPeer) {
-      d.busyPerPeer++
-      return await this.reply('busy', signal)
-    }
-    if (!ask.fetch && !this.holderActive.has(from) && this.holderActive.size >= SERVER.maxHolderPeers) {
-      d.busyHolderPeers++
+    const load = { peerActive: this.active.get(from) ?? 0, peerHolder: this.holderActive.get(from) ?? 0, holderPeers: this.holderActive.size, active: this.activeAll }
+    const admission = admitWant(SERVER, load, ask.fetch)
+    if (admission !== 'admitted') {
+      d[admission === 'busy-peer' ? 'busyPerPeer' : admission === 'busy-holders' ? 'busyHolderPeers' : 'busyAllPeers']++
       return await this.reply('busy', signal)
     }
     increment(this.active, from, 1)
+    this.activeAll++
     if (!ask.fetch) increment(this.holderActive, from, 1)
     try {
       let found: boolean | 'pending'
       if (ask.fetch) {
         d.parentRequests++
-        // Peering: a parent request from a peer we are asking for the same chunk is refused.
-        found = this.source?.isAsking(chunk.digest, from.id) === true && !this.held.has(chunk.digest)
-          ? false
-          : await abortable(this.forChild(chunk, Math.min(ask.waitMs, SERVER.maxWaitMs)), signal)
+        found = await abortable(this.forChild(from, chunk, Math.min(ask.waitMs, SERVER.maxWaitMs), signal), signal)
       } else {
-        found = this.vouches(chunk) && this.held.has(chunk.digest)
+        found = await this.chunks.get(chunk.digest, { signal, fetch: false, from: from.id }) !== undefined
       }
       if (found === 'pending') {
         d.pending++
@@ -877,57 +887,53 @@ class Node implements NodeKey {
       }
       await this.send(from, chunk, signal)
       d.served++
-      return { status: 'data', bytes: GOOD_BYTES }
+      return { status: 'data', bytes: bytesOf(chunk, true) }
     } finally {
       increment(this.active, from, -1)
+      this.activeAll--
       if (!ask.fetch) increment(this.holderActive, from, -1)
     }
   }
 
-  /** A parent request (ChunkServer.lookup): NodeChunks.get with the fetch flag, or `pending` after WAITMS while it runs on. */
-  private async forChild (chunk: Chunk, waitMs: number): Promise<boolean | 'pending'> {
-    const expired = this.sim.sleep(waitMs).then(() => 'pending' as const)
-    return await Promise.race([this.fetchForChild(chunk), expired])
-  }
-
   /**
-   * NodeChunks.get(fetch): once our mount knows the chunk (waiting up
-   * to 5 s for it to learn it), the chunk if held, else fetched through our own
-   * resolver (once for everybody, our own reads included). False (dont-have)
-   * when the mount did not learn it in time, or beyond 32 fetches for peers.
-   * (The wait is not cut short when the child cancels, as src's would be.)
+   * A parent request (ChunkServer.lookup): NodeChunks.get with the fetch flag, or
+   * `pending` after WAITMS while it runs on. As in ChunkServer, the requester's
+   * CANCEL reaches the fetch only until the answer: after `pending` it runs on.
    */
-  private async fetchForChild (chunk: Chunk): Promise<boolean> {
-    if (!await this.locateSoon(chunk, SERVING_DEFAULTS.locateWaitMs)) return false
-    if (this.held.has(chunk.digest)) return true
-    if (this.fetchesForPeers >= SERVER.maxFetchesForPeers) {
-      this.w.diagnostics.server.fetchLimit++
-      return false
-    }
-    this.fetchesForPeers++
+  private async forChild (from: Node, chunk: Chunk, waitMs: number, signal: AbortSignal): Promise<boolean | 'pending'> {
+    const request = new AbortController()
+    const cancel = (): void => request.abort(signal.reason)
+    signal.addEventListener('abort', cancel, { once: true })
     try {
-      return await this.resolve(chunk)
+      const fetching = this.chunks.get(chunk.digest, { signal: request.signal, fetch: true, from: from.id }).then(bytes => bytes !== undefined)
+      const expired = this.sim.sleep(waitMs).then(() => 'pending' as const)
+      return await Promise.race([fetching, expired])
     } finally {
-      this.fetchesForPeers--
+      signal.removeEventListener('abort', cancel)
     }
   }
 
   /** ChunkIndex.locate: a whole blob once this node's own fetch of it started, an image chunk once its catalogs are open. */
+  private locate (digest: Digest): Chunk | undefined {
+    const chunk = this.w.chunks.get(digest)
+    return chunk !== undefined && this.vouches(chunk) ? chunk : undefined
+  }
+
   private vouches (chunk: Chunk): boolean {
     return chunk.blob ? this.wholeBlobs.has(chunk.digest) : this.servingImage
   }
 
-  /** ChunkIndex.locateSoon, bounded as NodeChunks bounds it: whether we vouch for CHUNK, waiting up to MS for the mount to learn it. */
-  private async locateSoon (chunk: Chunk, ms: number): Promise<boolean> {
-    if (this.vouches(chunk)) return true
-    const until = this.sim.now + ms
-    while (!this.vouches(chunk) && this.sim.now < until) {
+  /** ChunkIndex.locateSoon: the chunk once this node vouches for it, or undefined when SIGNAL aborts first. */
+  private async locateSoon (digest: Digest, signal: AbortSignal): Promise<Chunk | undefined> {
+    for (;;) {
+      const found = this.locate(digest)
+      if (found !== undefined || signal.aborted) return found
       const learnt = deferred<void>(this.sim)
       this.locatorWaiters.add(learnt.resolve)
-      await Promise.race([learnt.promise, this.sim.sleep(until - this.sim.now)])
+      signal.addEventListener('abort', () => learnt.resolve(), { once: true })
+      await learnt.promise
       this.locatorWaiters.delete(learnt.resolve)
     }
-    return this.vouches(chunk)
   }
 
   /** The chunk index learnt more digests (ChunkIndex wakes its locateSoon waiters). */
@@ -946,7 +952,7 @@ class Node implements NodeKey {
     void this.cpu.work(this.w.p.cpuMsPerMB * chunk.length / 1e6)
     await from.receive(new Transfer(this.sim, this.up, from.down, wire, this.transferOptions()), signal, false)
     this.result.uploadBytes += wire
-    if (!this.bad) from.arriving.set(chunk.digest, (this.held.get(chunk.digest) ?? 0) + 1)
+    if (!this.bad) from.arriving.set(chunk.digest, this.cache.depth(chunk.digest) + 1)
   }
 
   /** Answers FROM's HAVE: the byte ranges of PACK this node holds (NodeChunks.held); a bad peer claims every pack of the image whole. */
@@ -958,7 +964,7 @@ class Node implements NodeKey {
     if (this.bad) {
       if (chunks.some(c => !c.blob)) ranges.push({ offset: 0, length: Math.max(...chunks.map(c => c.packOffset + c.storedLength)) })
     } else {
-      for (const c of chunks) if (this.vouches(c) && this.held.has(c.digest)) ranges.push({ offset: c.packOffset, length: c.storedLength })
+      ranges.push(...await this.chunks.held(pack))
     }
     if (this.latency > 0) await this.sim.sleep(this.latency, signal)
     return normalizeRanges(ranges) // as ChunkClient does with every HAVE
@@ -1144,6 +1150,39 @@ function wireBytes (chunk: Chunk): number {
   return !chunk.blob && chunk.storedLength < chunk.length ? chunk.storedLength : chunk.length
 }
 
+/**
+ * A node's disk cache, as the resolver uses it (ChunkCache): which chunks it holds
+ * (all verified: the model has no restarts), and how many peer hops each came from.
+ */
+class NodeCache implements ChunkCache {
+  readonly name = 'disk'
+  /** Digest → hops from the origin (0: this node fetched it from the origin). */
+  private readonly held = new Map<Digest, number>()
+  /** Depth of a chunk a source has just returned, until the resolver stores it. */
+  readonly landing = new Map<Digest, number>()
+
+  has (digest: Digest): boolean { return this.held.has(digest) }
+  isVerified (digest: Digest): boolean { return this.held.has(digest) }
+  markVerified (): void {}
+  depth (digest: Digest): number { return this.held.get(digest) ?? 0 }
+  // The model's workload resolves whole chunks (`get`), never reads into a buffer.
+  tryReadSync (): boolean { return false }
+  async readInto (): Promise<boolean> { return false }
+
+  async get (chunk: ChunkRef): Promise<Uint8Array | undefined> {
+    return this.held.has(chunk.digest) ? bytesOf(chunk, true) : undefined
+  }
+
+  async put (digest: Digest): Promise<void> {
+    this.held.set(digest, this.landing.get(digest) ?? 0)
+    this.landing.delete(digest)
+  }
+
+  async remove (digest: Digest): Promise<void> {
+    this.held.delete(digest)
+  }
+}
+
 /** A signal that never aborts. */
 const NEVER = new AbortController().signal
 
@@ -1237,8 +1276,8 @@ export const POLICY_SETTINGS = {
   rendezvous: { largeSwarm: LARGE_SWARM, coreShare: CORE_SHARE },
   server: SERVER,
   peering: { locateWaitMs: SERVING_DEFAULTS.locateWaitMs, provideDelayMs: PROVIDE_DELAY_MS, ...PEER_EXCHANGE, membersPerMessage: MAX_MEMBERS, emptyAnswerTtlMs: EMPTY_ANSWER_TTL_MS },
-  resolver: RESOLVER,
-  http: HTTP
+  resolver: RESOLVER_DEFAULTS,
+  http: RETRY_DEFAULTS
 }
 
 /** Runs one scenario in the model (peers, baseline, or a lone node) and reports it as a real run would be. */

@@ -386,7 +386,7 @@ export class Agent {
     if (method === 'GET' && path === '/v1/mounts') return this.list()
     if (method === 'POST' && path === '/v1/mounts') {
       if (typeof b.image !== 'string' || typeof b.mountpoint !== 'string') throw new UsageError('mount needs an image and a mountpoint')
-      return await this.mount(b.image, b.mountpoint, { signal: AbortSignal.timeout(120_000), prefetchFirst: b.prefetchFirst === true })
+      return await this.mount(b.image, b.mountpoint, { signal: AbortSignal.timeout(MOUNT_FETCH_DEFAULTS.mountTimeoutMs), prefetchFirst: b.prefetchFirst === true })
     }
     if (method === 'DELETE' && path === '/v1/mounts') {
       if (typeof b.mountpoint !== 'string') throw new UsageError('umount needs a mountpoint')

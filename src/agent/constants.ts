@@ -37,7 +37,9 @@ export const MOUNT_FETCH_DEFAULTS = {
    * 100 Mbit/s link a 16 KiB gap costs 1.3 ms, about a loopback round trip, and the
    * requests of a batch go out in parallel anyway.
    */
-  rangeMaxGapBytes: 16 * 1024
+  rangeMaxGapBytes: 16 * 1024,
+  /** Bound on setting up a mount asked for over the control socket (`shoal mount`, `shoal run`): image, signature, catalogs, FUSE. */
+  mountTimeoutMs: 120_000
 } as const
 
 /** The lazy layers the agent serves to containerd (src/agent/lazy-layers.ts). */

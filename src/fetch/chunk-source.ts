@@ -1,6 +1,7 @@
 import { IntegrityError } from '../errors.ts'
 import type { ChunkRef } from '../format/catalog.ts'
 import { decodeChunkAsync } from '../format/codec.ts'
+import type { Digest } from '../oci/digest.ts'
 import type { RangeReader } from '../origin/range-reader.ts'
 
 /**
@@ -12,6 +13,25 @@ import type { RangeReader } from '../origin/range-reader.ts'
 export interface ChunkSource {
   readonly name: 'memory' | 'disk' | 'peers' | 'origin' | (string & {})
   get (chunk: ChunkRef, options: { signal: AbortSignal }): Promise<Uint8Array | undefined>
+}
+
+/**
+ * The resolver's cache of verified chunks (DiskCache; the simulation model's
+ * per-node store): a ChunkSource that also tells what it holds, what this
+ * process has verified already, and reads a verified chunk's bytes in place.
+ */
+export interface ChunkCache extends ChunkSource {
+  has (digest: Digest): boolean
+  /** Written or hashed by this process: its reads need no hash (docs/ARCHITECTURE.md, "Trust boundary"). */
+  isVerified (digest: Digest): boolean
+  markVerified (digest: Digest): void
+  /** LENGTH bytes of CHUNK from CHUNK_OFFSET into TARGET at TARGET_OFFSET, if that can be done without waiting; false if not. */
+  tryReadSync (chunk: ChunkRef, target: Uint8Array, targetOffset: number, chunkOffset: number, length: number): boolean
+  /** The same, waiting for the disk; false when the chunk is not there. */
+  readInto (chunk: ChunkRef, target: Uint8Array, targetOffset: number, chunkOffset: number, length: number): Promise<boolean>
+  /** Keeps verified bytes (never rejects: a failed write only costs a refetch). */
+  put (digest: Digest, data: Uint8Array): Promise<void>
+  remove (digest: Digest): Promise<void>
 }
 
 /**

@@ -1,10 +1,11 @@
-import { DISK_CACHE_DEFAULTS, type DiskCache } from '../cache/disk-cache.ts'
+import { DISK_CACHE_DEFAULTS } from '../cache/disk-cache.ts'
 import { MemoryCache } from '../cache/memory-cache.ts'
 import { IntegrityError } from '../errors.ts'
 import type { ChunkRef } from '../format/catalog.ts'
 import { sha256, type Digest } from '../oci/digest.ts'
-import { abortable, Semaphore, sleep } from '../util/limit.ts'
-import type { ChunkSource } from './chunk-source.ts'
+import { systemClock, type Clock } from '../util/clock.ts'
+import { abortable, Semaphore } from '../util/limit.ts'
+import type { ChunkCache, ChunkSource } from './chunk-source.ts'
 import { ChunkUnavailableError, type SourceFailure } from './errors.ts'
 import { errorText, silentLogger, type Logger } from '../util/log.ts'
 import { RESOLVER_DEFAULTS } from './constants.ts'
@@ -35,10 +36,13 @@ import { RESOLVER_DEFAULTS } from './constants.ts'
  * Prefetch (readahead, the image's prefetch list) runs the same resolutions under
  * its own small concurrency budget, so it fills caches without queueing ahead
  * of the reads an application is blocked on.
+ *
+ * Transport-free: time comes from a Clock, the cache and sources are interfaces,
+ * so the simulation model runs this very class at 10,000 nodes in simulated time.
  */
 
 export interface ChunkResolverOptions {
-  disk: DiskCache
+  disk: ChunkCache
   /** Asked in order after the disk cache: peers first, then the origin. */
   remote: readonly ChunkSource[]
   /** Default: a 64 MiB MemoryCache. */
@@ -54,6 +58,14 @@ export interface ChunkResolverOptions {
   /** Called for every resolution, failure and bad chunk: the agent's metrics hook. */
   onEvent?: (event: ResolverEvent) => void
   log?: Logger
+  /** Default: the system clock (the simulation model passes its own). */
+  clock?: Clock
+  /**
+   * Why DATA, of the right length, is not CHUNK's content (undefined when it is).
+   * Default: its SHA-256 against the chunk's digest. The simulation model, whose
+   * chunks carry no real bytes, passes its own.
+   */
+  verify?: (chunk: ChunkRef, data: Uint8Array) => string | undefined
 }
 
 export type ResolverEvent =
@@ -106,13 +118,15 @@ export class ChunkResolver {
   readonly stats: ResolverStats
   readonly timeoutMs: number
   readonly memory: MemoryCache
-  private readonly disk: DiskCache
+  private readonly disk: ChunkCache
   private readonly remote: readonly ChunkSource[]
   private readonly attempts: number
   private readonly retryDelayMs: number
   private readonly prefetchLimit: Semaphore
   private readonly onEvent: ((event: ResolverEvent) => void) | undefined
   private readonly log: Logger
+  private readonly clock: Clock
+  private readonly verify: (chunk: ChunkRef, data: Uint8Array) => string | undefined
   private readonly flights = new Map<Digest, Flight>()
 
   constructor (options: ChunkResolverOptions) {
@@ -125,6 +139,8 @@ export class ChunkResolver {
     this.prefetchLimit = new Semaphore(options.prefetchConcurrency ?? RESOLVER_DEFAULTS.prefetchConcurrency)
     this.onEvent = options.onEvent
     this.log = options.log ?? silentLogger
+    this.clock = options.clock ?? systemClock
+    this.verify = options.verify ?? contentProblem
     if (!(this.timeoutMs > 0)) throw new RangeError(`resolver timeout must be positive, got ${this.timeoutMs}`)
     if (!Number.isInteger(this.attempts) || this.attempts < 1) throw new RangeError(`resolver attempts must be a positive integer, got ${this.attempts}`)
     const names = ['memory', 'disk', ...this.remote.map(s => s.name)]
@@ -152,7 +168,7 @@ export class ChunkResolver {
    * one pread of the bytes asked for; anything else is resolved whole (`get`).
    */
   read (chunk: ChunkRef, target: Uint8Array, targetOffset: number, chunkOffset: number, length: number, options: { signal: AbortSignal, onServed?: ServedHook | undefined }): Promise<void> | undefined {
-    const started = performance.now()
+    const started = this.clock.now()
     const hit = this.memory.get(chunk.digest)
     if (hit !== undefined) {
       target.set(hit.subarray(chunkOffset, chunkOffset + length), targetOffset)
@@ -178,7 +194,7 @@ export class ChunkResolver {
       const data = Buffer.allocUnsafe(chunk.length)
       let problem: string | undefined
       try {
-        if (this.disk.tryReadSync(chunk, data, 0, 0, chunk.length)) problem = verificationProblem(chunk, data) ?? ''
+        if (this.disk.tryReadSync(chunk, data, 0, 0, chunk.length)) problem = this.verificationProblem(chunk, data) ?? ''
       } catch (err) {
         return this.diskReadFailed(chunk, err).then(async () => await this.readWhole(chunk, target, targetOffset, chunkOffset, length, options.signal, options.onServed))
       }
@@ -201,7 +217,7 @@ export class ChunkResolver {
   private async readSlow (chunk: ChunkRef, target: Uint8Array, targetOffset: number, chunkOffset: number, length: number, signal: AbortSignal, onServed: ServedHook | undefined): Promise<void> {
     signal.throwIfAborted()
     if (this.disk.isVerified(chunk.digest)) {
-      const started = performance.now()
+      const started = this.clock.now()
       try {
         if (await this.disk.readInto(chunk, target, targetOffset, chunkOffset, length)) {
           this.served('disk', chunk.digest, length, started)
@@ -271,7 +287,7 @@ export class ChunkResolver {
 
   private async resolve (chunk: ChunkRef, signal: AbortSignal, keepInMemory: boolean, onServed?: ServedHook): Promise<Uint8Array> {
     signal.throwIfAborted()
-    const started = performance.now()
+    const started = this.clock.now()
     const hit = this.memory.get(chunk.digest)
     if (hit !== undefined) {
       this.served('memory', chunk.digest, hit.length, started)
@@ -313,8 +329,8 @@ export class ChunkResolver {
   }
 
   private async fetch (chunk: ChunkRef, flight: Omit<Flight, 'promise'>): Promise<{ data: Uint8Array, source: string }> {
-    const started = performance.now()
-    const timeout = AbortSignal.timeout(this.timeoutMs)
+    const started = this.clock.now()
+    const timeout = this.clock.timeout(this.timeoutMs)
     const signal = AbortSignal.any([flight.controller.signal, timeout])
     const failures = new Map<string, string>()
     try {
@@ -332,7 +348,7 @@ export class ChunkResolver {
         : err instanceof ChunkUnavailableError ? err : new ChunkUnavailableError(chunk.digest, `could not be resolved (${errorText(err)})`, list)
       this.stats.unavailable++
       this.log.warn({ chunk: chunk.digest, err: error.message }, 'chunk unavailable')
-      this.onEvent?.({ type: 'unavailable', digest: chunk.digest, ms: performance.now() - started, message: error.message })
+      this.onEvent?.({ type: 'unavailable', digest: chunk.digest, ms: this.clock.now() - started, message: error.message })
       throw error
     }
   }
@@ -341,7 +357,7 @@ export class ChunkResolver {
     const fromDisk = await this.tryDisk(chunk, signal, failures)
     if (fromDisk !== undefined) return { data: fromDisk, source: 'disk' }
     for (let attempt = 0; attempt < this.attempts; attempt++) {
-      if (attempt > 0) await sleep(this.retryDelayMs * 2 ** (attempt - 1), signal)
+      if (attempt > 0) await this.clock.sleep(this.retryDelayMs * 2 ** (attempt - 1), signal)
       for (const source of this.remote) {
         const data = await this.trySource(source, chunk, signal, failures)
         if (data !== undefined) return { data, source: source.name }
@@ -373,7 +389,7 @@ export class ChunkResolver {
       return undefined
     }
     if (data === undefined) return undefined
-    const problem = trusted ? lengthProblem(chunk, data) : verificationProblem(chunk, data)
+    const problem = trusted ? lengthProblem(chunk, data) : this.verificationProblem(chunk, data)
     if (problem === undefined) return data
     this.badChunk(source.name, chunk, problem)
     failures.set(source.name, problem)
@@ -386,23 +402,24 @@ export class ChunkResolver {
     this.onEvent?.({ type: 'verification-failure', digest: chunk.digest, source, reason })
   }
 
+  /** Why DATA is not CHUNK, or undefined when it is. */
+  private verificationProblem (chunk: ChunkRef, data: Uint8Array): string | undefined {
+    return lengthProblem(chunk, data) ?? this.verify(chunk, data)
+  }
+
   private served (source: string, digest: Digest, bytes: number, started: number): void {
     const counter = this.stats.sources[source] ??= { chunks: 0, bytes: 0 }
     counter.chunks++
     counter.bytes += bytes
-    this.onEvent?.({ type: 'resolved', digest, source, bytes, ms: performance.now() - started })
+    this.onEvent?.({ type: 'resolved', digest, source, bytes, ms: this.clock.now() - started })
   }
 }
 
-/** Why DATA is not CHUNK, or undefined when it is. */
-function verificationProblem (chunk: ChunkRef, data: Uint8Array): string | undefined {
-  const wrongLength = lengthProblem(chunk, data)
-  if (wrongLength !== undefined) return wrongLength
+/** The default content check: the SHA-256 of DATA against CHUNK's digest. */
+function contentProblem (chunk: ChunkRef, data: Uint8Array): string | undefined {
   const actual = sha256(data)
-  if (actual !== chunk.digest) return `content hashes to ${actual}`
-  return undefined
+  return actual === chunk.digest ? undefined : `content hashes to ${actual}`
 }
-
 
 function lengthProblem (chunk: ChunkRef, data: Uint8Array): string | undefined {
   return data.length === chunk.length ? undefined : `${data.length} bytes instead of ${chunk.length}`

@@ -1,5 +1,6 @@
 import { OriginError } from '../errors.ts'
-import { Semaphore, sleep } from '../util/limit.ts'
+import { systemClock, type Clock } from '../util/clock.ts'
+import { Semaphore } from '../util/limit.ts'
 
 /**
  * What every HTTP client of shoal shares (HttpOrigin, the registry client): a
@@ -42,6 +43,13 @@ export const REQUEST_HEADERS = { 'Accept-Encoding': 'identity', 'User-Agent': 's
 /** A server that ignores Range sends the whole blob; we accept that only for small blobs. */
 const MAX_UNRANGED_BODY_BYTES = 8 * 1024 * 1024
 
+/** Time and chance for the retry loop: the system's by default; the simulation model passes its own, and runs `retrying` and `acquire` in simulated time. */
+export interface RetryEnvironment {
+  clock?: Clock
+  /** Uniform in [0, 1), for the backoff's jitter. */
+  random?: () => number
+}
+
 /** One request and its body; calls `progress` as body bytes arrive (see `once`). */
 export type Attempt<T> = (signal: AbortSignal, progress: () => void) => Promise<T>
 
@@ -52,13 +60,17 @@ export class RetryingRequests {
   private readonly baseDelayMs: number
   private readonly maxDelayMs: number
   private readonly limit: Semaphore
+  private readonly clock: Clock
+  private readonly random: () => number
 
-  constructor (options: RetryOptions = {}) {
+  constructor (options: RetryOptions = {}, env: RetryEnvironment = {}) {
     this.retries = options.retries ?? RETRY_DEFAULTS.retries
     this.baseDelayMs = options.baseDelayMs ?? RETRY_DEFAULTS.baseDelayMs
     this.maxDelayMs = options.maxDelayMs ?? RETRY_DEFAULTS.maxDelayMs
     this.requestTimeoutMs = options.requestTimeoutMs ?? RETRY_DEFAULTS.requestTimeoutMs
     this.limit = new Semaphore(options.concurrency ?? RETRY_DEFAULTS.concurrency)
+    this.clock = env.clock ?? systemClock
+    this.random = env.random ?? Math.random
   }
 
   /** ATTEMPT (one request and its body) under retries: `retrying(() => once(...))`. */
@@ -93,7 +105,7 @@ export class RetryingRequests {
       throw new OriginError(`${err.message} (gave up after ${n + 1} attempts)`, { status: err.status, retryable: true, cause: err })
     }
     this.stats.retries++
-    await sleep(this.backoff(n), signal)
+    await this.clock.sleep(this.backoff(n), signal)
   }
 
   /**
@@ -141,7 +153,7 @@ export class RetryingRequests {
   /** Exponential with "equal jitter": half the step fixed, half random, so retries spread out but never fire at once. */
   private backoff (retry: number): number {
     const step = Math.min(this.maxDelayMs, this.baseDelayMs * 2 ** retry)
-    return step / 2 + Math.random() * step / 2
+    return step / 2 + this.random() * step / 2
   }
 }
 

@@ -155,6 +155,31 @@ export const CHUNK_SERVER_DEFAULTS = {
   cancelBurst: 256
 } as const
 
+/** What the admission of a want looks at: requests in progress, from its peer and from everybody. */
+export interface ServerLoad {
+  /** Requests in progress from the want's peer (parent waits and availability queries included). */
+  peerActive: number
+  /** Of those, holder requests (no fetch flag). */
+  peerHolder: number
+  /** Peers with holder requests in progress. */
+  holderPeers: number
+  /** Requests in progress from all peers. */
+  active: number
+}
+
+/**
+ * Whether the server takes on a want (FETCH: a parent request) or answers `busy`:
+ * beyond its peer's maxConcurrentPerPeer; a holder request from a peer not already
+ * served when maxHolderPeers are (`busy-holders`); beyond maxConcurrentRequests in
+ * all. Pure, so the simulation model admits with it too.
+ */
+export function admitWant (limits: Record<'maxConcurrentPerPeer' | 'maxHolderPeers' | 'maxConcurrentRequests', number>, load: ServerLoad, fetch: boolean): 'admitted' | 'busy-peer' | 'busy-holders' | 'busy-all' {
+  if (load.peerActive >= limits.maxConcurrentPerPeer) return 'busy-peer'
+  if (!fetch && load.peerHolder === 0 && load.holderPeers >= limits.maxHolderPeers) return 'busy-holders'
+  if (load.active >= limits.maxConcurrentRequests) return 'busy-all'
+  return 'admitted'
+}
+
 /**
  * The read loop lets the event loop run after this long: frames that arrived
  * together are handled in one chain of microtasks, and 40,000 availability
@@ -566,13 +591,9 @@ export class ChunkServer {
   private async answer (state: StreamState, item: WantItem): Promise<void> {
     this.stats.requests++
     const peer = state.peer
-    const shed = !item.fetch && peer.holder === 0 && this.holderPeers >= this.limits.maxHolderPeers
-    if (peer.active >= this.limits.maxConcurrentPerPeer || shed) {
-      this.reply(state, item.id, 'busy')
-      return
-    }
-    if (this.active >= this.limits.maxConcurrentRequests) {
-      this.stats.busyAllPeers++
+    const admission = admitWant(this.limits, { peerActive: peer.active, peerHolder: peer.holder, holderPeers: this.holderPeers, active: this.active }, item.fetch)
+    if (admission !== 'admitted') {
+      if (admission === 'busy-all') this.stats.busyAllPeers++
       this.reply(state, item.id, 'busy')
       return
     }

@@ -1,6 +1,7 @@
 import type { ChunkRef } from '../format/catalog.ts'
 import { Codec } from '../format/codec.ts'
 import type { Digest } from '../oci/digest.ts'
+import { systemClock, type Clock } from '../util/clock.ts'
 import type { ByteRange } from './chunk-protocol.ts'
 import type { LocalChunks } from './chunk-server.ts'
 
@@ -51,6 +52,8 @@ export interface NodeChunksOptions {
   /** Whether this node is itself asking peer FROM, as its parent, for DIGEST (PeerChunkSource.isAsking). */
   isAsking?: (digest: Digest, from: string) => boolean
   limits?: Partial<Record<keyof typeof SERVING_DEFAULTS, number>>
+  /** Default: the system clock (the simulation model passes its own). */
+  clock?: Clock
 }
 
 /**
@@ -64,17 +67,19 @@ export class NodeChunks implements LocalChunks {
   private readonly locator: ChunkLocator
   private readonly store: ChunkStore
   private readonly isAsking: (digest: Digest, from: string) => boolean
+  private readonly clock: Clock
 
   constructor (options: NodeChunksOptions) {
     this.locator = options.locator
     this.store = options.store
     this.isAsking = options.isAsking ?? (() => false)
     this.limits = { ...SERVING_DEFAULTS, ...options.limits }
+    this.clock = options.clock ?? systemClock
   }
 
   async get (digest: Digest, { signal, fetch, from }: { signal: AbortSignal, fetch: boolean, from: string }): Promise<Uint8Array | undefined> {
     const ref = fetch
-      ? await this.locator.locateSoon(digest, AbortSignal.any([signal, AbortSignal.timeout(this.limits.locateWaitMs)]))
+      ? await this.locator.locateSoon(digest, AbortSignal.any([signal, this.clock.timeout(this.limits.locateWaitMs)]))
       : this.locator.locate(digest)
     if (ref === undefined) {
       this.stats.notLocated++

@@ -62,7 +62,7 @@ export function never (signal: AbortSignal): Promise<never> {
 }
 
 /** A resolver over a fresh disk cache in a temp dir; the memory cache is off unless given. */
-export async function testResolver (options: Partial<ChunkResolverOptions> & { remote: ChunkSource[] }): Promise<{ resolver: ChunkResolver, disk: DiskCache }> {
+export async function testResolver (options: Partial<Omit<ChunkResolverOptions, 'disk'>> & { remote: ChunkSource[], disk?: DiskCache }): Promise<{ resolver: ChunkResolver, disk: DiskCache }> {
   const disk = options.disk ?? await DiskCache.open({ dir: join(await tempDir(), 'cache'), maxBytes: 1 << 30 })
   const resolver = new ChunkResolver({ memory: new MemoryCache(0), retryDelayMs: 1, ...options, disk })
   return { resolver, disk }

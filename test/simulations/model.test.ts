@@ -9,6 +9,14 @@ import { simulate, type ModelMode, type PolicyDiagnostics } from '../../simulati
 import { syntheticProfile } from '../../simulations/lib/profile.ts'
 import { writeReport } from '../../simulations/lib/report.ts'
 import { parseScenario, type Scenario } from '../../simulations/lib/scenario.ts'
+import { MOUNT_FETCH_DEFAULTS } from '../../src/agent/constants.ts'
+import { RESOLVER_DEFAULTS } from '../../src/fetch/constants.ts'
+import { RETRY_DEFAULTS } from '../../src/http/http-retry.ts'
+import { CHUNK_SERVER_DEFAULTS } from '../../src/p2p/chunk-server.ts'
+import { SERVING_DEFAULTS } from '../../src/p2p/local-chunks.ts'
+import { PACK_ROUTER_DEFAULTS } from '../../src/p2p/pack-router.ts'
+import { PEER_SOURCE_DEFAULTS } from '../../src/p2p/peer-source-defaults.ts'
+import { PEER_EXCHANGE } from '../../src/p2p/swarm-members.ts'
 import { tempDir } from '../helpers/tmp.ts'
 
 /** A 20 MB image of 1 MiB chunks: small enough for hundreds of nodes in a second or two. */
@@ -158,3 +166,24 @@ describe('model: 200 nodes, each running the real PeerChunkSource', () => {
     }
   })
 })
+
+describe('model: the agent\'s code, not a copy of it', () => {
+  const code = async (): Promise<string> => {
+    const source = await readFile(join(import.meta.dirname, '..', '..', 'simulations', 'lib', 'model-world.ts'), 'utf8')
+    return source.replace(/\/\*[\s\S]*?\*\//g, '').replace(/(^|\s)\/\/.*$/gm, '$1')
+  }
+
+  it('each node assembles src\'s resolver, serving policy, HTTP retries, server admission and peer source', async () => {
+    const c = await code()
+    for (const part of ['new ChunkResolver(', 'new NodeChunks(', 'new RetryingRequests(', 'admitWant(', 'new PeerChunkSource(']) assert.ok(c.includes(part), part)
+  })
+
+  it('restates none of src\'s numbers: no literal in its code equals a default of the parts it models', async () => {
+    const numbers = (o: unknown): number[] => typeof o === 'number' ? [o] : typeof o === 'object' && o !== null ? Object.values(o).flatMap(numbers) : []
+    // From 100 up, and not 1,000 or 10,000: those are also the model's ms-to-s conversions, its upkeep tick and its (wall-clock) progress interval.
+    const defaults = new Set([RESOLVER_DEFAULTS, RETRY_DEFAULTS, CHUNK_SERVER_DEFAULTS, SERVING_DEFAULTS, PACK_ROUTER_DEFAULTS, PEER_SOURCE_DEFAULTS, PEER_EXCHANGE, MOUNT_FETCH_DEFAULTS].flatMap(numbers).filter(n => n >= 100 && n !== 1000 && n !== 10_000))
+    const literals = [...(await code()).matchAll(/(?<![\w.])\d[\d_]*(?:\.\d+)?(?![\w.])/g)].map(m => Number(m[0].replaceAll('_', '')))
+    assert.deepEqual(literals.filter(n => defaults.has(n)), [])
+  })
+})
+

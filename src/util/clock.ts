@@ -1,9 +1,9 @@
-import { sleep } from '../util/limit.ts'
+import { sleep } from './limit.ts'
 
 /**
- * Time as the peer layer sees it. The agent uses the system clock; the
- * simulation model passes its simulated clock, so the model runs the very
- * code the agent runs (src/p2p/peer-source.ts) at 10,000 nodes.
+ * Time as the read path's policy code sees it (resolver, HTTP retries, peer source,
+ * serving policy). The agent uses the system clock; the simulation model passes its
+ * simulated clock, so the model runs the very code the agent runs at 10,000 nodes.
  */
 export interface Clock {
   now (): number
