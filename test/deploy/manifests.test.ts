@@ -172,7 +172,10 @@ describe('deployment files', () => {
     for (const service of Object.values(compose.services)) if (service.image === 'shoal') await assertFlagsExist(service.command)
     const dockerfile = await readFile(join(docker, 'Dockerfile'), 'utf8')
     assert.match(dockerfile, /bash scripts\/setup\.sh/)
-    for (const m of dockerfile.matchAll(/^COPY (.+) \S+$/gm)) {
+    // The image carries the libp2p bundle, built in a stage of its own (esbuild is a development dependency).
+    assert.match(dockerfile, /^COPY --from=libp2p-bundle \S+libp2p\.mjs node_modules\/\.cache\/shoal\/libp2p\.mjs$/m)
+    // Paths from the build context (not --from another stage) must exist.
+    for (const m of dockerfile.matchAll(/^COPY (?!--from)(.+) \S+$/gm)) {
       for (const path of m[1]!.split(' ')) await access(join(root, path))
     }
   })
