@@ -105,20 +105,21 @@ export interface Scenario {
 export const DEFAULT_COMMAND = ['python3', '-c', 'import json, sqlite3; print(json.dumps({"answer": 42, "sqlite": sqlite3.sqlite_version}))']
 
 /**
- * Model defaults: fitted to six real burst-20 runs at 10 and 20 nodes
- * (docs/BENCHMARKS.md, "Simulation: calibration"; `node simulations/calibrate.ts
- * ... --fit`), except sharedCores (those runs share this machine's 2 cores;
- * a modelled cluster does not), mountMs and pieceBytes (not fitted).
+ * Model defaults: fitted to five real burst-20 runs at 10 and 20 nodes on
+ * 2026-12-07 (docs/BENCHMARKS.md, "Simulation: calibration"; `node
+ * simulations/calibrate.ts ... --fit`), except sharedCores (those runs share this
+ * machine's 2 cores; a modelled cluster does not), mountMs, lookupCacheMs and
+ * pieceBytes (not fitted).
  */
 export const DEFAULT_MODEL: ModelParams = {
   announceMs: 50,
   lookupMs: 50,
-  dhtRpcMs: 5,
+  dhtRpcMs: 10,
   upkeepMsPerPeer: 2,
   lookupCacheMs: 30_000,
   mountMs: 150,
   readWindow: 1,
-  cpuMsPerMB: 10,
+  cpuMsPerMB: 30,
   sharedCores: 0,
   requestOverheadMs: 5,
   pieceBytes: 64 * 1024
