@@ -6,6 +6,7 @@ import { sleep } from './limit.ts'
  * simulated clock, so the model runs the very code the agent runs at 10,000 nodes.
  */
 export interface Clock {
+  /** Milliseconds since the epoch; the system clock's are monotonic within the process and sub-millisecond (metrics time memory hits). */
   now (): number
   /** Resolves after `ms`; rejects with the signal's reason if it aborts first. */
   sleep (ms: number, signal?: AbortSignal): Promise<void>
@@ -14,7 +15,7 @@ export interface Clock {
 }
 
 export const systemClock: Clock = {
-  now: () => Date.now(),
+  now: () => performance.timeOrigin + performance.now(),
   sleep: async (ms, signal) => await sleep(ms, signal),
   timeout: ms => AbortSignal.timeout(ms)
 }
