@@ -26,7 +26,10 @@ import { markdownTable, median, say } from './lib/proc.ts'
 
 const { values } = parseArgs({ options: { runs: { type: 'string', default: '10' } } })
 const runs = Number(values.runs)
-if (!Number.isInteger(runs) || runs < 1) throw new Error('--runs takes a whole number >= 1')
+if (!Number.isInteger(runs) || runs < 1) {
+  process.stderr.write(`bench: --runs takes a whole number >= 1, got ${JSON.stringify(values.runs)}\nusage: node benchmarks/agent-start.ts [--runs 10]\n`)
+  process.exit(2)
+}
 
 /** USER_HZ, the unit of /proc/PID/stat's times: 100 on every Linux this runs on. */
 const TICKS_PER_SECOND = 100
