@@ -38,7 +38,7 @@ import { RESOLVER_DEFAULTS } from './constants.ts'
  * of the reads an application is blocked on.
  *
  * Transport-free: time comes from a Clock, the cache and sources are interfaces,
- * so the simulation model runs this very class at 10,000 nodes in simulated time.
+ * so the simulation model runs this very class for each of its nodes, in simulated time.
  */
 
 export interface ChunkResolverOptions {
