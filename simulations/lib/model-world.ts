@@ -427,7 +427,7 @@ class Node implements NodeKey {
     this.result = { index, arrivalMs: 0, outcome: 'not-started', sources: {}, uploadBytes: 0, receivedFrom: {}, peerId: this.id, verificationFailures: 0, bannedPeers: 0, unavailableChunks: 0 }
     this.router = new SimRouter(w, this)
     this.bans = new PeerBans({ now: w.clock.now })
-    this.members = new SwarmMembers({ keyOf: peer => w.peerKeys.of(peer) })
+    this.members = new SwarmMembers({ keyOf: peer => w.peerKeys.of(peer), now: w.clock.now })
     w.nodesById.set(this.id, this)
     if (w.peers && !bad) {
       const source = new PeerChunkSource({
@@ -925,14 +925,22 @@ class Node implements NodeKey {
 
   /** ChunkIndex.locateSoon: the chunk once this node vouches for it, or undefined when SIGNAL aborts first. */
   private async locateSoon (digest: Digest, signal: AbortSignal): Promise<Chunk | undefined> {
-    for (;;) {
-      const found = this.locate(digest)
-      if (found !== undefined || signal.aborted) return found
-      const learnt = deferred<void>(this.sim)
-      this.locatorWaiters.add(learnt.resolve)
-      signal.addEventListener('abort', () => learnt.resolve(), { once: true })
-      await learnt.promise
-      this.locatorWaiters.delete(learnt.resolve)
+    // One abort listener for the whole wait (not one per wake-up): it ends the current one.
+    let wake = (): void => {}
+    const onAbort = (): void => wake()
+    signal.addEventListener('abort', onAbort, { once: true })
+    try {
+      for (;;) {
+        const found = this.locate(digest)
+        if (found !== undefined || signal.aborted) return found
+        const learnt = deferred<void>(this.sim)
+        wake = learnt.resolve
+        this.locatorWaiters.add(learnt.resolve)
+        await learnt.promise
+        this.locatorWaiters.delete(learnt.resolve)
+      }
+    } finally {
+      signal.removeEventListener('abort', onAbort)
     }
   }
 
