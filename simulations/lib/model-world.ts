@@ -439,7 +439,8 @@ class Node implements NodeKey {
         verify,
         swarmOf: pack => this.swarmOf(pack),
         keys: w.peerKeys,
-        chunkTimeoutMs: w.s.timeouts.chunkMs
+        chunkTimeoutMs: w.s.timeouts.chunkMs,
+        connected: () => [...this.connections].map(n => n.peerId)
       })
       this.source = source
     }

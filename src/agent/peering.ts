@@ -172,7 +172,8 @@ export class Peering {
       bans: node.bans,
       swarmOf: pack => swarmKeys.get(pack) ?? pack,
       lag: () => deps.lag.recentMs(),
-      chunkTimeoutMs: config.chunkTimeoutMs
+      chunkTimeoutMs: config.chunkTimeoutMs,
+      connected: () => node.connectedPeers()
     })
     deps.log.info({ peerId: node.peerId.toString(), multiaddrs: node.multiaddrs() }, 'peer node started')
     return new Peering({ node, peers, router, client, members, swarmKeys, locator: deps.locator, uploadBytesPerSecond: config.p2p.uploadBytesPerSecond }, deps.log)

@@ -63,13 +63,18 @@ export const PEER_SOURCE_DEFAULTS = {
   directBlobMaxSwarm: 32,
   /**
    * A node that finds itself the root of a whole blob (a catalog) less than this
-   * after its first look at the blob's swarm waits out the rest and looks again.
-   * The first nodes of a burst reach the catalogs a second or two after joining the
-   * image's swarm, when they have heard of one or two members: each took itself
-   * for the root and the origin sent the catalogs three times (real 20-node burst;
-   * 3 s was not always enough on a loaded machine).
+   * after its first look at the blob's swarm waits, while a peer it is connected to
+   * but has not heard join would outrank it, for that peer to join (then it is a
+   * child) or for this much to pass. The first nodes of a burst reach the catalogs a
+   * second or two after joining the image's swarm, when they have heard of one or
+   * two members: each took itself for the root and the origin sent the catalogs
+   * three times (real 20-node burst; 3 s was not always enough on a loaded
+   * machine). A node that no connected peer outranks does not wait: every node of a
+   * burst used to wait the whole 5 s, and the mounts with them.
    */
   blobRootWaitMs: 5000,
+  /** How often a waiting whole blob's root looks at its swarm again (see blobRootWaitMs). */
+  blobRootPollMs: 100,
   /** Ban for a peer that sent bad bytes or broke the protocol. */
   banMs: 5 * 60_000,
   /** A slow or dead peer is skipped for this long, doubling with each failure in a row up to banMs. */

@@ -38,6 +38,13 @@ export interface PeerChunkSourceOptions extends Partial<Record<keyof typeof PEER
   lag?: () => number
   /** The resolver's chunk timeout (ChunkResolver timeoutMs), which bounds every get. Default 20 s. */
   chunkTimeoutMs?: number
+  /**
+   * The peers this node has a connection to (libp2p's getPeers): a whole blob's root
+   * waits only while one of them that has not joined the swarm would outrank it
+   * (blobRootWaitMs). Default: unknown, so a whole blob's root always waits out
+   * blobRootWaitMs.
+   */
+  connected?: () => readonly PeerId[]
 }
 
 export interface PeerSourceStats {
@@ -149,9 +156,10 @@ export class PeerChunkSource implements ChunkSource {
   private readonly asking = new Map<Digest, Set<string>>()
   /** When this source first looked at each swarm (see blobRootWaitMs). */
   private readonly firstLooked = new Map<Digest, number>()
+  private readonly connected: (() => readonly PeerId[]) | undefined
 
   constructor (options: PeerChunkSourceOptions) {
-    const { self, router, client, bans, clock, verify, swarmOf, keys, lag, chunkTimeoutMs, ...settings } = options
+    const { self, router, client, bans, clock, verify, swarmOf, keys, lag, chunkTimeoutMs, connected, ...settings } = options
     this.settings = { ...PEER_SOURCE_DEFAULTS, ...settings }
     this.budgetMs = peerBudgetMs(chunkTimeoutMs ?? DEFAULT_CHUNK_TIMEOUT_MS, this.settings)
     this.clock = clock ?? systemClock
@@ -164,6 +172,7 @@ export class PeerChunkSource implements ChunkSource {
     this.bans = bans
     this.verify = verify ?? ((chunk, bytes) => bytes.length === chunk.length && sha256(bytes) === chunk.digest)
     this.swarmOf = swarmOf ?? (pack => pack)
+    this.connected = connected
     this.availability = new Availability(this.settings.availabilityTtlMs, this.clock)
   }
 
@@ -212,10 +221,8 @@ export class PeerChunkSource implements ChunkSource {
     // parents are often nodes whose mounts lag behind, which keep it waiting or fail it to the origin.
     if (answers !== undefined && chunk.pack === chunk.digest) await this.firstAnswers(answers, signal)
     let selection = this.select(chunk, swarm, group)
-    const young = this.settings.blobRootWaitMs - (this.clock.now() - this.firstLooked.get(group)!)
-    if (selection.isRoot && chunk.pack === chunk.digest && young > 0) {
-      await this.clock.sleep(young, signal)
-      swarm = await this.swarm(group, signal)
+    if (selection.isRoot && chunk.pack === chunk.digest) {
+      swarm = await this.blobRootWait(chunk, group, swarm, signal)
       selection = this.select(chunk, swarm, group)
     }
     const asked = new Set<string>()
@@ -244,6 +251,29 @@ export class PeerChunkSource implements ChunkSource {
     if (bytes !== undefined) return bytes
     this.stats.roots++
     return undefined
+  }
+
+  /**
+   * A whole blob's root waits, up to blobRootWaitMs after its first look at the
+   * swarm, while someone may outrank it: a connected peer that has not joined yet
+   * (it will in a moment, in a burst), or anybody when the connected peers are not
+   * known. Returns the swarm as it is when the wait ends.
+   */
+  private async blobRootWait (chunk: ChunkRef, group: Digest, swarm: readonly Peer[], signal: AbortSignal): Promise<readonly Peer[]> {
+    for (;;) {
+      const left = this.settings.blobRootWaitMs - (this.clock.now() - this.firstLooked.get(group)!)
+      if (left <= 0 || !this.select(chunk, swarm, group).isRoot || !this.mayBeOutranked(chunk, group, swarm)) return swarm
+      await this.clock.sleep(Math.min(left, this.settings.blobRootPollMs), signal)
+      swarm = await this.swarm(group, signal)
+    }
+  }
+
+  /** Whether a peer this node is connected to, but has not heard join the swarm, would outrank it for CHUNK. */
+  private mayBeOutranked (chunk: ChunkRef, group: Digest, swarm: readonly Peer[]): boolean {
+    if (this.connected === undefined) return true
+    const members = new Set(swarm.map(p => p.id))
+    const outside = this.connected().filter(p => !members.has(p.toString())).map(p => this.keys.of(p))
+    return outside.length > 0 && !this.select(chunk, [...swarm, ...outside], group).isRoot
   }
 
   private select (chunk: ChunkRef, swarm: readonly Peer[], group: Digest): Selection<Peer> {

@@ -203,6 +203,42 @@ test('peer source: a node that finds itself the root of a whole blob right after
   assert.equal(source.stats.roots, 0)
 })
 
+/** A catalog-sized whole blob for which SELF is (or is not) the root with PEER in the swarm. */
+function blobWhere (self: PeerId, peer: PeerId, root: boolean): { bytes: Uint8Array, ref: ChunkRef } {
+  for (;;) {
+    const bytes = randomBytes(100 * 1024)
+    const ref = { ...packChunk(bytes, sha256(bytes)), pack: sha256(bytes) }
+    if (selectSources({ key: chunkKey(ref.digest), self: nodeKey(self.toString()), swarm: [nodeKey(peer.toString())], holders: [], excluded: () => false, maxParents: 3, maxHolders: 4 }).isRoot === root) return { bytes, ref }
+  }
+}
+
+test('peer source: a whole blob\'s root that no connected peer outranks goes to the origin at once, without the blob-root wait', async () => {
+  const [self, peer] = await peerIds(2)
+  const { bytes, ref } = blobWhere(self!, peer!, true)
+  const router = { async announce () {}, answer: () => ({ peers: [], settled: true }), async settled () {} }
+  for (const connected of [[], [peer!]]) {
+    // Time stands still: a root that waited would wait until the get's own signal aborted it.
+    const source = new PeerChunkSource({ self: self!, router, client: new FakeRequester(bytes, async () => []), bans: new PeerBans(), clock: frozen, connected: () => connected })
+    assert.equal(await source.get(ref, { signal: AbortSignal.timeout(5000) }), undefined, `the origin's job (connected: ${connected.length})`)
+    assert.equal(source.stats.roots, 1)
+  }
+})
+
+test('peer source: a whole blob\'s root waits for a connected peer that would outrank it to join, then asks it as its parent', async () => {
+  const [self, peer] = await peerIds(2)
+  const { bytes, ref } = blobWhere(self!, peer!, false)
+  // PEER is connected but joins the swarm 200 ms after our first look; the wait's cap (a minute) is not what ends it.
+  let known: PeerId[] = []
+  const router = { async announce () {}, answer: () => ({ peers: known, settled: true }), async settled () {} }
+  setTimeout(() => { known = [peer!] }, 200)
+  const client = new FakeRequester(bytes, async () => [])
+  const source = new PeerChunkSource({ self: self!, router, client, bans: new PeerBans(), blobRootWaitMs: 60_000, connected: () => [peer!] })
+  const got = await source.get(ref, { signal: AbortSignal.timeout(10_000) })
+  assert.ok(got !== undefined && Buffer.from(got).equals(bytes), 'from the parent that joined, not the origin')
+  assert.deepEqual(client.wants, [{ peer: peer!.toString(), fetch: true }])
+  assert.equal(source.stats.roots, 0)
+})
+
 test('pack router: a wait for a first lookup that members end leaves no rejection behind when its signal aborts later', async () => {
   const [self, member] = await peerIds(2)
   const key = sha256(randomBytes(32))
