@@ -661,7 +661,10 @@ class Node implements NodeKey {
   /** True once the chunk is held (verified); false when the resolver gave up on it (ChunkUnavailableError). */
   private async resolve (chunk: Chunk): Promise<boolean> {
     try {
-      await this.resolver.get(chunk, { signal: NEVER })
+      // A signal of its own, never aborted: the resolver adds an abort listener per read, and
+      // one signal shared by every read of 10,000 nodes made each add scan hundreds of
+      // thousands of them (Node's EventTarget looks for a duplicate first).
+      await this.resolver.get(chunk, { signal: new AbortController().signal })
       return true
     } catch (err) {
       if (err instanceof ChunkUnavailableError) return false
