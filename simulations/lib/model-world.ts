@@ -563,10 +563,11 @@ class Node implements NodeKey {
     return this.swarmKeys.get(pack) ?? pack
   }
 
-  /** Peering.announce: the DHT provide (fire and forget), and a JOIN to every peer we are connected to. */
+  /** Peering.announce: the key's members kept for good, the DHT provide (fire and forget), and a JOIN to every peer we are connected to. */
   announce (key: Digest): void {
     if (!this.w.peers || this.announced.has(key)) return
     this.announced.add(key)
+    this.members.own(key)
     void this.router.announce(key, { signal: NEVER })
     for (const peer of this.connections) this.w.join(this, peer, [key])
   }

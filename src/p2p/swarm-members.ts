@@ -176,7 +176,7 @@ export class SwarmMembers {
   of (key: Digest): readonly PeerId[] {
     const swarm = this.byKey.get(key)
     if (swarm === undefined) return NOBODY
-    // In use: not expired (the simulation model marks no key as its own). Not moved in the LRU: that is for writes.
+    // In use: not expired. Not moved in the LRU: that is for writes.
     if (!swarm.own) swarm.heardAt = this.now()
     if (swarm.list === undefined) {
       swarm.list = Array.from(swarm.entries.values(), e => e.peer)
