@@ -16,7 +16,8 @@
  * --shared-cores N puts every node on one N-core machine, as a real run on this
  * machine is, for comparing with one; by default each node has a core of its own.
  */
-import { spawnSync } from 'node:child_process'
+import { spawn, spawnSync } from 'node:child_process'
+import { once } from 'node:events'
 import { totalmem } from 'node:os'
 import { join, resolve } from 'node:path'
 import { parseArgs } from 'node:util'
@@ -33,8 +34,18 @@ const REPO = resolve(import.meta.dirname, '..')
 // Run again with three quarters of the machine's memory, unless the caller chose a size.
 const HEAP_MB = Math.floor(totalmem() * 0.75 / 2 ** 20)
 if (getHeapStatistics().heap_size_limit < HEAP_MB * 2 ** 20 * 0.9 && !process.execArgv.some(a => a.startsWith('--max-old-space-size')) && !(process.env.NODE_OPTIONS ?? '').includes('--max-old-space-size')) {
-  const child = spawnSync(process.execPath, [...process.execArgv, `--max-old-space-size=${HEAP_MB}`, ...process.argv.slice(1)], { stdio: 'inherit' })
-  process.exit(child.status ?? 1)
+  const child = spawn(process.execPath, [...process.execArgv, `--max-old-space-size=${HEAP_MB}`, ...process.argv.slice(1)], { stdio: 'inherit' })
+  // A stop sent to this process is meant for the run: without this, SIGTERM left the run going.
+  for (const signal of ['SIGINT', 'SIGTERM'] as const) process.on(signal, () => child.kill(signal))
+  const [code] = await once(child, 'exit') as [number | null]
+  process.exit(code ?? 1)
+}
+// Stopped (Ctrl-C, SIGTERM): exit at once, but normally, so that a `--cpu-prof` profile of a long run is still written.
+for (const signal of ['SIGINT', 'SIGTERM'] as const) {
+  process.on(signal, () => {
+    process.stderr.write(`model: stopped by ${signal}; no report written\n`)
+    process.exit(130)
+  })
 }
 const { values, positionals } = parseArgs({
   allowPositionals: true,

@@ -221,10 +221,7 @@ export class PeerChunkSource implements ChunkSource {
     // parents are often nodes whose mounts lag behind, which keep it waiting or fail it to the origin.
     if (answers !== undefined && chunk.pack === chunk.digest) await this.firstAnswers(answers, signal)
     let selection = this.select(chunk, swarm, group)
-    if (selection.isRoot && chunk.pack === chunk.digest) {
-      swarm = await this.blobRootWait(chunk, group, swarm, signal)
-      selection = this.select(chunk, swarm, group)
-    }
+    if (selection.isRoot && chunk.pack === chunk.digest) ({ swarm, selection } = await this.blobRootWait(chunk, group, swarm, selection, signal))
     const asked = new Set<string>()
     if (selection.holders.length > 0) {
       for (const holder of selection.holders) asked.add(holder.id)
@@ -254,17 +251,18 @@ export class PeerChunkSource implements ChunkSource {
   }
 
   /**
-   * A whole blob's root waits, up to blobRootWaitMs after its first look at the
-   * swarm, while someone may outrank it: a connected peer that has not joined yet
-   * (it will in a moment, in a burst), or anybody when the connected peers are not
-   * known. Returns the swarm as it is when the wait ends.
+   * A whole blob's root (SELECTION over SWARM) waits, up to blobRootWaitMs after its
+   * first look at the swarm, while someone may outrank it: a connected peer that has
+   * not joined yet (it will in a moment, in a burst), or anybody when the connected
+   * peers are not known. Returns the swarm and the selection when the wait ends.
    */
-  private async blobRootWait (chunk: ChunkRef, group: Digest, swarm: readonly Peer[], signal: AbortSignal): Promise<readonly Peer[]> {
+  private async blobRootWait (chunk: ChunkRef, group: Digest, swarm: readonly Peer[], selection: Selection<Peer>, signal: AbortSignal): Promise<{ swarm: readonly Peer[], selection: Selection<Peer> }> {
     for (;;) {
       const left = this.settings.blobRootWaitMs - (this.clock.now() - this.firstLooked.get(group)!)
-      if (left <= 0 || !this.select(chunk, swarm, group).isRoot || !this.mayBeOutranked(chunk, group, swarm)) return swarm
+      if (left <= 0 || !selection.isRoot || !this.mayBeOutranked(chunk, group, swarm)) return { swarm, selection }
       await this.clock.sleep(Math.min(left, this.settings.blobRootPollMs), signal)
       swarm = await this.swarm(group, signal)
+      selection = this.select(chunk, swarm, group)
     }
   }
 
