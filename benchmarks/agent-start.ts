@@ -17,19 +17,18 @@ import { mkdtemp, readFile, rm } from 'node:fs/promises'
 import { loadavg, tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { createInterface } from 'node:readline'
-import { parseArgs } from 'node:util'
 import { bundleLibp2p } from '../scripts/bundle-libp2p.ts'
+import { parseScriptArgs } from '../scripts/lib/args.ts'
 import { generateKeys } from '../src/format/signing.ts'
 import { bundleIsFresh, LIBP2P_BUNDLE, LIBP2P_BUNDLE_SOURCES } from '../src/p2p/libp2p.ts'
 import { SHOAL } from './lib/mounts.ts'
 import { markdownTable, median, say } from './lib/proc.ts'
 
-const { values } = parseArgs({ options: { runs: { type: 'string', default: '10' } } })
-const runs = Number(values.runs)
-if (!Number.isInteger(runs) || runs < 1) {
-  process.stderr.write(`bench: --runs takes a whole number >= 1, got ${JSON.stringify(values.runs)}\nusage: node benchmarks/agent-start.ts [--runs 10]\n`)
-  process.exit(2)
-}
+const runs = parseScriptArgs({
+  script: 'agent-start',
+  usage: 'usage: node benchmarks/agent-start.ts [--runs 10]',
+  options: { runs: { type: 'string', default: '10' } }
+}).int('runs', { min: 1 })
 
 /** USER_HZ, the unit of /proc/PID/stat's times: 100 on every Linux this runs on. */
 const TICKS_PER_SECOND = 100

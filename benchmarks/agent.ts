@@ -25,9 +25,9 @@ import { createHash } from 'node:crypto'
 import { mkdir, mkdtemp, readFile, rm, stat, writeFile } from 'node:fs/promises'
 import { cpus, totalmem, release } from 'node:os'
 import { dirname, join, resolve } from 'node:path'
-import { parseArgs } from 'node:util'
 import { convertImage, type ConvertReport } from '../src/convert/convert.ts'
 import { ensureRealFixtures } from '../scripts/fixtures/debian-images.ts'
+import { parseScriptArgs } from '../scripts/lib/args.ts'
 import { generateKeys, loadPrivateKey } from '../src/format/signing.ts'
 import { OciLayout } from '../src/oci/layout.ts'
 import { MediaType, type ImageManifest } from '../src/oci/types.ts'
@@ -42,7 +42,10 @@ import { startThrottleProxy } from './lib/throttle-proxy.ts'
 
 const COMMAND = ['python3', '-c', 'import json, sqlite3; print(42)']
 
-const { values } = parseArgs({
+const args = parseScriptArgs({
+  script: 'agent',
+  usage: 'usage: node benchmarks/agent.ts [--runs 3] [--mbit 100] [--skip-registry] [--only cold,io,meta] [--fio-runtime 10] [--big-mib 512] [--work PARENT] [--keep]\n' +
+    'Temp files go to a new directory inside PARENT (default /var/tmp), removed at the end unless --keep.',
   options: {
     runs: { type: 'string', default: '3' },
     mbit: { type: 'string', default: '100' },
@@ -51,24 +54,16 @@ const { values } = parseArgs({
     'fio-runtime': { type: 'string', default: '10' },
     'big-mib': { type: 'string', default: '512' },
     work: { type: 'string' },
-    keep: { type: 'boolean', default: false },
-    help: { type: 'boolean', short: 'h', default: false }
+    keep: { type: 'boolean', default: false }
   }
 })
-if (values.help) {
-  process.stdout.write('usage: node benchmarks/agent.ts [--runs 3] [--mbit 100] [--skip-registry] [--only cold,io,meta] [--fio-runtime 10] [--big-mib 512] [--work PARENT] [--keep]\n' +
-    'Temp files go to a new directory inside PARENT (default /var/tmp), removed at the end unless --keep.\n')
-  process.exit(0)
-}
-const runs = Number(values.runs)
-const mbit = Number(values.mbit)
-const fioRuntime = Number(values['fio-runtime'])
-const bigMiB = Number(values['big-mib'])
+const values = args.values
+const runs = args.int('runs', { min: 1, max: 20 })
+const mbit = args.number('mbit', { min: 1, max: 100_000 })
+const fioRuntime = args.int('fio-runtime', { min: 1, max: 600 })
+const bigMiB = args.int('big-mib', { min: 1, max: 8192 })
 const only = new Set(values.only.split(',').map(s => s.trim()))
-for (const [name, v, lo, hi] of [['--runs', runs, 1, 20], ['--mbit', mbit, 1, 100_000], ['--fio-runtime', fioRuntime, 1, 600], ['--big-mib', bigMiB, 1, 8192]] as const) {
-  if (!Number.isFinite(v) || v < lo || v > hi) throw new Error(`${name} must be a number from ${lo} to ${hi}`)
-}
-for (const part of only) if (!['cold', 'io', 'meta'].includes(part)) throw new Error(`--only: unknown part ${part} (cold, io, meta)`)
+for (const part of only) if (!['cold', 'io', 'meta'].includes(part)) args.fail(`--only: unknown part ${part} (cold, io, meta)`)
 if (process.getuid?.() !== 0) throw new Error('run as root: mounts, chroot and drop_caches need it')
 const rate = mbit * 1e6 / 8
 const SMALL_FILES = 1000

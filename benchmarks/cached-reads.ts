@@ -28,12 +28,14 @@ import { spawn } from 'node:child_process'
 import { existsSync } from 'node:fs'
 import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises'
 import { dirname, join, resolve } from 'node:path'
-import { parseArgs } from 'node:util'
+import { parseScriptArgs } from '../scripts/lib/args.ts'
 import { fio, type FioSpec } from './lib/fio.ts'
 import { makeSquashfs, mountSquashfuse } from './lib/mounts.ts'
 import { Cleanup, dropCaches, markdownTable, median, pct, say, sh, spread, unmountAllBelow } from './lib/proc.ts'
 
-const { values } = parseArgs({
+const { values, int, fail } = parseScriptArgs({
+  script: 'cached-reads',
+  usage: 'usage: node benchmarks/cached-reads.ts [--trees DIR,DIR[#segments=0|#warm=0]] [--runs 3] [--mib 512] [--restart] [--no-squashfuse] [--only NAME,..] [--work PARENT | --data DIR]',
   allowNegative: true,
   options: {
     trees: { type: 'string', default: resolve(import.meta.dirname, '..') },
@@ -47,6 +49,9 @@ const { values } = parseArgs({
     data: { type: 'string' }
   }
 })
+const runs = int('runs', { min: 1 })
+const mib = int('mib', { min: 1 })
+if (values.child !== undefined && values.data === undefined) fail('--child needs --data')
 
 const SQUASHFUSE = 'squashfuse'
 const TESTS: Array<{ name: string, spec: FioSpec }> = [
@@ -76,7 +81,6 @@ async function main (): Promise<void> {
   // DIR#segments=0, DIR#warm=0: that tree with a disk cache option changed (see child), for an A/B of one change.
   const trees = values.trees.split(',').map(t => t.includes('#') ? resolve(t.slice(0, t.indexOf('#'))) + t.slice(t.indexOf('#')) : resolve(t))
   if (values.squashfuse) trees.push(SQUASHFUSE)
-  const runs = Number(values.runs)
   await mkdir(values.work, { recursive: true })
   // --data DIR: reuse (or make, and keep) the image and squashfs there, e.g. for a profile of one child.
   const data = values.data ?? await mkdtemp(join(values.work, 'shoal-bench-cached-reads-'))
@@ -127,7 +131,6 @@ async function main (): Promise<void> {
 async function prepare (data: string): Promise<void> {
   const helpers = await import('../test/fs/helpers.ts')
   const { contentBytes } = await import('../test/helpers/synthetic.ts')
-  const mib = Number(values.mib)
   type Entry = Parameters<typeof helpers.convertSynthetic>[1][number] extends infer L ? L extends Array<infer E> ? E : never : never
   const entries: Entry[] = [{ type: 'dir', path: 'data' }, { type: 'file', path: 'data/big.bin', content: { size: mib * 1048576, seed: 'big' } }, { type: 'dir', path: 'small' }]
   for (let i = 0; i < 1000; i++) entries.push({ type: 'file', path: `small/f${i}.bin`, content: { size: 1024 + (i * 7919) % 7169, seed: `s${i}` } })

@@ -38,11 +38,11 @@
 import { copyFile, mkdir, mkdtemp, open, readFile, rm, writeFile } from 'node:fs/promises'
 import { loadavg } from 'node:os'
 import { join } from 'node:path'
-import { parseArgs } from 'node:util'
 import type { AgentStats } from '../src/agent/agent.ts'
 import { startAgentProcess, type AgentProcess } from '../src/agent/agent-process.ts'
 import { callAgent } from '../src/agent/control.ts'
 import { ensureRealFixtures } from '../scripts/fixtures/debian-images.ts'
+import { parseScriptArgs } from '../scripts/lib/args.ts'
 import { generateKeys } from '../src/format/signing.ts'
 import { startContainerd, type Containerd } from '../test/helpers/containerd/containerd.ts'
 import type { RunPodResult } from '../test/helpers/containerd/cri-client.ts'
@@ -107,7 +107,10 @@ async function cpuSeconds (pid: number | undefined): Promise<number> {
   return (Number(fields[11]) + Number(fields[12])) / 100
 }
 
-const { values } = parseArgs({
+const { values, int, number, fail } = parseScriptArgs({
+  script: 'containerd-cold',
+  usage: 'usage: node benchmarks/containerd-cold.ts [--runs 3] [--mbit 100] [--workloads python,gcc]\n' +
+    '  [--agent-log-level info] [--trace] [--keep-logs DIR] [--rerun] [--prefetch]',
   options: {
     runs: { type: 'string', default: '3' },
     mbit: { type: 'string', default: '100' },
@@ -119,11 +122,10 @@ const { values } = parseArgs({
     prefetch: { type: 'boolean', default: false }
   }
 })
-const runs = Number(values.runs)
-const rate = Number(values.mbit) * 1e6 / 8
+const runs = int('runs', { min: 1 })
+const rate = number('mbit', { min: 1, max: 100_000 }) * 1e6 / 8
 const workloadNames = values.workloads.split(',').map(s => s.trim()).filter(s => s !== '') as WorkloadName[]
-for (const w of workloadNames) if (w !== 'python' && w !== 'gcc') throw new Error(`unknown workload ${w} (python, gcc)`)
-if (!Number.isInteger(runs) || runs < 1) throw new Error('--runs must be a positive integer')
+for (const w of workloadNames) if (w !== 'python' && w !== 'gcc') fail(`unknown workload ${w} (python, gcc)`)
 const keepLogs = values['keep-logs']
 if (keepLogs !== undefined) await mkdir(keepLogs, { recursive: true })
 

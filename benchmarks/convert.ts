@@ -11,14 +11,14 @@ import { execFile } from 'node:child_process'
 import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { parseArgs, promisify } from 'node:util'
+import { promisify } from 'node:util'
 import { ensureRealFixtures } from '../scripts/fixtures/debian-images.ts'
+import { parseScriptArgs } from '../scripts/lib/args.ts'
 import { OciLayout } from '../src/oci/layout.ts'
 import type { ImageManifest } from '../src/oci/types.ts'
 
 const execFileAsync = promisify(execFile)
-const { values } = parseArgs({ options: { runs: { type: 'string', default: '3' } } })
-const runs = Number(values.runs)
+const runs = parseScriptArgs({ script: 'convert', usage: 'usage: node benchmarks/convert.ts [--runs 3]', options: { runs: { type: 'string', default: '3' } } }).int('runs', { min: 1 })
 
 const fixtures = await ensureRealFixtures({ log: () => {} })
 const layout = await OciLayout.open(fixtures.layoutDir)

@@ -13,15 +13,14 @@
 import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises'
 import { loadavg, tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { parseArgs } from 'node:util'
 import { ensureRealFixtures } from '../scripts/fixtures/debian-images.ts'
+import { parseScriptArgs } from '../scripts/lib/args.ts'
 import { generateKeys } from '../src/format/signing.ts'
 import { SHOAL } from './lib/mounts.ts'
 import { Cleanup, firstLine, markdownTable, median, run, say, secs, spread, startDaemon, waitFor } from './lib/proc.ts'
 import { freePort } from './lib/registry.ts'
 
-const { values } = parseArgs({ options: { runs: { type: 'string', default: '3' } } })
-const runs = Number(values.runs)
+const runs = parseScriptArgs({ script: 'convertd', usage: 'usage: node benchmarks/convertd.ts [--runs 3]', options: { runs: { type: 'string', default: '3' } } }).int('runs', { min: 1 })
 const TOKEN = 'bench-token-0123456789abcdef'
 const ACCEPT = 'application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json'
 

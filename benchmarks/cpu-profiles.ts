@@ -14,15 +14,12 @@
  */
 import { readFileSync } from 'node:fs'
 import { resolve } from 'node:path'
+import { parseScriptArgs } from '../scripts/lib/args.ts'
 
 interface CallFrame { functionName: string, url: string, lineNumber: number }
 interface Profile { nodes: Array<{ id: number, callFrame: CallFrame }>, samples: number[], timeDeltas: number[] }
 
-const files = process.argv.slice(2)
-if (files.length === 0 || files.includes('--help')) {
-  process.stderr.write('usage: node benchmarks/cpu-profiles.ts FILE.cpuprofile...\n')
-  process.exit(2)
-}
+const files = parseScriptArgs({ script: 'cpu-profiles', usage: 'usage: node benchmarks/cpu-profiles.ts FILE.cpuprofile...', options: {}, positionals: { min: 1 } }).positionals
 
 /** The bundle's module markers (`// node_modules/PKG/...`), by line, to name a bundle line's package. */
 const marks: Array<[number, string]> = []

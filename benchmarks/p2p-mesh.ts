@@ -13,16 +13,16 @@
 import { mkdtemp, rm } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { parseArgs } from 'node:util'
+import { parseScriptArgs } from '../scripts/lib/args.ts'
 import { createPeerNode, type PeerNode } from '../src/p2p/node.ts'
 
-const { values } = parseArgs({ options: { nodes: { type: 'string', default: '20' }, 'settle-ms': { type: 'string', default: '3000' } } })
-const count = Number(values.nodes)
-const settleMs = Number(values['settle-ms'])
-if (!Number.isInteger(count) || count < 2 || !(settleMs >= 0)) {
-  process.stderr.write('usage: node benchmarks/p2p-mesh.ts [--nodes N >= 2] [--settle-ms MS]\n')
-  process.exit(2)
-}
+const args = parseScriptArgs({
+  script: 'p2p-mesh',
+  usage: 'usage: node benchmarks/p2p-mesh.ts [--nodes N >= 2 (default 20)] [--settle-ms MS (default 3000)]',
+  options: { nodes: { type: 'string', default: '20' }, 'settle-ms': { type: 'string', default: '3000' } }
+})
+const count = args.int('nodes', { min: 2 })
+const settleMs = args.number('settle-ms', { min: 0 })
 
 const cpuSeconds = (): number => {
   const { user, system } = process.cpuUsage()

@@ -17,17 +17,22 @@ import { mkdtemp, rm } from 'node:fs/promises'
 import { Agent, createServer, request } from 'node:http'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { parseArgs } from 'node:util'
+import { parseScriptArgs } from '../scripts/lib/args.ts'
 import { sha256, type Digest } from '../src/oci/digest.ts'
 import { ChunkClient } from '../src/p2p/chunk-client.ts'
 import { ChunkServer, type LocalChunks } from '../src/p2p/chunk-server.ts'
 import { createPeerNode, generatePsk, type PeerNode } from '../src/p2p/node.ts'
 import { DhtPackRouter, packCid } from '../src/p2p/pack-router.ts'
 
-const { values } = parseArgs({ options: { mib: { type: 'string', default: '256' }, nodes: { type: 'string', default: '10' }, lookups: { type: 'string', default: '60' } } })
-const totalBytes = Number(values.mib) * 1024 * 1024
-const nodeCount = Number(values.nodes)
-const lookupCount = Number(values.lookups)
+const args = parseScriptArgs({
+  script: 'p2p-throughput',
+  usage: 'usage: node benchmarks/p2p-throughput.ts [--mib 256] [--nodes 10] [--lookups 60]',
+  options: { mib: { type: 'string', default: '256' }, nodes: { type: 'string', default: '10' }, lookups: { type: 'string', default: '60' } }
+})
+const mib = args.number('mib', { min: 1 })
+const totalBytes = mib * 1024 * 1024
+const nodeCount = args.int('nodes', { min: 2 })
+const lookupCount = args.int('lookups', { min: 1 })
 const CONCURRENCY = 32
 const HTTP_SOCKETS = 8
 
@@ -149,7 +154,7 @@ async function dhtRun (): Promise<Record<string, unknown>> {
 }
 
 const psk = generatePsk()
-const results: Record<string, unknown> = { node: process.version, totalMiB: Number(values.mib), concurrency: CONCURRENCY, httpSockets: HTTP_SOCKETS, throughput: {} }
+const results: Record<string, unknown> = { node: process.version, totalMiB: mib, concurrency: CONCURRENCY, httpSockets: HTTP_SOCKETS, throughput: {} }
 for (const [label, size] of [['1MiB', 1024 * 1024], ['256KiB', 256 * 1024], ['64KiB', 64 * 1024]] as const) {
   (results.throughput as Record<string, unknown>)[label] = {
     libp2p: await libp2pRun(size),

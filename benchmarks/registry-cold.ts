@@ -11,9 +11,9 @@
 import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { parseArgs } from 'node:util'
 import { convertImage } from '../src/convert/convert.ts'
 import { ensureRealFixtures } from '../scripts/fixtures/debian-images.ts'
+import { parseScriptArgs } from '../scripts/lib/args.ts'
 import { generateKeys, loadPrivateKey } from '../src/format/signing.ts'
 import { SHOAL } from './lib/mounts.ts'
 import { Cleanup, dropCaches, markdownTable, mb, median, run, say, secs } from './lib/proc.ts'
@@ -21,9 +21,14 @@ import { startRegistry } from './lib/registry.ts'
 import { startThrottleProxy } from './lib/throttle-proxy.ts'
 
 const COMMAND = ['python3', '-c', 'import json, sqlite3; print(42)']
-const { values } = parseArgs({ options: { runs: { type: 'string', default: '3' }, mbit: { type: 'string', default: '100' } } })
-const runs = Number(values.runs)
-const rate = Number(values.mbit) * 1e6 / 8
+const args = parseScriptArgs({
+  script: 'registry-cold',
+  usage: 'usage: node benchmarks/registry-cold.ts [--runs 3] [--mbit 100]',
+  options: { runs: { type: 'string', default: '3' }, mbit: { type: 'string', default: '100' } }
+})
+const values = args.values
+const runs = args.int('runs', { min: 1 })
+const rate = args.number('mbit', { min: 1, max: 100_000 }) * 1e6 / 8
 
 const work = await mkdtemp(join(tmpdir(), 'shoal-bench-registry-'))
 const cleanup = new Cleanup()

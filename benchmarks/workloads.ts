@@ -28,9 +28,9 @@
 import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises'
 import { cpus, loadavg, release, totalmem } from 'node:os'
 import { join, resolve } from 'node:path'
-import { parseArgs } from 'node:util'
 import { convertImage } from '../src/convert/convert.ts'
 import { ensureRealFixtures } from '../scripts/fixtures/debian-images.ts'
+import { parseScriptArgs } from '../scripts/lib/args.ts'
 import { generateKeys, loadPrivateKey } from '../src/format/signing.ts'
 import { startOriginServer } from '../src/origin/server.ts'
 import { ensureDataImages } from './lib/data-images.ts'
@@ -55,7 +55,10 @@ const COMMANDS: Record<WorkloadName, { command: string[], check: (stdout: string
 }
 const AIMS: Record<WorkloadName, number> = { seq: 1, files: 5, python: 10, gcc: 10 }
 
-const { values } = parseArgs({
+const args = parseScriptArgs({
+  script: 'workloads',
+  usage: 'usage: node benchmarks/workloads.ts [--runs 3] [--mbit 100] [--workloads seq,files,python,gcc] [--variants lazy,traced,background] [--skip-pull] [--shoal BIN] [--work PARENT] [--keep]\n' +
+    '--shoal: the shoal command to time (default: this checkout\'s bin/shoal), e.g. another checkout\'s for a before/after comparison.',
   options: {
     runs: { type: 'string', default: '3' },
     mbit: { type: 'string', default: '100' },
@@ -64,23 +67,16 @@ const { values } = parseArgs({
     'skip-pull': { type: 'boolean', default: false },
     shoal: { type: 'string' },
     work: { type: 'string' },
-    keep: { type: 'boolean', default: false },
-    help: { type: 'boolean', short: 'h', default: false }
+    keep: { type: 'boolean', default: false }
   }
 })
-if (values.help) {
-  process.stdout.write('usage: node benchmarks/workloads.ts [--runs 3] [--mbit 100] [--workloads seq,files,python,gcc] [--variants lazy,traced,background] [--skip-pull] [--shoal BIN] [--work PARENT] [--keep]\n' +
-    '--shoal: the shoal command to time (default: this checkout\'s bin/shoal), e.g. another checkout\'s for a before/after comparison.\n')
-  process.exit(0)
-}
-const runs = Number(values.runs)
-const mbit = Number(values.mbit)
-if (!Number.isInteger(runs) || runs < 1 || runs > 20) throw new Error('--runs must be 1 to 20')
-if (!(mbit >= 1 && mbit <= 100_000)) throw new Error('--mbit must be 1 to 100000')
+const values = args.values
+const runs = args.int('runs', { min: 1, max: 20 })
+const mbit = args.number('mbit', { min: 1, max: 100_000 })
 const workloadNames = values.workloads.split(',').map(s => s.trim()) as WorkloadName[]
-for (const w of workloadNames) if (!(w in COMMANDS)) throw new Error(`unknown workload ${w} (seq, files, python, gcc)`)
+for (const w of workloadNames) if (!(w in COMMANDS)) args.fail(`unknown workload ${w} (seq, files, python, gcc)`)
 const variants = values.variants.split(',').map(s => s.trim()) as VariantName[]
-for (const v of variants) if (!['lazy', 'traced', 'background'].includes(v)) throw new Error(`unknown variant ${v} (lazy, traced, background)`)
+for (const v of variants) if (!['lazy', 'traced', 'background'].includes(v)) args.fail(`unknown variant ${v} (lazy, traced, background)`)
 if (process.getuid?.() !== 0) throw new Error('run as root: mounts, runc and drop_caches need it')
 const rate = mbit * 1e6 / 8
 const SHOAL = resolve(values.shoal ?? SHOAL_HERE)

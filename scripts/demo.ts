@@ -1,11 +1,11 @@
 import { spawn } from 'node:child_process'
 import { join, resolve } from 'node:path'
 import { createInterface } from 'node:readline'
-import { parseArgs } from 'node:util'
 import type { AgentStats } from '../src/agent/agent.ts'
 import type { AgentProcess } from '../src/agent/agent-process.ts'
 import { parseSize } from '../src/cli/args.ts'
 import { mib, table } from '../src/cli/output.ts'
+import { parseScriptArgs } from './lib/args.ts'
 
 const DEFAULT_COMMAND = ['python3', '-c', 'import json, sqlite3; print(json.dumps({"answer": 42, "sqlite": sqlite3.sqlite_version}))']
 
@@ -21,22 +21,19 @@ const DEFAULT_COMMAND = ['python3', '-c', 'import json, sqlite3; print(json.dump
 const USAGE = 'usage: node scripts/demo.ts [--work DIR (default /var/tmp/shoal-demo)] [--agents N (1-50, default 3)] [--origin-rate BYTES/S (default 50M)]'
 
 async function main (): Promise<void> {
-  const { values: flags } = parseArgs({
+  const { values: flags, int, fail } = parseScriptArgs({
+    script: 'demo',
+    usage: USAGE,
     options: {
       work: { type: 'string', default: '/var/tmp/shoal-demo' },
       agents: { type: 'string', default: '3' },
-      'origin-rate': { type: 'string', default: '50M' },
-      help: { type: 'boolean', default: false }
+      'origin-rate': { type: 'string', default: '50M' }
     }
   })
-  if (flags.help) {
-    console.log(USAGE)
-    return
-  }
   const work = resolve(flags.work)
-  const agentCount = Number(flags.agents)
-  if (!Number.isInteger(agentCount) || agentCount < 1 || agentCount > 50) throw new UsageError('--agents must be 1 to 50')
-  const originRate = parseSize(flags['origin-rate'], '--origin-rate')
+  const agentCount = int('agents', { min: 1, max: 50 })
+  let originRate = 0
+  try { originRate = parseSize(flags['origin-rate'], '--origin-rate') } catch (err) { fail((err as Error).message) }
   const say = (text: string): void => { process.stderr.write(`demo: ${text}\n`) }
   const [{ access, mkdir, rm }, { SHOAL_BIN, startAgentProcess }, { callAgent, controlSocketPath }, { convertImage }, { ensureRealFixtures }, { generateKeys, loadPrivateKey, loadPublicKey }, { verifyImage }, { DirOrigin }, { startOriginServer }] = await Promise.all([
     import('node:fs/promises'), import('../src/agent/agent-process.ts'), import('../src/agent/control.ts'), import('../src/convert/convert.ts'), import('./fixtures/debian-images.ts'),
@@ -92,13 +89,11 @@ async function runChild (cmd: string, args: string[], name: string): Promise<num
   })
 }
 
-class UsageError extends Error {}
-
 try {
   await main()
 } catch (err) {
   // One line, what happened and what to do; SHOAL_DEBUG=1 for the trace.
-  process.stderr.write(`demo: ${(err as Error).message}${err instanceof UsageError || (err as { code?: string }).code === 'ERR_PARSE_ARGS_UNKNOWN_OPTION' ? `\n${USAGE}` : ''}\n`)
+  process.stderr.write(`demo: ${(err as Error).message}\n`)
   if (process.env.SHOAL_DEBUG === '1') console.error(err)
   process.exit(1)
 }

@@ -16,7 +16,7 @@
  */
 import { mkdir, readFile, writeFile } from 'node:fs/promises'
 import { join, resolve } from 'node:path'
-import { parseArgs } from 'node:util'
+import { parseScriptArgs } from '../scripts/lib/args.ts'
 import type { WorkloadProfile } from './lib/image.ts'
 import { simulate } from './lib/model-world.ts'
 import { loneReference, metrics, type RunMetrics } from './lib/report.ts'
@@ -37,11 +37,12 @@ const GRID: Partial<Record<keyof ModelParams, number[]>> = {
 }
 
 const REPO = resolve(import.meta.dirname, '..')
-const { values, positionals } = parseArgs({ allowPositionals: true, options: { fit: { type: 'boolean' }, out: { type: 'string' } } })
-if (positionals.length === 0) {
-  process.stderr.write('usage: node simulations/calibrate.ts RESULTS_DIR... [--fit] [--out DIR]\n')
-  process.exit(2)
-}
+const { values, positionals } = parseScriptArgs({
+  script: 'calibrate',
+  usage: 'usage: node simulations/calibrate.ts RESULTS_DIR... [--fit] [--out DIR]',
+  options: { fit: { type: 'boolean' }, out: { type: 'string' } },
+  positionals: { min: 1 }
+})
 const reals = await Promise.all(positionals.map(loadRealRun))
 const log = (line: string): void => { process.stderr.write(`calibrate: ${line}\n`) }
 

@@ -20,14 +20,22 @@ import { spawn, spawnSync } from 'node:child_process'
 import { once } from 'node:events'
 import { totalmem } from 'node:os'
 import { join, resolve } from 'node:path'
-import { parseArgs } from 'node:util'
 import { getHeapStatistics } from 'node:v8'
+import { parseScriptArgs } from '../scripts/lib/args.ts'
 import { POLICY_SETTINGS, simulate, type ModelMode, type ModelRun } from './lib/model-world.ts'
 import { loadProfile } from './lib/profile.ts'
 import { writeReport } from './lib/report.ts'
 import { loadScenario } from './lib/scenario.ts'
 
 const REPO = resolve(import.meta.dirname, '..')
+const { values, positionals, int } = parseScriptArgs({
+  script: 'model',
+  usage: 'usage: node simulations/model.ts simulations/scenarios/NAME.json [--nodes N] [--out DIR] [--profile FILE] [--shared-cores N]',
+  options: { out: { type: 'string' }, nodes: { type: 'string' }, profile: { type: 'string' }, 'shared-cores': { type: 'string' } },
+  positionals: 1
+})
+const nodes = int('nodes', { min: 1, max: 100_000 })
+const sharedCores = int('shared-cores', { min: 0 })
 
 // Every simulated node keeps what the agent keeps (its swarm members, up to 1,024 per swarm
 // key, its peer source's state): 10,000 nodes need more than V8's default heap (about 4 GB).
@@ -47,17 +55,9 @@ for (const signal of ['SIGINT', 'SIGTERM'] as const) {
     process.exit(130)
   })
 }
-const { values, positionals } = parseArgs({
-  allowPositionals: true,
-  options: { out: { type: 'string' }, nodes: { type: 'string' }, profile: { type: 'string' }, 'shared-cores': { type: 'string' } }
-})
-if (positionals.length !== 1) {
-  process.stderr.write('usage: node simulations/model.ts simulations/scenarios/NAME.json [--nodes N] [--out DIR] [--profile FILE] [--shared-cores N]\n')
-  process.exit(2)
-}
 const scenario = await loadScenario(positionals[0]!)
-if (values.nodes !== undefined) scenario.nodes = Number(values.nodes)
-if (values['shared-cores'] !== undefined) scenario.model.sharedCores = Number(values['shared-cores'])
+if (nodes !== undefined) scenario.nodes = nodes
+if (sharedCores !== undefined) scenario.model.sharedCores = sharedCores
 const profile = await loadProfile(REPO, scenario, {
   file: values.profile,
   // None recorded yet for this image and workload (a fresh clone): a real lone run records one.

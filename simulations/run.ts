@@ -19,7 +19,7 @@
 import { cpus, release } from 'node:os'
 import { mkdir, rm, writeFile } from 'node:fs/promises'
 import { join, resolve } from 'node:path'
-import { parseArgs } from 'node:util'
+import { parseScriptArgs } from '../scripts/lib/args.ts'
 import { runCluster, type ClusterResult, type RunMode } from './lib/cluster.ts'
 import { catalogFiles, fetchedChunks, preparePythonImage, type ProfileChunk, type WorkloadProfile } from './lib/image.ts'
 import { netnsSupport, removeStaleNamespaces } from './lib/netns.ts'
@@ -29,13 +29,15 @@ import { writeReport } from './lib/report.ts'
 import { loadScenario } from './lib/scenario.ts'
 
 const REPO = resolve(import.meta.dirname, '..')
-const { values, positionals } = parseArgs({ allowPositionals: true, options: { out: { type: 'string' }, nodes: { type: 'string' }, 'profile-only': { type: 'boolean' } } })
-if (positionals.length !== 1) {
-  process.stderr.write('usage: node simulations/run.ts simulations/scenarios/NAME.json [--out DIR] [--nodes N] [--profile-only]\n')
-  process.exit(2)
-}
+const { values, positionals, int } = parseScriptArgs({
+  script: 'run',
+  usage: 'usage: node simulations/run.ts simulations/scenarios/NAME.json [--out DIR] [--nodes N] [--profile-only]',
+  options: { out: { type: 'string' }, nodes: { type: 'string' }, 'profile-only': { type: 'boolean' } },
+  positionals: 1
+})
+const nodes = int('nodes', { min: 1, max: 100_000 })
 const scenario = await loadScenario(positionals[0]!)
-if (values.nodes !== undefined) scenario.nodes = Number(values.nodes)
+if (nodes !== undefined) scenario.nodes = nodes
 if (!('fixture' in scenario.image)) throw new Error(`${scenario.name}: a synthetic image exists only in the model (node simulations/model.ts)`)
 const profileOnly = values['profile-only'] === true
 if (profileOnly) scenario.origin = { ...scenario.origin, kind: 'oci-layout' }

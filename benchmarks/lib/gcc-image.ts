@@ -22,9 +22,9 @@ import { join, resolve } from 'node:path'
 import { pipeline } from 'node:stream/promises'
 import { Writable } from 'node:stream'
 import { fileURLToPath } from 'node:url'
-import { parseArgs } from 'node:util'
 import { createGunzip } from 'node:zlib'
 import { ensureRealFixtures } from '../../scripts/fixtures/debian-images.ts'
+import { parseScriptArgs } from '../../scripts/lib/args.ts'
 import { mountsBelowOrAt, run, say, unmountAllBelow } from './proc.ts'
 
 export const GCC_TAG = 'gcc'
@@ -211,7 +211,7 @@ async function acquireLock (path: string, log: (line: string) => void): Promise<
 }
 
 if (import.meta.main) {
-  const { values } = parseArgs({ options: { force: { type: 'boolean', default: false } } })
+  const { values } = parseScriptArgs({ script: 'gcc-image', usage: 'usage: node benchmarks/lib/gcc-image.ts [--force]     (prints the paths as JSON)', options: { force: { type: 'boolean', default: false } } })
   const image = await ensureGccImage({ force: values.force })
   process.stdout.write(JSON.stringify(image, null, 2) + '\n')
 }
