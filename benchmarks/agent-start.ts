@@ -19,11 +19,13 @@ import { join } from 'node:path'
 import { createInterface } from 'node:readline'
 import { bundleLibp2p } from '../scripts/bundle-libp2p.ts'
 import { parseScriptArgs } from '../scripts/lib/args.ts'
+import { reportErrors } from '../scripts/lib/errors.ts'
 import { generateKeys } from '../src/format/signing.ts'
 import { bundleIsFresh, LIBP2P_BUNDLE, LIBP2P_BUNDLE_SOURCES } from '../src/p2p/libp2p.ts'
 import { SHOAL } from './lib/mounts.ts'
 import { markdownTable, median, say } from './lib/proc.ts'
 
+reportErrors('agent-start')
 const runs = parseScriptArgs({
   script: 'agent-start',
   usage: 'usage: node benchmarks/agent-start.ts [--runs 10]',

@@ -28,6 +28,7 @@ import { dirname, join, resolve } from 'node:path'
 import { convertImage, type ConvertReport } from '../src/convert/convert.ts'
 import { ensureRealFixtures } from '../scripts/fixtures/debian-images.ts'
 import { parseScriptArgs } from '../scripts/lib/args.ts'
+import { reportErrors, requireRoot } from '../scripts/lib/errors.ts'
 import { generateKeys, loadPrivateKey } from '../src/format/signing.ts'
 import { OciLayout } from '../src/oci/layout.ts'
 import { MediaType, type ImageManifest } from '../src/oci/types.ts'
@@ -42,6 +43,7 @@ import { startThrottleProxy } from './lib/throttle-proxy.ts'
 
 const COMMAND = ['python3', '-c', 'import json, sqlite3; print(42)']
 
+reportErrors('agent')
 const args = parseScriptArgs({
   script: 'agent',
   usage: 'usage: node benchmarks/agent.ts [--runs 3] [--mbit 100] [--skip-registry] [--only cold,io,meta] [--fio-runtime 10] [--big-mib 512] [--work PARENT] [--keep]\n' +
@@ -64,7 +66,7 @@ const fioRuntime = args.int('fio-runtime', { min: 1, max: 600 })
 const bigMiB = args.int('big-mib', { min: 1, max: 8192 })
 const only = new Set(values.only.split(',').map(s => s.trim()))
 for (const part of only) if (!['cold', 'io', 'meta'].includes(part)) args.fail(`--only: unknown part ${part} (cold, io, meta)`)
-if (process.getuid?.() !== 0) throw new Error('run as root: mounts, chroot and drop_caches need it')
+requireRoot('mounts, chroot and drop_caches')
 const rate = mbit * 1e6 / 8
 const SMALL_FILES = 1000
 

@@ -29,10 +29,12 @@ import { existsSync } from 'node:fs'
 import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises'
 import { dirname, join, resolve } from 'node:path'
 import { parseScriptArgs } from '../scripts/lib/args.ts'
+import { reportErrors, requireRoot } from '../scripts/lib/errors.ts'
 import { fio, type FioSpec } from './lib/fio.ts'
 import { makeSquashfs, mountSquashfuse } from './lib/mounts.ts'
 import { Cleanup, dropCaches, markdownTable, median, pct, say, sh, spread, unmountAllBelow } from './lib/proc.ts'
 
+reportErrors('cached-reads')
 const { values, int, fail } = parseScriptArgs({
   script: 'cached-reads',
   usage: 'usage: node benchmarks/cached-reads.ts [--trees DIR,DIR[#segments=0|#warm=0]] [--runs 3] [--mib 512] [--restart] [--no-squashfuse] [--only NAME,..] [--work PARENT | --data DIR]',
@@ -77,7 +79,7 @@ function selected (name: string): boolean {
 }
 
 async function main (): Promise<void> {
-  if (process.getuid?.() !== 0) throw new Error('run as root: FUSE and drop_caches need it')
+  requireRoot('FUSE and drop_caches')
   // DIR#segments=0, DIR#warm=0: that tree with a disk cache option changed (see child), for an A/B of one change.
   const trees = values.trees.split(',').map(t => t.includes('#') ? resolve(t.slice(0, t.indexOf('#'))) + t.slice(t.indexOf('#')) : resolve(t))
   if (values.squashfuse) trees.push(SQUASHFUSE)

@@ -43,6 +43,7 @@ import { startAgentProcess, type AgentProcess } from '../src/agent/agent-process
 import { callAgent } from '../src/agent/control.ts'
 import { ensureRealFixtures } from '../scripts/fixtures/debian-images.ts'
 import { parseScriptArgs } from '../scripts/lib/args.ts'
+import { reportErrors } from '../scripts/lib/errors.ts'
 import { generateKeys } from '../src/format/signing.ts'
 import { startContainerd, type Containerd } from '../test/helpers/containerd/containerd.ts'
 import type { RunPodResult } from '../test/helpers/containerd/cri-client.ts'
@@ -107,6 +108,7 @@ async function cpuSeconds (pid: number | undefined): Promise<number> {
   return (Number(fields[11]) + Number(fields[12])) / 100
 }
 
+reportErrors('containerd-cold')
 const { values, int, number, fail } = parseScriptArgs({
   script: 'containerd-cold',
   usage: 'usage: node benchmarks/containerd-cold.ts [--runs 3] [--mbit 100] [--workloads python,gcc]\n' +

@@ -14,10 +14,12 @@ import { join } from 'node:path'
 import { promisify } from 'node:util'
 import { ensureRealFixtures } from '../scripts/fixtures/debian-images.ts'
 import { parseScriptArgs } from '../scripts/lib/args.ts'
+import { reportErrors } from '../scripts/lib/errors.ts'
 import { OciLayout } from '../src/oci/layout.ts'
 import type { ImageManifest } from '../src/oci/types.ts'
 
 const execFileAsync = promisify(execFile)
+reportErrors('convert')
 const runs = parseScriptArgs({ script: 'convert', usage: 'usage: node benchmarks/convert.ts [--runs 3]', options: { runs: { type: 'string', default: '3' } } }).int('runs', { min: 1 })
 
 const fixtures = await ensureRealFixtures({ log: () => {} })

@@ -15,11 +15,13 @@ import { loadavg, tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { ensureRealFixtures } from '../scripts/fixtures/debian-images.ts'
 import { parseScriptArgs } from '../scripts/lib/args.ts'
+import { reportErrors } from '../scripts/lib/errors.ts'
 import { generateKeys } from '../src/format/signing.ts'
 import { SHOAL } from './lib/mounts.ts'
 import { Cleanup, firstLine, markdownTable, median, run, say, secs, spread, startDaemon, waitFor } from './lib/proc.ts'
 import { freePort } from './lib/registry.ts'
 
+reportErrors('convertd')
 const runs = parseScriptArgs({ script: 'convertd', usage: 'usage: node benchmarks/convertd.ts [--runs 3]', options: { runs: { type: 'string', default: '3' } } }).int('runs', { min: 1 })
 const TOKEN = 'bench-token-0123456789abcdef'
 const ACCEPT = 'application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json'

@@ -15,10 +15,12 @@
 import { readFileSync } from 'node:fs'
 import { resolve } from 'node:path'
 import { parseScriptArgs } from '../scripts/lib/args.ts'
+import { reportErrors } from '../scripts/lib/errors.ts'
 
 interface CallFrame { functionName: string, url: string, lineNumber: number }
 interface Profile { nodes: Array<{ id: number, callFrame: CallFrame }>, samples: number[], timeDeltas: number[] }
 
+reportErrors('cpu-profiles')
 const files = parseScriptArgs({ script: 'cpu-profiles', usage: 'usage: node benchmarks/cpu-profiles.ts FILE.cpuprofile...', options: {}, positionals: { min: 1 } }).positionals
 
 /** The bundle's module markers (`// node_modules/PKG/...`), by line, to name a bundle line's package. */

@@ -14,8 +14,10 @@ import { mkdtemp, rm } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { parseScriptArgs } from '../scripts/lib/args.ts'
+import { reportErrors } from '../scripts/lib/errors.ts'
 import { createPeerNode, type PeerNode } from '../src/p2p/node.ts'
 
+reportErrors('p2p-mesh')
 const args = parseScriptArgs({
   script: 'p2p-mesh',
   usage: 'usage: node benchmarks/p2p-mesh.ts [--nodes N >= 2 (default 20)] [--settle-ms MS (default 3000)]',

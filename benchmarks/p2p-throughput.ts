@@ -18,12 +18,14 @@ import { Agent, createServer, request } from 'node:http'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { parseScriptArgs } from '../scripts/lib/args.ts'
+import { reportErrors } from '../scripts/lib/errors.ts'
 import { sha256, type Digest } from '../src/oci/digest.ts'
 import { ChunkClient } from '../src/p2p/chunk-client.ts'
 import { ChunkServer, type LocalChunks } from '../src/p2p/chunk-server.ts'
 import { createPeerNode, generatePsk, type PeerNode } from '../src/p2p/node.ts'
 import { DhtPackRouter, packCid } from '../src/p2p/pack-router.ts'
 
+reportErrors('p2p-throughput')
 const args = parseScriptArgs({
   script: 'p2p-throughput',
   usage: 'usage: node benchmarks/p2p-throughput.ts [--mib 256] [--nodes 10] [--lookups 60]',

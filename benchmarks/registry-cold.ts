@@ -14,6 +14,7 @@ import { join } from 'node:path'
 import { convertImage } from '../src/convert/convert.ts'
 import { ensureRealFixtures } from '../scripts/fixtures/debian-images.ts'
 import { parseScriptArgs } from '../scripts/lib/args.ts'
+import { reportErrors } from '../scripts/lib/errors.ts'
 import { generateKeys, loadPrivateKey } from '../src/format/signing.ts'
 import { SHOAL } from './lib/mounts.ts'
 import { Cleanup, dropCaches, markdownTable, mb, median, run, say, secs } from './lib/proc.ts'
@@ -21,6 +22,7 @@ import { startRegistry } from './lib/registry.ts'
 import { startThrottleProxy } from './lib/throttle-proxy.ts'
 
 const COMMAND = ['python3', '-c', 'import json, sqlite3; print(42)']
+reportErrors('registry-cold')
 const args = parseScriptArgs({
   script: 'registry-cold',
   usage: 'usage: node benchmarks/registry-cold.ts [--runs 3] [--mbit 100]',

@@ -31,6 +31,7 @@ import { join, resolve } from 'node:path'
 import { convertImage } from '../src/convert/convert.ts'
 import { ensureRealFixtures } from '../scripts/fixtures/debian-images.ts'
 import { parseScriptArgs } from '../scripts/lib/args.ts'
+import { reportErrors, requireRoot } from '../scripts/lib/errors.ts'
 import { generateKeys, loadPrivateKey } from '../src/format/signing.ts'
 import { startOriginServer } from '../src/origin/server.ts'
 import { ensureDataImages } from './lib/data-images.ts'
@@ -55,6 +56,7 @@ const COMMANDS: Record<WorkloadName, { command: string[], check: (stdout: string
 }
 const AIMS: Record<WorkloadName, number> = { seq: 1, files: 5, python: 10, gcc: 10 }
 
+reportErrors('workloads')
 const args = parseScriptArgs({
   script: 'workloads',
   usage: 'usage: node benchmarks/workloads.ts [--runs 3] [--mbit 100] [--workloads seq,files,python,gcc] [--variants lazy,traced,background] [--skip-pull] [--shoal BIN] [--work PARENT] [--keep]\n' +
@@ -77,7 +79,7 @@ const workloadNames = values.workloads.split(',').map(s => s.trim()) as Workload
 for (const w of workloadNames) if (!(w in COMMANDS)) args.fail(`unknown workload ${w} (seq, files, python, gcc)`)
 const variants = values.variants.split(',').map(s => s.trim()) as VariantName[]
 for (const v of variants) if (!['lazy', 'traced', 'background'].includes(v)) args.fail(`unknown variant ${v} (lazy, traced, background)`)
-if (process.getuid?.() !== 0) throw new Error('run as root: mounts, runc and drop_caches need it')
+requireRoot('mounts, runc and drop_caches')
 const rate = mbit * 1e6 / 8
 const SHOAL = resolve(values.shoal ?? SHOAL_HERE)
 

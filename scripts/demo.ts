@@ -6,6 +6,7 @@ import type { AgentProcess } from '../src/agent/agent-process.ts'
 import { parseSize } from '../src/cli/args.ts'
 import { mib, table } from '../src/cli/output.ts'
 import { parseScriptArgs } from './lib/args.ts'
+import { reportErrors } from './lib/errors.ts'
 
 const DEFAULT_COMMAND = ['python3', '-c', 'import json, sqlite3; print(json.dumps({"answer": 42, "sqlite": sqlite3.sqlite_version}))']
 
@@ -89,11 +90,5 @@ async function runChild (cmd: string, args: string[], name: string): Promise<num
   })
 }
 
-try {
-  await main()
-} catch (err) {
-  // One line, what happened and what to do; SHOAL_DEBUG=1 for the trace.
-  process.stderr.write(`demo: ${(err as Error).message}\n`)
-  if (process.env.SHOAL_DEBUG === '1') console.error(err)
-  process.exit(1)
-}
+reportErrors('demo')
+await main()

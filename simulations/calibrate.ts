@@ -14,9 +14,12 @@
  * Several real runs of one size (they vary) each count. Writes calibration.json and
  * calibration.md to --out (default results/sim/calibration-<timestamp>/).
  */
-import { mkdir, readFile, writeFile } from 'node:fs/promises'
+import { existsSync } from 'node:fs'
+import { mkdir, writeFile } from 'node:fs/promises'
 import { join, resolve } from 'node:path'
 import { parseScriptArgs } from '../scripts/lib/args.ts'
+import { readJsonFile, reportErrors } from '../scripts/lib/errors.ts'
+import { UsageError } from '../src/errors.ts'
 import type { WorkloadProfile } from './lib/image.ts'
 import { simulate } from './lib/model-world.ts'
 import { loneReference, metrics, type RunMetrics } from './lib/report.ts'
@@ -37,6 +40,7 @@ const GRID: Partial<Record<keyof ModelParams, number[]>> = {
 }
 
 const REPO = resolve(import.meta.dirname, '..')
+reportErrors('calibrate')
 const { values, positionals } = parseScriptArgs({
   script: 'calibrate',
   usage: 'usage: node simulations/calibrate.ts RESULTS_DIR... [--fit] [--out DIR]',
@@ -66,9 +70,13 @@ await writeFile(join(out, 'calibration.md'), `# Model calibration (${new Date().
 process.stdout.write(table + '\n')
 log(`wrote ${join(out, 'calibration.md')}`)
 
+/** A real run's output directory; a UsageError that says what to give when DIR is not one. */
 async function loadRealRun (dir: string): Promise<RealRun> {
-  const results = JSON.parse(await readFile(join(dir, 'results.json'), 'utf8')) as { scenario: Scenario, extra: { machine: { cpus: number } }, lone: { reference: { completionMs: number } }, metrics: Record<'peers' | 'baseline', RunMetrics> }
-  const profile = JSON.parse(await readFile(join(dir, 'workload-profile.json'), 'utf8')) as WorkloadProfile
+  const runs = 'node simulations/run.ts simulations/scenarios/NAME.json writes one to results/sim/NAME-NODES-TIME/'
+  if (!existsSync(dir)) throw new UsageError(`results directory ${dir} does not exist: give the output directory of a real run (${runs})`)
+  const notReal = (): string => `${dir} is not the output directory of a whole real run: ${runs}; one with --profile-only writes no results.json`
+  const results = await readJsonFile(join(dir, 'results.json'), 'results file', notReal) as { scenario: Scenario, extra: { machine: { cpus: number } }, lone: { reference: { completionMs: number } }, metrics: Record<'peers' | 'baseline', RunMetrics> }
+  const profile = await readJsonFile(join(dir, 'workload-profile.json'), 'workload profile', notReal) as WorkloadProfile
   return { dir: resolve(dir), scenario: results.scenario, profile, cores: results.extra.machine.cpus, lone: results.lone.reference.completionMs, metrics: results.metrics }
 }
 

@@ -22,12 +22,14 @@ import { totalmem } from 'node:os'
 import { join, resolve } from 'node:path'
 import { getHeapStatistics } from 'node:v8'
 import { parseScriptArgs } from '../scripts/lib/args.ts'
+import { reportErrors } from '../scripts/lib/errors.ts'
 import { POLICY_SETTINGS, simulate, type ModelMode, type ModelRun } from './lib/model-world.ts'
 import { loadProfile } from './lib/profile.ts'
 import { writeReport } from './lib/report.ts'
 import { loadScenario } from './lib/scenario.ts'
 
 const REPO = resolve(import.meta.dirname, '..')
+reportErrors('model')
 const { values, positionals, int } = parseScriptArgs({
   script: 'model',
   usage: 'usage: node simulations/model.ts simulations/scenarios/NAME.json [--nodes N] [--out DIR] [--profile FILE] [--shared-cores N]',
@@ -36,6 +38,8 @@ const { values, positionals, int } = parseScriptArgs({
 })
 const nodes = int('nodes', { min: 1, max: 100_000 })
 const sharedCores = int('shared-cores', { min: 0 })
+// Read (and checked) before anything else: a wrong path or field ends the command here, not in the large-heap run.
+const scenario = await loadScenario(positionals[0]!)
 
 // Every simulated node keeps what the agent keeps (its swarm members, up to 1,024 per swarm
 // key, its peer source's state): 10,000 nodes need more than V8's default heap (about 4 GB).
@@ -55,7 +59,6 @@ for (const signal of ['SIGINT', 'SIGTERM'] as const) {
     process.exit(130)
   })
 }
-const scenario = await loadScenario(positionals[0]!)
 if (nodes !== undefined) scenario.nodes = nodes
 if (sharedCores !== undefined) scenario.model.sharedCores = sharedCores
 const profile = await loadProfile(REPO, scenario, {

@@ -20,6 +20,8 @@ import { cpus, release } from 'node:os'
 import { mkdir, rm, writeFile } from 'node:fs/promises'
 import { join, resolve } from 'node:path'
 import { parseScriptArgs } from '../scripts/lib/args.ts'
+import { reportErrors } from '../scripts/lib/errors.ts'
+import { UsageError } from '../src/errors.ts'
 import { runCluster, type ClusterResult, type RunMode } from './lib/cluster.ts'
 import { catalogFiles, fetchedChunks, preparePythonImage, type ProfileChunk, type WorkloadProfile } from './lib/image.ts'
 import { netnsSupport, removeStaleNamespaces } from './lib/netns.ts'
@@ -29,6 +31,7 @@ import { writeReport } from './lib/report.ts'
 import { loadScenario } from './lib/scenario.ts'
 
 const REPO = resolve(import.meta.dirname, '..')
+reportErrors('run')
 const { values, positionals, int } = parseScriptArgs({
   script: 'run',
   usage: 'usage: node simulations/run.ts simulations/scenarios/NAME.json [--out DIR] [--nodes N] [--profile-only]',
@@ -38,10 +41,10 @@ const { values, positionals, int } = parseScriptArgs({
 const nodes = int('nodes', { min: 1, max: 100_000 })
 const scenario = await loadScenario(positionals[0]!)
 if (nodes !== undefined) scenario.nodes = nodes
-if (!('fixture' in scenario.image)) throw new Error(`${scenario.name}: a synthetic image exists only in the model (node simulations/model.ts)`)
+if (!('fixture' in scenario.image)) throw new UsageError(`${scenario.name}: a synthetic image exists only in the model (node simulations/model.ts)`)
 const profileOnly = values['profile-only'] === true
 if (profileOnly) scenario.origin = { ...scenario.origin, kind: 'oci-layout' }
-if (scenario.origin.kind === 'registry') throw new Error(`${scenario.name}: real runs serve the image as an OCI layout over HTTP; origin.kind "registry" exists only in the model (node simulations/model.ts)`)
+if (scenario.origin.kind === 'registry') throw new UsageError(`${scenario.name}: real runs serve the image as an OCI layout over HTTP; origin.kind "registry" exists only in the model (node simulations/model.ts)`)
 const stamp = new Date().toISOString().replace(/[:.]/g, '-').slice(0, 19)
 const out = resolve(values.out ?? join(REPO, 'results', 'sim', `${scenario.name}-${scenario.nodes}-${stamp}`))
 const work = join('/var/tmp/shoal-sim', `${scenario.name}-${stamp}-${process.pid}`)

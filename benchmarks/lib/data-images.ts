@@ -25,6 +25,7 @@ import { once } from 'node:events'
 import { fileURLToPath } from 'node:url'
 import { ensureRealFixtures } from '../../scripts/fixtures/debian-images.ts'
 import { parseScriptArgs } from '../../scripts/lib/args.ts'
+import { reportErrors } from '../../scripts/lib/errors.ts'
 import { layerSizes, tagDigest, type LayerInfo } from './gcc-image.ts'
 import { run, say } from './proc.ts'
 
@@ -139,6 +140,7 @@ async function build (ctx: { cacheRoot: string, key: string, baseRef: string, ba
 }
 
 if (import.meta.main) {
+  reportErrors('data-images')
   const { values } = parseScriptArgs({ script: 'data-images', usage: 'usage: node benchmarks/lib/data-images.ts [--force]     (prints the paths as JSON)', options: { force: { type: 'boolean', default: false } } })
   const images = await ensureDataImages({ force: values.force })
   process.stdout.write(JSON.stringify({ ...images, ref: undefined, refs: { seq: images.ref('seq'), files: images.ref('files') } }, null, 2) + '\n')

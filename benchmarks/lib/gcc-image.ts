@@ -25,6 +25,7 @@ import { fileURLToPath } from 'node:url'
 import { createGunzip } from 'node:zlib'
 import { ensureRealFixtures } from '../../scripts/fixtures/debian-images.ts'
 import { parseScriptArgs } from '../../scripts/lib/args.ts'
+import { reportErrors } from '../../scripts/lib/errors.ts'
 import { mountsBelowOrAt, run, say, unmountAllBelow } from './proc.ts'
 
 export const GCC_TAG = 'gcc'
@@ -211,6 +212,7 @@ async function acquireLock (path: string, log: (line: string) => void): Promise<
 }
 
 if (import.meta.main) {
+  reportErrors('gcc-image')
   const { values } = parseScriptArgs({ script: 'gcc-image', usage: 'usage: node benchmarks/lib/gcc-image.ts [--force]     (prints the paths as JSON)', options: { force: { type: 'boolean', default: false } } })
   const image = await ensureGccImage({ force: values.force })
   process.stdout.write(JSON.stringify(image, null, 2) + '\n')

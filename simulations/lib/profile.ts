@@ -5,6 +5,7 @@
 import { createHash } from 'node:crypto'
 import { readdir, readFile, stat } from 'node:fs/promises'
 import { join } from 'node:path'
+import { readJsonFile } from '../../scripts/lib/errors.ts'
 import type { Digest } from '../../src/oci/digest.ts'
 import type { ProfileChunk, WorkloadProfile } from './image.ts'
 import type { Scenario } from './scenario.ts'
@@ -22,7 +23,7 @@ export function profileKey (scenario: Scenario): string {
  */
 export async function loadProfile (repo: string, scenario: Scenario, options: { file?: string | undefined, record?: (out: string) => Promise<void> } = {}): Promise<WorkloadProfile> {
   if ('synthetic' in scenario.image) return syntheticProfile(scenario.image.synthetic)
-  if (options.file !== undefined) return JSON.parse(await readFile(options.file, 'utf8')) as WorkloadProfile
+  if (options.file !== undefined) return await readJsonFile(options.file, 'workload profile') as WorkloadProfile
   const dir = join(repo, 'results', 'sim')
   const found = await findProfile(dir, scenario)
   if (found !== undefined) return found

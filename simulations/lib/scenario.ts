@@ -5,8 +5,10 @@
  *
  * Bandwidths are in megabits per second (what `tc` speaks); times in ms.
  */
-import { readFile } from 'node:fs/promises'
-import { basename } from 'node:path'
+import { readdirSync } from 'node:fs'
+import { basename, join, relative } from 'node:path'
+import { readJsonFile } from '../../scripts/lib/errors.ts'
+import { UsageError } from '../../src/errors.ts'
 
 export type Arrival =
   | { type: 'all-at-once' }
@@ -140,17 +142,30 @@ const DEFAULTS: Omit<Scenario, 'name' | 'model'> = {
   seed: 1
 }
 
-export class ScenarioError extends Error {}
-
-/** Reads, fills defaults and checks a scenario file; every problem names the field. */
-export async function loadScenario (path: string): Promise<Scenario> {
-  let raw: unknown
-  try {
-    raw = JSON.parse(await readFile(path, 'utf8'))
-  } catch (err) {
-    throw new ScenarioError(`cannot read scenario ${path}: ${(err as Error).message}`)
+/** A scenario the user must fix: a UsageError, so the scripts answer it with its message (exit 2). */
+export class ScenarioError extends UsageError {
+  constructor (message: string) {
+    super(message)
+    this.name = 'ScenarioError'
   }
-  return parseScenario(raw, basename(path).replace(/\.json$/, ''))
+}
+
+/**
+ * Reads, fills defaults and checks a scenario file; every problem names the file, and
+ * the field (a UsageError: a missing file lists the scenarios there are).
+ */
+export async function loadScenario (path: string): Promise<Scenario> {
+  const raw = await readJsonFile(path, 'scenario file', () => {
+    const dir = join(import.meta.dirname, '..', 'scenarios')
+    const names = readdirSync(dir).filter(f => f.endsWith('.json')).map(f => f.replace(/\.json$/, ''))
+    return `the scenarios are ${relative(process.cwd(), dir)}/NAME.json, NAME one of ${names.join(', ')}`
+  })
+  try {
+    return parseScenario(raw, basename(path).replace(/\.json$/, ''))
+  } catch (err) {
+    if (err instanceof ScenarioError) throw new ScenarioError(`scenario file ${path}: ${err.message.replace(/^scenario: /, '')}`)
+    throw err
+  }
 }
 
 export function parseScenario (raw: unknown, fallbackName: string): Scenario {

@@ -2,14 +2,21 @@
  * The command lines of the scripts beside the product (simulations/, benchmarks/,
  * scripts/): every one parses its options with scripts/lib/args.ts, so a mistyped
  * option gets `SCRIPT: what is wrong` and the usage (exit 2), and --help the usage
- * (exit 0), never Node's stack trace. Each case fails in the option parsing, before
- * the script sets anything up: nothing here runs a benchmark or a simulation.
+ * (exit 0), never Node's stack trace; and reports what fails after the options with
+ * scripts/lib/errors.ts, one line (`SCRIPT: ...`), never a stack trace either. Each
+ * case fails in the option parsing or in reading what the script was given (a scenario
+ * file, a results directory), or on not being root, before the script sets anything
+ * up: nothing here runs a benchmark or a simulation.
  */
 import assert from 'node:assert/strict'
-import { spawn } from 'node:child_process'
+import { spawn, spawnSync } from 'node:child_process'
 import { readdirSync, readFileSync } from 'node:fs'
+import { writeFile } from 'node:fs/promises'
 import { join, relative, resolve } from 'node:path'
 import { describe, it } from 'node:test'
+import { describeFailure } from '../../scripts/lib/errors.ts'
+import { UsageError } from '../../src/errors.ts'
+import { tempDir } from '../helpers/tmp.ts'
 
 const REPO = resolve(import.meta.dirname, '../..')
 
@@ -24,8 +31,11 @@ const SCRIPTS: Array<{ path: string, name: string }> = [
 
 interface Exit { code: number | null, signal: NodeJS.Signals | null, stdout: string, stderr: string }
 
-async function runScript (path: string, args: string[]): Promise<Exit> {
-  const child = spawn(process.execPath, [join(REPO, path), ...args], { cwd: REPO, stdio: ['ignore', 'pipe', 'pipe'], timeout: 30_000 })
+/** ENV is added to this process's environment, without SHOAL_DEBUG unless ENV sets it; UID runs the script as that user (and group). */
+async function runScript (path: string, args: string[], options: { env?: Record<string, string>, uid?: number } = {}): Promise<Exit> {
+  const env = { ...process.env, SHOAL_DEBUG: undefined, ...options.env }
+  const user = options.uid !== undefined ? { uid: options.uid, gid: options.uid } : {}
+  const child = spawn(process.execPath, [join(REPO, path), ...args], { cwd: REPO, env, ...user, stdio: ['ignore', 'pipe', 'pipe'], timeout: 30_000 })
   let stdout = ''
   let stderr = ''
   child.stdout.setEncoding('utf8').on('data', (d: string) => { stdout += d })
@@ -114,5 +124,83 @@ describe('script command lines', { concurrency: 4 }, () => {
     assertUsageError(await runScript('benchmarks/agent.ts', ['--only', 'cold,foo']), 'agent', '--only: unknown part foo (cold, io, meta)')
     assertUsageError(await runScript('benchmarks/containerd-cold.ts', ['--workloads', 'python,foo']), 'containerd-cold', 'unknown workload foo (python, gcc)')
     assertUsageError(await runScript('scripts/demo.ts', ['--origin-rate', 'lots']), 'demo', '--origin-rate lots: write a size such as 1048576, 1MiB or 16M')
+  })
+})
+
+/** Exit CODE and one line on stderr, `NAME: ` and then what MESSAGE matches; nothing on stdout, no stack trace. */
+function assertFailure (r: Exit, name: string, code: number, message: RegExp): void {
+  assert.equal(r.code, code, `exit ${r.code ?? r.signal}; stderr:\n${r.stderr}`)
+  const lines = r.stderr.trimEnd().split('\n')
+  assert.equal(lines.length, 1, `one line of error, got:\n${r.stderr}`)
+  assert.ok(lines[0]!.startsWith(`${name}: `), lines[0])
+  assert.match(lines[0]!, message)
+  assert.equal(r.stdout, '')
+  assert.doesNotMatch(r.stderr, /^\s+at /m, 'no stack trace')
+}
+
+const escape = (text: string): string => text.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')
+
+describe('script errors after the options', { concurrency: 4 }, () => {
+  it('every script with a command line reports its errors with scripts/lib/errors.ts, under its name', () => {
+    const missing = SCRIPTS.filter(({ path, name }) => !readFileSync(join(REPO, path), 'utf8').includes(`reportErrors('${name}')`)).map(s => s.path)
+    assert.deepEqual(missing, [], 'call reportErrors(NAME) (scripts/lib/errors.ts) before parseScriptArgs')
+  })
+
+  for (const script of ['simulations/model.ts', 'simulations/run.ts']) {
+    const name = script.replace(/^.*\/|\.ts$/g, '')
+    it(`${script}: a scenario file that does not exist, is not JSON, or has a bad field: exit 2, one line naming the file`, async () => {
+      const dir = await tempDir('shoal-script-errors-')
+      assertFailure(await runScript(script, ['no/such/scenario.json']), name, 2,
+        /^\w+: scenario file no\/such\/scenario\.json does not exist \(the scenarios are simulations\/scenarios\/NAME\.json, NAME one of .*\bsmoke\b/)
+      const notJson = join(dir, 'not-json.json')
+      await writeFile(notJson, '{"nodes": 3,')
+      assertFailure(await runScript(script, [notJson]), name, 2, new RegExp(`^\\w+: scenario file ${escape(notJson)} is not valid JSON \\(.+\\); fix it`))
+      const badField = join(dir, 'bad-field.json')
+      await writeFile(badField, '{"nodes": 0}')
+      assertFailure(await runScript(script, [badField]), name, 2, new RegExp(`^\\w+: scenario file ${escape(badField)}: nodes must be an integer from 1 to 100000$`))
+    })
+  }
+
+  it('simulations/calibrate.ts: a results directory that does not exist, or is not a real run\'s: exit 2, one line naming it', async () => {
+    assertFailure(await runScript('simulations/calibrate.ts', ['/no/such/dir']), 'calibrate', 2,
+      /^calibrate: results directory \/no\/such\/dir does not exist: give the output directory of a real run \(node simulations\/run\.ts /)
+    const dir = await tempDir('shoal-script-errors-')
+    assertFailure(await runScript('simulations/calibrate.ts', [dir, '--fit']), 'calibrate', 2,
+      new RegExp(`^calibrate: results file ${escape(join(dir, 'results.json'))} does not exist \\(${escape(dir)} is not the output directory of a whole real run`))
+  })
+
+  it('SHOAL_DEBUG=1 adds the whole error, stack included', async () => {
+    const r = await runScript('simulations/run.ts', ['no/such/scenario.json'], { env: { SHOAL_DEBUG: '1' } })
+    assert.equal(r.code, 2, r.stderr)
+    assert.match(r.stderr, /^run: scenario file no\/such\/scenario\.json does not exist/)
+    assert.match(r.stderr, /^\s+at .*scenario\.ts:\d+/m)
+  })
+
+  it('benchmarks that need root, run as another user: exit 1, one line with the command to run as root', async t => {
+    // As root, the scripts run as nobody (they stop before doing anything); as anyone else, as is.
+    const uid = process.getuid?.() === 0 ? 65534 : undefined
+    if (uid !== undefined && spawnSync(process.execPath, ['-e', `require('node:fs').accessSync(${JSON.stringify(join(REPO, 'benchmarks/agent.ts'))})`], { uid, gid: uid }).status !== 0) {
+      t.skip('user nobody cannot read the repository')
+      return
+    }
+    assertFailure(await runScript('benchmarks/agent.ts', ['--only', 'cold'], { uid }), 'agent', 1,
+      /^agent: must run as root \(mounts, chroot and drop_caches need it\): sudo node benchmarks\/agent\.ts --only cold$/)
+    assertFailure(await runScript('benchmarks/workloads.ts', ['--runs', '2'], { uid }), 'workloads', 1,
+      /^workloads: must run as root \(mounts, runc and drop_caches need it\): sudo node benchmarks\/workloads\.ts --runs 2$/)
+  })
+
+  it('what each kind of error prints, and its exit code', () => {
+    const line = (err: unknown): string => describeFailure('x', err).line
+    assert.deepEqual(describeFailure('x', new UsageError('scenario file a.json does not exist')), { line: 'x: scenario file a.json does not exist', exitCode: 2 })
+    // A plain Error is how a script says what went wrong: its message, and its cause's.
+    assert.deepEqual(describeFailure('x', new Error('the registry did not start', { cause: new Error('port 5000 in use') })), { line: 'x: the registry did not start (port 5000 in use)', exitCode: 1 })
+    assert.equal(line(new Error('building failed: disk full', { cause: new Error('disk full') })), 'x: building failed: disk full')
+    assert.equal(line(Object.assign(new Error('ENOENT: no such file or directory, open \'/a\''), { code: 'ENOENT', syscall: 'open' })),
+      'x: ENOENT: no such file or directory, open \'/a\'; check the path, that it exists and its permissions (SHOAL_DEBUG=1 shows where it failed)')
+    // Bugs: where they happened and how to see the trace.
+    assert.match(line(new TypeError('Cannot read properties of undefined (reading \'x\')')), /^x: TypeError: Cannot read properties of undefined \(reading 'x'\); this is a bug \(at test\/scripts\/cli-args\.test\.ts:\d+\): rerun with SHOAL_DEBUG=1 for the whole trace$/)
+    assert.match(line('a string'), /^x: thrown: 'a string'; this is a bug: rerun with SHOAL_DEBUG=1/)
+    // fetch's TypeError over a refused connection is a failure, not a bug.
+    assert.equal(line(new TypeError('fetch failed', { cause: new Error('connect ECONNREFUSED 127.0.0.1:1') })), 'x: fetch failed (connect ECONNREFUSED 127.0.0.1:1)')
   })
 })
