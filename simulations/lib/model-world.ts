@@ -43,7 +43,9 @@
  *   this node of (JOIN and MEMBERS, below), then the walk's. During a key's
  *   first walk the answer is the members heard of so far (the model's walk
  *   finds nothing before it ends), settled once there is one (as src: a read
- *   does not wait for the walk then); after that a caller gets
+ *   does not wait for the walk then). As src, a key's first walk is not made
+ *   when members told the node of themselves before it, and ends (before its
+ *   next RPC) once they do. After that a caller gets
  *   the last answer at once while a stale one is refreshed in the background
  *   (stale-while-revalidate, as src). Each walk and provide also costs dhtRpcMs
  *   of CPU per DHT peer it talks to (the k = 20 closest, or all nodes in a
@@ -219,9 +221,10 @@ export interface PolicyDiagnostics {
   peerGetMs: { hits: number, hitP50: number, hitP99: number, misses: number, missP50: number, missP99: number }
   /**
    * DHT walks started; holders() calls answered with the previous walk's answer
-   * while a new one ran; first walks whose answer included members peers told of.
+   * while a new one ran; first walks not started, and first walks stopped, because
+   * members had told the node of themselves.
    */
-  dht: { walks: number, staleAnswers: number, joinAnswers: number }
+  dht: { walks: number, staleAnswers: number, walksSkipped: number, walksStopped: number }
 }
 
 /** The shared parts: clock, origin, provider records, parameters. */
@@ -240,6 +243,8 @@ class World {
   readonly chunks = new Map<Digest, Chunk>()
   readonly sharedCpu: Cpu | undefined
   readonly random: () => number
+  /** The DHT peers a walk or provide talks to: the k = 20 closest, or everyone in a smaller cluster. */
+  readonly dhtPeers: number
   /** CPU of the RPCs in one DHT walk or provide: one per peer among the k = 20 closest. */
   readonly dhtRpcCost: number
   /**
@@ -257,7 +262,7 @@ class World {
     originFailures: { cancelled: 0, stalled: 0, refused: 0 },
     depth: { histogram: [], mean: 0, max: 0 },
     peerGetMs: { hits: 0, hitP50: 0, hitP99: 0, misses: 0, missP50: 0, missP99: 0 },
-    dht: { walks: 0, staleAnswers: 0, joinAnswers: 0 }
+    dht: { walks: 0, staleAnswers: 0, walksSkipped: 0, walksStopped: 0 }
   }
 
   readonly peerGetHits: number[] = []
@@ -270,7 +275,8 @@ class World {
     this.origin = new Link(this.sim, 'origin', mbitToBytes(this.s.origin.mbit))
     this.sharedCpu = this.p.sharedCores > 0 ? makeCpu(this.sim, this.p.sharedCores) : undefined
     this.random = seededRandom(this.s.seed + 2)
-    this.dhtRpcCost = this.p.dhtRpcMs * Math.min(20, this.s.nodes - 1)
+    this.dhtPeers = Math.min(20, this.s.nodes - 1)
+    this.dhtRpcCost = this.p.dhtRpcMs * this.dhtPeers
     const sim = this.sim
     this.clock = { now: () => sim.now, sleep: async (ms, signal) => await sim.sleep(ms, signal), timeout: ms => sim.timeout(ms) }
   }
@@ -1069,25 +1075,48 @@ class SimRouter implements PackRouter {
     return { lookup, answer: memo.answer }
   }
 
-  /** The key's current walk, or a new one when the last is stale (an empty one after 1 s, unless members told us of themselves). */
+  /**
+   * The key's current walk, or a new one when the last is stale (an empty one after 1 s,
+   * unless members told us of themselves). As DhtPackRouter.lookup: no first walk when
+   * members told us of themselves, and a first walk ends (before its next RPC) once they do.
+   */
   private lookup (pack: Digest, haveMembers: boolean): Lookup {
     const cached = this.lookups.get(pack)
     if (cached !== undefined && (cached.others > 0 || haveMembers ? cached.expires : cached.emptyExpires) > this.w.sim.now) return cached
     const walk = deferred<void>(this.w.sim)
     const lookup: Lookup = { key: pack, done: false, found: NOBODY, others: 0, previous: cached?.found, expires: Infinity, emptyExpires: Infinity, finished: walk.promise }
     this.lookups.set(pack, lookup)
-    this.w.diagnostics.dht.walks++
-    void this.node.cpuWork(this.w.p.lookupMs + this.w.dhtRpcCost).then(() => {
-      lookup.found = this.w.providersOf(pack)
-      if (lookup.previous === undefined && this.node.membersOf(pack).length > 0) this.w.diagnostics.dht.joinAnswers++
-      lookup.others = lookup.found.count - (this.w.lists(pack, lookup.found, this.node) ? 1 : 0)
+    const finish = (found: Swarm): void => {
+      lookup.found = found
+      lookup.others = found.count - (this.w.lists(pack, found, this.node) ? 1 : 0)
       lookup.done = true
       lookup.expires = this.w.sim.now + this.w.p.lookupCacheMs
       // An empty answer is retried sooner: in a burst the others' records may be a moment away.
       lookup.emptyExpires = this.w.sim.now + Math.min(this.w.p.lookupCacheMs, EMPTY_ANSWER_TTL_MS)
       walk.resolve()
-    })
+    }
+    if (cached === undefined && haveMembers) {
+      this.w.diagnostics.dht.walksSkipped++
+      finish(NOBODY)
+      lookup.emptyExpires = lookup.expires
+      return lookup
+    }
+    this.w.diagnostics.dht.walks++
+    void this.runWalk(pack, lookup.previous === undefined).then(finish)
     return lookup
+  }
+
+  /** A walk's CPU (lookupMs, then dhtRpcMs per DHT peer asked) and its finds; a first walk stops before an RPC once members told us of themselves. */
+  private async runWalk (pack: Digest, first: boolean): Promise<Swarm> {
+    await this.node.cpuWork(this.w.p.lookupMs)
+    for (let asked = 0; asked < this.w.dhtPeers; asked++) {
+      if (first && this.node.membersOf(pack).length > 0) {
+        this.w.diagnostics.dht.walksStopped++
+        return NOBODY
+      }
+      await this.node.cpuWork(this.w.p.dhtRpcMs)
+    }
+    return this.w.providersOf(pack)
   }
 }
 

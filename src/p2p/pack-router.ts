@@ -60,6 +60,10 @@ export interface DhtPackRouterStats {
   lookups: number
   /** holders() calls answered by a cached or in-flight walk. */
   lookupsShared: number
+  /** First walks not started because members had told us of themselves (see `lookup`). */
+  lookupsSkipped: number
+  /** First walks ended early when members told us of themselves (see `walk`). */
+  lookupsStopped: number
 }
 
 type Routing = Pick<Libp2p, 'peerId' | 'contentRouting'>
@@ -104,7 +108,7 @@ export function packCid (pack: Digest): CID {
  * node that holds the key's records itself answers from its own store, cut to 20.
  */
 export class DhtPackRouter implements PackRouter {
-  readonly stats: DhtPackRouterStats = { provides: 0, provideFailures: 0, lookups: 0, lookupsShared: 0 }
+  readonly stats: DhtPackRouterStats = { provides: 0, provideFailures: 0, lookups: 0, lookupsShared: 0, lookupsSkipped: 0, lookupsStopped: 0 }
   private readonly routing: Routing
   private readonly cacheTtlMs: number
   private readonly lookupTimeoutMs: number
@@ -264,7 +268,14 @@ export class DhtPackRouter implements PackRouter {
     return { lookup, answer: memo.answer }
   }
 
-  /** The pack's current walk, or a new one when the last is stale (an empty one soon, unless members told us of themselves). */
+  /**
+   * The pack's current walk, or a new one when the last is stale (an empty one soon,
+   * unless members told us of themselves). A pack's first walk is not made at all when
+   * members have already told us of themselves: they are the swarm a walk would look
+   * for, and a first walk in a burst asks every DHT peer for records that do not exist
+   * yet (the first provide waits 60-90 s), so it costs every node CPU and finds nobody.
+   * The walk comes `cacheTtlMs` later, as the usual refresh.
+   */
   private lookup (pack: Digest, haveMembers: boolean): Lookup {
     const cached = this.lookups.get(pack)
     const expires = cached === undefined || cached.found.length > 0 || haveMembers ? cached?.expires : cached.emptyExpires
@@ -280,23 +291,48 @@ export class DhtPackRouter implements PackRouter {
     }
     const lookup = new Lookup(cached?.found)
     this.lookups.set(pack, lookup)
+    if (cached === undefined && haveMembers) {
+      this.stats.lookupsSkipped++
+      lookup.finish(this.now() + this.cacheTtlMs, this.now() + this.cacheTtlMs)
+      return lookup
+    }
     this.stats.lookups++
     void this.walk(pack, lookup)
     return lookup
   }
 
+  /**
+   * One findProviders walk into LOOKUP. A pack's first walk ends as soon as members
+   * tell us of themselves (see `lookup`): in a burst they do within a round trip of our
+   * JOIN, while the walk would go on asking every DHT peer.
+   */
   private async walk (pack: Digest, lookup: Lookup): Promise<void> {
-    const signal = AbortSignal.any([AbortSignal.timeout(this.lookupTimeoutMs), this.stopping.signal])
+    const ended = new AbortController()
+    const signal = AbortSignal.any([AbortSignal.timeout(this.lookupTimeoutMs), this.stopping.signal, ended.signal])
+    let membersHeard = false
+    if (lookup.previous === undefined && this.members !== undefined) {
+      this.untilMembers(pack, signal).then(() => {
+        membersHeard = true
+        ended.abort()
+      }, () => {})
+    }
     try {
       for await (const provider of this.routing.contentRouting.findProviders(packCid(pack), { signal })) {
         if (!provider.id.equals(this.routing.peerId)) lookup.add(provider.id)
       }
     } catch {
-      // Deadline or no peers: the providers found so far are the answer until the cache expires.
+      // Deadline, members heard, or no peers: the providers found so far are the answer until the cache expires.
     } finally {
+      if (membersHeard) this.stats.lookupsStopped++
+      ended.abort() // and with it the wait for members
       // An empty answer is retried sooner: in a burst the others' records may be a moment away.
       lookup.finish(this.now() + this.cacheTtlMs, this.now() + Math.min(this.cacheTtlMs, PACK_ROUTER_DEFAULTS.emptyAnswerTtlMs))
     }
+  }
+
+  /** Resolves once some member of PACK's swarm has told us of itself; rejects when SIGNAL aborts. */
+  private async untilMembers (pack: Digest, signal: AbortSignal): Promise<void> {
+    while (this.members!.of(pack).length === 0) await this.members!.changed(pack, signal)
   }
 }
 

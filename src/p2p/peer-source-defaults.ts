@@ -62,19 +62,28 @@ export const PEER_SOURCE_DEFAULTS = {
    */
   directBlobMaxSwarm: 32,
   /**
-   * A node that finds itself the root of a whole blob (a catalog) less than this
-   * after its first look at the blob's swarm waits, while a peer it is connected to
-   * but has not heard join would outrank it, for that peer to join (then it is a
-   * child) or for this much to pass. The first nodes of a burst reach the catalogs a
-   * second or two after joining the image's swarm, when they have heard of one or
-   * two members: each took itself for the root and the origin sent the catalogs
-   * three times (real 20-node burst; 3 s was not always enough on a loaded
-   * machine). A node that no connected peer outranks does not wait: every node of a
-   * burst used to wait the whole 5 s, and the mounts with them.
+   * A node that finds itself the root of a chunk or whole blob less than this after
+   * its first look at the swarm waits, while a peer it is connected to but has not
+   * heard join would outrank it, for that peer to join (then it is a child) or for
+   * this much to pass. The first nodes of a burst reach the catalogs a second or two
+   * after joining the image's swarm, when they have heard of one or two members: each
+   * took itself for the root and the origin sent the catalogs three times (real
+   * 20-node burst; 3 s was not always enough on a loaded machine). Chunks too: once
+   * a burst's mounts stopped waiting on DHT walks, the first node read a chunk
+   * knowing 4 of 19 members, and the chunk's true root fetched it again (the model at
+   * 20 and 100 nodes). A node that no connected peer outranks does not wait: every
+   * node of a burst used to wait the whole 5 s, and the mounts with them.
    */
-  blobRootWaitMs: 5000,
-  /** How often a waiting whole blob's root looks at its swarm again (see blobRootWaitMs). */
-  blobRootPollMs: 100,
+  rootWaitMs: 5000,
+  /**
+   * A chunk's root waits (rootWaitMs) only while it knows fewer members than this: in
+   * a small swarm nodes connect to each other and a connected outsider joins in a
+   * moment; in a big one a node is connected to a few of the members, waits for those
+   * that mount late, and at 1,000 modelled nodes p99 grew. Whole blobs wait in any swarm.
+   */
+  rootWaitMaxSwarm: 32,
+  /** How often a waiting root looks at its swarm again (see rootWaitMs). */
+  rootPollMs: 100,
   /** Ban for a peer that sent bad bytes or broke the protocol. */
   banMs: 5 * 60_000,
   /** A slow or dead peer is skipped for this long, doubling with each failure in a row up to banMs. */

@@ -39,10 +39,9 @@ export interface PeerChunkSourceOptions extends Partial<Record<keyof typeof PEER
   /** The resolver's chunk timeout (ChunkResolver timeoutMs), which bounds every get. Default 20 s. */
   chunkTimeoutMs?: number
   /**
-   * The peers this node has a connection to (libp2p's getPeers): a whole blob's root
-   * waits only while one of them that has not joined the swarm would outrank it
-   * (blobRootWaitMs). Default: unknown, so a whole blob's root always waits out
-   * blobRootWaitMs.
+   * The peers this node has a connection to (libp2p's getPeers): a root waits only
+   * while one of them that has not joined the swarm would outrank it (rootWaitMs).
+   * Default: none, so a root never waits.
    */
   connected?: () => readonly PeerId[]
 }
@@ -154,9 +153,9 @@ export class PeerChunkSource implements ChunkSource {
   private readonly haveQueries = new Map<string, Promise<void>>()
   /** Parents being asked, per chunk digest (see isAsking). */
   private readonly asking = new Map<Digest, Set<string>>()
-  /** When this source first looked at each swarm (see blobRootWaitMs). */
+  /** When this source first looked at each swarm (see rootWaitMs). */
   private readonly firstLooked = new Map<Digest, number>()
-  private readonly connected: (() => readonly PeerId[]) | undefined
+  private readonly connected: () => readonly PeerId[]
 
   constructor (options: PeerChunkSourceOptions) {
     const { self, router, client, bans, clock, verify, swarmOf, keys, lag, chunkTimeoutMs, connected, ...settings } = options
@@ -172,7 +171,7 @@ export class PeerChunkSource implements ChunkSource {
     this.bans = bans
     this.verify = verify ?? ((chunk, bytes) => bytes.length === chunk.length && sha256(bytes) === chunk.digest)
     this.swarmOf = swarmOf ?? (pack => pack)
-    this.connected = connected
+    this.connected = connected ?? (() => [])
     this.availability = new Availability(this.settings.availabilityTtlMs, this.clock)
   }
 
@@ -221,7 +220,7 @@ export class PeerChunkSource implements ChunkSource {
     // parents are often nodes whose mounts lag behind, which keep it waiting or fail it to the origin.
     if (answers !== undefined && chunk.pack === chunk.digest) await this.firstAnswers(answers, signal)
     let selection = this.select(chunk, swarm, group)
-    if (selection.isRoot && chunk.pack === chunk.digest) ({ swarm, selection } = await this.blobRootWait(chunk, group, swarm, selection, signal))
+    if (selection.isRoot) ({ swarm, selection } = await this.rootWait(chunk, group, swarm, selection, signal))
     const asked = new Set<string>()
     if (selection.holders.length > 0) {
       for (const holder of selection.holders) asked.add(holder.id)
@@ -251,24 +250,25 @@ export class PeerChunkSource implements ChunkSource {
   }
 
   /**
-   * A whole blob's root (SELECTION over SWARM) waits, up to blobRootWaitMs after its
-   * first look at the swarm, while someone may outrank it: a connected peer that has
-   * not joined yet (it will in a moment, in a burst), or anybody when the connected
-   * peers are not known. Returns the swarm and the selection when the wait ends.
+   * A root (SELECTION over SWARM) waits, up to rootWaitMs after its first look at
+   * the swarm, while a peer it is connected to but has not heard join would outrank
+   * it (in a burst it joins in a moment). Returns the swarm and the selection when
+   * the wait ends.
    */
-  private async blobRootWait (chunk: ChunkRef, group: Digest, swarm: readonly Peer[], selection: Selection<Peer>, signal: AbortSignal): Promise<{ swarm: readonly Peer[], selection: Selection<Peer> }> {
+  private async rootWait (chunk: ChunkRef, group: Digest, swarm: readonly Peer[], selection: Selection<Peer>, signal: AbortSignal): Promise<{ swarm: readonly Peer[], selection: Selection<Peer> }> {
     for (;;) {
-      const left = this.settings.blobRootWaitMs - (this.clock.now() - this.firstLooked.get(group)!)
-      if (left <= 0 || !selection.isRoot || !this.mayBeOutranked(chunk, group, swarm)) return { swarm, selection }
-      await this.clock.sleep(Math.min(left, this.settings.blobRootPollMs), signal)
+      const left = this.settings.rootWaitMs - (this.clock.now() - this.firstLooked.get(group)!)
+      // Under a millisecond left is none: a simulated clock's sum of floats may never reach the end.
+      if (left < 1 || !selection.isRoot || !this.mayBeOutranked(chunk, group, swarm)) return { swarm, selection }
+      await this.clock.sleep(Math.min(left, this.settings.rootPollMs), signal)
       swarm = await this.swarm(group, signal)
       selection = this.select(chunk, swarm, group)
     }
   }
 
-  /** Whether a peer this node is connected to, but has not heard join the swarm, would outrank it for CHUNK. */
+  /** Whether a peer this node is connected to, but has not heard join the swarm, would outrank it for CHUNK (for a pack's chunk, in a small swarm only: rootWaitMaxSwarm). */
   private mayBeOutranked (chunk: ChunkRef, group: Digest, swarm: readonly Peer[]): boolean {
-    if (this.connected === undefined) return true
+    if (chunk.pack !== chunk.digest && swarm.length + 1 >= this.settings.rootWaitMaxSwarm) return false
     const members = new Set(swarm.map(p => p.id))
     const outside = this.connected().filter(p => !members.has(p.toString())).map(p => this.keys.of(p))
     return outside.length > 0 && !this.select(chunk, [...swarm, ...outside], group).isRoot

@@ -81,8 +81,7 @@ test('peer source: in a small swarm, a small whole blob (manifest, signature, co
   const large = randomBytes(200 * 1024)
   // Availability answered at once (empty): whether this node is the large blob's root or not, it then asks the peer.
   const client = new FakeRequester(large, async () => [])
-  // blobRootWaitMs 0: a clock that stands still would make a root of the large blob wait for good.
-  const source = new PeerChunkSource({ self: self!, router: new StaticRouter([peer!]), client, bans: new PeerBans(), clock: frozen, blobRootWaitMs: 0 })
+  const source = new PeerChunkSource({ self: self!, router: new StaticRouter([peer!]), client, bans: new PeerBans(), clock: frozen })
   const blob = (bytes: Uint8Array): ChunkRef => ({ ...packChunk(bytes, sha256(bytes)), pack: sha256(bytes) })
 
   assert.equal(await source.get(blob(small), { signal: AbortSignal.timeout(5000) }), undefined)
@@ -96,7 +95,7 @@ test('peer source: in a small swarm, a small whole blob (manifest, signature, co
   assert.equal(source.stats.direct, 1)
 
   // A swarm of directBlobMaxSwarm others: peers share even the small blobs (the origin would send one per node).
-  const bigSwarm = new PeerChunkSource({ self: self!, router: new StaticRouter([peer!]), client: new FakeRequester(small, async () => []), bans: new PeerBans(), clock: frozen, directBlobMaxSwarm: 1, blobRootWaitMs: 0 })
+  const bigSwarm = new PeerChunkSource({ self: self!, router: new StaticRouter([peer!]), client: new FakeRequester(small, async () => []), bans: new PeerBans(), clock: frozen, directBlobMaxSwarm: 1 })
   const shared = await bigSwarm.get(blob(small), { signal: AbortSignal.timeout(5000) })
   assert.ok(shared !== undefined && Buffer.from(shared).equals(small), 'the small blob came from the peer')
   assert.equal(bigSwarm.stats.direct, 0)
@@ -126,47 +125,55 @@ test('peer source: a root hears the pack\'s first availability answers before it
 })
 
 /** A routing stub whose walks find nobody and end only when aborted; counts them. */
-function stubRouting (self: PeerId): { routing: ConstructorParameters<typeof DhtPackRouter>[0], walks: () => number } {
+function stubRouting (self: PeerId): { routing: ConstructorParameters<typeof DhtPackRouter>[0], walks: () => number, ended: () => number } {
   let walks = 0
+  let ended = 0
   const routing = {
     peerId: self,
     contentRouting: {
+      // A burst's first walk: no records exist yet, so it finds nobody and ends only when stopped.
       async * findProviders (_cid: unknown, options: { signal?: AbortSignal } = {}) {
         walks++
-        await new Promise<void>((_resolve, reject) => options.signal?.addEventListener('abort', () => reject(options.signal!.reason), { once: true }))
+        try {
+          await new Promise<void>((_resolve, reject) => options.signal?.addEventListener('abort', () => reject(options.signal!.reason), { once: true }))
+        } finally {
+          ended++
+        }
       },
       async provide () {},
       async cancelReprovide () {}
     }
   } as unknown as ConstructorParameters<typeof DhtPackRouter>[0]
-  return { routing, walks: () => walks }
+  return { routing, walks: () => walks, ended: () => ended }
 }
 
-test('pack router: members that told us of themselves are a settled answer at once, while the first walk runs in the background', async () => {
+test('pack router: members that told us of themselves are a settled answer at once, and no first walk is made', async () => {
   const [self, member] = await peerIds(2)
   const key = sha256(randomBytes(32))
   const members = new SwarmMembers()
   members.own(key)
   members.add(key, member!, [])
   const { routing, walks } = stubRouting(self!)
-  const router = new DhtPackRouter(routing, { members })
+  const router = new DhtPackRouter(routing, { members, lookupTimeoutMs: 60_000 })
   try {
     const answer = router.answer(key)
     assert.equal(answer.settled, true)
     assert.deepEqual(answer.peers.map(String), [member!.toString()])
     await router.settled(key, { signal: AbortSignal.timeout(1000) })
-    assert.equal(walks(), 1, 'the walk still looks for providers beyond the members, without being waited for')
+    assert.equal(walks(), 0, 'the walk would ask every DHT peer for records a burst has not written yet')
+    assert.equal(router.stats.lookupsSkipped, 1)
   } finally {
     router.stop()
   }
 })
 
-test('pack router: a first lookup with nobody known walks, and is settled as soon as a member tells of itself (not when the walk ends)', async () => {
+test('pack router: a first lookup with nobody known walks, is settled as soon as a member tells of itself, and its walk stops then', async () => {
   const [self, member] = await peerIds(2)
   const key = sha256(randomBytes(32))
   const members = new SwarmMembers()
   members.own(key)
-  const { routing, walks } = stubRouting(self!)
+  const { routing, walks, ended } = stubRouting(self!)
+  // Without the stop, the walk would run for its whole minute.
   const router = new DhtPackRouter(routing, { members, lookupTimeoutMs: 60_000 })
   try {
     assert.equal(router.answer(key).settled, false)
@@ -177,30 +184,14 @@ test('pack router: a first lookup with nobody known walks, and is settled as soo
     const answer = router.answer(key)
     assert.equal(answer.settled, true)
     assert.deepEqual(answer.peers.map(String), [member!.toString()])
+    for (let i = 0; i < 100 && router.stats.lookupsStopped === 0; i++) await new Promise(resolve => setTimeout(resolve, 10))
+    assert.equal(router.stats.lookupsStopped, 1)
+    assert.equal(ended(), 1, 'the walk stopped')
+    router.answer(key)
+    assert.equal(walks(), 1, 'and no new one: the stopped walk is fresh for cacheTtlMs')
   } finally {
     router.stop()
   }
-})
-
-test('peer source: a node that finds itself the root of a whole blob right after its first look at the swarm looks again before it goes to the origin', async () => {
-  const [self, peer] = await peerIds(2)
-  // A catalog-sized blob that PEER outranks SELF for: with PEER known, SELF asks it as its parent.
-  let bytes: Uint8Array, ref: ChunkRef
-  for (;;) {
-    bytes = randomBytes(100 * 1024)
-    ref = { ...packChunk(bytes, sha256(bytes)), pack: sha256(bytes) }
-    if (!selectSources({ key: chunkKey(ref.digest), self: nodeKey(self!.toString()), swarm: [nodeKey(peer!.toString())], holders: [], excluded: () => false, maxParents: 3, maxHolders: 4 }).isRoot) break
-  }
-  // The swarm as a burst's first node sees it: nobody yet, then PEER a moment later.
-  let known: PeerId[] = []
-  const router = { async announce () {}, answer: () => ({ peers: known, settled: true }), async settled () {} }
-  setTimeout(() => { known = [peer!] }, 50)
-  const client = new FakeRequester(bytes, async () => [])
-  const source = new PeerChunkSource({ self: self!, router, client, bans: new PeerBans(), blobRootWaitMs: 300 })
-  const got = await source.get(ref, { signal: AbortSignal.timeout(5000) })
-  assert.ok(got !== undefined && Buffer.from(got).equals(bytes), 'from the parent it heard of, not the origin')
-  assert.deepEqual(client.wants, [{ peer: peer!.toString(), fetch: true }])
-  assert.equal(source.stats.roots, 0)
 })
 
 /** A catalog-sized whole blob for which SELF is (or is not) the root with PEER in the swarm. */
@@ -212,31 +203,53 @@ function blobWhere (self: PeerId, peer: PeerId, root: boolean): { bytes: Uint8Ar
   }
 }
 
-test('peer source: a whole blob\'s root that no connected peer outranks goes to the origin at once, without the blob-root wait', async () => {
+/** A chunk of a pack, and a catalog-sized whole blob, for which SELF is (or is not) the root with PEER in the swarm. */
+function kinds (self: PeerId, peer: PeerId, root: boolean): Array<{ kind: string, bytes: Uint8Array, ref: ChunkRef }> {
+  return [{ kind: 'chunk', ...chunkWhere(self, peer, root) }, { kind: 'whole blob', ...blobWhere(self, peer, root) }]
+}
+
+test('peer source: a root that no connected peer outranks goes to the origin at once, without the root wait', async () => {
   const [self, peer] = await peerIds(2)
-  const { bytes, ref } = blobWhere(self!, peer!, true)
-  const router = { async announce () {}, answer: () => ({ peers: [], settled: true }), async settled () {} }
-  for (const connected of [[], [peer!]]) {
-    // Time stands still: a root that waited would wait until the get's own signal aborted it.
-    const source = new PeerChunkSource({ self: self!, router, client: new FakeRequester(bytes, async () => []), bans: new PeerBans(), clock: frozen, connected: () => connected })
-    assert.equal(await source.get(ref, { signal: AbortSignal.timeout(5000) }), undefined, `the origin's job (connected: ${connected.length})`)
-    assert.equal(source.stats.roots, 1)
+  for (const { kind, bytes, ref } of kinds(self!, peer!, true)) {
+    const router = { async announce () {}, answer: () => ({ peers: [], settled: true }), async settled () {} }
+    for (const connected of [[], [peer!]]) {
+      // Time stands still: a root that waited would wait until the get's own signal aborted it.
+      const source = new PeerChunkSource({ self: self!, router, client: new FakeRequester(bytes, async () => []), bans: new PeerBans(), clock: frozen, connected: () => connected })
+      assert.equal(await source.get(ref, { signal: AbortSignal.timeout(5000) }), undefined, `the origin's job (${kind}, connected: ${connected.length})`)
+      assert.equal(source.stats.roots, 1)
+    }
   }
 })
 
-test('peer source: a whole blob\'s root waits for a connected peer that would outrank it to join, then asks it as its parent', async () => {
+test('peer source: a root waits for a connected peer that would outrank it to join, then asks it as its parent', async () => {
   const [self, peer] = await peerIds(2)
-  const { bytes, ref } = blobWhere(self!, peer!, false)
-  // PEER is connected but joins the swarm 200 ms after our first look; the wait's cap (a minute) is not what ends it.
-  let known: PeerId[] = []
-  const router = { async announce () {}, answer: () => ({ peers: known, settled: true }), async settled () {} }
-  setTimeout(() => { known = [peer!] }, 200)
-  const client = new FakeRequester(bytes, async () => [])
-  const source = new PeerChunkSource({ self: self!, router, client, bans: new PeerBans(), blobRootWaitMs: 60_000, connected: () => [peer!] })
-  const got = await source.get(ref, { signal: AbortSignal.timeout(10_000) })
-  assert.ok(got !== undefined && Buffer.from(got).equals(bytes), 'from the parent that joined, not the origin')
-  assert.deepEqual(client.wants, [{ peer: peer!.toString(), fetch: true }])
-  assert.equal(source.stats.roots, 0)
+  for (const { kind, bytes, ref } of kinds(self!, peer!, false)) {
+    // PEER is connected but joins the swarm 200 ms after our first look; the wait's cap (a minute) is not what ends it.
+    let known: PeerId[] = []
+    const router = { async announce () {}, answer: () => ({ peers: known, settled: true }), async settled () {} }
+    setTimeout(() => { known = [peer!] }, 200)
+    const client = new FakeRequester(bytes, async () => [])
+    const source = new PeerChunkSource({ self: self!, router, client, bans: new PeerBans(), rootWaitMs: 60_000, connected: () => [peer!] })
+    const got = await source.get(ref, { signal: AbortSignal.timeout(10_000) })
+    assert.ok(got !== undefined && Buffer.from(got).equals(bytes), `the ${kind} came from the parent that joined, not the origin`)
+    assert.deepEqual(client.wants, [{ peer: peer!.toString(), fetch: true }])
+    assert.equal(source.stats.roots, 0)
+  }
+})
+
+test('peer source: in a big view of the swarm a chunk\'s root does not wait for connected outsiders; a whole blob\'s still does', async () => {
+  const [self, peer] = await peerIds(2)
+  const [chunk, blob] = kinds(self!, peer!, false)
+  const router = { async announce () {}, answer: () => ({ peers: [], settled: true }), async settled () {} }
+  // rootWaitMaxSwarm 1: this node alone is already a "big" view. Time stands still, so a wait would last until the get's own signal.
+  const options = { self: self!, router, bans: new PeerBans(), clock: frozen, connected: () => [peer!], rootWaitMaxSwarm: 1 }
+  const chunkSource = new PeerChunkSource({ ...options, client: new FakeRequester(chunk!.bytes, async () => []) })
+  assert.equal(await chunkSource.get(chunk!.ref, { signal: AbortSignal.timeout(5000) }), undefined, 'the chunk went to the origin at once')
+  assert.equal(chunkSource.stats.roots, 1)
+  const blobSource = new PeerChunkSource({ ...options, client: new FakeRequester(blob!.bytes, async () => []) })
+  const started = Date.now()
+  assert.equal(await blobSource.get(blob!.ref, { signal: AbortSignal.timeout(300) }).catch(() => 'waited'), 'waited', 'the blob waited for PEER to join')
+  assert.ok(Date.now() - started >= 250)
 })
 
 test('pack router: a wait for a first lookup that members end leaves no rejection behind when its signal aborts later', async () => {
