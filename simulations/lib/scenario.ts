@@ -107,8 +107,8 @@ export interface Scenario {
 export const DEFAULT_COMMAND = ['python3', '-c', 'import json, sqlite3; print(json.dumps({"answer": 42, "sqlite": sqlite3.sqlite_version}))']
 
 /**
- * Model defaults: fitted to four real burst-20 runs at 10 and 20 nodes on
- * 2026-12-07, 04:44-04:59 UTC, at `3ac25b0` (docs/BENCHMARKS.md, "Simulation:
+ * Model defaults: fitted to five real burst-20 runs at 10 and 20 nodes on
+ * 2026-12-07, 12:27-13:02 UTC, at `14d81f8` (docs/BENCHMARKS.md, "Simulation:
  * calibration"; `node simulations/calibrate.ts ... --fit`), except sharedCores (those runs share this
  * machine's 2 cores; a modelled cluster does not), mountMs, lookupCacheMs and
  * pieceBytes (not fitted).
@@ -116,8 +116,8 @@ export const DEFAULT_COMMAND = ['python3', '-c', 'import json, sqlite3; print(js
 export const DEFAULT_MODEL: ModelParams = {
   announceMs: 50,
   lookupMs: 50,
-  dhtRpcMs: 10,
-  upkeepMsPerPeer: 1,
+  dhtRpcMs: 5,
+  upkeepMsPerPeer: 2,
   lookupCacheMs: 30_000,
   mountMs: 150,
   readWindow: 1,
