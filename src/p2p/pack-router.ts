@@ -311,7 +311,7 @@ export class DhtPackRouter implements PackRouter {
     const signal = AbortSignal.any([AbortSignal.timeout(this.lookupTimeoutMs), this.stopping.signal, ended.signal])
     let membersHeard = false
     if (lookup.previous === undefined && this.members !== undefined) {
-      this.untilMembers(pack, signal).then(() => {
+      untilMembers(this.members, pack, signal).then(() => {
         membersHeard = true
         ended.abort()
       }, () => {})
@@ -329,11 +329,11 @@ export class DhtPackRouter implements PackRouter {
       lookup.finish(this.now() + this.cacheTtlMs, this.now() + Math.min(this.cacheTtlMs, PACK_ROUTER_DEFAULTS.emptyAnswerTtlMs))
     }
   }
+}
 
-  /** Resolves once some member of PACK's swarm has told us of itself; rejects when SIGNAL aborts. */
-  private async untilMembers (pack: Digest, signal: AbortSignal): Promise<void> {
-    while (this.members!.of(pack).length === 0) await this.members!.changed(pack, signal)
-  }
+/** Resolves once some member of PACK's swarm has told us of itself; rejects when SIGNAL aborts. */
+async function untilMembers (members: SwarmMembers, pack: Digest, signal: AbortSignal): Promise<void> {
+  while (members.of(pack).length === 0) await members.changed(pack, signal)
 }
 
 interface Announcement {
