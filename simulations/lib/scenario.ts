@@ -172,12 +172,17 @@ export function parseScenario (raw: unknown, fallbackName: string): Scenario {
   if (!isObject(raw)) throw new ScenarioError('a scenario is a JSON object')
   const known = new Set(['name', 'model', ...Object.keys(DEFAULTS)])
   for (const key of Object.keys(raw)) if (!known.has(key)) throw new ScenarioError(`unknown scenario key "${key}" (known: ${[...known].join(', ')})`)
+  // These are objects whose fields default one by one: {"links": {"mbit": 50}} keeps the default latency.
+  const merged = ['links', 'origin', 'timeouts', 'model'] as const
+  for (const key of merged) check(raw[key] === undefined || isObject(raw[key]), `${key} must be an object, e.g. ${JSON.stringify(key === 'model' ? { sharedCores: 2 } : (DEFAULTS)[key])}`)
   const s = {
     ...structuredClone(DEFAULTS),
     ...raw,
     name: typeof raw.name === 'string' ? raw.name : fallbackName,
-    timeouts: { ...DEFAULTS.timeouts, ...(isObject(raw.timeouts) ? raw.timeouts : {}) },
-    model: { ...DEFAULT_MODEL, ...(isObject(raw.model) ? raw.model : {}) }
+    links: { ...DEFAULTS.links, ...(raw.links as object | undefined) },
+    origin: { ...DEFAULTS.origin, ...(raw.origin as object | undefined) },
+    timeouts: { ...DEFAULTS.timeouts, ...(raw.timeouts as object | undefined) },
+    model: { ...DEFAULT_MODEL, ...(raw.model as object | undefined) }
   } as Scenario
   check(Number.isInteger(s.nodes) && s.nodes >= 1 && s.nodes <= 100_000, 'nodes must be an integer from 1 to 100000')
   check(/^[a-z0-9][a-z0-9-]*$/.test(s.name), 'name must be lowercase letters, digits and dashes')

@@ -24,6 +24,12 @@ describe('simulation scenarios', () => {
     assert.throws(() => parseScenario({ faults: { hostilePeers: { share: 1.5 } } }, 'x'), /faults.hostilePeers.share must be a number from 0 to 1/)
     assert.throws(() => parseScenario({ faults: { floods: {} } }, 'x'), /unknown fault "floods" \(known: kill, originOutage, badPeers, hostilePeers\)/)
     assert.throws(() => parseScenario({ origin: { mbit: 1, latencyMs: 0, kind: 'ftp' } }, 'x'), /origin.kind must be "oci-layout" or "registry"/)
+    // Objects whose fields default one by one; anything else there is refused, not replaced by the defaults.
+    assert.deepEqual(parseScenario({ links: { mbit: 50 } }, 'x').links, { mbit: 50, latencyMs: 0 })
+    assert.equal(parseScenario({ origin: { latencyMs: 3 } }, 'x').origin.mbit, 100)
+    assert.throws(() => parseScenario({ links: null }, 'x'), /links must be an object, e.g. \{"mbit":1000,"latencyMs":0\}/)
+    assert.throws(() => parseScenario({ timeouts: 5 }, 'x'), /timeouts must be an object/)
+    assert.throws(() => parseScenario({ model: [] }, 'x'), /model must be an object/)
   })
 
   it('arrivals and killed nodes are seeded: the model and a real run see the same ones', () => {
