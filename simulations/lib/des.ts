@@ -97,8 +97,11 @@ export class Simulator {
         reject(signal!.reason)
       }
       signal?.addEventListener('abort', onAbort, { once: true })
+      // A positive sleep moves the clock, as a real timer does: now + ms rounds back to now when
+      // ms is below now's float precision (a waiter's "time left" can be 1e-12 ms).
+      const t = ms > 0 ? this.now + Math.max(ms, this.now * 2 * Number.EPSILON) : this.now + ms
       // Quiet: a sleep its signal cut short leaves a no-op behind, which costs no yield to promises.
-      this.atQuiet(this.now + ms, () => {
+      this.atQuiet(t, () => {
         if (done) return
         done = true
         signal?.removeEventListener('abort', onAbort)

@@ -54,10 +54,10 @@ export type ChildInode = Entry & { inode: Inode | undefined }
 export const CATALOG_DEFAULTS = {
   /**
    * A preloaded catalog with at most this many entries answers every directory
-   * listing from one query, made at its first listing: on the cached-reads
-   * benchmark's catalog (934 directories, 9,134 entries) a query per directory took
-   * 43-66 ms for `find`, one query for all 13-17 ms. Bounded because the rows kept
-   * in JS are several times their size in SQLite.
+   * listing from one query, made at its first listing: a query per directory cost
+   * the cached-reads benchmark's cold `find` (934 directories) a quarter of its time
+   * (docs/BENCHMARKS.md). Bounded because the rows kept in JS are several times their
+   * size in SQLite.
    */
   listingsMaxEntries: 100_000
 } as const

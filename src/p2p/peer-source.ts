@@ -258,8 +258,7 @@ export class PeerChunkSource implements ChunkSource {
   private async rootWait (chunk: ChunkRef, group: Digest, swarm: readonly Peer[], selection: Selection<Peer>, signal: AbortSignal): Promise<{ swarm: readonly Peer[], selection: Selection<Peer> }> {
     for (;;) {
       const left = this.settings.rootWaitMs - (this.clock.now() - this.firstLooked.get(group)!)
-      // Under a millisecond left is none: a simulated clock's sum of floats may never reach the end.
-      if (left < 1 || !selection.isRoot || !this.mayBeOutranked(chunk, group, swarm)) return { swarm, selection }
+      if (left <= 0 || !selection.isRoot || !this.mayBeOutranked(chunk, group, swarm)) return { swarm, selection }
       await this.clock.sleep(Math.min(left, this.settings.rootPollMs), signal)
       swarm = await this.swarm(group, signal)
       selection = this.select(chunk, swarm, group)
