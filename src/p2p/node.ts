@@ -19,6 +19,16 @@ import {
 /** The DHT protocol id: private, so shoal nodes never join (or pollute) the public Amino DHT. */
 export const DHT_PROTOCOL = '/shoal/kad/1.0.0'
 
+/** createPeerNode's defaults. */
+export const PEER_NODE_DEFAULTS = {
+  /** Deadline per bootstrap dial (ms). */
+  dialTimeoutMs: 5000,
+  /** How often bootstrap is retried while the node has no connection at all (ms). */
+  rebootstrapMs: 30_000,
+  /** Lifetime of provider records (ms): see PeerNodeOptions.providerValidityMs. */
+  providerValidityMs: 30 * 60_000
+} as const
+
 /** Loopback and private ranges: a cluster's own subnet connects without connection-rate limits. */
 export const DEFAULT_ALLOW = ['127.0.0.0/8', '10.0.0.0/8', '172.16.0.0/12', '192.168.0.0/16', '::1/128', 'fc00::/7']
 
@@ -53,13 +63,13 @@ export interface PeerNodeOptions {
   allow?: string[]
   /** Resolves a bootstrap host name to all its addresses. Default: the system resolver, all records. */
   resolveHost?: (host: string) => Promise<string[]>
-  /** Deadline per bootstrap dial. Default 5000. */
+  /** Deadline per bootstrap dial. Default PEER_NODE_DEFAULTS. */
   dialTimeoutMs?: number
-  /** How often to retry bootstrap while we have no connections. Default 30000. */
+  /** How often to retry bootstrap while we have no connections. Default PEER_NODE_DEFAULTS. */
   rebootstrapMs?: number
   /**
    * Lifetime of provider records. We re-provide held packs at two thirds of it,
-   * and records of nodes that died disappear within it. Default 30 minutes.
+   * and records of nodes that died disappear within it. Default PEER_NODE_DEFAULTS (30 minutes).
    */
   providerValidityMs?: number
   /** Shared with the peer chunk source, which bans; the gater refuses banned peers. */
@@ -89,8 +99,8 @@ export async function createPeerNode (options: PeerNodeOptions): Promise<PeerNod
   options.signal?.throwIfAborted()
   const privateKey = await loadOrCreatePeerKey(options.stateDir)
   const bans = options.bans ?? new PeerBans()
-  const validity = options.providerValidityMs ?? 30 * 60_000
-  const dialTimeoutMs = options.dialTimeoutMs ?? 5000
+  const validity = options.providerValidityMs ?? PEER_NODE_DEFAULTS.providerValidityMs
+  const dialTimeoutMs = options.dialTimeoutMs ?? PEER_NODE_DEFAULTS.dialTimeoutMs
   const resolveHost = options.resolveHost ?? resolveAllAddresses
   const bootstrapTargets = (options.bootstrap ?? []).map(parseBootstrap)
   const allow = (options.allow ?? DEFAULT_ALLOW).map(cidrToMultiaddr)
@@ -143,7 +153,7 @@ export async function createPeerNode (options: PeerNodeOptions): Promise<PeerNod
   const stopping = new AbortController()
   const rebootstrap = setInterval(() => {
     if (libp2p.getConnections().length === 0) void dialAll(stopping.signal).catch(() => {})
-  }, options.rebootstrapMs ?? 30_000).unref()
+  }, options.rebootstrapMs ?? PEER_NODE_DEFAULTS.rebootstrapMs).unref()
 
   let stopped: Promise<void> | undefined
   const node: PeerNode = {
