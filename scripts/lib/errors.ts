@@ -31,6 +31,9 @@ import { readFile } from 'node:fs/promises'
 import { relative, resolve } from 'node:path'
 import { inspect } from 'node:util'
 import { ShoalError, UsageError } from '../../src/errors.ts'
+import { errorOrigin, oneLine } from '../../src/util/error-line.ts'
+
+const REPO = resolve(import.meta.dirname, '../..')
 
 /**
  * From now on, an error nothing catches ends this process with one line, `SCRIPT: ...`
@@ -62,7 +65,7 @@ export function describeFailure (script: string, err: unknown): { line: string, 
   const bug = e === undefined || (e.cause === undefined && (BUGS.some(B => e instanceof B) || e.name === 'AssertionError'))
   if (!bug) return { line: `${script}: ${oneLine(withCause(e))}${system?.code !== undefined && !e.message.includes(String(system.code)) ? ` (${system.code})` : ''}`, exitCode: 1 }
   const message = e !== undefined ? `${e.name}: ${e.message}${system?.code !== undefined ? ` (${system.code})` : ''}` : `thrown: ${inspect(err)}`
-  const at = origin(e?.stack)
+  const at = errorOrigin(e?.stack, REPO)
   return { line: `${script}: ${oneLine(message)}; this is a bug${at !== undefined ? ` (at ${at})` : ''}: rerun with SHOAL_DEBUG=1 for the whole trace`, exitCode: 1 }
 }
 
@@ -107,17 +110,4 @@ function commandLine (): string {
 function withCause (err: Error): string {
   const cause = err.cause instanceof Error ? err.cause.message : typeof err.cause === 'string' ? err.cause : undefined
   return cause === undefined || cause === '' || err.message.includes(cause) ? err.message : `${err.message} (${cause})`
-}
-
-const REPO = resolve(import.meta.dirname, '../..')
-
-/** Where an error came from: the first stack frame in the repository's own sources (not node_modules), relative to it; else the first one. */
-function origin (stack: string | undefined): string | undefined {
-  const frames = [...(stack ?? '').matchAll(/\n\s+at (?:.*?\()?(?:file:\/\/)?([^()\n]+?:\d+):\d+\)?/g)].map(m => m[1]!)
-  const ours = frames.filter(f => f.startsWith('/')).map(f => relative(REPO, f)).find(f => !f.startsWith('..') && !f.startsWith('node_modules/'))
-  return ours ?? frames[0]
-}
-
-function oneLine (text: string): string {
-  return text.replace(/\s*\n\s*/g, ' ').trim()
 }

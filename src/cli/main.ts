@@ -1,6 +1,8 @@
 #!/usr/bin/env node
 import { Command, CommanderError } from 'commander'
+import { resolve } from 'node:path'
 import { ShoalError } from '../errors.ts'
+import { errorOrigin, oneLine } from '../util/error-line.ts'
 
 /**
  * The command groups: the top-level commands each module defines, and how to load its
@@ -32,6 +34,9 @@ const program = new Command('shoal')
  * bug, or a system error no command anticipated) gets its message, where it came
  * from, and how to see the whole trace (SHOAL_DEBUG=1).
  */
+/** The installation's root: error origins are given relative to it (`src/...`). */
+const SHOAL_ROOT = resolve(import.meta.dirname, '../..')
+
 function fail (err: unknown): never {
   if (err instanceof CommanderError) process.exit(err.exitCode)
   if (err instanceof ShoalError) {
@@ -45,22 +50,11 @@ function fail (err: unknown): never {
     // A system call failed on something a command was given or uses (a path, a socket).
     console.error(`shoal: ${oneLine(e.message)}; check the path, that it exists and its permissions (SHOAL_DEBUG=1 shows where it failed)`)
   } else {
-    const at = origin(e.stack)
+    const at = errorOrigin(e.stack, SHOAL_ROOT)
     console.error(`shoal: ${oneLine(e.message)}${system.code !== undefined ? ` (${system.code})` : ''}; this is a bug in shoal${at !== undefined ? ` (at ${at})` : ''}: rerun with SHOAL_DEBUG=1 for the whole trace and report it`)
   }
   if (process.env.SHOAL_DEBUG === '1' && e.stack !== undefined) console.error(e.stack)
   process.exit(1)
-}
-
-/** Where an error came from: the first stack frame in shoal's own sources, else the first one. */
-function origin (stack: string | undefined): string | undefined {
-  const frames = [...(stack ?? '').matchAll(/\n\s+at (?:.*?\()?(?:file:\/\/)?([^()\n]+?:\d+):\d+\)?/g)].map(m => m[1]!)
-  const ours = frames.find(f => f.includes('/src/'))
-  return (ours ?? frames[0])?.replace(/^.*\/(src\/)/, '$1')
-}
-
-function oneLine (text: string): string {
-  return text.replace(/\s*\n\s*/g, ' ').trim()
 }
 
 // An error thrown outside the command's promise chain (an 'error' event nobody

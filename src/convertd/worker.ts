@@ -1,6 +1,7 @@
 import type { Logger } from 'pino'
 import { FormatError, NotFoundError, ShoalError, SignatureError, UsageError } from '../errors.ts'
 import { imageName } from '../format/signing.ts'
+import { oneLine } from '../util/error-line.ts'
 import { platformTag } from './rules.ts'
 import type { Converter, ExtraName, Job, JobQueue } from './types.ts'
 
@@ -105,8 +106,8 @@ export class Worker {
       }
     } catch (err) {
       if (signal.aborted) { queue.finishName(job.id, name.tag, 'pending'); return }
-      queue.finishName(job.id, name.tag, 'failed', oneLine(err))
-      log.error({ ...what, reason: oneLine(err) }, 'could not add the name to the conversion')
+      queue.finishName(job.id, name.tag, 'failed', reasonOf(err))
+      log.error({ ...what, reason: reasonOf(err) }, 'could not add the name to the conversion')
     }
   }
 
@@ -153,7 +154,7 @@ export class Worker {
         log.info(what, 'conversion interrupted by the stop; the next start resumes it')
         return
       }
-      const reason = oneLine(err)
+      const reason = reasonOf(err)
       const final = !retryable(err) || job.attempts >= this.options.maxAttempts
       const retryAt = final ? undefined : this.now() + Math.min(this.options.retryMaxMs, this.options.retryBaseMs * 2 ** (job.attempts - 1))
       queue.fail(job.id, reason, retryAt)
@@ -172,8 +173,8 @@ function retryable (err: unknown): boolean {
   return !(err instanceof UsageError || err instanceof FormatError || err instanceof NotFoundError || err instanceof SignatureError)
 }
 
-function oneLine (err: unknown): string {
-  const message = err instanceof Error ? err.message : String(err)
-  const text = message.replace(/\s*\n\s*/g, ' ').trim()
+/** ERR as a job's failure reason: one line, with the error's class when it is not one of shoal's. */
+function reasonOf (err: unknown): string {
+  const text = oneLine(err instanceof Error ? err.message : String(err))
   return err instanceof ShoalError || !(err instanceof Error) ? text : `${text} (${err.name})`
 }

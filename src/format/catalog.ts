@@ -62,6 +62,10 @@ export const CATALOG_DEFAULTS = {
   listingsMaxEntries: 100_000
 } as const
 
+/** A ChildRow's columns, over `entries e LEFT JOIN inodes i`. */
+const CHILD_COLUMNS = `e.name AS name, e.whiteout AS whiteout, e.ino AS ino, i.ino AS i_ino, i.mode AS mode, i.uid AS uid, i.gid AS gid, i.size AS size,
+  i.mtime AS mtime, i.nlink AS nlink, i.rdev AS rdev, i.target AS target, i.opaque AS opaque, i.implicit AS implicit`
+
 interface ExtentRow { offset: number, digest: Buffer, length: number, pack: string, pack_offset: number, stored_length: number, codec: number }
 
 /**
@@ -98,12 +102,8 @@ export class Catalog {
         inode: this.db.prepare('SELECT * FROM inodes WHERE ino = ?'),
         entry: this.db.prepare('SELECT name, ino, whiteout FROM entries WHERE parent = ? AND name = ?'),
         children: this.db.prepare('SELECT name, ino, whiteout FROM entries WHERE parent = ? ORDER BY name'),
-        childInodes: this.db.prepare(`SELECT e.name AS name, e.whiteout AS whiteout, e.ino AS ino, i.ino AS i_ino, i.mode AS mode, i.uid AS uid, i.gid AS gid, i.size AS size,
-          i.mtime AS mtime, i.nlink AS nlink, i.rdev AS rdev, i.target AS target, i.opaque AS opaque, i.implicit AS implicit
-          FROM entries e LEFT JOIN inodes i ON i.ino = e.ino WHERE e.parent = ? ORDER BY e.name`),
-        allChildInodes: this.db.prepare(`SELECT e.parent AS parent, e.name AS name, e.whiteout AS whiteout, e.ino AS ino, i.ino AS i_ino, i.mode AS mode, i.uid AS uid, i.gid AS gid,
-          i.size AS size, i.mtime AS mtime, i.nlink AS nlink, i.rdev AS rdev, i.target AS target, i.opaque AS opaque, i.implicit AS implicit
-          FROM entries e LEFT JOIN inodes i ON i.ino = e.ino ORDER BY e.parent, e.name`),
+        childInodes: this.db.prepare(`SELECT ${CHILD_COLUMNS} FROM entries e LEFT JOIN inodes i ON i.ino = e.ino WHERE e.parent = ? ORDER BY e.name`),
+        allChildInodes: this.db.prepare(`SELECT e.parent AS parent, ${CHILD_COLUMNS} FROM entries e LEFT JOIN inodes i ON i.ino = e.ino ORDER BY e.parent, e.name`),
         xattrs: this.db.prepare('SELECT name, value FROM xattrs WHERE ino = ? ORDER BY name'),
         extents: this.db.prepare(`SELECT e.offset, c.digest, c.length, p.digest AS pack, c.pack_offset, c.stored_length, c.codec
           FROM extents e JOIN chunks c ON c.id = e.chunk JOIN packs p ON p.id = c.pack WHERE e.ino = ? ORDER BY e.offset`),
